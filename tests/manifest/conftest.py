@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from uploader.manifest import db
+from uploader.manifest.repo import Manifest
+
+
+def open_manifest(url: str) -> Manifest:
+    """Open a manifest, running the migrations first on a server database (as an operator would)."""
+    engine = db.create_manifest_engine(url)
+    try:
+        db.upgrade(engine)
+    finally:
+        engine.dispose()
+    return Manifest.open(url)
+
+
+@pytest.fixture
+def manifest(manifest_url: str) -> Iterator[Manifest]:
+    m = open_manifest(manifest_url)
+    try:
+        yield m
+    finally:
+        m.close()

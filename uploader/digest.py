@@ -1,0 +1,135 @@
+"""Checksums of local bytes: taken as a part is read, before it is sent.
+
+* part MD5 (hex): what S3 returns as a part ETag, and what it checks against ``Content-MD5``;
+* part CRC32C: a second, independent checksum of the same bytes;
+* multipart ETag: ``md5(concat(part md5 bytes)) + "-" + number of parts``; a single PUT's ETag is
+  the MD5 of the object. Verification compares it with one HEAD, no download;
+* whole-file CRC32C: combined from the part CRCs (no second read of the file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import crc32c as _crc32c
+
+from uploader.errors import LocalFileError
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """The bytes of one part, read from ``path[start:end]``, with their checksums."""
+
+    path: str
+    start: int
+    end: int
+    data: bytes
+    md5: str  # hex
+    crc32c: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+def checksum(data: bytes) -> tuple[str, int]:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest(), _crc32c.crc32c(data)
+
+
+def read_range(path: str, start: int, end: int) -> Payload:
+    """Read ``[start, end)`` of a local file and checksum it. Raises :class:`LocalFileError`."""
+    if start < 0 or end < start:
+        raise LocalFileError(f"{path}: invalid byte range [{start}, {end})")
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+    except FileNotFoundError:
+        raise LocalFileError(
+            f"{path}: local file is missing; its bytes were not yet verified remotely"
+        ) from None
+    except OSError as exc:
+        raise LocalFileError(f"{path}: cannot read local file: {exc.strerror or exc}") from None
+    if len(data) != end - start:
+        raise LocalFileError(
+            f"{path}: local file is shorter ({start + len(data)} bytes) than the committed "
+            f"range [{start}, {end})"
+        )
+    md5, crc = checksum(data)
+    return Payload(path=path, start=start, end=end, data=data, md5=md5, crc32c=crc)
+
+
+def file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        raise LocalFileError(f"{path}: local file is missing") from None
+    except OSError as exc:
+        raise LocalFileError(f"{path}: cannot stat local file: {exc.strerror or exc}") from None
+
+
+def multipart_etag(part_md5s: Sequence[str]) -> str:
+    """The ETag S3 gives an object completed from parts with these MD5s (hex, in order)."""
+    joined = b"".join(bytes.fromhex(m) for m in part_md5s)
+    return f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(part_md5s)}"
+
+
+def normalize_etag(etag: str | None) -> str | None:
+    """Strip the quotes S3 puts around ETags, and lower-case them."""
+    if etag is None:
+        return None
+    return etag.strip().strip('"').lower()
+
+
+# --- CRC32C combination (zlib's crc32_combine, for the Castagnoli polynomial) --------------------
+
+_POLY = 0x82F63B78  # reflected Castagnoli
+
+
+def _gf2_times(mat: list[int], vec: int) -> int:
+    total = 0
+    i = 0
+    while vec:
+        if vec & 1:
+            total ^= mat[i]
+        vec >>= 1
+        i += 1
+    return total
+
+
+def _gf2_square(mat: list[int]) -> list[int]:
+    return [_gf2_times(mat, mat[n]) for n in range(32)]
+
+
+def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC32C of ``A + B`` from ``crc(A)``, ``crc(B)`` and ``len(B)``."""
+    if len2 <= 0:
+        return crc1
+    odd = [_POLY] + [1 << n for n in range(31)]  # operator for one zero bit
+    even = _gf2_square(odd)  # two zero bits
+    odd = _gf2_square(even)  # four zero bits
+    while True:
+        even = _gf2_square(odd)
+        if len2 & 1:
+            crc1 = _gf2_times(even, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+        odd = _gf2_square(even)
+        if len2 & 1:
+            crc1 = _gf2_times(odd, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+    return crc1 ^ crc2
+
+
+def combine_crcs(parts: Sequence[tuple[int, int]]) -> int:
+    """Whole-object CRC32C from ``(crc32c, size)`` of consecutive parts."""
+    crc = 0
+    for part_crc, size in parts:
+        crc = crc32c_combine(crc, part_crc, size)
+    return crc

@@ -1,0 +1,155 @@
+"""One exception hierarchy for the library, the CLI and the recovery job.
+
+Every error names what it is about (key, file, state) and, where there is one, what to do.
+``exit_code`` is what the CLI returns for it: 2 for bad usage or bad input (the caller must change
+something), 1 for anything that failed or stays unverified.
+"""
+
+from __future__ import annotations
+
+
+class UploaderError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    exit_code: int = 1
+
+
+# --- bad input: refused before anything is recorded or sent ------------------------------------
+
+
+class UsageError(UploaderError):
+    """The caller asked for something that cannot be done; nothing was recorded or sent."""
+
+    exit_code = 2
+
+
+class InvalidKeyError(UsageError):
+    """A segment key that would escape the remote root or is not a valid object name."""
+
+
+class KeyConflictError(UsageError):
+    """The same key is already registered for another local path."""
+
+
+class SegmentSealedError(UsageError):
+    """A commit or seal was asked of a segment that is already sealed."""
+
+
+class LocalFileError(UsageError):
+    """The local file is missing, unreadable, shorter than what was committed, or changed."""
+
+
+class StoreClosedError(UsageError):
+    """The store was closed; open a new one."""
+
+
+class InvalidStateError(UsageError):
+    """An unknown state name or a transition the state machine does not allow."""
+
+
+class InvalidRangeError(UsageError):
+    """A commit byte range that is negative, overlaps another, or leaves a gap."""
+
+
+# --- manifest -----------------------------------------------------------------------------------
+
+
+class ManifestError(UploaderError):
+    """The manifest database cannot be used as asked."""
+
+
+class ManifestUnreachableError(ManifestError):
+    """The manifest URL cannot be connected to (the URL in the message has no password)."""
+
+
+class SchemaBehindError(ManifestError):
+    """The manifest schema is older than this code; run ``uploader db upgrade``."""
+
+
+class SchemaAheadError(ManifestError):
+    """The manifest schema is newer than this code; upgrade segment-uploader."""
+
+
+class StaleStateError(ManifestError):
+    """A compare-and-set transition found the row in another state: someone else moved it."""
+
+    def __init__(self, key: str, expected: str, actual: str | None, what: str = "segment") -> None:
+        self.key = key
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"{what} {key!r}: expected state {expected!r} but found {actual!r}; "
+            "another worker moved it, nothing was overwritten"
+        )
+
+
+class LeaseLostError(ManifestError):
+    """Our fence token is no longer the segment's: another worker took it over."""
+
+    def __init__(self, key: str, token: int, current: int | None) -> None:
+        self.key = key
+        self.token = token
+        self.current = current
+        super().__init__(
+            f"segment {key!r}: lease lost (our fence {token}, current {current}); "
+            "another worker owns it now, this write was refused"
+        )
+
+
+class SegmentBusyError(ManifestError):
+    """The segment is leased by another live worker."""
+
+
+# --- storage ------------------------------------------------------------------------------------
+
+
+class StorageError(UploaderError):
+    """A remote call failed. ``retryable`` says whether trying again may succeed."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class RetryableStorageError(StorageError):
+    """Throttling, 5xx, timeouts, connection resets: worth another try."""
+
+    retryable = True
+
+
+class StorageTimeoutError(RetryableStorageError):
+    """A request did not answer within its deadline and was cancelled."""
+
+
+class NoSuchBucketError(StorageError):
+    """The bucket (or root directory) does not exist."""
+
+
+class AccessDeniedError(StorageError):
+    """Credentials were refused."""
+
+
+class NoSuchUploadError(StorageError):
+    """The remote does not know this upload id (never started, aborted or completed)."""
+
+
+class ObjectExistsError(StorageError):
+    """A conditional write found an object already at the key."""
+
+
+class PartRuleError(UsageError):
+    """A part breaks the multipart rules (size, count, order)."""
+
+
+# --- verification -------------------------------------------------------------------------------
+
+
+class VerificationError(UploaderError):
+    """The remote object does not match the checksums of the local bytes."""
+
+
+class SegmentFailedError(UploaderError):
+    """The segment is in the terminal ``failed`` state; the reason says why."""

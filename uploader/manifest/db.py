@@ -1,0 +1,181 @@
+"""Connecting to a manifest and keeping its schema at the code's Alembic head.
+
+* SQLite (the embedded default): WAL journal, a busy timeout, ``synchronous=FULL`` (a ``pending``
+  row must survive power loss: intent before action), and ``BEGIN IMMEDIATE`` for every
+  transaction so that a read-then-write (a claim) is exclusive across processes. The file is
+  created or upgraded to head on open.
+* PostgreSQL (several processes or hosts): a database behind head raises
+  :class:`SchemaBehindError` naming ``uploader db upgrade``; we never migrate a shared server
+  database behind an operator's back.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+
+from uploader.errors import (
+    ManifestUnreachableError,
+    SchemaAheadError,
+    SchemaBehindError,
+    UsageError,
+)
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def redact(url: str | URL) -> str:
+    """The URL as text with its password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable manifest URL>"
+
+
+def parse_url(url: str | URL) -> URL:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UsageError(
+            f"manifest URL {url if isinstance(url, URL) else '<given>'!s} is not a SQLAlchemy URL; "
+            "use e.g. sqlite:///uploader.db or postgresql+psycopg://user@host/db"
+        ) from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        # psycopg 3 is the driver we ship; SQLAlchemy would default to psycopg2.
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def is_embedded(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite"
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # The driver must not open transactions on its own: we issue BEGIN IMMEDIATE ourselves.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA journal_mode = WAL")
+    cur.execute("PRAGMA synchronous = FULL")
+    cur.execute("PRAGMA foreign_keys = ON")
+    cur.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_manifest_engine(url: str | URL) -> Engine:
+    """An engine for ``url``; raises UsageError for a malformed URL or missing driver."""
+    parsed = parse_url(url)
+    try:
+        if is_embedded(parsed):
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+            event.listen(engine, "connect", _sqlite_pragmas)
+            event.listen(engine, "begin", _sqlite_begin)
+        else:
+            engine = create_engine(parsed, pool_pre_ping=True)
+    except (NoSuchModuleError, ImportError) as exc:
+        raise UsageError(f"manifest {redact(parsed)}: no database driver for it ({exc})") from None
+    return engine
+
+
+def migrations_dir() -> str:
+    """The Alembic script directory (``migrations/``, installed as ``uploader.migrations``)."""
+    return str(resources.files("uploader.migrations"))
+
+
+def alembic_config(url: str | URL | None = None, engine: Engine | None = None) -> Config:
+    ini = Path(__file__).resolve().parents[2] / "alembic.ini"
+    cfg = Config(str(ini)) if ini.exists() else Config()
+    cfg.set_main_option("script_location", migrations_dir())
+    if url is not None:
+        # ConfigParser interpolation: a literal '%' must be doubled.
+        cfg.set_main_option(
+            "sqlalchemy.url",
+            parse_url(url).render_as_string(hide_password=False).replace("%", "%%"),
+        )
+    if engine is not None:
+        cfg.attributes["engine"] = engine
+    return cfg
+
+
+def head_revision() -> str:
+    heads = ScriptDirectory(migrations_dir()).get_heads()
+    if len(heads) != 1:
+        raise RuntimeError(f"migrations have {len(heads)} heads; expected exactly one")
+    return heads[0]
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def connect_check(engine: Engine) -> None:
+    """Raise ManifestUnreachableError (URL without password) if the database does not answer."""
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as exc:
+        orig = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+        raise ManifestUnreachableError(
+            f"cannot connect to manifest {redact(engine.url)}: {orig}"
+        ) from None
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    command.upgrade(alembic_config(engine=engine), revision)
+
+
+def downgrade(engine: Engine, revision: str = "base") -> None:
+    command.downgrade(alembic_config(engine=engine), revision)
+
+
+def ensure_schema(engine: Engine, *, auto_upgrade: bool | None = None) -> None:
+    """Make sure the schema is at head: upgrade an embedded file, refuse a server behind or ahead."""
+    connect_check(engine)
+    if auto_upgrade is None:
+        auto_upgrade = is_embedded(engine.url)
+    head = head_revision()
+    current = current_revision(engine)
+    if current == head:
+        return
+    script = ScriptDirectory(migrations_dir())
+    if current is not None:
+        try:
+            script.get_revision(current)
+        except Exception:
+            raise SchemaAheadError(
+                f"manifest {redact(engine.url)} is at schema revision {current}, which this version "
+                f"of segment-uploader does not know (its head is {head}); upgrade segment-uploader"
+            ) from None
+    elif not auto_upgrade and inspect(engine).has_table("segments"):
+        raise SchemaBehindError(
+            f"manifest {redact(engine.url)} has tables but no schema revision; "
+            "it was not created by `uploader db upgrade`"
+        )
+    if auto_upgrade:
+        upgrade(engine)
+        return
+    raise SchemaBehindError(
+        f"manifest {redact(engine.url)} is at schema revision {current or 'none'} but this code "
+        f"needs {head}; run `uploader db upgrade --manifest {redact(engine.url)}`"
+    )
+
+
+def default_manifest_url() -> str:
+    data = os.environ.get("UPLOADER_HOME") or os.path.join(os.getcwd(), ".uploader")
+    return f"sqlite:///{os.path.join(data, 'manifest.db')}"

@@ -1,0 +1,929 @@
+"""The manifest: every segment, every commit (part) and every state transition, in SQL.
+
+Each transition is one transaction and one guarded compare-and-set::
+
+    UPDATE ... WHERE id = :id AND state = :expected AND fence = :token
+                 AND lease_owner = :owner AND lease_expires > :now
+
+Zero rows updated never overwrites silently: it raises :class:`StaleStateError` (someone else moved
+the row; the message names the key, the expected and the actual state) or :class:`LeaseLostError`
+(our fence token is stale or our lease expired). Every successful transition writes one audit row.
+
+Leases: claiming a segment increments its fence token, so a worker that was paused past its lease
+(GC, SIGSTOP, a network partition) finds every later write refused. On PostgreSQL the next unfinished
+segment is claimed with ``FOR UPDATE SKIP LOCKED``; on SQLite every transaction is ``BEGIN
+IMMEDIATE``, which makes the same read-then-claim exclusive across processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    and_,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from uploader.errors import (
+    InvalidRangeError,
+    KeyConflictError,
+    LeaseLostError,
+    SegmentBusyError,
+    SegmentSealedError,
+    StaleStateError,
+    UsageError,
+)
+from uploader.keys import validate_key
+from uploader.manifest import db
+from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL, CommitRow, EventRow, SegmentRow
+from uploader.records import CommitRecord, Event, Lease, NewCommit, SegmentRecord, Status
+from uploader.states import (
+    CommitState,
+    SegmentState,
+    check_commit_transition,
+    check_segment_transition,
+    parse_commit_state,
+    parse_segment_state,
+)
+from uploader.storage.base import MAX_PARTS
+
+DEFAULT_LEASE_SECONDS = 30.0
+UNFINISHED = (SegmentState.OPEN.value, SegmentState.SEALED.value, SegmentState.UPLOADED.value)
+
+
+def utcnow() -> datetime:
+    """Naive UTC: what the manifest stores everywhere."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def default_node() -> str:
+    return os.environ.get("UPLOADER_NODE") or socket.gethostname()
+
+
+def default_worker() -> str:
+    return f"{default_node()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _segment(row: Any) -> SegmentRecord:
+    return SegmentRecord(
+        id=row.id,
+        key=row.key,
+        path=row.path,
+        node=row.node,
+        state=SegmentState(row.state),
+        part_size=row.part_size,
+        size=row.size,
+        crc32c=row.crc32c,
+        expected_etag=row.expected_etag,
+        upload_mode=row.upload_mode,
+        upload_id=row.upload_id,
+        object_etag=row.object_etag,
+        fence=row.fence,
+        lease_owner=row.lease_owner,
+        lease_expires=row.lease_expires,
+        attempts=row.attempts,
+        last_error=row.last_error,
+        reason=row.reason,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        sealed_at=row.sealed_at,
+        verified_at=row.verified_at,
+    )
+
+
+def _commit(row: Any) -> CommitRecord:
+    return CommitRecord(
+        id=row.id,
+        segment_id=row.segment_id,
+        part_number=row.part_number,
+        start=row.start_offset,
+        end=row.end_offset,
+        md5=row.md5,
+        crc32c=row.crc32c,
+        etag=row.etag,
+        state=CommitState(row.state),
+        attempts=row.attempts,
+        last_error=row.last_error,
+        reason=row.reason,
+    )
+
+
+def _clip(message: str, limit: int = 2000) -> str:
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
+# Core tables: transitions are single guarded UPDATE statements, not ORM unit-of-work flushes.
+S = cast(Table, SegmentRow.__table__)
+C = cast(Table, CommitRow.__table__)
+E = cast(Table, EventRow.__table__)
+
+
+class Manifest:
+    """The SQL manifest behind a store and the recovery job. Thread-safe (one engine, a pool)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.engine = engine
+        self.clock = clock
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        *,
+        auto_upgrade: bool | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> Manifest:
+        """Connect, and bring an embedded SQLite file to head (a server database must be at head)."""
+        engine = db.create_manifest_engine(url)
+        try:
+            db.ensure_schema(engine, auto_upgrade=auto_upgrade)
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(engine, clock=clock)
+
+    @property
+    def url(self) -> str:
+        return db.redact(self.engine.url)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def segment(self, key: str) -> SegmentRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(S).where(S.c.key == key)).first()
+        return None if row is None else _segment(row)
+
+    def segment_by_id(self, segment_id: int) -> SegmentRecord:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(S).where(S.c.id == segment_id)).one()
+        return _segment(row)
+
+    def segments(
+        self,
+        states: Iterable[SegmentState | str] | None = None,
+        *,
+        keys: Iterable[str] | None = None,
+    ) -> list[SegmentRecord]:
+        q = select(S).order_by(S.c.id)
+        if states is not None:
+            q = q.where(S.c.state.in_([parse_segment_state(str(s)).value for s in states]))
+        if keys is not None:
+            q = q.where(S.c.key.in_(list(keys)))
+        with self.engine.connect() as conn:
+            return [_segment(r) for r in conn.execute(q)]
+
+    def commits(self, segment_id: int) -> list[CommitRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(C).where(C.c.segment_id == segment_id).order_by(C.c.part_number)
+            )
+            return [_commit(r) for r in rows]
+
+    def events(self, segment_id: int | None = None) -> list[Event]:
+        q = select(E).order_by(E.c.id)
+        if segment_id is not None:
+            q = q.where(E.c.segment_id == segment_id)
+        with self.engine.connect() as conn:
+            return [
+                Event(
+                    id=r.id,
+                    at=r.at,
+                    segment_id=r.segment_id,
+                    commit_id=r.commit_id,
+                    from_state=r.from_state,
+                    to_state=r.to_state,
+                    worker=r.worker,
+                    fence=r.fence,
+                    detail=r.detail,
+                )
+                for r in conn.execute(q)
+            ]
+
+    # --- registering --------------------------------------------------------------------------
+
+    def register(
+        self, key: str, path: str, *, node: str, part_size: int, worker: str
+    ) -> SegmentRecord:
+        """Register a segment, or return the one registered under ``key`` for the same path."""
+        validate_key(key)
+        if part_size <= 0:
+            raise UsageError(f"segment {key!r}: part size must be positive, got {part_size}")
+        existing = self.segment(key)
+        if existing is None:
+            now = self.clock()
+            try:
+                with self.engine.begin() as conn:
+                    seg_id = conn.execute(
+                        insert(S)
+                        .values(
+                            key=key,
+                            path=path,
+                            node=node,
+                            state=SegmentState.OPEN.value,
+                            part_size=part_size,
+                            fence=0,
+                            attempts=0,
+                            created_at=now,
+                            updated_at=now,
+                        )
+                        .returning(S.c.id)
+                    ).scalar_one()
+                    self._event(
+                        conn,
+                        seg_id,
+                        None,
+                        None,
+                        SegmentState.OPEN.value,
+                        worker,
+                        0,
+                        f"registered {path}",
+                    )
+            except IntegrityError:
+                pass  # registered concurrently: fall through to the comparison below
+            existing = self.segment(key)
+            assert existing is not None
+        if existing.path != path:
+            raise KeyConflictError(
+                f"segment key {key!r} is already registered for {existing.path!r} "
+                f"(state {existing.state.value}); refusing to register it for {path!r}"
+            )
+        return existing
+
+    # --- leases -------------------------------------------------------------------------------
+
+    def acquire(self, key: str, owner: str, ttl: float = DEFAULT_LEASE_SECONDS) -> Lease:
+        """Take the lease on ``key``: free, expired, or already ours. Increments the fence."""
+        now = self.clock()
+        expires = now + timedelta(seconds=ttl)
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                update(S)
+                .where(
+                    S.c.key == key,
+                    or_(
+                        S.c.lease_owner.is_(None), S.c.lease_expires < now, S.c.lease_owner == owner
+                    ),
+                )
+                .values(
+                    fence=S.c.fence + 1, lease_owner=owner, lease_expires=expires, updated_at=now
+                )
+            )
+            row = conn.execute(
+                select(S.c.id, S.c.fence, S.c.lease_owner, S.c.lease_expires).where(S.c.key == key)
+            ).first()
+        if row is None:
+            raise UsageError(f"segment {key!r} is not registered")
+        if res.rowcount != 1:
+            raise SegmentBusyError(
+                f"segment {key!r} is leased by {row.lease_owner} until {row.lease_expires:%Y-%m-%d %H:%M:%S} UTC; "
+                "wait for it to finish or for the lease to expire"
+            )
+        return Lease(segment_id=row.id, key=key, owner=owner, fence=row.fence, expires=expires)
+
+    def claim_next(
+        self,
+        owner: str,
+        *,
+        node: str,
+        ttl: float = DEFAULT_LEASE_SECONDS,
+        after_id: int = 0,
+    ) -> tuple[Lease, SegmentRecord] | None:
+        """Claim the next unfinished segment (id > ``after_id``) that this worker can act on.
+
+        A worker claims segments whose local file is on its ``node``, and, from any node, sealed or
+        uploaded segments whose parts are all uploaded (completing and verifying need no local
+        bytes). Open segments are claimed only when they have pending whole parts to upload.
+        """
+        now = self.clock()
+        pending = exists().where(C.c.segment_id == S.c.id, C.c.state == CommitState.PENDING.value)
+        q = (
+            select(S.c.id)
+            .where(
+                text(UNFINISHED_SEGMENTS_SQL),  # the partial index's own predicate
+                S.c.id > after_id,
+                or_(S.c.lease_owner.is_(None), S.c.lease_expires < now),
+                or_(S.c.node == node, and_(S.c.state != SegmentState.OPEN.value, ~pending)),
+                or_(S.c.state != SegmentState.OPEN.value, pending),
+            )
+            .order_by(S.c.id)
+            .limit(1)
+        )
+        if self.is_postgres:
+            q = q.with_for_update(skip_locked=True)
+        expires = now + timedelta(seconds=ttl)
+        with self.engine.begin() as conn:
+            seg_id = conn.execute(q).scalar()
+            if seg_id is None:
+                return None
+            conn.execute(
+                update(S)
+                .where(S.c.id == seg_id)
+                .values(
+                    fence=S.c.fence + 1, lease_owner=owner, lease_expires=expires, updated_at=now
+                )
+            )
+            row = conn.execute(select(S).where(S.c.id == seg_id)).one()
+        seg = _segment(row)
+        return Lease(
+            segment_id=seg.id, key=seg.key, owner=owner, fence=seg.fence, expires=expires
+        ), seg
+
+    def renew(self, lease: Lease, ttl: float = DEFAULT_LEASE_SECONDS) -> Lease:
+        """Extend a lease we still hold; LeaseLostError if it expired or was taken over."""
+        now = self.clock()
+        expires = now + timedelta(seconds=ttl)
+        with self.engine.begin() as conn:
+            self._guard(conn, lease, now, values={"lease_expires": expires})
+        return Lease(lease.segment_id, lease.key, lease.owner, lease.fence, expires)
+
+    def release(self, lease: Lease) -> bool:
+        """Give a lease back (no error if it was already lost). True if it was still ours."""
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                update(S)
+                .where(
+                    S.c.id == lease.segment_id,
+                    S.c.fence == lease.fence,
+                    S.c.lease_owner == lease.owner,
+                )
+                .values(lease_owner=None, lease_expires=None)
+            )
+        return res.rowcount == 1
+
+    # --- guarded writes -----------------------------------------------------------------------
+
+    def _guard_clause(self, lease: Lease, now: datetime) -> Any:
+        return and_(
+            S.c.id == lease.segment_id,
+            S.c.fence == lease.fence,
+            S.c.lease_owner == lease.owner,
+            S.c.lease_expires > now,
+        )
+
+    def _lease_error(self, conn: Connection, lease: Lease, now: datetime) -> LeaseLostError | None:
+        row = conn.execute(
+            select(S.c.fence, S.c.lease_owner, S.c.lease_expires).where(S.c.id == lease.segment_id)
+        ).first()
+        if row is None:
+            return LeaseLostError(lease.key, lease.fence, None)
+        if row.fence != lease.fence or row.lease_owner != lease.owner:
+            return LeaseLostError(lease.key, lease.fence, row.fence)
+        if row.lease_expires is None or row.lease_expires <= now:
+            err = LeaseLostError(lease.key, lease.fence, row.fence)
+            err.args = (
+                f"segment {lease.key!r}: our lease expired at {row.lease_expires}; write refused",
+            )
+            return err
+        return None
+
+    def _guard(
+        self, conn: Connection, lease: Lease, now: datetime, values: dict[str, Any] | None = None
+    ) -> None:
+        """Check (and lock, on PostgreSQL) the segment row for ``lease``; raise if not ours."""
+        res = conn.execute(
+            update(S).where(self._guard_clause(lease, now)).values(updated_at=now, **(values or {}))
+        )
+        if res.rowcount != 1:
+            err = self._lease_error(conn, lease, now)
+            raise err or LeaseLostError(lease.key, lease.fence, None)
+
+    def _event(
+        self,
+        conn: Connection,
+        segment_id: int,
+        commit_id: int | None,
+        src: str | None,
+        dst: str,
+        worker: str,
+        fence: int,
+        detail: str | None,
+    ) -> None:
+        conn.execute(
+            insert(E).values(
+                at=self.clock(),
+                segment_id=segment_id,
+                commit_id=commit_id,
+                from_state=src,
+                to_state=dst,
+                worker=worker,
+                fence=fence,
+                detail=None if detail is None else _clip(detail),
+            )
+        )
+
+    def _segment_cas(
+        self,
+        conn: Connection,
+        lease: Lease,
+        expected: SegmentState,
+        new: SegmentState,
+        values: dict[str, Any],
+        detail: str | None,
+        now: datetime,
+    ) -> None:
+        res = conn.execute(
+            update(S)
+            .where(self._guard_clause(lease, now), S.c.state == expected.value)
+            .values(state=new.value, updated_at=now, **values)
+        )
+        if res.rowcount != 1:
+            err = self._lease_error(conn, lease, now)
+            if err is not None:
+                raise err
+            actual = conn.execute(select(S.c.state).where(S.c.id == lease.segment_id)).scalar()
+            raise StaleStateError(lease.key, expected.value, actual)
+        self._event(
+            conn,
+            lease.segment_id,
+            None,
+            expected.value,
+            new.value,
+            lease.owner,
+            lease.fence,
+            detail,
+        )
+
+    def _commit_cas(
+        self,
+        conn: Connection,
+        lease: Lease,
+        commit_id: int,
+        expected: CommitState,
+        new: CommitState,
+        values: dict[str, Any],
+        detail: str | None,
+        now: datetime,
+    ) -> None:
+        self._guard(conn, lease, now)
+        res = conn.execute(
+            update(C)
+            .where(
+                C.c.id == commit_id, C.c.segment_id == lease.segment_id, C.c.state == expected.value
+            )
+            .values(state=new.value, updated_at=now, **values)
+        )
+        if res.rowcount != 1:
+            row = conn.execute(
+                select(C.c.state, C.c.part_number).where(C.c.id == commit_id)
+            ).first()
+            what = (
+                f"{lease.key} part {row.part_number}"
+                if row is not None
+                else f"{lease.key} commit #{commit_id}"
+            )
+            raise StaleStateError(
+                what, expected.value, None if row is None else row.state, what="commit"
+            )
+        self._event(
+            conn,
+            lease.segment_id,
+            commit_id,
+            expected.value,
+            new.value,
+            lease.owner,
+            lease.fence,
+            detail,
+        )
+
+    def transition_segment(
+        self,
+        lease: Lease,
+        expected: SegmentState | str,
+        new: SegmentState | str,
+        *,
+        reason: str | None = None,
+        detail: str | None = None,
+        **values: Any,
+    ) -> None:
+        """One guarded segment transition (checked against the state machine first)."""
+        src, dst = parse_segment_state(str(expected)), parse_segment_state(str(new))
+        check_segment_transition(src, dst, reason=reason)  # the state machine first: no I/O
+        if reason is not None:
+            values["reason"] = _clip(reason)
+        now = self.clock()
+        with self.engine.begin() as conn:
+            if dst in (SegmentState.SEALED, SegmentState.VERIFIED) and "size" not in values:
+                recorded = conn.execute(select(S.c.size).where(S.c.id == lease.segment_id)).scalar()
+                check_segment_transition(src, dst, has_checksum=recorded is not None)
+            self._segment_cas(conn, lease, src, dst, values, detail or reason, now)
+
+    def transition_commit(
+        self,
+        lease: Lease,
+        commit_id: int,
+        expected: CommitState | str,
+        new: CommitState | str,
+        *,
+        etag: str | None = None,
+        reason: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """One guarded commit transition (checked against the state machine first)."""
+        src, dst = parse_commit_state(str(expected)), parse_commit_state(str(new))
+        has_etag = etag is not None or dst is not CommitState.UPLOADED
+        check_commit_transition(src, dst, has_etag=has_etag, reason=reason)
+        values: dict[str, Any] = {}
+        if etag is not None:
+            values["etag"] = etag
+        if dst is CommitState.PENDING:
+            values["etag"] = None
+        if reason is not None:
+            values["reason"] = _clip(reason)
+        now = self.clock()
+        with self.engine.begin() as conn:
+            self._commit_cas(conn, lease, commit_id, src, dst, values, detail or reason, now)
+
+    # --- the commit path ----------------------------------------------------------------------
+
+    def add_commits(self, lease: Lease, new: Sequence[NewCommit]) -> list[CommitRecord]:
+        """Record parts as ``pending`` (the intent, durable before any byte is sent)."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            self._guard(conn, lease, now)
+            state = conn.execute(select(S.c.state).where(S.c.id == lease.segment_id)).scalar_one()
+            if state != SegmentState.OPEN.value:
+                raise SegmentSealedError(
+                    f"segment {lease.key!r} is {state}; commits are accepted only while it is open"
+                )
+            self._insert_commits(conn, lease, new, now)
+        return self._commits_by_number(lease.segment_id, [c.part_number for c in new])
+
+    def _insert_commits(
+        self, conn: Connection, lease: Lease, new: Sequence[NewCommit], now: datetime
+    ) -> None:
+        last = conn.execute(
+            select(C.c.part_number, C.c.end_offset)
+            .where(C.c.segment_id == lease.segment_id)
+            .order_by(C.c.part_number.desc())
+            .limit(1)
+        ).first()
+        number, end = (0, 0) if last is None else (last.part_number, last.end_offset)
+        for c in new:
+            if c.start < 0 or c.end < c.start:
+                raise InvalidRangeError(
+                    f"segment {lease.key!r} part {c.part_number}: invalid byte range [{c.start}, {c.end})"
+                )
+            if c.part_number != number + 1:
+                raise InvalidRangeError(
+                    f"segment {lease.key!r}: part {c.part_number} does not follow part {number}"
+                )
+            if c.start != end:
+                kind = "overlaps" if c.start < end else "leaves a gap after"
+                raise InvalidRangeError(
+                    f"segment {lease.key!r} part {c.part_number}: range [{c.start}, {c.end}) {kind} "
+                    f"the committed bytes [0, {end})"
+                )
+            if c.part_number > MAX_PARTS:
+                raise InvalidRangeError(
+                    f"segment {lease.key!r}: more than {MAX_PARTS} parts; use a larger part size"
+                )
+            commit_id = conn.execute(
+                insert(C)
+                .values(
+                    segment_id=lease.segment_id,
+                    part_number=c.part_number,
+                    start_offset=c.start,
+                    end_offset=c.end,
+                    md5=c.md5,
+                    crc32c=c.crc32c,
+                    state=CommitState.PENDING.value,
+                    attempts=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+                .returning(C.c.id)
+            ).scalar_one()
+            self._event(
+                conn,
+                lease.segment_id,
+                commit_id,
+                None,
+                CommitState.PENDING.value,
+                lease.owner,
+                lease.fence,
+                f"part {c.part_number} [{c.start}, {c.end})",
+            )
+            number, end = c.part_number, c.end
+
+    def _commits_by_number(self, segment_id: int, numbers: Sequence[int]) -> list[CommitRecord]:
+        if not numbers:
+            return []
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(C)
+                .where(C.c.segment_id == segment_id, C.c.part_number.in_(list(numbers)))
+                .order_by(C.c.part_number)
+            )
+            return [_commit(r) for r in rows]
+
+    def seal(
+        self,
+        lease: Lease,
+        final: Sequence[NewCommit],
+        *,
+        size: int,
+        crc32c: int,
+        expected_etag: str,
+        upload_mode: str,
+    ) -> list[CommitRecord]:
+        """The final commit's intent: the last parts as ``pending`` and ``open -> sealed``, at once."""
+        check_segment_transition(SegmentState.OPEN, SegmentState.SEALED, has_checksum=True)
+        if size < 0:
+            raise InvalidRangeError(f"segment {lease.key!r}: negative size {size}")
+        now = self.clock()
+        with self.engine.begin() as conn:
+            self._guard(conn, lease, now)
+            state = conn.execute(select(S.c.state).where(S.c.id == lease.segment_id)).scalar_one()
+            if state != SegmentState.OPEN.value:
+                raise SegmentSealedError(
+                    f"segment {lease.key!r} is already {state}; it cannot be sealed again"
+                )
+            self._insert_commits(conn, lease, final, now)
+            end = conn.execute(
+                select(func.coalesce(func.max(C.c.end_offset), 0)).where(
+                    C.c.segment_id == lease.segment_id
+                )
+            ).scalar_one()
+            if end != size:
+                raise InvalidRangeError(
+                    f"segment {lease.key!r}: sealed size {size} but commits cover [0, {end})"
+                )
+            self._segment_cas(
+                conn,
+                lease,
+                SegmentState.OPEN,
+                SegmentState.SEALED,
+                {
+                    "size": size,
+                    "crc32c": crc32c,
+                    "expected_etag": expected_etag,
+                    "upload_mode": upload_mode,
+                    "sealed_at": now,
+                },
+                f"sealed at {size} bytes, {upload_mode}",
+                now,
+            )
+        return self.commits(lease.segment_id)
+
+    def set_upload(
+        self, lease: Lease, upload_id: str | None, upload_mode: str | None = None
+    ) -> None:
+        """Record the remote upload id (or clear it) before any part is sent under it."""
+        values: dict[str, Any] = {"upload_id": upload_id}
+        if upload_mode is not None:
+            values["upload_mode"] = upload_mode
+        now = self.clock()
+        with self.engine.begin() as conn:
+            self._guard(conn, lease, now, values=values)
+
+    def commit_uploaded(self, lease: Lease, commit: CommitRecord, etag: str) -> None:
+        """``pending -> uploaded``: only with the ETag the remote acknowledged, equal to our MD5."""
+        if etag != commit.md5:
+            raise StaleStateError(
+                f"{lease.key} part {commit.part_number}",
+                "etag " + commit.md5,
+                "etag " + etag,
+                what="commit",
+            )
+        self.transition_commit(
+            lease, commit.id, CommitState.PENDING, CommitState.UPLOADED, etag=etag
+        )
+
+    def commit_attempt_failed(self, lease: Lease, commit: CommitRecord, error: str) -> None:
+        """A send failed: the row stays ``pending``, with attempts and the last error recorded."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            self._guard(
+                conn, lease, now, values={"attempts": S.c.attempts + 1, "last_error": _clip(error)}
+            )
+            conn.execute(
+                update(C)
+                .where(C.c.id == commit.id, C.c.segment_id == lease.segment_id)
+                .values(attempts=C.c.attempts + 1, last_error=_clip(error), updated_at=now)
+            )
+
+    def record_error(self, lease: Lease, error: str) -> None:
+        """A failed attempt on the segment (complete, verify): attempts and last error."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            self._guard(
+                conn, lease, now, values={"attempts": S.c.attempts + 1, "last_error": _clip(error)}
+            )
+
+    def segment_uploaded(self, lease: Lease, object_etag: str | None) -> None:
+        """``sealed -> uploaded``: the object is complete at its key; what the remote said is kept."""
+        self.transition_segment(
+            lease,
+            SegmentState.SEALED,
+            SegmentState.UPLOADED,
+            object_etag=object_etag,
+            upload_id=None,
+            detail=f"object complete, etag {object_etag}",
+        )
+
+    def segment_verified(self, lease: Lease, detail: str) -> None:
+        """``uploaded -> verified`` for the segment and every one of its commits, in one transaction."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            commits = conn.execute(
+                select(C.c.id, C.c.state, C.c.part_number, C.c.etag).where(
+                    C.c.segment_id == lease.segment_id
+                )
+            ).all()
+            for c in commits:
+                check_commit_transition(c.state, CommitState.VERIFIED, has_etag=c.etag is not None)
+            self._segment_cas(
+                conn,
+                lease,
+                SegmentState.UPLOADED,
+                SegmentState.VERIFIED,
+                {"verified_at": now, "last_error": None},
+                detail,
+                now,
+            )
+            for c in commits:
+                res = conn.execute(
+                    update(C)
+                    .where(C.c.id == c.id, C.c.state == CommitState.UPLOADED.value)
+                    .values(state=CommitState.VERIFIED.value, updated_at=now)
+                )
+                if res.rowcount != 1:
+                    raise StaleStateError(
+                        f"{lease.key} part {c.part_number}", "uploaded", None, what="commit"
+                    )
+                self._event(
+                    conn,
+                    lease.segment_id,
+                    c.id,
+                    "uploaded",
+                    "verified",
+                    lease.owner,
+                    lease.fence,
+                    None,
+                )
+
+    def reupload(self, lease: Lease, reason: str) -> None:
+        """``uploaded -> sealed``: the completed object failed verification; send it all again."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            self._segment_cas(
+                conn,
+                lease,
+                SegmentState.UPLOADED,
+                SegmentState.SEALED,
+                {
+                    "upload_id": None,
+                    "object_etag": None,
+                    "attempts": S.c.attempts + 1,
+                    "last_error": _clip(reason),
+                },
+                reason,
+                now,
+            )
+            self._reset_commits(conn, lease, reason)
+
+    def reset_commits(self, lease: Lease, reason: str) -> None:
+        """Every ``uploaded`` commit back to ``pending`` (its upload id is gone from the remote)."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            self._guard(conn, lease, now, values={"upload_id": None})
+            self._reset_commits(conn, lease, reason)
+
+    def _reset_commits(self, conn: Connection, lease: Lease, reason: str) -> None:
+        ids = (
+            conn.execute(
+                select(C.c.id).where(
+                    C.c.segment_id == lease.segment_id, C.c.state == CommitState.UPLOADED.value
+                )
+            )
+            .scalars()
+            .all()
+        )
+        for cid in ids:
+            conn.execute(
+                update(C)
+                .where(C.c.id == cid)
+                .values(state=CommitState.PENDING.value, etag=None, updated_at=self.clock())
+            )
+            self._event(
+                conn, lease.segment_id, cid, "uploaded", "pending", lease.owner, lease.fence, reason
+            )
+
+    def fail_segment(self, lease: Lease, reason: str) -> None:
+        """Terminal ``failed`` with a reason, for the segment and its unfinished commits."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            state = conn.execute(select(S.c.state).where(S.c.id == lease.segment_id)).scalar_one()
+            src = parse_segment_state(state)
+            check_segment_transition(src, SegmentState.FAILED, reason=reason)
+            self._segment_cas(
+                conn, lease, src, SegmentState.FAILED, {"reason": _clip(reason)}, reason, now
+            )
+            for c in conn.execute(
+                select(C.c.id, C.c.state).where(
+                    C.c.segment_id == lease.segment_id,
+                    C.c.state.in_([CommitState.PENDING.value, CommitState.UPLOADED.value]),
+                )
+            ).all():
+                conn.execute(
+                    update(C)
+                    .where(C.c.id == c.id)
+                    .values(state=CommitState.FAILED.value, reason=_clip(reason), updated_at=now)
+                )
+                self._event(
+                    conn,
+                    lease.segment_id,
+                    c.id,
+                    c.state,
+                    "failed",
+                    lease.owner,
+                    lease.fence,
+                    reason,
+                )
+
+    # --- overview -----------------------------------------------------------------------------
+
+    def status(self) -> Status:
+        now = self.clock()
+        with self.engine.connect() as conn:
+            segs = {
+                r[0]: r[1]
+                for r in conn.execute(select(S.c.state, func.count()).group_by(S.c.state))
+            }
+            commit_rows = conn.execute(
+                select(
+                    C.c.state,
+                    func.count(),
+                    func.coalesce(func.sum(C.c.end_offset - C.c.start_offset), 0),
+                ).group_by(C.c.state)
+            ).all()
+            oldest = conn.execute(
+                select(func.min(S.c.created_at)).where(text(UNFINISHED_SEGMENTS_SQL))
+            ).scalar()
+            failed = conn.execute(
+                select(S.c.key, S.c.reason)
+                .where(S.c.state == SegmentState.FAILED.value)
+                .order_by(S.c.id)
+                .limit(100)
+            ).all()
+        commits = {r[0]: int(r[1]) for r in commit_rows}
+        commit_bytes = {r[0]: int(r[2]) for r in commit_rows}
+        return Status(
+            segments={s.value: int(segs.get(s.value, 0)) for s in SegmentState},
+            commits={s.value: commits.get(s.value, 0) for s in CommitState},
+            commit_bytes={s.value: commit_bytes.get(s.value, 0) for s in CommitState},
+            unverified_bytes=commit_bytes.get("pending", 0) + commit_bytes.get("uploaded", 0),
+            oldest_unverified_age=None
+            if oldest is None
+            else max(0.0, (now - oldest).total_seconds()),
+            failed=tuple((k, r or "") for k, r in failed),
+        )
+
+    def deletable(self, *, limit: int | None = None, after_id: int = 0) -> list[SegmentRecord]:
+        """Verified segments: the only ones whose local file may be deleted."""
+        q = (
+            select(S)
+            .where(S.c.state == SegmentState.VERIFIED.value, S.c.id > after_id)
+            .order_by(S.c.id)
+        )
+        if limit is not None:
+            q = q.limit(limit)
+        with self.engine.connect() as conn:
+            return [_segment(r) for r in conn.execute(q)]
+
+    def live_upload_ids(self) -> set[str]:
+        """Upload ids referenced by unfinished segments (everything else under the prefix is an orphan)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(S.c.upload_id).where(
+                    text(UNFINISHED_SEGMENTS_SQL), S.c.upload_id.is_not(None)
+                )
+            )
+            return {r[0] for r in rows}

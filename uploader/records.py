@@ -1,0 +1,107 @@
+"""Typed, frozen records at the boundaries: what the manifest returns, never ORM objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from uploader.states import CommitState, SegmentState
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRecord:
+    id: int
+    key: str
+    path: str
+    node: str
+    state: SegmentState
+    part_size: int
+    size: int | None
+    crc32c: int | None
+    expected_etag: str | None
+    upload_mode: str | None
+    upload_id: str | None
+    object_etag: str | None
+    fence: int
+    lease_owner: str | None
+    lease_expires: datetime | None
+    attempts: int
+    last_error: str | None
+    reason: str | None
+    created_at: datetime
+    updated_at: datetime
+    sealed_at: datetime | None
+    verified_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRecord:
+    id: int
+    segment_id: int
+    part_number: int
+    start: int
+    end: int
+    md5: str
+    crc32c: int
+    etag: str | None
+    state: CommitState
+    attempts: int
+    last_error: str | None
+    reason: str | None
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class NewCommit:
+    """A part about to be recorded as ``pending``: its range and the checksums of its bytes."""
+
+    part_number: int
+    start: int
+    end: int
+    md5: str
+    crc32c: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    at: datetime
+    segment_id: int
+    commit_id: int | None
+    from_state: str | None
+    to_state: str
+    worker: str
+    fence: int
+    detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The right to change a segment's rows: valid while ``fence`` is current and not expired."""
+
+    segment_id: int
+    key: str
+    owner: str
+    fence: int
+    expires: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Counts per state, bytes not yet verified, age of the oldest unverified segment."""
+
+    segments: dict[str, int] = field(default_factory=dict)
+    commits: dict[str, int] = field(default_factory=dict)
+    commit_bytes: dict[str, int] = field(default_factory=dict)
+    unverified_bytes: int = 0
+    oldest_unverified_age: float | None = None  # seconds
+    failed: tuple[tuple[str, str], ...] = ()  # (key, reason)
+
+    @property
+    def all_verified(self) -> bool:
+        return not self.failed and all(
+            n == 0 for s, n in self.segments.items() if s != SegmentState.VERIFIED.value
+        )

@@ -1,0 +1,136 @@
+"""The state machine of the contract, as data, with pure checks and no I/O.
+
+Commit (one part of a segment's upload):
+
+    pending --> uploaded --> verified
+       |  \\________________/  ^
+       |           |           |   (uploaded -> pending: the remote lost the part; re-send)
+       v           v
+     failed      failed
+
+Segment:
+
+    open --> sealed --> uploaded --> verified
+      \\        \\          \\
+       +--------+----------+-----> failed
+
+* ``pending``: the intent is durable; nothing sent yet, or the outcome is unknown.
+* ``uploaded``: the remote acknowledged; what it said (ETag) is stored.
+* ``verified``: the completed object was compared with checksums of the local bytes.
+* ``failed``: terminal, always with a reason.
+
+No commit reaches ``uploaded`` without passing ``pending`` first (intent before action), and nothing
+reaches ``verified`` without recorded checksums (see :func:`check_commit_transition`).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from uploader.errors import InvalidStateError
+
+
+class CommitState(StrEnum):
+    PENDING = "pending"
+    UPLOADED = "uploaded"
+    VERIFIED = "verified"
+    FAILED = "failed"
+
+
+class SegmentState(StrEnum):
+    OPEN = "open"
+    SEALED = "sealed"
+    UPLOADED = "uploaded"
+    VERIFIED = "verified"
+    FAILED = "failed"
+
+
+COMMIT_TRANSITIONS: frozenset[tuple[CommitState, CommitState]] = frozenset(
+    {
+        (CommitState.PENDING, CommitState.UPLOADED),
+        (CommitState.PENDING, CommitState.FAILED),
+        (CommitState.UPLOADED, CommitState.VERIFIED),
+        (CommitState.UPLOADED, CommitState.FAILED),
+        # The remote no longer holds the part (upload id lost, ETag mismatch): the intent is
+        # still ours and the part must be sent again.
+        (CommitState.UPLOADED, CommitState.PENDING),
+    }
+)
+
+SEGMENT_TRANSITIONS: frozenset[tuple[SegmentState, SegmentState]] = frozenset(
+    {
+        (SegmentState.OPEN, SegmentState.SEALED),
+        (SegmentState.OPEN, SegmentState.FAILED),
+        (SegmentState.SEALED, SegmentState.UPLOADED),
+        (SegmentState.SEALED, SegmentState.FAILED),
+        (SegmentState.UPLOADED, SegmentState.VERIFIED),
+        (SegmentState.UPLOADED, SegmentState.FAILED),
+        # A completed object failed verification: it is uploaded again under a fresh upload.
+        (SegmentState.UPLOADED, SegmentState.SEALED),
+    }
+)
+
+#: Segment states a recovery worker still has work for.
+UNFINISHED_SEGMENT_STATES: frozenset[SegmentState] = frozenset(
+    {SegmentState.OPEN, SegmentState.SEALED, SegmentState.UPLOADED}
+)
+TERMINAL_SEGMENT_STATES: frozenset[SegmentState] = frozenset(
+    {SegmentState.VERIFIED, SegmentState.FAILED}
+)
+
+
+def parse_commit_state(value: str) -> CommitState:
+    try:
+        return CommitState(value)
+    except ValueError:
+        names = ", ".join(s.value for s in CommitState)
+        raise InvalidStateError(f"unknown commit state {value!r}; known states: {names}") from None
+
+
+def parse_segment_state(value: str) -> SegmentState:
+    try:
+        return SegmentState(value)
+    except ValueError:
+        names = ", ".join(s.value for s in SegmentState)
+        raise InvalidStateError(f"unknown segment state {value!r}; known states: {names}") from None
+
+
+def check_commit_transition(
+    src: CommitState | str,
+    dst: CommitState | str,
+    *,
+    has_etag: bool = False,
+    has_digest: bool = True,
+    reason: str | None = None,
+) -> None:
+    """Raise :class:`InvalidStateError` unless ``src -> dst`` is allowed with what is recorded."""
+    s, d = parse_commit_state(str(src)), parse_commit_state(str(dst))
+    if (s, d) not in COMMIT_TRANSITIONS:
+        raise InvalidStateError(f"commit transition {s.value} -> {d.value} is not allowed")
+    if d is CommitState.UPLOADED and not has_etag:
+        raise InvalidStateError(
+            "a commit becomes 'uploaded' only with the ETag the remote returned"
+        )
+    if d is CommitState.VERIFIED and not (has_etag and has_digest):
+        raise InvalidStateError("a commit becomes 'verified' only with its recorded checksums")
+    if d is CommitState.FAILED and not reason:
+        raise InvalidStateError("a commit becomes 'failed' only with a reason")
+
+
+def check_segment_transition(
+    src: SegmentState | str,
+    dst: SegmentState | str,
+    *,
+    has_checksum: bool = True,
+    reason: str | None = None,
+) -> None:
+    """Raise :class:`InvalidStateError` unless ``src -> dst`` is allowed with what is recorded."""
+    s, d = parse_segment_state(str(src)), parse_segment_state(str(dst))
+    if (s, d) not in SEGMENT_TRANSITIONS:
+        raise InvalidStateError(f"segment transition {s.value} -> {d.value} is not allowed")
+    if d in (SegmentState.SEALED, SegmentState.VERIFIED) and not has_checksum:
+        raise InvalidStateError(
+            f"a segment becomes {d.value!r} only with its size and checksum recorded"
+        )
+    if d is SegmentState.FAILED and not reason:
+        raise InvalidStateError("a segment becomes 'failed' only with a reason")

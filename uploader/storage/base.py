@@ -1,0 +1,133 @@
+"""The one storage interface every upload and every recovery goes through.
+
+Words:
+
+* **upload**: an unfinished multipart upload for a key, named by an ``upload_id`` the remote chose.
+  Nothing is visible at the key while an upload is unfinished.
+* **part**: a numbered byte range of the object (1..10,000). Sending the same part number twice
+  replaces it (idempotent by part number), which is what makes re-sends after lost responses safe.
+* **complete**: publish the object whole, at once, from parts in ascending order.
+
+Implementations: :mod:`uploader.storage.s3` (native multipart through s3fs's raw calls) and
+:mod:`uploader.storage.staged` (any other fsspec filesystem: parts staged under a hidden prefix of
+the root, published with an atomic rename). :mod:`uploader.storage.faults` wraps either to inject
+faults. The same contract suite (``tests/storage/test_contract.py``) runs against all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from uploader.digest import Payload
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+MIN_PART_SIZE = 5 * MiB
+MAX_PART_SIZE = 5 * GiB
+MAX_PARTS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class PartRef:
+    """A part as the remote holds it (or as we ask to complete with it)."""
+
+    number: int
+    etag: str  # normalised: no quotes, lower case
+    size: int = -1  # -1 when unknown (complete() does not need it)
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str | None  # normalised; None where the backend cannot tell
+
+
+@dataclass(frozen=True, slots=True)
+class UploadRef:
+    """An unfinished upload found under the root."""
+
+    key: str
+    upload_id: str
+    initiated: datetime | None  # UTC, naive
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """What a completed object must look like: lets complete() accept a lost-response retry."""
+
+    size: int
+    etag: str
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Atomic object storage under one root. Keys are relative to the root and already validated."""
+
+    @property
+    def url(self) -> str:
+        """The root URL, without credentials."""
+        ...
+
+    @property
+    def min_part_size(self) -> int:
+        """Smallest size allowed for a part that is not the last one."""
+        ...
+
+    def start_upload(self, key: str) -> str:
+        """Begin a multipart upload for ``key``; return its upload id."""
+        ...
+
+    def upload_part(self, key: str, upload_id: str, number: int, payload: Payload) -> PartRef:
+        """Send one part (idempotent by part number). The returned ETag equals ``payload.md5``."""
+        ...
+
+    def list_parts(self, key: str, upload_id: str) -> list[PartRef]:
+        """The parts the remote holds for an upload, ascending. NoSuchUploadError if unknown."""
+        ...
+
+    def complete(
+        self,
+        key: str,
+        upload_id: str,
+        parts: Sequence[PartRef],
+        expected: Expected | None = None,
+    ) -> ObjectInfo:
+        """Publish the object from ``parts`` (ascending, each but the last >= min_part_size).
+
+        Refuses to overwrite an existing object (ObjectExistsError) unless it already matches
+        ``expected`` (a completion whose response was lost). If the upload id is unknown, the
+        object at the key is accepted when it matches ``expected``; otherwise NoSuchUploadError.
+        """
+        ...
+
+    def abort(self, key: str, upload_id: str) -> None:
+        """Drop an unfinished upload and its parts. Aborting an unknown upload is not an error."""
+        ...
+
+    def put(self, key: str, payload: Payload) -> ObjectInfo:
+        """Publish a small object in one atomic write (refuses to overwrite, like complete())."""
+        ...
+
+    def head(self, key: str) -> ObjectInfo | None:
+        """Size and ETag of the object at ``key``, or None if there is none."""
+        ...
+
+    def read(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the object at ``key``."""
+        ...
+
+    def list_uploads(self, prefix: str = "") -> list[UploadRef]:
+        """Unfinished uploads whose key starts with ``prefix`` (relative to the root)."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object at ``key`` (no error if absent)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
