@@ -81,7 +81,13 @@ def create_manifest_engine(url: str | URL) -> Engine:
     try:
         if is_embedded(parsed):
             if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise ManifestUnreachableError(
+                        f"manifest {redact(parsed)}: cannot create the directory of the SQLite "
+                        f"file ({exc.strerror or exc}); choose a writable path"
+                    ) from None
             engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
             event.listen(engine, "connect", _sqlite_pragmas)
             event.listen(engine, "begin", _sqlite_begin)
@@ -162,7 +168,7 @@ def ensure_schema(engine: Engine, *, auto_upgrade: bool | None = None) -> None:
                 f"manifest {redact(engine.url)} is at schema revision {current}, which this version "
                 f"of segment-uploader does not know (its head is {head}); upgrade segment-uploader"
             ) from None
-    elif not auto_upgrade and inspect(engine).has_table("segments"):
+    elif inspect(engine).has_table("segments"):
         raise SchemaBehindError(
             f"manifest {redact(engine.url)} has tables but no schema revision; "
             "it was not created by `uploader db upgrade`"

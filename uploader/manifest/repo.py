@@ -41,6 +41,7 @@ from sqlalchemy.exc import IntegrityError
 
 from uploader.errors import (
     InvalidRangeError,
+    InvalidStateError,
     KeyConflictError,
     LeaseLostError,
     SegmentBusyError,
@@ -459,6 +460,27 @@ class Manifest:
                 raise err
             actual = conn.execute(select(S.c.state).where(S.c.id == lease.segment_id)).scalar()
             raise StaleStateError(lease.key, expected.value, actual)
+        if new in (SegmentState.UPLOADED, SegmentState.VERIFIED):
+            # "Object complete" and "verified" speak for every part: none may still be unsent.
+            # Checked after the guarded update so a stale caller hears "stale" first; raising
+            # here rolls the update back.
+            unsent = (
+                conn.execute(
+                    select(C.c.part_number)
+                    .where(
+                        C.c.segment_id == lease.segment_id,
+                        C.c.state.not_in([CommitState.UPLOADED.value, CommitState.VERIFIED.value]),
+                    )
+                    .order_by(C.c.part_number)
+                )
+                .scalars()
+                .all()
+            )
+            if unsent:
+                raise InvalidStateError(
+                    f"segment {lease.key!r} cannot become {new.value}: parts "
+                    f"{', '.join(map(str, unsent))} are not uploaded"
+                )
         self._event(
             conn,
             lease.segment_id,
@@ -525,6 +547,13 @@ class Manifest:
         """One guarded segment transition (checked against the state machine first)."""
         src, dst = parse_segment_state(str(expected)), parse_segment_state(str(new))
         check_segment_transition(src, dst, reason=reason)  # the state machine first: no I/O
+        if dst is SegmentState.VERIFIED:
+            # Verifying moves every commit with the segment: one path for it, not two.
+            with self.engine.connect() as conn:
+                recorded = conn.execute(select(S.c.size).where(S.c.id == lease.segment_id)).scalar()
+            check_segment_transition(src, dst, has_checksum=recorded is not None)
+            self.segment_verified(lease, detail or reason or "verified")
+            return
         if reason is not None:
             values["reason"] = _clip(reason)
         now = self.clock()
