@@ -23,9 +23,7 @@ from typing import Any
 
 import pytest
 
-PG_URL = os.environ.get(
-    "UPLOADER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+PG_URL = os.environ.get("UPLOADER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PG_REQUIRED = os.environ.get("UPLOADER_TEST_POSTGRES", "").lower() in ("1", "required", "true")
 
 

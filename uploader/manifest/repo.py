@@ -316,12 +316,29 @@ class Manifest:
         ttl: float = DEFAULT_LEASE_SECONDS,
         after_id: int = 0,
     ) -> tuple[Lease, SegmentRecord] | None:
-        """Claim the next unfinished segment (id > ``after_id``) that this worker can act on.
+        """Claim the next unfinished segment (id > ``after_id``) that this worker can act on."""
+        claimed = self.claim(owner, node=node, ttl=ttl, after_id=after_id, limit=1)
+        return claimed[0] if claimed else None
+
+    def claim(
+        self,
+        owner: str,
+        *,
+        node: str,
+        ttl: float = DEFAULT_LEASE_SECONDS,
+        after_id: int = 0,
+        limit: int = 1,
+    ) -> list[tuple[Lease, SegmentRecord]]:
+        """Claim up to ``limit`` unfinished segments (ids > ``after_id``, ascending), in one transaction.
 
         A worker claims segments whose local file is on its ``node``, and, from any node, sealed or
         uploaded segments whose parts are all uploaded (completing and verifying need no local
         bytes). Open segments are claimed only when they have pending whole parts to upload.
+        Rows locked by another claimer are skipped (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; on
+        SQLite the immediate transaction serialises claimers).
         """
+        if limit < 1:
+            return []
         now = self.clock()
         pending = exists().where(C.c.segment_id == S.c.id, C.c.state == CommitState.PENDING.value)
         q = (
@@ -334,27 +351,33 @@ class Manifest:
                 or_(S.c.state != SegmentState.OPEN.value, pending),
             )
             .order_by(S.c.id)
-            .limit(1)
+            .limit(limit)
         )
         if self.is_postgres:
             q = q.with_for_update(skip_locked=True)
         expires = now + timedelta(seconds=ttl)
         with self.engine.begin() as conn:
-            seg_id = conn.execute(q).scalar()
-            if seg_id is None:
-                return None
-            conn.execute(
+            ids = list(conn.execute(q).scalars())
+            if not ids:
+                return []
+            rows = conn.execute(
                 update(S)
-                .where(S.c.id == seg_id)
+                .where(S.c.id.in_(ids))
                 .values(
                     fence=S.c.fence + 1, lease_owner=owner, lease_expires=expires, updated_at=now
                 )
+                .returning(*S.c)
+            ).all()
+        segs = sorted((_segment(r) for r in rows), key=lambda seg: seg.id)
+        return [
+            (
+                Lease(
+                    segment_id=seg.id, key=seg.key, owner=owner, fence=seg.fence, expires=expires
+                ),
+                seg,
             )
-            row = conn.execute(select(S).where(S.c.id == seg_id)).one()
-        seg = _segment(row)
-        return Lease(
-            segment_id=seg.id, key=seg.key, owner=owner, fence=seg.fence, expires=expires
-        ), seg
+            for seg in segs
+        ]
 
     def renew(self, lease: Lease, ttl: float = DEFAULT_LEASE_SECONDS) -> Lease:
         """Extend a lease we still hold; LeaseLostError if it expired or was taken over."""

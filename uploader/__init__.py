@@ -1,0 +1,54 @@
+"""segment-uploader: ship append-only segment files to object storage without losing the tail.
+
+>>> import uploader
+>>> store = uploader.open("sqlite:///uploader.db", "s3://bucket/prefix")  # doctest: +SKIP
+>>> seg = store.segment("commitlog/0000", "/data/commitlog/0000")       # doctest: +SKIP
+>>> seg.commit().result(); seg.seal().result()                           # doctest: +SKIP
+
+See ``docs/`` for the words, the states and the guarantees.
+"""
+
+from uploader.errors import (
+    LocalFileError,
+    ManifestError,
+    SegmentFailedError,
+    SegmentSealedError,
+    StorageError,
+    StoreClosedError,
+    UploaderError,
+    UsageError,
+    VerificationError,
+)
+from uploader.records import CommitRecord, Event, SegmentRecord, Status
+from uploader.recovery import RecoveryReport, SegmentOutcome, SweepReport
+from uploader.states import CommitState, SegmentState
+from uploader.store import CommitResult, Segment, Store, UploadFuture, open
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CommitRecord",
+    "CommitResult",
+    "CommitState",
+    "Event",
+    "LocalFileError",
+    "ManifestError",
+    "RecoveryReport",
+    "Segment",
+    "SegmentFailedError",
+    "SegmentOutcome",
+    "SegmentRecord",
+    "SegmentSealedError",
+    "SegmentState",
+    "Status",
+    "StorageError",
+    "Store",
+    "StoreClosedError",
+    "SweepReport",
+    "UploadFuture",
+    "UploaderError",
+    "UsageError",
+    "VerificationError",
+    "__version__",
+    "open",
+]

@@ -1,0 +1,199 @@
+"""Fault injection for our tests and for users' tests: wrap any :class:`Storage`.
+
+A :class:`Fault` names a call (``op``, or ``"*"`` for every call), *when* it strikes and what it
+does:
+
+* ``when="before"``: the call fails without reaching the remote (nothing changed there);
+* ``when="after"``: the remote applies the call, then the response is "lost" (an error is raised
+  although the part arrived, the object was completed, ...): the hardest case for a client;
+* ``kind="delay"``: the call is slowed by ``seconds``; ``kind="hang"``: it blocks until
+  :meth:`FaultyStorage.release` or ``seconds`` pass (then proceeds).
+
+Selectors: ``after_calls`` lets that many matching calls through first, ``times`` bounds how often
+the fault fires (None: every time after that). ``FaultyStorage(inner, seed=..., rate=...)`` also
+fails a random fraction of calls (before or after, by the seed) for randomized tests.
+Every fault that fired is appended to ``injected`` as ``(op, when, kind)``.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from uploader.digest import Payload
+from uploader.errors import RetryableStorageError
+from uploader.storage.base import Expected, ObjectInfo, PartRef, Storage, UploadRef
+
+OPS = (
+    "start_upload",
+    "upload_part",
+    "list_parts",
+    "complete",
+    "abort",
+    "put",
+    "head",
+    "read",
+    "list_uploads",
+    "delete",
+)
+
+
+def _default_error() -> BaseException:
+    return RetryableStorageError("injected fault")
+
+
+@dataclass
+class Fault:
+    op: str = "*"
+    when: Literal["before", "after"] = "before"
+    kind: Literal["error", "delay", "hang"] = "error"
+    error: Callable[[], BaseException] = _default_error
+    after_calls: int = 0
+    times: int | None = None
+    seconds: float = 0.0
+    seen: int = field(default=0, init=False)
+    fired: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.op != "*" and self.op not in OPS:
+            raise ValueError(f"unknown storage call {self.op!r}; one of {', '.join(OPS)}")
+        if self.when not in ("before", "after"):
+            raise ValueError(f"when must be 'before' or 'after', not {self.when!r}")
+
+    def strikes(self, op: str, when: str) -> bool:
+        """Count a matching call and say whether the fault fires on it."""
+        if when != self.when or (self.op != "*" and self.op != op):
+            return False
+        self.seen += 1
+        if self.seen <= self.after_calls:
+            return False
+        if self.times is not None and self.fired >= self.times:
+            return False
+        self.fired += 1
+        return True
+
+
+class FaultyStorage:
+    """A :class:`Storage` that injects the faults it is given into calls to ``inner``."""
+
+    def __init__(
+        self,
+        inner: Storage,
+        faults: Sequence[Fault] = (),
+        *,
+        seed: int | None = None,
+        rate: float = 0.0,
+        error: Callable[[], BaseException] = _default_error,
+    ) -> None:
+        self.inner = inner
+        self.faults: list[Fault] = list(faults)
+        self.rate = rate
+        self.rng = random.Random(seed)
+        self.random_error = error
+        self.injected: list[tuple[str, str, str]] = []
+        self._lock = threading.Lock()
+        self._released = threading.Event()
+
+    def add(self, fault: Fault) -> Fault:
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear(self) -> None:
+        with self._lock:
+            self.faults.clear()
+        self.rate = 0.0
+
+    def release(self) -> None:
+        """Let every hung call proceed."""
+        self._released.set()
+
+    @property
+    def url(self) -> str:
+        return self.inner.url
+
+    @property
+    def min_part_size(self) -> int:
+        return self.inner.min_part_size
+
+    def _strike(self, op: str, when: str) -> None:
+        with self._lock:
+            hits = [f for f in self.faults if f.strikes(op, when)]
+            random_hit = self.rate > 0 and self.rng.random() < self.rate / 2
+        for f in hits:
+            self.injected.append((op, when, f.kind))
+            if f.kind == "delay":
+                time.sleep(f.seconds)
+            elif f.kind == "hang":
+                self._released.wait(f.seconds if f.seconds > 0 else None)
+            else:
+                raise f.error()
+        if random_hit:
+            self.injected.append((op, when, "error"))
+            raise self.random_error()
+
+    def _call(self, op: str, fn: Callable[[], Any]) -> Any:
+        self._strike(op, "before")
+        result = fn()
+        self._strike(op, "after")
+        return result
+
+    def start_upload(self, key: str) -> str:
+        out: str = self._call("start_upload", lambda: self.inner.start_upload(key))
+        return out
+
+    def upload_part(self, key: str, upload_id: str, number: int, payload: Payload) -> PartRef:
+        out: PartRef = self._call(
+            "upload_part", lambda: self.inner.upload_part(key, upload_id, number, payload)
+        )
+        return out
+
+    def list_parts(self, key: str, upload_id: str) -> list[PartRef]:
+        out: list[PartRef] = self._call("list_parts", lambda: self.inner.list_parts(key, upload_id))
+        return out
+
+    def complete(
+        self,
+        key: str,
+        upload_id: str,
+        parts: Sequence[PartRef],
+        expected: Expected | None = None,
+    ) -> ObjectInfo:
+        out: ObjectInfo = self._call(
+            "complete", lambda: self.inner.complete(key, upload_id, parts, expected)
+        )
+        return out
+
+    def abort(self, key: str, upload_id: str) -> None:
+        self._call("abort", lambda: self.inner.abort(key, upload_id))
+
+    def put(self, key: str, payload: Payload) -> ObjectInfo:
+        out: ObjectInfo = self._call("put", lambda: self.inner.put(key, payload))
+        return out
+
+    def head(self, key: str) -> ObjectInfo | None:
+        out: ObjectInfo | None = self._call("head", lambda: self.inner.head(key))
+        return out
+
+    def read(self, key: str, start: int, end: int) -> bytes:
+        out: bytes = self._call("read", lambda: self.inner.read(key, start, end))
+        return out
+
+    def list_uploads(self, prefix: str = "") -> list[UploadRef]:
+        out: list[UploadRef] = self._call("list_uploads", lambda: self.inner.list_uploads(prefix))
+        return out
+
+    def delete(self, key: str) -> None:
+        self._call("delete", lambda: self.inner.delete(key))
+
+    def close(self) -> None:
+        self.release()
+        self.inner.close()
+
+    @property
+    def retries(self) -> int:
+        return int(getattr(self.inner, "retries", 0))
