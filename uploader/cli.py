@@ -1,0 +1,554 @@
+"""The ``uploader`` command line.
+
+Exit codes: 0 everything asked for is done (and verified); 1 something failed or stays
+unverified; 2 bad usage or bad input (nothing was recorded or sent). Errors are one line naming
+what and what to do; ``--debug`` adds the traceback. Storage options are never printed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from uploader import settings
+from uploader.errors import UploaderError, UsageError
+from uploader.records import Status
+from uploader.recovery import DEFAULT_SWEEP_AGE, RecoveryReport
+from uploader.store import DEFAULT_PART_SIZE, Store
+from uploader.store import open as open_store
+
+log = logging.getLogger("uploader")
+
+app = typer.Typer(
+    name="uploader",
+    help="Ship append-only segment files to object storage without ever losing the tail.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+db_app = typer.Typer(help="The manifest's schema (Alembic underneath).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@dataclass
+class Context:
+    manifest: str | None
+    remote: str | None
+    storage_options: str | None
+    home: str | None
+    part_size: int
+    concurrency: int
+    debug: bool
+
+    def settings(self) -> settings.Settings:
+        return settings.resolve(
+            manifest=self.manifest,
+            remote=self.remote,
+            storage_options=self.storage_options,
+            home=self.home,
+        )
+
+    def open(self, **kwargs: Any) -> Store:
+        s = self.settings()
+        kwargs.setdefault("part_size", self.part_size)
+        kwargs.setdefault("concurrency", self.concurrency)
+        return open_store(s.manifest, s.remote, storage_options=s.storage_options, **kwargs)
+
+
+def _ctx(ctx: typer.Context) -> Context:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, Context)
+    return obj
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    manifest: Annotated[
+        str | None,
+        typer.Option(
+            help="Manifest SQLAlchemy URL [env UPLOADER_MANIFEST; default: embedded SQLite]"
+        ),
+    ] = None,
+    remote: Annotated[
+        str | None,
+        typer.Option(help="Remote root fsspec URL [env UPLOADER_REMOTE; default: local directory]"),
+    ] = None,
+    storage_options: Annotated[
+        str | None,
+        typer.Option(
+            "--storage-options",
+            help="JSON object for fsspec [env UPLOADER_STORAGE_OPTIONS]; never printed",
+        ),
+    ] = None,
+    home: Annotated[
+        str | None,
+        typer.Option(
+            help="Data directory of the embedded defaults [env UPLOADER_HOME; ./.uploader]"
+        ),
+    ] = None,
+    part_size: Annotated[int, typer.Option(help="Part size in bytes")] = DEFAULT_PART_SIZE,
+    concurrency: Annotated[int, typer.Option(help="Parts in flight at once")] = 4,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks and debug logs")] = False,
+) -> None:
+    ctx.obj = Context(manifest, remote, storage_options, home, part_size, concurrency, debug)
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# --- db -------------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Create or upgrade the manifest schema to this version's head."""
+    from uploader.manifest import db
+
+    s = _ctx(ctx).settings()
+    engine = db.create_manifest_engine(s.manifest)
+    try:
+        db.connect_check(engine)
+        before = db.current_revision(engine)
+        db.upgrade(engine)
+        after = db.current_revision(engine)
+    finally:
+        engine.dispose()
+    out.print(f"manifest {db.redact(s.manifest)}: {before or 'empty'} -> {after}")
+
+
+@db_app.command("current")
+def db_current(ctx: typer.Context) -> None:
+    """Show the manifest's schema revision and whether it is at head (exit 1 if not)."""
+    from uploader.manifest import db
+
+    s = _ctx(ctx).settings()
+    engine = db.create_manifest_engine(s.manifest)
+    try:
+        db.connect_check(engine)
+        current = db.current_revision(engine)
+    finally:
+        engine.dispose()
+    head = db.head_revision()
+    state = "at head" if current == head else f"behind head {head}: run `uploader db upgrade`"
+    out.print(f"manifest {db.redact(s.manifest)}: revision {current or 'none'} ({state})")
+    if current != head:
+        raise typer.Exit(1)
+
+
+# --- progress and signals ---------------------------------------------------------------------------
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGTERM/SIGINT: long commands finish the work in hand, then stop."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        err.print(f"{signal.Signals(signum).name}: finishing the work in hand, then stopping")
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _metrics(store: Store, port: int | None) -> tuple[Any, Any]:
+    if port is None:
+        return None, None
+    from uploader.metrics import Metrics, serve
+
+    metrics = Metrics(store)
+    server = serve(metrics, port)
+    err.print(f"metrics on http://127.0.0.1:{server.server_port}/metrics")
+    return metrics, server
+
+
+def _emit_json(data: object) -> None:
+    out.print_json(json.dumps(data, default=str))
+
+
+# --- ship -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def ship(
+    ctx: typer.Context,
+    paths: Annotated[list[Path], typer.Argument(help="Segment files to commit and seal")],
+    key_prefix: Annotated[
+        str, typer.Option(help="Prefix of the keys (key = prefix + file name)")
+    ] = "",
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Commit and seal files as segments, one shot: exit 0 when every one is verified."""
+    for path in paths:
+        if not path.is_file():
+            raise UsageError(f"{path}: no such file to ship")
+    results: list[dict[str, object]] = []
+    failed = 0
+    with ctx_store(ctx) as store, _progress() as progress:
+        total = sum(p.stat().st_size for p in paths)
+        task = progress.add_task("shipping", total=total)
+        futures = []
+        for path in paths:
+            key = key_prefix + path.name
+            futures.append((key, store.segment(key, path).seal()))
+        for key, fut in futures:
+            try:
+                res = fut.result()
+            except UploaderError as exc:
+                failed += 1
+                results.append({"key": key, "verified": False, "error": str(exc)})
+                err.print(f"[red]failed[/red] {key}: {exc}")
+                continue
+            progress.advance(task, res.committed)
+            results.append({"key": key, "verified": res.verified, "bytes": res.committed})
+            if not json_output:
+                out.print(f"verified {key} ({res.committed} bytes, {res.sent_bytes} sent)")
+    if json_output:
+        _emit_json({"segments": results, "failed": failed})
+    elif failed:
+        err.print(f"{failed} segment(s) not verified; they stay pending: run `uploader recover`")
+    raise typer.Exit(1 if failed else 0)
+
+
+@contextmanager
+def ctx_store(ctx: typer.Context, **kwargs: Any) -> Iterator[Store]:
+    store = _ctx(ctx).open(**kwargs)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+# --- watch ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def watch(
+    ctx: typer.Context,
+    directory: Annotated[Path, typer.Argument(help="Directory of rolling segment files")],
+    interval: Annotated[float, typer.Option(help="Seconds between passes")] = 1.0,
+    segment_size: Annotated[
+        int | None, typer.Option(help="Seal a segment once it reaches this many bytes")
+    ] = None,
+    pattern: Annotated[str, typer.Option(help="Glob of segment file names")] = "[0-9]*",
+    key_prefix: Annotated[
+        str | None, typer.Option(help="Key prefix (default: the directory's name and '/')")
+    ] = None,
+    recover_every: Annotated[
+        float, typer.Option(help="Seconds between recovery passes for unfinished seals")
+    ] = 30.0,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics")] = None,
+    once: Annotated[bool, typer.Option(help="One pass, then exit")] = False,
+) -> None:
+    """Tail a directory of rolling segments: commit new bytes, seal finished segments."""
+    from uploader.watch import Watcher, check_directory
+
+    check_directory(directory, pattern)  # before opening anything
+    with ctx_store(ctx) as store, _stop_on_signals() as stop:
+        metrics, server = _metrics(store, metrics_port)
+
+        def on_result(key: str, res: Any) -> None:
+            if metrics is not None:
+                metrics.uploaded(res.sent_bytes)
+            if res.sealed:
+                out.print(f"sealed and verified {key} ({res.committed} bytes)")
+
+        def on_error(key: str, what: str, exc: BaseException) -> None:
+            if metrics is not None:
+                metrics.failed(what)
+            err.print(f"{what} of {key} failed, left pending: {exc}")
+
+        watcher = Watcher(
+            store,
+            directory,
+            key_prefix=key_prefix,
+            pattern=pattern,
+            segment_size=segment_size,
+            on_result=on_result,
+            on_error=on_error,
+        )
+        err.print(f"watching {watcher.directory} (keys {watcher.key_prefix}*)")
+        last_recovery = time.monotonic()
+        try:
+            while not stop.is_set():
+                watcher.tick()
+                if once:
+                    break
+                if time.monotonic() - last_recovery >= recover_every:
+                    report = store.recover(stop=stop)
+                    if metrics is not None:
+                        metrics.uploaded(report.bytes_sent)
+                        metrics.failed("recovery", len(report.failed))
+                    last_recovery = time.monotonic()
+                stop.wait(interval)
+        finally:
+            if server is not None:
+                server.shutdown()
+    err.print("stopped")
+
+
+# --- recover --------------------------------------------------------------------------------------
+
+
+def _print_report(report: RecoveryReport) -> None:
+    for o in report.outcomes:
+        out.print(f"{o.key}: {o.before} -> {o.after} ({o.detail})")
+    out.print(
+        f"recovered {report.resumed} segment(s): {len(report.verified)} verified, "
+        f"{len(report.failed)} failed, {len(report.unfinished)} unfinished; "
+        f"{report.bytes_sent} bytes sent, {report.bytes_reused} reused"
+    )
+
+
+@app.command()
+def recover(
+    ctx: typer.Context,
+    loop: Annotated[bool, typer.Option(help="Keep running passes until SIGTERM/SIGINT")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between passes with --loop")] = 10.0,
+    worker: Annotated[
+        str | None, typer.Option(help="Worker name (default host:pid:random)")
+    ] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Finish interrupted segments; exit 0 when everything seen is verified."""
+    with ctx_store(ctx, worker=worker) as store, _stop_on_signals() as stop:
+        metrics, server = _metrics(store, metrics_port)
+        try:
+            while True:
+                report = store.recover(stop=stop)
+                if metrics is not None:
+                    metrics.uploaded(report.bytes_sent)
+                    metrics.failed("recovery", len(report.failed))
+                if json_output:
+                    _emit_json(report.as_dict())
+                elif report.resumed or not loop:
+                    _print_report(report)
+                if not loop or stop.wait(interval):
+                    break
+        finally:
+            if server is not None:
+                server.shutdown()
+        status = store.status()
+    if not report.ok or status.failed:
+        raise typer.Exit(1)
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+
+def _status_dict(status: Status) -> dict[str, object]:
+    return {
+        "segments": status.segments,
+        "commits": status.commits,
+        "commit_bytes": status.commit_bytes,
+        "unverified_bytes": status.unverified_bytes,
+        "oldest_unverified_age": status.oldest_unverified_age,
+        "failed": [{"key": k, "reason": r} for k, r in status.failed],
+        "all_verified": status.all_verified,
+    }
+
+
+def print_status(status: Status, console: Console = out) -> None:
+    table = Table(title="manifest")
+    table.add_column("state")
+    table.add_column("segments", justify="right")
+    table.add_column("commits", justify="right")
+    table.add_column("commit bytes", justify="right")
+    for state in ("open", "sealed", "uploaded", "verified", "failed", "pending"):
+        table.add_row(
+            state,
+            str(status.segments.get(state, "")),
+            str(status.commits.get(state, "")),
+            str(status.commit_bytes.get(state, "")),
+        )
+    console.print(table)
+    age = status.oldest_unverified_age
+    console.print(
+        f"unverified bytes: {status.unverified_bytes}; oldest unverified: "
+        f"{'none' if age is None else f'{age:.0f} s'}"
+    )
+    for key, reason in status.failed:
+        console.print(f"failed {key}: {reason}")
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Counts per state, unverified bytes, oldest unverified age (exit 1 if anything failed)."""
+    from uploader.manifest.repo import Manifest
+
+    s = _ctx(ctx).settings()
+    m = Manifest.open(s.manifest)
+    try:
+        st = m.status()
+    finally:
+        m.close()
+    if json_output:
+        _emit_json(_status_dict(st))
+    else:
+        print_status(st)
+    if st.failed:
+        raise typer.Exit(1)
+
+
+# --- verify ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def verify(
+    ctx: typer.Context,
+    keys: Annotated[
+        list[str] | None, typer.Argument(help="Keys to check (default: all verified)")
+    ] = None,
+    deep: Annotated[bool, typer.Option(help="Read the objects back and compare checksums")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Check remote objects against the manifest's checksums again (exit 1 on any mismatch)."""
+    from uploader.states import SegmentState
+
+    results: list[dict[str, object]] = []
+    with ctx_store(ctx) as store:
+        if keys:
+            records = []
+            for key in keys:
+                rec = store.manifest.segment(key)
+                if rec is None:
+                    raise UsageError(
+                        f"segment {key!r} is not in the manifest {settings.redact_url(store.manifest.url)}"
+                    )
+                records.append(rec)
+        else:
+            records = store.manifest.segments([SegmentState.VERIFIED])
+        for rec in records:
+            if rec.state is not SegmentState.VERIFIED:
+                results.append(
+                    {"key": rec.key, "ok": False, "problem": f"state is {rec.state.value}"}
+                )
+                continue
+            problem = store.shipper.check_object(rec, store.manifest.commits(rec.id), deep)
+            results.append({"key": rec.key, "ok": problem is None, "problem": problem})
+    bad = [r for r in results if not r["ok"]]
+    if json_output:
+        _emit_json({"checked": len(results), "deep": deep, "results": results})
+    else:
+        for r in results:
+            out.print(
+                f"{'ok' if r['ok'] else 'MISMATCH'} {r['key']}"
+                + (f": {r['problem']}" if r["problem"] else "")
+            )
+        out.print(f"checked {len(results)}, {len(bad)} problem(s)")
+    if bad:
+        raise typer.Exit(1)
+
+
+# --- sweep ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def sweep(
+    ctx: typer.Context,
+    dry_run: Annotated[bool, typer.Option(help="Only say what would be aborted")] = False,
+    older_than: Annotated[
+        float, typer.Option(help="Leave orphans younger than this many seconds alone")
+    ] = DEFAULT_SWEEP_AGE,
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Abort multipart uploads under the remote root that no unfinished segment references."""
+    with ctx_store(ctx) as store:
+        report = store.sweep(dry_run=dry_run, older_than=older_than)
+    if json_output:
+        _emit_json(report.as_dict())
+        return
+    verb = "would abort" if dry_run else "aborted"
+    for key, upload_id in report.aborted:
+        out.print(f"{verb} {key} (upload {upload_id})")
+    out.print(
+        f"{verb} {len(report.aborted)} orphaned upload(s); kept {report.kept_live} live, "
+        f"{report.kept_young} younger than {older_than:g} s"
+    )
+
+
+# --- demo -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="Work here instead of a temporary directory")
+    ] = None,
+) -> None:
+    """The whole story offline: ship, lose the final commit as RocketMQ did, recover, prove."""
+    from uploader.demo import run_demo
+
+    ok = run_demo(out, directory)
+    raise typer.Exit(0 if ok else 1)
+
+
+# --- entry point ----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console script: one-line errors with exit codes, tracebacks only with ``--debug``."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        # Standalone mode: click prints usage errors and exits 2, typer.Exit gives our codes.
+        app(args=args, prog_name="uploader")
+    except UploaderError as exc:
+        if debug:
+            err.print_exception()
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        if debug:
+            raise
+        err.print(
+            f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+            markup=False,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
