@@ -1,0 +1,120 @@
+"""The CLI end to end, in subprocesses: ship, status, recover, verify, sweep, demo, db."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import uploader
+from tests.cli.conftest import Run
+from uploader.storage import Fault, FaultyStorage, open_storage
+
+PART = 5 * 1024 * 1024  # the CLI uses S3's real minimum part size
+
+
+def _segments(tmp_path: Path, sizes: list[int]) -> list[Path]:
+    rng = random.Random(1)
+    paths = []
+    for i, size in enumerate(sizes):
+        p = tmp_path / f"{i:020d}"
+        p.write_bytes(rng.randbytes(size))
+        paths.append(p)
+    return paths
+
+
+def test_ship_then_status_then_verify(run: Run, home: Path, tmp_path: Path) -> None:
+    paths = _segments(tmp_path, [0, 100, PART + 1])
+    shipped = run("--part-size", str(PART), "ship", "--key-prefix", "log/", *map(str, paths))
+    assert shipped.returncode == 0, shipped.stderr
+    assert shipped.stdout.count("verified log/") == 3
+    for p in paths:
+        assert (home / "remote" / "log" / p.name).read_bytes() == p.read_bytes()
+
+    status = run("status", "--json")
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["segments"]["verified"] == 3
+    assert data["all_verified"] is True
+    assert data["unverified_bytes"] == 0
+
+    table = run("status")
+    assert table.returncode == 0 and "verified" in table.stdout
+
+    ok = run("verify", "--json", "--deep")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout)["checked"] == 3
+
+    # Damage one object behind the uploader's back: verify says so and exits 1.
+    victim = home / "remote" / "log" / paths[1].name
+    victim.write_bytes(b"x" * 100)
+    bad = run("verify", "--deep", "log/" + paths[1].name)
+    assert bad.returncode == 1
+    assert "MISMATCH" in bad.stdout
+
+
+def test_recover_exit_codes(run: Run, home: Path, tmp_path: Path) -> None:
+    nothing = run("recover", "--json")
+    assert nothing.returncode == 0, nothing.stderr
+    assert json.loads(nothing.stdout)["resumed"] == 0
+
+    [path] = _segments(tmp_path, [PART + 10])
+    assert run("--part-size", str(PART), "ship", str(path)).returncode == 0
+    assert run("recover").returncode == 0
+
+    # A writer commits a segment, its sends fail, it dies; then the local file is deleted.
+    lost = tmp_path / "lost"
+    lost.write_bytes(b"y" * (PART + 1))
+    remote = f"file://{home}/remote"
+    faulty = FaultyStorage(open_storage(remote, {}))
+    faulty.add(Fault(op="upload_part", when="before"))
+    store = uploader.open(
+        f"sqlite:///{home}/manifest.db", remote, storage=faulty, part_size=PART, lease_seconds=0.2
+    )
+    seg = store.segment("lost/1", lost)
+    assert seg.commit().exception(timeout=60) is not None
+    store.abandon()
+    lost.unlink()
+    time.sleep(0.5)  # the dead writer's lease expires
+
+    failed = run("recover", "--json")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    report = json.loads(failed.stdout)
+    [entry] = report["failed"]
+    assert entry["key"] == "lost/1"
+    assert "missing" in entry["reason"]
+    status = run("status", "--json")
+    assert status.returncode == 1
+    assert json.loads(status.stdout)["failed"][0]["key"] == "lost/1"
+
+
+def test_sweep_dry_run_then_real(run: Run, home: Path) -> None:
+    (home / "remote").mkdir(exist_ok=True)
+    storage = open_storage(f"file://{home}/remote", {})
+    storage.start_upload("orphan/1")
+    storage.close()
+    dry = run("sweep", "--dry-run", "--older-than", "0", "--json")
+    assert dry.returncode == 0, dry.stderr
+    data = json.loads(dry.stdout)
+    assert [u["key"] for u in data["would_abort"]] == ["orphan/1"]
+    real = run("sweep", "--older-than", "0", "--json")
+    assert real.returncode == 0, real.stderr
+    assert [u["key"] for u in json.loads(real.stdout)["aborted"]] == ["orphan/1"]
+    again = run("sweep", "--older-than", "0", "--json")
+    assert json.loads(again.stdout)["aborted"] == []
+
+
+def test_db_upgrade_and_current(run: Run, home: Path) -> None:
+    url = f"sqlite:///{home}/other.db"
+    up = run("--manifest", url, "db", "upgrade")
+    assert up.returncode == 0, up.stderr
+    cur = run("--manifest", url, "db", "current")
+    assert cur.returncode == 0 and "at head" in cur.stdout
+
+
+def test_demo_exits_zero(run: Run) -> None:
+    demo = run("demo", timeout=60)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "all segments verified" in demo.stdout
+    assert "identical" in demo.stdout and "DIFFERENT" not in demo.stdout
