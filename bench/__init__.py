@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench`` (all) or ``python -m bench seal small appends rss recovery``."""

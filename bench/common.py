@@ -1,0 +1,118 @@
+"""Shared pieces: a moto S3 server over HTTP, clients, timing, result tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MiB = 1024 * 1024
+
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@dataclass
+class Result:
+    name: str
+    measurements: dict[str, float] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)
+    targets: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def show(self) -> None:
+        print(f"\n== {self.name}")
+        for k, v in self.measurements.items():
+            print(f"  {k:<48} {v:12.3f}")
+        for k, v in self.ratios.items():
+            target = self.targets.get(k, "")
+            print(f"  ratio {k:<42} {v:12.2f}  {target}")
+        for n in self.notes:
+            print(f"  note: {n}")
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def s3_options(endpoint: str) -> dict[str, Any]:
+    return {
+        "key": "bench",
+        "secret": "bench",
+        "endpoint_url": endpoint,
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
+
+
+def boto3_client(endpoint: str) -> Any:
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+        region_name="us-east-1",
+    )
+
+
+def new_bucket(endpoint: str) -> str:
+    name = f"bench-{uuid.uuid4().hex[:10]}"
+    boto3_client(endpoint).create_bucket(Bucket=name)
+    return name
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def write_file(path: Path, size: int, seed: int = 0) -> None:
+    """A file of pseudo-random bytes, written in 8 MiB chunks (never all in memory)."""
+    import random
+
+    rng = random.Random(seed)
+    with path.open("wb") as f:
+        left = size
+        while left:
+            n = min(left, 8 * MiB)
+            f.write(rng.randbytes(n))
+            left -= n
+
+
+@contextmanager
+def workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="uploader-bench-") as d:
+        yield Path(d)
+
+
+def save(results: list[Result], path: Path) -> None:
+    data = [
+        {
+            "name": r.name,
+            "measurements": r.measurements,
+            "ratios": r.ratios,
+            "targets": r.targets,
+            "notes": r.notes,
+        }
+        for r in results
+    ]
+    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,62 @@
+"""Peak RSS while sealing a 1 GiB segment (target <= 64 MiB + concurrency x part_size).
+
+The seal runs in a child process so its peak resident set (``ru_maxrss``) is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from bench.common import MiB, Result, new_bucket, s3_options, workdir, write_file
+
+CHILD = r"""
+import json, resource, sys, uploader
+manifest, remote, options, path, part, conc = sys.argv[1:7]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with uploader.open(manifest, remote, storage_options=json.loads(options), part_size=int(part),
+                   concurrency=int(conc)) as store:
+    assert store.segment("big/0", path).seal().result().verified
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_kib": peak, "after_import_kib": base}))
+"""
+
+
+def bench_rss(
+    endpoint: str, *, size: int = 1024 * MiB, part: int = 8 * MiB, conc: int = 4
+) -> Result:
+    res = Result(
+        f"peak RSS sealing a {size // MiB} MiB segment ({part // MiB} MiB parts, concurrency {conc})"
+    )
+    with workdir() as tmp:
+        path = tmp / "big"
+        write_file(path, size, seed=3)
+        bucket = new_bucket(endpoint)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                f"sqlite:///{tmp / 'm.db'}",
+                f"s3://{bucket}/rss",
+                json.dumps(s3_options(endpoint)),
+                str(path),
+                str(part),
+                str(conc),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    peak = data["peak_kib"] / 1024
+    budget = 64 + conc * part / MiB
+    res.measurements = {
+        "peak RSS (MiB)": peak,
+        "RSS after imports (MiB)": data["after_import_kib"] / 1024,
+        "budget 64 MiB + concurrency x part (MiB)": budget,
+    }
+    res.ratios = {"peak / budget": peak / budget}
+    res.targets = {"peak / budget": "target <= 1.0"}
+    return res
