@@ -129,7 +129,11 @@ def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
 
 def combine_crcs(parts: Sequence[tuple[int, int]]) -> int:
     """Whole-object CRC32C from ``(crc32c, size)`` of consecutive parts."""
-    crc = 0
-    for part_crc, size in parts:
+    if not parts:
+        return 0
+    # The CRC of the first part is the CRC of the prefix so far: combining it with an empty
+    # prefix would only spend a GF(2) matrix product on the identity.
+    crc = parts[0][0]
+    for part_crc, size in parts[1:]:
         crc = crc32c_combine(crc, part_crc, size)
     return crc

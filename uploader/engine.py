@@ -200,8 +200,7 @@ class Shipper:
         finally:
             self.slots.release()
         etag = normalize_etag(info.etag) or commit.md5
-        self.manifest.commit_uploaded(lease, commit, etag)
-        self.manifest.segment_uploaded(lease, etag)
+        self.manifest.put_done(lease, commit, etag)
         return info
 
     def check_object(
@@ -230,7 +229,14 @@ class Shipper:
             return f"object {seg.key!r} CRC32C differs from the sealed file's"
         return None
 
-    def verify(self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord]) -> None:
+    def verify(
+        self,
+        lease: Lease,
+        seg: SegmentRecord,
+        commits: Sequence[CommitRecord],
+        *,
+        release: bool = False,
+    ) -> None:
         """``uploaded -> verified`` if the object matches; VerificationError otherwise."""
         deep = self.verify_mode == "deep"
         problem = self.check_object(seg, commits, deep)
@@ -239,5 +245,5 @@ class Shipper:
             raise VerificationError(problem)
         how = "deep: bytes read back" if deep else "size and multipart ETag"
         self.manifest.segment_verified(
-            lease, f"verified ({how}): {seg.size} bytes, etag {seg.expected_etag}"
+            lease, f"verified ({how}): {seg.size} bytes, etag {seg.expected_etag}", release=release
         )

@@ -322,6 +322,19 @@ class Segment:
         if single:
             info = store.shipper.put(lease, seg, all_commits[0])
             counters.sent(size)
+            # What verification reads (size, checksums, part ranges) was fixed by the seal.
+            store.shipper.verify(lease, seg, all_commits, release=True)
+            store._drop_lease(seg.id)
+            return CommitResult(
+                key=self.key,
+                sent_bytes=counters.bytes_sent,
+                sent_parts=counters.parts_sent,
+                committed=size,
+                carried_bytes=0,
+                sealed=True,
+                verified=True,
+                object_etag=info.etag,
+            )
         else:
             upload_id = store.shipper.ensure_upload(lease, seg)
             seg = self.record
@@ -329,7 +342,8 @@ class Segment:
             all_commits = manifest.commits(seg.id)
             info = store.shipper.complete(lease, seg, all_commits)
         seg = self.record
-        store.shipper.verify(lease, seg, manifest.commits(seg.id))
+        store.shipper.verify(lease, seg, manifest.commits(seg.id), release=True)
+        store._drop_lease(seg.id)
         return CommitResult(
             key=self.key,
             sent_bytes=counters.bytes_sent,
@@ -458,11 +472,15 @@ class Store:
                     f"segment key {key!r} is open for {existing.path!r}, not {apath!r}"
                 )
             return existing
-        record = self.manifest.register(
-            key, apath, node=self.node, part_size=self.part_size, worker=self.worker
+        record, lease = self.manifest.register_leased(
+            key,
+            apath,
+            node=self.node,
+            part_size=self.part_size,
+            worker=self.worker,
+            lease_ttl=self.lease_seconds,
         )
-        lease: Lease | None = None
-        if record.state is SegmentState.OPEN:
+        if lease is None and record.state is SegmentState.OPEN:
             lease = self.manifest.acquire(key, self.worker, self.lease_seconds)
         seg = Segment(self, record, lease)
         with self._state_lock:
@@ -475,6 +493,11 @@ class Store:
         """Keep ``lease`` renewed by the heartbeat until it is forgotten."""
         with self._state_lock:
             self._leases[lease.segment_id] = lease
+
+    def _drop_lease(self, segment_id: int) -> None:
+        """Stop renewing a lease the manifest already released."""
+        with self._state_lock:
+            self._leases.pop(segment_id, None)
 
     def _forget_lease(self, segment_id: int) -> None:
         with self._state_lock:

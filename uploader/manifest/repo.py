@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -134,6 +136,10 @@ C = cast(Table, CommitRow.__table__)
 E = cast(Table, EventRow.__table__)
 
 
+_SQLITE_LOCKS: dict[str, threading.Lock] = {}
+_SQLITE_LOCKS_GUARD = threading.Lock()
+
+
 class Manifest:
     """The SQL manifest behind a store and the recovery job. Thread-safe (one engine, a pool)."""
 
@@ -145,6 +151,24 @@ class Manifest:
     ) -> None:
         self.engine = engine
         self.clock = clock
+        # SQLite has one writer at a time; threads of one process that collide would each sleep
+        # in SQLite's busy handler (1 ms, 2 ms, ... 100 ms). A lock per database file queues them
+        # without sleeping; other processes still meet in SQLite's own lock (busy_timeout).
+        self._write_lock: threading.Lock | None = None
+        if engine.dialect.name == "sqlite":
+            path = os.path.abspath(engine.url.database or ":memory:")
+            with _SQLITE_LOCKS_GUARD:
+                self._write_lock = _SQLITE_LOCKS.setdefault(path, threading.Lock())
+
+    @contextmanager
+    def _begin(self) -> Iterator[Connection]:
+        """One write transaction."""
+        if self._write_lock is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with self._write_lock, self.engine.begin() as conn:
+            yield conn
 
     @classmethod
     def open(
@@ -233,14 +257,35 @@ class Manifest:
         self, key: str, path: str, *, node: str, part_size: int, worker: str
     ) -> SegmentRecord:
         """Register a segment, or return the one registered under ``key`` for the same path."""
+        return self.register_leased(key, path, node=node, part_size=part_size, worker=worker)[0]
+
+    def register_leased(
+        self,
+        key: str,
+        path: str,
+        *,
+        node: str,
+        part_size: int,
+        worker: str,
+        lease_ttl: float | None = None,
+    ) -> tuple[SegmentRecord, Lease | None]:
+        """Register a segment; with ``lease_ttl``, a new row is born leased to ``worker``.
+
+        Registering and leasing a new segment is then one transaction (fence 1), which matters
+        when thousands of small segments are shipped. An existing row is returned unleased (the
+        caller acquires it if it wants it).
+        """
         validate_key(key)
         if part_size <= 0:
             raise UsageError(f"segment {key!r}: part size must be positive, got {part_size}")
         existing = self.segment(key)
+        lease: Lease | None = None
         if existing is None:
             now = self.clock()
+            expires = None if lease_ttl is None else now + timedelta(seconds=lease_ttl)
+            fence = 0 if lease_ttl is None else 1
             try:
-                with self.engine.begin() as conn:
+                with self._begin() as conn:
                     seg_id = conn.execute(
                         insert(S)
                         .values(
@@ -249,7 +294,9 @@ class Manifest:
                             node=node,
                             state=SegmentState.OPEN.value,
                             part_size=part_size,
-                            fence=0,
+                            fence=fence,
+                            lease_owner=None if lease_ttl is None else worker,
+                            lease_expires=expires,
                             attempts=0,
                             created_at=now,
                             updated_at=now,
@@ -263,8 +310,12 @@ class Manifest:
                         None,
                         SegmentState.OPEN.value,
                         worker,
-                        0,
+                        fence,
                         f"registered {path}",
+                    )
+                if expires is not None:
+                    lease = Lease(
+                        segment_id=seg_id, key=key, owner=worker, fence=fence, expires=expires
                     )
             except IntegrityError:
                 pass  # registered concurrently: fall through to the comparison below
@@ -275,7 +326,7 @@ class Manifest:
                 f"segment key {key!r} is already registered for {existing.path!r} "
                 f"(state {existing.state.value}); refusing to register it for {path!r}"
             )
-        return existing
+        return existing, lease
 
     # --- leases -------------------------------------------------------------------------------
 
@@ -283,7 +334,7 @@ class Manifest:
         """Take the lease on ``key``: free, expired, or already ours. Increments the fence."""
         now = self.clock()
         expires = now + timedelta(seconds=ttl)
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             res = conn.execute(
                 update(S)
                 .where(
@@ -356,7 +407,7 @@ class Manifest:
         if self.is_postgres:
             q = q.with_for_update(skip_locked=True)
         expires = now + timedelta(seconds=ttl)
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             ids = list(conn.execute(q).scalars())
             if not ids:
                 return []
@@ -383,13 +434,13 @@ class Manifest:
         """Extend a lease we still hold; LeaseLostError if it expired or was taken over."""
         now = self.clock()
         expires = now + timedelta(seconds=ttl)
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             self._guard(conn, lease, now, values={"lease_expires": expires})
         return Lease(lease.segment_id, lease.key, lease.owner, lease.fence, expires)
 
     def release(self, lease: Lease) -> bool:
         """Give a lease back (no error if it was already lost). True if it was still ours."""
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             res = conn.execute(
                 update(S)
                 .where(
@@ -580,7 +631,7 @@ class Manifest:
         if reason is not None:
             values["reason"] = _clip(reason)
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             if dst in (SegmentState.SEALED, SegmentState.VERIFIED) and "size" not in values:
                 recorded = conn.execute(select(S.c.size).where(S.c.id == lease.segment_id)).scalar()
                 check_segment_transition(src, dst, has_checksum=recorded is not None)
@@ -609,7 +660,7 @@ class Manifest:
         if reason is not None:
             values["reason"] = _clip(reason)
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             self._commit_cas(conn, lease, commit_id, src, dst, values, detail or reason, now)
 
     # --- the commit path ----------------------------------------------------------------------
@@ -617,7 +668,7 @@ class Manifest:
     def add_commits(self, lease: Lease, new: Sequence[NewCommit]) -> list[CommitRecord]:
         """Record parts as ``pending`` (the intent, durable before any byte is sent)."""
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             self._guard(conn, lease, now)
             state = conn.execute(select(S.c.state).where(S.c.id == lease.segment_id)).scalar_one()
             if state != SegmentState.OPEN.value:
@@ -710,7 +761,7 @@ class Manifest:
         if size < 0:
             raise InvalidRangeError(f"segment {lease.key!r}: negative size {size}")
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             self._guard(conn, lease, now)
             state = conn.execute(select(S.c.state).where(S.c.id == lease.segment_id)).scalar_one()
             if state != SegmentState.OPEN.value:
@@ -752,7 +803,7 @@ class Manifest:
         if upload_mode is not None:
             values["upload_mode"] = upload_mode
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             self._guard(conn, lease, now, values=values)
 
     def commit_uploaded(self, lease: Lease, commit: CommitRecord, etag: str) -> None:
@@ -768,10 +819,44 @@ class Manifest:
             lease, commit.id, CommitState.PENDING, CommitState.UPLOADED, etag=etag
         )
 
+    def put_done(self, lease: Lease, commit: CommitRecord, etag: str) -> None:
+        """A single PUT was acknowledged: its part and the segment become ``uploaded`` at once.
+
+        Both facts come from the same response, so one transaction records them.
+        """
+        if etag != commit.md5:
+            raise StaleStateError(
+                f"{lease.key} part {commit.part_number}",
+                "etag " + commit.md5,
+                "etag " + etag,
+                what="commit",
+            )
+        now = self.clock()
+        with self._begin() as conn:
+            self._commit_cas(
+                conn,
+                lease,
+                commit.id,
+                CommitState.PENDING,
+                CommitState.UPLOADED,
+                {"etag": etag},
+                None,
+                now,
+            )
+            self._segment_cas(
+                conn,
+                lease,
+                SegmentState.SEALED,
+                SegmentState.UPLOADED,
+                {"object_etag": etag, "upload_id": None},
+                f"object complete (single PUT), etag {etag}",
+                now,
+            )
+
     def commit_attempt_failed(self, lease: Lease, commit: CommitRecord, error: str) -> None:
         """A send failed: the row stays ``pending``, with attempts and the last error recorded."""
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             self._guard(
                 conn, lease, now, values={"attempts": S.c.attempts + 1, "last_error": _clip(error)}
             )
@@ -784,7 +869,7 @@ class Manifest:
     def record_error(self, lease: Lease, error: str) -> None:
         """A failed attempt on the segment (complete, verify): attempts and last error."""
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             self._guard(
                 conn, lease, now, values={"attempts": S.c.attempts + 1, "last_error": _clip(error)}
             )
@@ -800,10 +885,13 @@ class Manifest:
             detail=f"object complete, etag {object_etag}",
         )
 
-    def segment_verified(self, lease: Lease, detail: str) -> None:
-        """``uploaded -> verified`` for the segment and every one of its commits, in one transaction."""
+    def segment_verified(self, lease: Lease, detail: str, *, release: bool = False) -> None:
+        """``uploaded -> verified`` for the segment and every one of its commits, in one transaction.
+
+        With ``release`` the lease is given back in the same transaction (nothing is left to do).
+        """
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             commits = conn.execute(
                 select(C.c.id, C.c.state, C.c.part_number, C.c.etag).where(
                     C.c.segment_id == lease.segment_id
@@ -840,11 +928,21 @@ class Manifest:
                     lease.fence,
                     None,
                 )
+            if release:
+                conn.execute(
+                    update(S)
+                    .where(
+                        S.c.id == lease.segment_id,
+                        S.c.fence == lease.fence,
+                        S.c.lease_owner == lease.owner,
+                    )
+                    .values(lease_owner=None, lease_expires=None)
+                )
 
     def reupload(self, lease: Lease, reason: str) -> None:
         """``uploaded -> sealed``: the completed object failed verification; send it all again."""
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             self._segment_cas(
                 conn,
                 lease,
@@ -864,7 +962,7 @@ class Manifest:
     def reset_commits(self, lease: Lease, reason: str) -> None:
         """Every ``uploaded`` commit back to ``pending`` (its upload id is gone from the remote)."""
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             self._guard(conn, lease, now, values={"upload_id": None})
             self._reset_commits(conn, lease, reason)
 
@@ -891,7 +989,7 @@ class Manifest:
     def fail_segment(self, lease: Lease, reason: str) -> None:
         """Terminal ``failed`` with a reason, for the segment and its unfinished commits."""
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             state = conn.execute(select(S.c.state).where(S.c.id == lease.segment_id)).scalar_one()
             src = parse_segment_state(state)
             check_segment_transition(src, SegmentState.FAILED, reason=reason)

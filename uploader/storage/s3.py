@@ -73,6 +73,13 @@ class S3Storage:
         self._min_part_size = min_part_size
         options = dict(storage_options or {})
         options["skip_instance_cache"] = True
+        # Every part and PUT carries Content-MD5 (checked by the server) and we compare the
+        # returned ETag with our MD5: botocore's extra CRC32 trailers would only add CPU work on
+        # s3fs's single event-loop thread. A user's own config_kwargs win.
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("request_checksum_calculation", "when_required")
+        config.setdefault("response_checksum_validation", "when_required")
+        options["config_kwargs"] = config
         self.fs = s3fs.S3FileSystem(**options)
         self.fs.retries = 1  # one attempt per call: RetryingStorage decides about retries
 
