@@ -519,21 +519,29 @@ class Store:
         interval = max(0.05, self.lease_seconds / 3)
         while not self._stop.wait(interval):
             with self._state_lock:
-                leases = list(self._leases.items())
-            for seg_id, lease in leases:
-                try:
-                    renewed = self.manifest.renew(lease, self.lease_seconds)
-                except LeaseLostError as exc:
-                    log.error("%s", exc)
-                    with self._state_lock:
-                        self._leases.pop(seg_id, None)
-                    continue
-                except Exception as exc:  # a transient database error: try again next beat
-                    log.warning("lease renewal of %r failed: %s", lease.key, exc)
-                    continue
-                with self._state_lock:
-                    if seg_id in self._leases:
-                        self._leases[seg_id] = renewed
+                leases = list(self._leases.values())
+            if not leases:
+                continue
+            try:
+                renewed, lost = self.manifest.renew_many(leases, self.lease_seconds)
+            except Exception as exc:  # a transient database error: try again next beat
+                log.warning("lease renewal failed: %s", exc)
+                continue
+            gone = []
+            with self._state_lock:
+                for lease in renewed:
+                    if lease.segment_id in self._leases:
+                        self._leases[lease.segment_id] = lease
+                for lease in lost:
+                    # Released meanwhile (sealed and verified) is not lost: only ours still held.
+                    if self._leases.get(lease.segment_id) is lease:
+                        del self._leases[lease.segment_id]
+                        gone.append(lease)
+            for lease in gone:
+                log.error(
+                    "lease on %r lost (expired or taken over); another worker finishes it",
+                    lease.key,
+                )
 
     # --- overview ---------------------------------------------------------------------------------
 

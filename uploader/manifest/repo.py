@@ -438,6 +438,51 @@ class Manifest:
             self._guard(conn, lease, now, values={"lease_expires": expires})
         return Lease(lease.segment_id, lease.key, lease.owner, lease.fence, expires)
 
+    def renew_many(
+        self, leases: Sequence[Lease], ttl: float = DEFAULT_LEASE_SECONDS
+    ) -> tuple[list[Lease], list[Lease]]:
+        """Extend many leases of one owner in one transaction: ``(renewed, lost)``.
+
+        A store may hold thousands of leases (small segments queued for sealing); renewing them
+        one transaction each would let the last ones expire before the heartbeat reaches them.
+        """
+        if not leases:
+            return [], []
+        owner = leases[0].owner
+        if any(lease.owner != owner for lease in leases):
+            raise ValueError("renew_many: every lease must have the same owner")
+        now = self.clock()
+        expires = now + timedelta(seconds=ttl)
+        by_id = {lease.segment_id: lease for lease in leases}
+        renewed_ids: set[int] = set()
+        ids = list(by_id)
+        with self._begin() as conn:
+            for i in range(0, len(ids), 500):  # bounded IN lists
+                chunk = ids[i : i + 500]
+                conn.execute(
+                    update(S)
+                    .where(
+                        S.c.id.in_(chunk),
+                        S.c.lease_owner == owner,
+                        S.c.lease_expires > now,
+                    )
+                    .values(lease_expires=expires)
+                )
+                for seg_id, fence, until in conn.execute(
+                    select(S.c.id, S.c.fence, S.c.lease_expires).where(
+                        S.c.id.in_(chunk), S.c.lease_owner == owner
+                    )
+                ):
+                    if fence == by_id[seg_id].fence and until == expires:
+                        renewed_ids.add(seg_id)
+        renewed = [
+            Lease(lease.segment_id, lease.key, lease.owner, lease.fence, expires)
+            for lease in leases
+            if lease.segment_id in renewed_ids
+        ]
+        lost = [lease for lease in leases if lease.segment_id not in renewed_ids]
+        return renewed, lost
+
     def release(self, lease: Lease) -> bool:
         """Give a lease back (no error if it was already lost). True if it was still ours."""
         with self._begin() as conn:
