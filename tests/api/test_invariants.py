@@ -1,0 +1,188 @@
+"""The contract's invariants through the public API, on every manifest and remote."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import uploader
+from tests.api.conftest import PART, StoreFactory, migrate, remote_bytes
+from tests.conftest import s3_options
+from uploader.digest import Payload
+from uploader.errors import RetryableStorageError
+from uploader.manifest.repo import Manifest
+from uploader.storage import Fault, FaultyStorage, ObjectInfo, PartRef, open_storage
+
+
+class IntentChecker(FaultyStorage):
+    """Before any byte leaves, the part must already be durable as ``pending`` (read by another
+    connection, so an uncommitted transaction would not count)."""
+
+    def __init__(self, inner: Any, manifest_url: str, key: str) -> None:
+        super().__init__(inner)
+        self.observer = Manifest.open(manifest_url)
+        self.key = key
+        self.checked: list[int] = []
+
+    def _assert_intent(self, number: int, payload: Payload) -> None:
+        seg = self.observer.segment(self.key)
+        assert seg is not None
+        [row] = [c for c in self.observer.commits(seg.id) if c.part_number == number]
+        assert row.state is uploader.CommitState.PENDING
+        assert (row.start, row.end, row.md5) == (payload.start, payload.end, payload.md5)
+        self.checked.append(number)
+
+    def upload_part(self, key: str, upload_id: str, number: int, payload: Payload) -> PartRef:
+        self._assert_intent(number, payload)
+        return super().upload_part(key, upload_id, number, payload)
+
+    def put(self, key: str, payload: Payload) -> ObjectInfo:
+        self._assert_intent(1, payload)
+        seg = self.observer.segment(self.key)
+        assert seg is not None and seg.state is uploader.SegmentState.SEALED
+        return super().put(key, payload)
+
+
+@pytest.mark.parametrize("size", [5, 3 * PART + 7])
+def test_intent_is_durable_before_any_byte_is_sent(
+    manifest_url: str, remote: tuple[str, dict[str, Any]], tmp_path: Path, size: int
+) -> None:
+    migrate(manifest_url)
+    url, options = remote
+    path = tmp_path / "seg"
+    data = random.Random(size).randbytes(size)
+    path.write_bytes(data[: size // 2])
+    checker = IntentChecker(
+        open_storage(url, dict(options), min_part_size=PART), manifest_url, "inv/intent"
+    )
+    with uploader.open(
+        manifest_url, url, storage=checker, part_size=PART, min_part_size=PART
+    ) as store:
+        seg = store.segment("inv/intent", path)
+        seg.commit().result(timeout=60)
+        with path.open("ab") as f:
+            f.write(data[size // 2 :])
+        assert seg.seal().result(timeout=60).verified
+    checker.observer.close()
+    assert sorted(checker.checked) == list(range(1, max(1, -(-size // PART)) + 1))
+    assert remote_bytes(remote, "inv/intent") == data
+
+
+def test_ignored_failure_of_the_final_commit_keeps_the_tail(
+    make_store: StoreFactory,
+    remote: tuple[str, dict[str, Any]],
+    manifest_url: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The RocketMQ bug: the final upload fails and the caller never looks at the future."""
+    url, options = remote
+    data = random.Random(1).randbytes(3 * PART + 123)
+    path = tmp_path / "seg"
+    path.write_bytes(data)
+    faulty = FaultyStorage(open_storage(url, dict(options), min_part_size=PART))
+    store = make_store(storage=faulty)
+    seg = store.segment("inv/tail", path)
+    seg.commit().result(timeout=60)  # three whole parts go out fine
+    faulty.add(Fault(op="upload_part", error=lambda: RetryableStorageError("injected: reset")))
+    caplog.set_level(logging.ERROR, logger="uploader")
+    fut = seg.seal()  # fired and ignored
+    store.close()  # waits for the job: it failed
+    del fut
+    gc.collect()
+    assert any("nobody retrieved" in r.getMessage() for r in caplog.records)
+
+    m = Manifest.open(manifest_url)
+    rec = m.segment("inv/tail")
+    assert rec is not None and rec.state is uploader.SegmentState.SEALED
+    assert rec.size == len(data)
+    tail = m.commits(rec.id)[-1]
+    assert tail.state is uploader.CommitState.PENDING
+    assert (tail.start, tail.end) == (3 * PART, len(data))
+    assert tail.attempts >= 1 and "injected" in (tail.last_error or "")
+    m.close()
+    assert remote_bytes(remote, "inv/tail") is None
+
+    fresh = make_store()
+    report = fresh.recover()
+    assert report.verified == ("inv/tail",)
+    assert report.bytes_sent == len(data) - 3 * PART  # only the tail: the rest was reused
+    assert remote_bytes(remote, "inv/tail") == data
+
+
+def test_changed_local_bytes_fail_the_segment_and_it_is_never_verified(
+    make_store: StoreFactory, remote: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    url, options = remote
+    path = tmp_path / "seg"
+    path.write_bytes(b"a" * (2 * PART + 10))
+    faulty = FaultyStorage(
+        open_storage(url, dict(options), min_part_size=PART), [Fault(op="upload_part")]
+    )
+    store = make_store(storage=faulty)
+    seg = store.segment("inv/changed", path)
+    assert seg.seal().exception(timeout=60) is not None
+    with path.open("r+b") as f:  # rewritten in place after it was recorded
+        f.seek(PART + 5)
+        f.write(b"B")
+    store.close()
+    fresh = make_store()
+    report = fresh.recover()
+    [(key, reason)] = report.failed
+    assert key == "inv/changed" and "changed since they were committed" in reason
+    rec = fresh.manifest.segment("inv/changed")
+    assert rec is not None and rec.state is uploader.SegmentState.FAILED
+    assert fresh.deletable() == []
+    assert remote_bytes(remote, "inv/changed") is None
+    assert fresh.recover().resumed == 0  # failed is terminal
+
+
+def test_two_stores_on_one_postgres_manifest(
+    pg_url: str, moto_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    migrate(pg_url)
+    remote = f"s3://{s3_bucket}/two"
+    stores = [
+        uploader.open(
+            pg_url,
+            remote,
+            storage_options=s3_options(moto_endpoint),
+            part_size=PART,
+            min_part_size=PART,
+            worker=f"writer-{i}",
+        )
+        for i in range(2)
+    ]
+    blobs: dict[str, bytes] = {}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            rng = random.Random(i)
+            for n in range(6):
+                key = f"two/{i}/{n}"
+                blobs[key] = rng.randbytes(rng.choice([3, PART + 1, 2 * PART]))
+                p = tmp_path / f"{i}-{n}"
+                p.write_bytes(blobs[key])
+                assert stores[i].segment(key, p).seal().result(timeout=60).verified
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    status = stores[0].status()
+    assert status.segments["verified"] == 12 and status.all_verified
+    for s in stores:
+        s.close()
+    for key, blob in blobs.items():
+        assert remote_bytes((remote, s3_options(moto_endpoint)), key) == blob
