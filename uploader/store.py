@@ -9,6 +9,7 @@ caller never looked at (the RocketMQ ``commitAsync`` loss cannot happen here).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -98,9 +99,13 @@ class Segment:
         self.path = record.path
         self._id = record.id
         self._lease = lease
-        # Jobs of one segment run one after the other, in the order they were asked for.
+        # Jobs of one segment start in the order they were asked for. A commit starts once the
+        # previous job has *recorded* its parts (their sends may still be in flight: consecutive
+        # commits overlap on the network); a seal starts once every earlier job is done.
         self._lock = threading.Lock()
-        self._last: Future[Any] | None = None
+        self._last_recorded: threading.Event | None = None
+        self._outstanding: set[Future[Any]] = set()
+        self._inflight: set[int] = set()  # commit ids being sent by a job of this segment
 
     # --- public -----------------------------------------------------------------------------------
 
@@ -116,12 +121,12 @@ class Segment:
     def commit(self) -> UploadFuture[CommitResult]:
         """Send the whole parts appended since the last commit. Bad input raises at once."""
         self._check_open("commit")
-        return self._submit("commit", self._do_commit)
+        return self._submit("commit", self._do_commit, after_all=False)
 
     def seal(self) -> UploadFuture[CommitResult]:
         """The final commit: send the rest, complete the object, verify it."""
         self._check_open("seal")
-        return self._submit("seal", self._do_seal)
+        return self._submit("seal", lambda _recorded: self._do_seal(), after_all=True)
 
     def __repr__(self) -> str:
         return f"Segment(key={self.key!r}, path={self.path!r})"
@@ -154,30 +159,42 @@ class Segment:
         commits = self._store.manifest.commits(self._id)
         return commits[-1].end if commits else 0
 
-    def _submit(self, what: str, job: Callable[[], CommitResult]) -> UploadFuture[CommitResult]:
+    def _submit(
+        self,
+        what: str,
+        job: Callable[[threading.Event], CommitResult],
+        *,
+        after_all: bool,
+    ) -> UploadFuture[CommitResult]:
         fut: UploadFuture[CommitResult] = UploadFuture(f"{what} of segment {self.key!r}")
+        recorded = threading.Event()
         with self._lock:
-            prev = self._last
-            self._last = fut
+            prev_recorded = self._last_recorded
+            earlier = list(self._outstanding)
+            self._last_recorded = recorded
+            self._outstanding.add(fut)
 
         def run() -> None:
-            if prev is not None:
-                # Only wait: the previous job's outcome is its own future's business (reading it
-                # here would count as "retrieved" and silence the log of an ignored failure).
-                wait([prev])
-            if not fut.set_running_or_notify_cancel():
-                return
+            # Only wait: an earlier job's outcome is its own future's business (reading it here
+            # would count as "retrieved" and silence the log of an ignored failure).
+            if after_all:
+                wait(earlier)
+            elif prev_recorded is not None:
+                prev_recorded.wait()
             try:
-                fut.set_result(job())
-            except BaseException as exc:
-                log.debug("%s of %r failed: %s", what, self.key, exc)
-                fut.set_exception(exc)
+                if not fut.set_running_or_notify_cancel():
+                    return
+                try:
+                    fut.set_result(job(recorded))
+                except BaseException as exc:
+                    log.debug("%s of %r failed: %s", what, self.key, exc)
+                    fut.set_exception(exc)
             finally:
+                recorded.set()
                 # Drop our reference once done, so a future nobody kept is collected (and its
                 # unretrieved failure logged) as soon as the caller lets go of it.
                 with self._lock:
-                    if self._last is fut:
-                        self._last = None
+                    self._outstanding.discard(fut)
 
         self._store._submit_job(run, fut)
         return fut
@@ -207,10 +224,14 @@ class Segment:
             )
         return parts
 
-    def _do_commit(self) -> CommitResult:
+    def _do_commit(self, recorded: threading.Event) -> CommitResult:
         store = self._store
         seg = self.record
         lease = self.lease
+        # Snapshot the parts in flight *before* reading their states: a part that finishes in
+        # between then shows its final state instead of looking like a failed, pending one.
+        with self._lock:
+            inflight = set(self._inflight)
         commits = store.manifest.commits(seg.id)
         committed = commits[-1].end if commits else 0
         size = file_size(self.path)
@@ -220,14 +241,15 @@ class Segment:
             )
         counters = Counters()
         new = self._new_parts(committed, size, seg.part_size, len(commits), final=False)
-        retry = [c for c in commits if c.state is CommitState.PENDING]
+        # Pending parts nobody is sending: earlier sends that failed. They go first.
+        retry = [c for c in commits if c.state is CommitState.PENDING and c.id not in inflight]
         if new or retry:
             upload_id = store.shipper.ensure_upload(lease, seg)
             seg = self.record
-            if retry:  # earlier sends that failed: they go first
+            if retry:
                 counters = store.shipper.send_parts(lease, seg, upload_id, retry)
-            recorded = self._record_and_send(lease, seg, upload_id, new, counters)
-            committed = recorded
+            committed = self._record_and_send(lease, seg, upload_id, new, counters, recorded)
+        recorded.set()
         return CommitResult(
             key=self.key,
             sent_bytes=counters.bytes_sent,
@@ -243,6 +265,7 @@ class Segment:
         upload_id: str,
         parts: list[tuple[int, int, int]],
         counters: Counters,
+        recorded: threading.Event,
     ) -> int:
         """Record each new part ``pending`` with the checksums of its bytes, then send it.
 
@@ -261,15 +284,22 @@ class Segment:
                         lease, [NewCommit(number, start, end, payload.md5, payload.crc32c)]
                     )
                     committed = end
-                    futures.append(
-                        shipper.submit_part(lease, seg, upload_id, commit, counters, payload)
-                    )
+                    with self._lock:
+                        self._inflight.add(commit.id)
+                    part = shipper.submit_part(lease, seg, upload_id, commit, counters, payload)
+                    part.add_done_callback(functools.partial(self._sent, commit.id))
+                    futures.append(part)
                 except BaseException:
                     shipper.slots.release()
                     raise
         finally:
+            recorded.set()  # the next commit may start recording while these are in flight
             shipper.wait(futures)
         return committed
+
+    def _sent(self, commit_id: int, _done: Future[None]) -> None:
+        with self._lock:
+            self._inflight.discard(commit_id)
 
     def _do_seal(self) -> CommitResult:
         store = self._store

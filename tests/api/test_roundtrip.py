@@ -101,3 +101,31 @@ def test_many_segments_in_parallel(
             assert fut.result(timeout=120).verified
     for key, blob in blobs.items():
         assert remote_bytes(remote, key) == blob
+
+
+def test_commits_fired_without_waiting_send_each_part_once(
+    make_store: StoreFactory, remote: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """Commits overlap on the network (the next records while the previous sends); still every
+    part is sent exactly once and the seal waits for all of them."""
+    data = random.Random(11).randbytes(6 * PART + 5)
+    path = tmp_path / "seg"
+    path.write_bytes(b"")
+    with make_store(concurrency=4) as store:
+        seg = store.segment("log/pipelined", path)
+        futures = []
+        for i in range(6):
+            append(path, data[i * PART : (i + 1) * PART])
+            futures.append(seg.commit())
+        append(path, data[6 * PART :])
+        sealed = seg.seal()
+        results = [f.result(timeout=60) for f in futures]
+        final = sealed.result(timeout=60)
+        assert final.verified
+        record = store.manifest.segment("log/pipelined")
+        assert record is not None
+        events = store.manifest.events(record.id)
+    assert sum(r.sent_parts for r in results) + final.sent_parts == 7
+    uploads = [e for e in events if e.from_state == "pending" and e.to_state == "uploaded"]
+    assert len(uploads) == 7 and len({e.commit_id for e in uploads}) == 7
+    assert remote_bytes(remote, "log/pipelined") == data
