@@ -80,6 +80,7 @@ class SegmentOutcome:
     bytes_sent: int = 0
     bytes_reused: int = 0
     detail: str = ""
+    lost: bool = False  # another worker took the segment over: this pass decided nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,13 +100,17 @@ class RecoveryReport:
 
     @property
     def verified(self) -> tuple[str, ...]:
-        return tuple(o.key for o in self.outcomes if o.after == SegmentState.VERIFIED.value)
+        return tuple(
+            o.key for o in self.outcomes if o.after == SegmentState.VERIFIED.value and not o.lost
+        )
 
     @property
     def failed(self) -> tuple[tuple[str, str], ...]:
         """(key, reason) of segments this pass declared failed."""
         return tuple(
-            (o.key, o.detail) for o in self.outcomes if o.after == SegmentState.FAILED.value
+            (o.key, o.detail)
+            for o in self.outcomes
+            if o.after == SegmentState.FAILED.value and not o.lost
         )
 
     @property
@@ -114,7 +119,7 @@ class RecoveryReport:
         return tuple(
             (o.key, o.detail)
             for o in self.outcomes
-            if o.after in (SegmentState.SEALED.value, SegmentState.UPLOADED.value)
+            if o.after in (SegmentState.SEALED.value, SegmentState.UPLOADED.value) and not o.lost
         )
 
     @property
@@ -139,6 +144,7 @@ class RecoveryReport:
                     "bytes_sent": o.bytes_sent,
                     "bytes_reused": o.bytes_reused,
                     "detail": o.detail,
+                    "lost": o.lost,
                 }
                 for o in self.outcomes
             ],
@@ -215,6 +221,7 @@ def _resume(
     counters = Counters()
     before = seg.state.value
     detail = ""
+    lost = False
     try:
         _drive(store, lease, seg, max_reuploads, counters)
     except LocalFileError as exc:
@@ -223,6 +230,7 @@ def _resume(
         _fail(store, lease, detail)
     except (LeaseLostError, StaleStateError) as exc:
         detail = f"another worker took it over: {exc}"
+        lost = True
         log.warning("%s", detail)
     except (StorageError, VerificationError, ManifestError) as exc:
         detail = str(exc)
@@ -230,7 +238,13 @@ def _resume(
         with contextlib.suppress(UploaderError):  # lease lost meanwhile: the new holder records
             store.manifest.record_error(lease, detail)
     after = store.manifest.segment_by_id(seg.id)
-    if after.state is SegmentState.FAILED:
+    if not lost and after.fence != lease.fence:
+        # Claimed by someone else meanwhile (we were paused): whatever state it reached is theirs.
+        lost = True
+        detail = f"another worker took it over (fence {lease.fence}, now {after.fence})"
+    if lost:
+        pass  # what the other worker did is its report's business
+    elif after.state is SegmentState.FAILED:
         detail = after.reason or detail
     elif after.state is SegmentState.VERIFIED:
         detail = f"verified, {after.size} bytes"
@@ -248,6 +262,7 @@ def _resume(
         bytes_sent=counters.bytes_sent,
         bytes_reused=counters.bytes_reused,
         detail=detail,
+        lost=lost,
     )
 
 
