@@ -118,3 +118,28 @@ def test_demo_exits_zero(run: Run) -> None:
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "all segments verified" in demo.stdout
     assert "identical" in demo.stdout and "DIFFERENT" not in demo.stdout
+
+
+def test_recover_loop_stops_cleanly_on_sigterm(home: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    from tests.cli.conftest import uploader_cmd, uploader_env
+
+    proc = subprocess.Popen(
+        uploader_cmd("recover", "--loop", "--interval", "0.2", "--worker", "looper"),
+        env=uploader_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(2.0)  # a few passes with nothing to do
+        assert proc.poll() is None, "the loop must keep running"
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "SIGTERM" in err
