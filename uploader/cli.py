@@ -507,6 +507,9 @@ def sweep(
         f"{verb} {len(report.aborted)} orphaned upload(s); kept {report.kept_live} live, "
         f"{report.kept_young} younger than {older_than:g} s"
     )
+    if report.tmp_removed:
+        gone = "would remove" if dry_run else "removed"
+        out.print(f"{gone} {len(report.tmp_removed)} leftover temporary file(s) of the staging area")
 
 
 # --- demo -----------------------------------------------------------------------------------------

@@ -413,6 +413,7 @@ class SweepReport:
     kept_live: int = 0  # referenced by an unfinished segment
     kept_young: int = 0  # orphaned but younger than ``older_than`` (may be about to be recorded)
     dry_run: bool = False
+    tmp_removed: tuple[str, ...] = ()  # leftovers of interrupted assemblies (staged backends)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -422,6 +423,7 @@ class SweepReport:
             ],
             "kept_live": self.kept_live,
             "kept_young": self.kept_young,
+            "tmp_removed": list(self.tmp_removed),
         }
 
 
@@ -453,8 +455,15 @@ def sweep(
         if not dry_run:
             store.storage.abort(up.key, up.upload_id)
         aborted.append((up.key, up.upload_id))
+    # Staged backends: temporary files of a complete/put interrupted before publishing.
+    clean_tmp = getattr(store.storage, "clean_tmp", None)
+    tmp_removed: list[str] = clean_tmp(older_than, dry_run=dry_run) if clean_tmp else []
     return SweepReport(
-        aborted=tuple(aborted), kept_live=kept_live, kept_young=kept_young, dry_run=dry_run
+        aborted=tuple(aborted),
+        kept_live=kept_live,
+        kept_young=kept_young,
+        dry_run=dry_run,
+        tmp_removed=tuple(tmp_removed),
     )
 
 

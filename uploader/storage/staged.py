@@ -24,6 +24,7 @@ Plain filesystems have no ETags: the sidecar keeps the multipart ETag S3 would h
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -434,6 +435,33 @@ class StagedStorage:
             except OSError as exc:
                 raise self._fail(exc, "delete", key) from exc
         self.fs.invalidate_cache()
+
+    def clean_tmp(self, older_than: float, *, dry_run: bool = False) -> list[str]:
+        """Remove objects-in-assembly left under ``.uploader/tmp`` by a crash (older than that).
+
+        A ``complete`` or ``put`` interrupted between assembling and publishing leaves its
+        temporary file behind; nothing refers to it. Returns the names removed (or that would be).
+        """
+        base = self._p(HIDDEN, "tmp")
+        self.fs.invalidate_cache()
+        try:
+            entries = self.fs.ls(base, detail=True)
+        except FileNotFoundError:
+            return []
+        cutoff = time.time() - older_than
+        removed = []
+        for entry in entries:
+            name = str(entry["name"])
+            stamp = entry.get("mtime", entry.get("created"))
+            if hasattr(stamp, "timestamp"):
+                stamp = stamp.timestamp()
+            if stamp is not None and float(stamp) > cutoff:
+                continue
+            if not dry_run:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(name)
+            removed.append(name.rsplit("/", 1)[-1])
+        return removed
 
     def close(self) -> None:
         """Nothing to release: fsspec filesystems hold no connections here."""
