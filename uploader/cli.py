@@ -7,6 +7,7 @@ what and what to do; ``--debug`` adds the traceback. Storage options are never p
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
@@ -22,15 +23,26 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from uploader import settings
 from uploader.errors import UploaderError, UsageError
 from uploader.records import Status
 from uploader.recovery import DEFAULT_SWEEP_AGE, RecoveryReport
+from uploader.states import UNFINISHED_SEGMENT_STATES
 from uploader.store import DEFAULT_PART_SIZE, Store
 from uploader.store import open as open_store
+
+UNFINISHED = {s.value for s in UNFINISHED_SEGMENT_STATES}
 
 log = logging.getLogger("uploader")
 
@@ -160,16 +172,11 @@ def db_current(ctx: typer.Context) -> None:
 # --- progress and signals ---------------------------------------------------------------------------
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    )
+def _progress(*, transfer: bool = False) -> Progress:
+    """A progress bar on stderr when it is a terminal; nothing otherwise."""
+    columns = [TextColumn("{task.description}"), BarColumn()]
+    columns += [DownloadColumn(), TransferSpeedColumn()] if transfer else [MofNCompleteColumn()]
+    return Progress(*columns, console=err, transient=True, disable=not err.is_terminal)
 
 
 @contextmanager
@@ -222,7 +229,7 @@ def ship(
             raise UsageError(f"{path}: no such file to ship")
     results: list[dict[str, object]] = []
     failed = 0
-    with ctx_store(ctx) as store, _progress() as progress:
+    with ctx_store(ctx) as store, _progress(transfer=True) as progress:
         total = sum(p.stat().st_size for p in paths)
         task = progress.add_task("shipping", total=total)
         futures = []
@@ -328,6 +335,10 @@ def watch(
 # --- recover --------------------------------------------------------------------------------------
 
 
+def _advance(progress: Progress, task: TaskID, _outcome: object) -> None:
+    progress.advance(task, 1)
+
+
 def _print_report(report: RecoveryReport) -> None:
     for o in report.outcomes:
         out.print(f"{o.key}: {o.before} -> {o.after} ({o.detail})")
@@ -354,7 +365,15 @@ def recover(
         metrics, server = _metrics(store, metrics_port)
         try:
             while True:
-                report = store.recover(stop=stop)
+                unfinished = sum(
+                    n for state, n in store.status().segments.items() if state in UNFINISHED
+                )
+                with _progress() as progress:
+                    task = progress.add_task("recovering", total=unfinished or None)
+                    report = store.recover(
+                        stop=stop,
+                        on_segment=functools.partial(_advance, progress, task),
+                    )
                 if metrics is not None:
                     metrics.uploaded(report.bytes_sent)
                     metrics.failed("recovery", len(report.failed))
@@ -509,7 +528,9 @@ def sweep(
     )
     if report.tmp_removed:
         gone = "would remove" if dry_run else "removed"
-        out.print(f"{gone} {len(report.tmp_removed)} leftover temporary file(s) of the staging area")
+        out.print(
+            f"{gone} {len(report.tmp_removed)} leftover temporary file(s) of the staging area"
+        )
 
 
 # --- demo -----------------------------------------------------------------------------------------

@@ -589,10 +589,16 @@ class Store:
         limit: int | None = None,
         max_reuploads: int = recovery.DEFAULT_MAX_REUPLOADS,
         stop: threading.Event | None = None,
+        on_segment: Callable[[recovery.SegmentOutcome], None] | None = None,
     ) -> recovery.RecoveryReport:
-        """Finish every interrupted segment this worker can act on; see :mod:`uploader.recovery`."""
+        """Finish every interrupted segment this worker can act on; see :mod:`uploader.recovery`.
+
+        ``on_segment`` is called with each segment's outcome as it is known (progress).
+        """
         self._check_open()
-        return recovery.recover(self, limit=limit, max_reuploads=max_reuploads, stop=stop)
+        return recovery.recover(
+            self, limit=limit, max_reuploads=max_reuploads, stop=stop, on_segment=on_segment
+        )
 
     def sweep(
         self,
