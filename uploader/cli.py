@@ -124,10 +124,11 @@ def main_options(
 ) -> None:
     ctx.obj = Context(manifest, remote, storage_options, home, part_size, concurrency, debug)
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if debug:
+        # Only our own loggers: botocore's debug logs print request headers and credentials ids.
+        logging.getLogger("uploader").setLevel(logging.DEBUG)
 
 
 # --- db -------------------------------------------------------------------------------------------
