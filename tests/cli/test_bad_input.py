@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,22 @@ def test_missing_file_or_key(run: Run, args: list[str]) -> None:
     res = run(*args)
     assert res.returncode == 2
     assert args[1] in _one_line_error(res.stderr)
+
+
+def test_secrets_in_storage_options_never_printed(
+    run: Run, tmp_path: Path, moto_endpoint: str
+) -> None:
+    secret = "n0t-f0r-y0ur-eyes-7391"
+    f = tmp_path / "00000000000000000000"
+    f.write_bytes(b"x" * 100)
+    options = '{"secret": "' + secret + '", "key": "AKIDEXAMPLE"}'
+    s3 = json.dumps({"key": "AKIDEXAMPLE", "secret": secret, "endpoint_url": moto_endpoint})
+    for args in (
+        ["--debug", "--storage-options", options, "ship", str(f)],
+        ["--debug", "--storage-options", options, "status", "--json"],
+        # A bucket that does not exist: the error names it, not the credentials.
+        ["--debug", "--storage-options", s3, "--remote", "s3://nowhere-bucket/p", "ship", str(f)],
+    ):
+        res = run(*args)
+        assert secret not in res.stdout + res.stderr, args
+    assert res.returncode == 1 and "nowhere-bucket" in res.stdout + res.stderr
