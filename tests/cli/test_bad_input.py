@@ -85,7 +85,17 @@ def test_secrets_in_storage_options_never_printed(
         ["--debug", "--storage-options", options, "ship", str(f)],
         ["--debug", "--storage-options", options, "status", "--json"],
         # A bucket that does not exist: the error names it, not the credentials.
-        ["--debug", "--storage-options", s3, "--remote", "s3://nowhere-bucket/p", "ship", str(f)],
+        [
+            "--debug",
+            "--storage-options",
+            s3,
+            "--remote",
+            "s3://nowhere-bucket/p",
+            "ship",
+            "--key-prefix",
+            "b/",
+            str(f),
+        ],
     ):
         res = run(*args)
         assert secret not in res.stdout + res.stderr, args
