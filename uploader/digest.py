@@ -35,12 +35,16 @@ class Payload:
         return self.end - self.start
 
 
+def crc32c_of(data: bytes) -> int:
+    return int(_crc32c.crc32c(data))
+
+
 def checksum(data: bytes) -> tuple[str, int]:
     return hashlib.md5(data, usedforsecurity=False).hexdigest(), _crc32c.crc32c(data)
 
 
-def read_range(path: str, start: int, end: int) -> Payload:
-    """Read ``[start, end)`` of a local file and checksum it. Raises :class:`LocalFileError`."""
+def read_bytes(path: str, start: int, end: int) -> bytes:
+    """Read ``[start, end)`` of a local file, all of it. Raises :class:`LocalFileError`."""
     if start < 0 or end < start:
         raise LocalFileError(f"{path}: invalid byte range [{start}, {end})")
     try:
@@ -58,6 +62,12 @@ def read_range(path: str, start: int, end: int) -> Payload:
             f"{path}: local file is shorter ({start + len(data)} bytes) than the committed "
             f"range [{start}, {end})"
         )
+    return data
+
+
+def read_range(path: str, start: int, end: int) -> Payload:
+    """Read ``[start, end)`` of a local file and take both checksums (the digest pass)."""
+    data = read_bytes(path, start, end)
     md5, crc = checksum(data)
     return Payload(path=path, start=start, end=end, data=data, md5=md5, crc32c=crc)
 

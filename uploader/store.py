@@ -136,7 +136,7 @@ class Segment:
     def _check_open(self, what: str) -> None:
         """Refuse bad input before anything is recorded or sent."""
         self._store._check_open()
-        seg = self.record
+        seg, committed = self._store.manifest.progress(self._id)
         if seg.state is not SegmentState.OPEN:
             if seg.state is SegmentState.FAILED:
                 raise SegmentFailedError(f"segment {self.key!r} failed: {seg.reason}")
@@ -145,7 +145,6 @@ class Segment:
                 "(append to a new segment; `uploader recover` finishes a seal that did not)"
             )
         size = file_size(self.path)
-        committed = self._committed_end()
         if size < committed:
             raise LocalFileError(
                 f"{self.path}: local file of segment {self.key!r} has {size} bytes, fewer than the "
@@ -352,7 +351,8 @@ class Segment:
         if single:
             info = store.shipper.put(lease, seg, all_commits[0])
             counters.sent(size)
-            # What verification reads (size, checksums, part ranges) was fixed by the seal.
+            # What verification reads (size, checksums, part ranges) was fixed by the seal: the
+            # rows read above serve, nothing needs reading again.
             store.shipper.verify(lease, seg, all_commits, release=True)
             store._drop_lease(seg.id)
             return CommitResult(

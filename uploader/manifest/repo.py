@@ -132,6 +132,8 @@ def _clip(message: str, limit: int = 2000) -> str:
 
 # Core tables: transitions are single guarded UPDATE statements, not ORM unit-of-work flushes.
 S = cast(Table, SegmentRow.__table__)
+#: An audit row waiting to be written: segment id, commit id, from, to, worker, fence, detail.
+EventRow_ = tuple[int, int | None, str | None, str, str, int, str | None]
 C = cast(Table, CommitRow.__table__)
 E = cast(Table, EventRow.__table__)
 
@@ -224,6 +226,19 @@ class Manifest:
         with self.engine.connect() as conn:
             return [_segment(r) for r in conn.execute(q)]
 
+    def progress(self, segment_id: int) -> tuple[SegmentRecord, int]:
+        """The segment's row and the end of its committed bytes, in one query."""
+        committed = (
+            select(func.coalesce(func.max(C.c.end_offset), 0))
+            .where(C.c.segment_id == S.c.id)
+            .scalar_subquery()
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(S, committed.label("committed")).where(S.c.id == segment_id)
+            ).one()
+        return _segment(row), int(row.committed)
+
     def commits(self, segment_id: int) -> list[CommitRecord]:
         with self.engine.connect() as conn:
             rows = conn.execute(
@@ -278,55 +293,82 @@ class Manifest:
         validate_key(key)
         if part_size <= 0:
             raise UsageError(f"segment {key!r}: part size must be positive, got {part_size}")
-        existing = self.segment(key)
-        lease: Lease | None = None
-        if existing is None:
-            now = self.clock()
-            expires = None if lease_ttl is None else now + timedelta(seconds=lease_ttl)
-            fence = 0 if lease_ttl is None else 1
-            try:
-                with self._begin() as conn:
-                    seg_id = conn.execute(
-                        insert(S)
-                        .values(
-                            key=key,
-                            path=path,
-                            node=node,
-                            state=SegmentState.OPEN.value,
-                            part_size=part_size,
-                            fence=fence,
-                            lease_owner=None if lease_ttl is None else worker,
-                            lease_expires=expires,
-                            attempts=0,
-                            created_at=now,
-                            updated_at=now,
-                        )
-                        .returning(S.c.id)
-                    ).scalar_one()
-                    self._event(
-                        conn,
-                        seg_id,
-                        None,
-                        None,
-                        SegmentState.OPEN.value,
-                        worker,
-                        fence,
-                        f"registered {path}",
+        # Insert first: a new key (the common case) costs one transaction and no read. A key
+        # registered before fails the unique constraint and is read back below.
+        now = self.clock()
+        expires = None if lease_ttl is None else now + timedelta(seconds=lease_ttl)
+        fence = 0 if lease_ttl is None else 1
+        owner = None if lease_ttl is None else worker
+        try:
+            with self._begin() as conn:
+                seg_id = conn.execute(
+                    insert(S)
+                    .values(
+                        key=key,
+                        path=path,
+                        node=node,
+                        state=SegmentState.OPEN.value,
+                        part_size=part_size,
+                        fence=fence,
+                        lease_owner=owner,
+                        lease_expires=expires,
+                        attempts=0,
+                        created_at=now,
+                        updated_at=now,
                     )
-                if expires is not None:
-                    lease = Lease(
-                        segment_id=seg_id, key=key, owner=worker, fence=fence, expires=expires
-                    )
-            except IntegrityError:
-                pass  # registered concurrently: fall through to the comparison below
-            existing = self.segment(key)
-            assert existing is not None
+                    .returning(S.c.id)
+                ).scalar_one()
+                self._event(
+                    conn,
+                    seg_id,
+                    None,
+                    None,
+                    SegmentState.OPEN.value,
+                    worker,
+                    fence,
+                    f"registered {path}",
+                )
+        except IntegrityError:
+            existing = self.segment(key)  # registered before, or concurrently
+            if existing is None:
+                raise
+        else:
+            record = SegmentRecord(
+                id=seg_id,
+                key=key,
+                path=path,
+                node=node,
+                state=SegmentState.OPEN,
+                part_size=part_size,
+                size=None,
+                crc32c=None,
+                expected_etag=None,
+                upload_mode=None,
+                upload_id=None,
+                object_etag=None,
+                fence=fence,
+                lease_owner=owner,
+                lease_expires=expires,
+                attempts=0,
+                last_error=None,
+                reason=None,
+                created_at=now,
+                updated_at=now,
+                sealed_at=None,
+                verified_at=None,
+            )
+            lease = (
+                None
+                if expires is None
+                else Lease(segment_id=seg_id, key=key, owner=worker, fence=fence, expires=expires)
+            )
+            return record, lease
         if existing.path != path:
             raise KeyConflictError(
                 f"segment key {key!r} is already registered for {existing.path!r} "
                 f"(state {existing.state.value}); refusing to register it for {path!r}"
             )
-        return existing, lease
+        return existing, None
 
     # --- leases -------------------------------------------------------------------------------
 
@@ -545,17 +587,32 @@ class Manifest:
         fence: int,
         detail: str | None,
     ) -> None:
+        self._events(conn, [(segment_id, commit_id, src, dst, worker, fence, detail)])
+
+    def _events(
+        self,
+        conn: Connection,
+        rows: Sequence[EventRow_],
+    ) -> None:
+        """Audit rows, one statement for all of them (executemany)."""
+        if not rows:
+            return
+        at = self.clock()
         conn.execute(
-            insert(E).values(
-                at=self.clock(),
-                segment_id=segment_id,
-                commit_id=commit_id,
-                from_state=src,
-                to_state=dst,
-                worker=worker,
-                fence=fence,
-                detail=None if detail is None else _clip(detail),
-            )
+            insert(E),
+            [
+                {
+                    "at": at,
+                    "segment_id": seg,
+                    "commit_id": cid,
+                    "from_state": src,
+                    "to_state": dst,
+                    "worker": worker,
+                    "fence": fence,
+                    "detail": None if detail is None else _clip(detail),
+                }
+                for seg, cid, src, dst, worker, fence, detail in rows
+            ],
         )
 
     def _segment_cas(
@@ -567,7 +624,12 @@ class Manifest:
         values: dict[str, Any],
         detail: str | None,
         now: datetime,
+        *,
+        check_unsent: bool = True,
+        events: list[EventRow_] | None = None,
     ) -> None:
+        """Guarded ``expected -> new``. With ``events``, the audit row is appended there for the
+        caller to write with its others in one statement."""
         res = conn.execute(
             update(S)
             .where(self._guard_clause(lease, now), S.c.state == expected.value)
@@ -579,37 +641,35 @@ class Manifest:
                 raise err
             actual = conn.execute(select(S.c.state).where(S.c.id == lease.segment_id)).scalar()
             raise StaleStateError(lease.key, expected.value, actual)
-        if new in (SegmentState.UPLOADED, SegmentState.VERIFIED):
-            # "Object complete" and "verified" speak for every part: none may still be unsent.
+        if check_unsent and new in (SegmentState.UPLOADED, SegmentState.VERIFIED):
             # Checked after the guarded update so a stale caller hears "stale" first; raising
             # here rolls the update back.
-            unsent = (
-                conn.execute(
-                    select(C.c.part_number)
-                    .where(
-                        C.c.segment_id == lease.segment_id,
-                        C.c.state.not_in([CommitState.UPLOADED.value, CommitState.VERIFIED.value]),
-                    )
-                    .order_by(C.c.part_number)
+            self._check_all_sent(conn, lease, new)
+        row = (lease.segment_id, None, expected.value, new.value, lease.owner, lease.fence, detail)
+        if events is None:
+            self._events(conn, [row])
+        else:
+            events.append(row)
+
+    def _check_all_sent(self, conn: Connection, lease: Lease, new: SegmentState) -> None:
+        """An object complete or verified speaks for every part: none may still be unsent."""
+        unsent = (
+            conn.execute(
+                select(C.c.part_number)
+                .where(
+                    C.c.segment_id == lease.segment_id,
+                    C.c.state.not_in([CommitState.UPLOADED.value, CommitState.VERIFIED.value]),
                 )
-                .scalars()
-                .all()
+                .order_by(C.c.part_number)
             )
-            if unsent:
-                raise InvalidStateError(
-                    f"segment {lease.key!r} cannot become {new.value}: parts "
-                    f"{', '.join(map(str, unsent))} are not uploaded"
-                )
-        self._event(
-            conn,
-            lease.segment_id,
-            None,
-            expected.value,
-            new.value,
-            lease.owner,
-            lease.fence,
-            detail,
+            .scalars()
+            .all()
         )
+        if unsent:
+            raise InvalidStateError(
+                f"segment {lease.key!r} cannot become {new.value}: parts "
+                f"{', '.join(map(str, unsent))} are not uploaded"
+            )
 
     def _commit_cas(
         self,
@@ -720,12 +780,20 @@ class Manifest:
                 raise SegmentSealedError(
                     f"segment {lease.key!r} is {state}; commits are accepted only while it is open"
                 )
-            self._insert_commits(conn, lease, new, now)
+            events: list[EventRow_] = []
+            self._insert_commits(conn, lease, new, now, events)
+            self._events(conn, events)
         return self._commits_by_number(lease.segment_id, [c.part_number for c in new])
 
     def _insert_commits(
-        self, conn: Connection, lease: Lease, new: Sequence[NewCommit], now: datetime
-    ) -> None:
+        self,
+        conn: Connection,
+        lease: Lease,
+        new: Sequence[NewCommit],
+        now: datetime,
+        events: list[EventRow_],
+    ) -> int:
+        """Insert ``new`` as ``pending`` after the last recorded part; return the end offset."""
         last = conn.execute(
             select(C.c.part_number, C.c.end_offset)
             .where(C.c.segment_id == lease.segment_id)
@@ -752,33 +820,44 @@ class Manifest:
                 raise InvalidRangeError(
                     f"segment {lease.key!r}: more than {MAX_PARTS} parts; use a larger part size"
                 )
-            commit_id = conn.execute(
-                insert(C)
-                .values(
-                    segment_id=lease.segment_id,
-                    part_number=c.part_number,
-                    start_offset=c.start,
-                    end_offset=c.end,
-                    md5=c.md5,
-                    crc32c=c.crc32c,
-                    state=CommitState.PENDING.value,
-                    attempts=0,
-                    created_at=now,
-                    updated_at=now,
-                )
-                .returning(C.c.id)
-            ).scalar_one()
-            self._event(
-                conn,
-                lease.segment_id,
-                commit_id,
-                None,
-                CommitState.PENDING.value,
-                lease.owner,
-                lease.fence,
-                f"part {c.part_number} [{c.start}, {c.end})",
-            )
             number, end = c.part_number, c.end
+        if not new:
+            return end
+        ids = (
+            conn.execute(
+                insert(C).returning(C.c.id, sort_by_parameter_order=True),
+                [
+                    {
+                        "segment_id": lease.segment_id,
+                        "part_number": c.part_number,
+                        "start_offset": c.start,
+                        "end_offset": c.end,
+                        "md5": c.md5,
+                        "crc32c": c.crc32c,
+                        "state": CommitState.PENDING.value,
+                        "attempts": 0,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                    for c in new
+                ],
+            )
+            .scalars()
+            .all()
+        )
+        for commit_id, c in zip(ids, new, strict=True):
+            events.append(
+                (
+                    lease.segment_id,
+                    commit_id,
+                    None,
+                    CommitState.PENDING.value,
+                    lease.owner,
+                    lease.fence,
+                    f"part {c.part_number} [{c.start}, {c.end})",
+                )
+            )
+        return end
 
     def _commits_by_number(self, segment_id: int, numbers: Sequence[int]) -> list[CommitRecord]:
         if not numbers:
@@ -807,37 +886,37 @@ class Manifest:
             raise InvalidRangeError(f"segment {lease.key!r}: negative size {size}")
         now = self.clock()
         with self._begin() as conn:
-            self._guard(conn, lease, now)
-            state = conn.execute(select(S.c.state).where(S.c.id == lease.segment_id)).scalar_one()
-            if state != SegmentState.OPEN.value:
+            sealed: list[EventRow_] = []
+            # The guarded compare-and-set first (a stale lease or a second seal is refused before
+            # anything else is looked at); a range error below rolls it back with the rest.
+            try:
+                self._segment_cas(
+                    conn,
+                    lease,
+                    SegmentState.OPEN,
+                    SegmentState.SEALED,
+                    {
+                        "size": size,
+                        "crc32c": crc32c,
+                        "expected_etag": expected_etag,
+                        "upload_mode": upload_mode,
+                        "sealed_at": now,
+                    },
+                    f"sealed at {size} bytes, {upload_mode}",
+                    now,
+                    events=sealed,
+                )
+            except StaleStateError as exc:
                 raise SegmentSealedError(
-                    f"segment {lease.key!r} is already {state}; it cannot be sealed again"
-                )
-            self._insert_commits(conn, lease, final, now)
-            end = conn.execute(
-                select(func.coalesce(func.max(C.c.end_offset), 0)).where(
-                    C.c.segment_id == lease.segment_id
-                )
-            ).scalar_one()
+                    f"segment {lease.key!r} is already {exc.actual}; it cannot be sealed again"
+                ) from None
+            events: list[EventRow_] = []
+            end = self._insert_commits(conn, lease, final, now, events)
             if end != size:
                 raise InvalidRangeError(
                     f"segment {lease.key!r}: sealed size {size} but commits cover [0, {end})"
                 )
-            self._segment_cas(
-                conn,
-                lease,
-                SegmentState.OPEN,
-                SegmentState.SEALED,
-                {
-                    "size": size,
-                    "crc32c": crc32c,
-                    "expected_etag": expected_etag,
-                    "upload_mode": upload_mode,
-                    "sealed_at": now,
-                },
-                f"sealed at {size} bytes, {upload_mode}",
-                now,
-            )
+            self._events(conn, events + sealed)  # the parts' intent, then the seal
         return self.commits(lease.segment_id)
 
     def set_upload(
@@ -878,16 +957,9 @@ class Manifest:
             )
         now = self.clock()
         with self._begin() as conn:
-            self._commit_cas(
-                conn,
-                lease,
-                commit.id,
-                CommitState.PENDING,
-                CommitState.UPLOADED,
-                {"etag": etag},
-                None,
-                now,
-            )
+            events: list[EventRow_] = []
+            # The segment row first (guarded; it is also the lock every writer takes first on
+            # PostgreSQL), then the part; "no unsent part" is checked once the part has moved.
             self._segment_cas(
                 conn,
                 lease,
@@ -896,7 +968,37 @@ class Manifest:
                 {"object_etag": etag, "upload_id": None},
                 f"object complete (single PUT), etag {etag}",
                 now,
+                check_unsent=False,
+                events=events,
             )
+            res = conn.execute(
+                update(C)
+                .where(
+                    C.c.id == commit.id,
+                    C.c.segment_id == lease.segment_id,
+                    C.c.state == CommitState.PENDING.value,
+                )
+                .values(state=CommitState.UPLOADED.value, etag=etag, updated_at=now)
+            )
+            if res.rowcount != 1:
+                actual = conn.execute(select(C.c.state).where(C.c.id == commit.id)).scalar()
+                raise StaleStateError(
+                    f"{lease.key} part {commit.part_number}", "pending", actual, what="commit"
+                )
+            self._check_all_sent(conn, lease, SegmentState.UPLOADED)
+            events.insert(
+                0,
+                (
+                    lease.segment_id,
+                    commit.id,
+                    CommitState.PENDING.value,
+                    CommitState.UPLOADED.value,
+                    lease.owner,
+                    lease.fence,
+                    None,
+                ),
+            )
+            self._events(conn, events)
 
     def commit_attempt_failed(self, lease: Lease, commit: CommitRecord, error: str) -> None:
         """A send failed: the row stays ``pending``, with attempts and the last error recorded."""
@@ -938,51 +1040,46 @@ class Manifest:
         now = self.clock()
         with self._begin() as conn:
             commits = conn.execute(
-                select(C.c.id, C.c.state, C.c.part_number, C.c.etag).where(
-                    C.c.segment_id == lease.segment_id
-                )
+                select(C.c.id, C.c.state, C.c.part_number, C.c.etag)
+                .where(C.c.segment_id == lease.segment_id)
+                .order_by(C.c.part_number)
             ).all()
             for c in commits:
                 check_commit_transition(c.state, CommitState.VERIFIED, has_etag=c.etag is not None)
+            values: dict[str, Any] = {"verified_at": now, "last_error": None}
+            if release:
+                values.update(lease_owner=None, lease_expires=None)
+            events: list[EventRow_] = []
+            # Every part was just read as uploaded (checked above); the conditional update of
+            # the parts below proves nobody moved one in between.
             self._segment_cas(
                 conn,
                 lease,
                 SegmentState.UPLOADED,
                 SegmentState.VERIFIED,
-                {"verified_at": now, "last_error": None},
+                values,
                 detail,
                 now,
+                check_unsent=False,
+                events=events,
             )
-            for c in commits:
-                res = conn.execute(
-                    update(C)
-                    .where(C.c.id == c.id, C.c.state == CommitState.UPLOADED.value)
-                    .values(state=CommitState.VERIFIED.value, updated_at=now)
+            res = conn.execute(
+                update(C)
+                .where(
+                    C.c.segment_id == lease.segment_id,
+                    C.c.state == CommitState.UPLOADED.value,
                 )
-                if res.rowcount != 1:
-                    raise StaleStateError(
-                        f"{lease.key} part {c.part_number}", "uploaded", None, what="commit"
-                    )
-                self._event(
-                    conn,
-                    lease.segment_id,
-                    c.id,
-                    "uploaded",
-                    "verified",
-                    lease.owner,
-                    lease.fence,
-                    None,
+                .values(state=CommitState.VERIFIED.value, updated_at=now)
+            )
+            if res.rowcount != len(commits):
+                raise StaleStateError(
+                    f"{lease.key} parts", "uploaded", "moved meanwhile", what="commit"
                 )
-            if release:
-                conn.execute(
-                    update(S)
-                    .where(
-                        S.c.id == lease.segment_id,
-                        S.c.fence == lease.fence,
-                        S.c.lease_owner == lease.owner,
-                    )
-                    .values(lease_owner=None, lease_expires=None)
-                )
+            events.extend(
+                (lease.segment_id, c.id, "uploaded", "verified", lease.owner, lease.fence, None)
+                for c in commits
+            )
+            self._events(conn, events)
 
     def reupload(self, lease: Lease, reason: str) -> None:
         """``uploaded -> sealed``: the completed object failed verification; send it all again."""

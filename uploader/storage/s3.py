@@ -79,6 +79,7 @@ class S3Storage:
         config = dict(options.get("config_kwargs") or {})
         config.setdefault("request_checksum_calculation", "when_required")
         config.setdefault("response_checksum_validation", "when_required")
+        config.setdefault("s3", {"payload_signing_enabled": False})
         options["config_kwargs"] = config
         self.fs = s3fs.S3FileSystem(**options)
         self.fs.retries = 1  # one attempt per call: RetryingStorage decides about retries
