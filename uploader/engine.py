@@ -203,21 +203,39 @@ class Shipper:
         self.manifest.segment_uploaded(lease, normalize_etag(info.etag))
         return info
 
-    def put(self, lease: Lease, seg: SegmentRecord, commit: CommitRecord) -> ObjectInfo:
-        """A segment smaller than a part: one atomic PUT; the part and the segment become uploaded."""
-        self.slots.acquire()
+    def put(
+        self,
+        lease: Lease,
+        seg: SegmentRecord,
+        commit: CommitRecord,
+        payload: Payload | None = None,
+        *,
+        record: bool = True,
+    ) -> str:
+        """A segment smaller than a part: one atomic PUT. Returns the ETag the remote gave.
+
+        With ``record`` the part and the segment become uploaded here; without it the caller
+        records that with the verification (:meth:`verify_put`). Without ``payload`` the bytes
+        are read again (and checked) within a slot; with it the caller holds the slot.
+        """
+        acquired = payload is None
+        if acquired:
+            self.slots.acquire()
         try:
-            payload = read_checked(seg.path, commit, seg.key)
+            if payload is None:
+                payload = read_checked(seg.path, commit, seg.key)
             try:
                 info = self.storage.put(seg.key, payload)
             except UploaderError as exc:
                 self.manifest.commit_attempt_failed(lease, commit, str(exc))
                 raise
         finally:
-            self.slots.release()
+            if acquired:
+                self.slots.release()
         etag = normalize_etag(info.etag) or commit.md5
-        self.manifest.put_done(lease, commit, etag)
-        return info
+        if record:
+            self.manifest.put_done(lease, commit, etag)
+        return etag
 
     def check_object(
         self, seg: SegmentRecord, commits: Sequence[CommitRecord], deep: bool
@@ -245,6 +263,30 @@ class Shipper:
             return f"object {seg.key!r} CRC32C differs from the sealed file's"
         return None
 
+    def verify_put(
+        self,
+        lease: Lease,
+        seg: SegmentRecord,
+        commit: CommitRecord,
+        etag: str,
+        *,
+        release: bool = False,
+    ) -> None:
+        """After a PUT nobody recorded yet: check the object, then record ``uploaded`` and
+        ``verified`` in one transaction. If the check fails, what the PUT's response said is
+        still recorded (``uploaded``) before VerificationError is raised."""
+        deep = self.verify_mode == "deep"
+        problem = self.check_object(seg, [commit], deep)
+        if problem is not None:
+            self.manifest.put_done(lease, commit, etag)
+            self.manifest.record_error(lease, problem)
+            raise VerificationError(problem)
+        self.manifest.put_verified(lease, commit, etag, self._verified_detail(seg), release=release)
+
+    def _verified_detail(self, seg: SegmentRecord) -> str:
+        how = "deep: bytes read back" if self.verify_mode == "deep" else "size and multipart ETag"
+        return f"verified ({how}): {seg.size} bytes, etag {seg.expected_etag}"
+
     def verify(
         self,
         lease: Lease,
@@ -259,7 +301,4 @@ class Shipper:
         if problem is not None:
             self.manifest.record_error(lease, problem)
             raise VerificationError(problem)
-        how = "deep: bytes read back" if deep else "size and multipart ETag"
-        self.manifest.segment_verified(
-            lease, f"verified ({how}): {seg.size} bytes, etag {seg.expected_etag}", release=release
-        )
+        self.manifest.segment_verified(lease, self._verified_detail(seg), release=release)

@@ -9,6 +9,7 @@ caller never looked at (the RocketMQ ``commitAsync`` loss cannot happen here).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -32,7 +33,7 @@ from uploader.errors import (
 )
 from uploader.keys import validate_key
 from uploader.manifest.repo import DEFAULT_LEASE_SECONDS, Manifest, default_node, default_worker
-from uploader.records import CommitRecord, Lease, NewCommit, SegmentRecord, Status
+from uploader.records import Lease, NewCommit, SegmentRecord, Status
 from uploader.states import CommitState, SegmentState
 from uploader.storage import open_storage
 from uploader.storage.base import MAX_PART_SIZE, MAX_PARTS, Storage
@@ -303,21 +304,74 @@ class Segment:
     def _do_seal(self) -> CommitResult:
         store = self._store
         manifest = store.manifest
-        seg = self.record
         lease = self.lease
-        commits = manifest.commits(seg.id)
-        committed = commits[-1].end if commits else 0
+        seg, committed = manifest.progress(self._id)
         size = file_size(self.path)
         if size < committed:
             raise LocalFileError(
                 f"{self.path}: shorter ({size}) than what was committed ({committed})"
             )
-        # A segment no bigger than a part, with nothing sent yet, goes as one atomic PUT.
-        single = not commits and seg.upload_id is None and size <= seg.part_size
-        # Digest pass: checksums of the final parts, then the seal recorded with them (intent).
+        try:
+            # A segment no bigger than a part, with nothing sent yet, goes as one atomic PUT.
+            if not committed and seg.upload_id is None and size <= seg.part_size:
+                return self._seal_single(lease, seg, size)
+            return self._seal_multipart(lease, seg, size)
+        finally:
+            # Sealed: whatever happened, the writer is done with it. Releasing the lease lets a
+            # recovery worker (this store's or another) claim what is unfinished right away.
+            store._forget_lease(seg.id)
+
+    def _seal_single(self, lease: Lease, seg: SegmentRecord, size: int) -> CommitResult:
+        """Read once (within a slot), record the seal with its checksums, PUT those same bytes,
+        check the object, then record uploaded and verified together."""
+        store = self._store
+        shipper = store.shipper
+        shipper.slots.acquire()
+        try:
+            payload = read_range(self.path, 0, size)
+            [commit] = store.manifest.seal(
+                lease,
+                [NewCommit(1, 0, size, payload.md5, payload.crc32c)],
+                size=size,
+                crc32c=payload.crc32c,
+                expected_etag=payload.md5,
+                upload_mode="put",
+            )
+            etag = shipper.put(lease, seg, commit, payload, record=False)
+        finally:
+            shipper.slots.release()
+        del payload
+        # The row as the seal just wrote it: verification compares with these values.
+        sealed = dataclasses.replace(
+            seg,
+            state=SegmentState.SEALED,
+            size=size,
+            crc32c=commit.crc32c,
+            expected_etag=commit.md5,
+            upload_mode="put",
+        )
+        shipper.verify_put(lease, sealed, commit, etag, release=True)
+        store._drop_lease(seg.id)
+        return CommitResult(
+            key=self.key,
+            sent_bytes=size,
+            sent_parts=1,
+            committed=size,
+            carried_bytes=0,
+            sealed=True,
+            verified=True,
+            object_etag=etag,
+        )
+
+    def _seal_multipart(self, lease: Lease, seg: SegmentRecord, size: int) -> CommitResult:
+        store = self._store
+        manifest = store.manifest
+        commits = manifest.commits(seg.id)
+        committed = commits[-1].end if commits else 0
+        # Digest pass: checksums of the final parts, then the seal recorded with them (intent)
+        # before any remote call, so that a failure nobody looks at still leaves the tail in the
+        # manifest for recovery. The parts are read again to be sent (CRC32C-checked).
         parts = self._new_parts(committed, size, seg.part_size, len(commits), final=True)
-        if single and not parts:
-            parts = [(1, 0, 0)]  # an empty segment: one empty object
         final: list[NewCommit] = []
         for number, start, end in parts:
             payload = read_range(self.path, start, end)
@@ -325,54 +379,21 @@ class Segment:
             del payload
         md5s = [c.md5 for c in commits] + [c.md5 for c in final]
         crcs = [(c.crc32c, c.size) for c in commits] + [(c.crc32c, c.end - c.start) for c in final]
-        etag = md5s[0] if single else multipart_etag(md5s)
         all_commits = manifest.seal(
             lease,
             final,
             size=size,
             crc32c=combine_crcs(crcs),
-            expected_etag=etag,
-            upload_mode="put" if single else "multipart",
+            expected_etag=multipart_etag(md5s),
+            upload_mode="multipart",
         )
-        try:
-            return self._finish_seal(lease, all_commits, single, size)
-        finally:
-            # Sealed: whatever happened, the writer is done with it. Releasing the lease lets a
-            # recovery worker (this store's or another) claim what is unfinished right away.
-            store._forget_lease(seg.id)
-
-    def _finish_seal(
-        self, lease: Lease, all_commits: list[CommitRecord], single: bool, size: int
-    ) -> CommitResult:
-        store = self._store
-        manifest = store.manifest
+        upload_id = store.shipper.ensure_upload(lease, seg)
         seg = self.record
-        counters = Counters()
-        if single:
-            info = store.shipper.put(lease, seg, all_commits[0])
-            counters.sent(size)
-            # What verification reads (size, checksums, part ranges) was fixed by the seal: the
-            # rows read above serve, nothing needs reading again.
-            store.shipper.verify(lease, seg, all_commits, release=True)
-            store._drop_lease(seg.id)
-            return CommitResult(
-                key=self.key,
-                sent_bytes=counters.bytes_sent,
-                sent_parts=counters.parts_sent,
-                committed=size,
-                carried_bytes=0,
-                sealed=True,
-                verified=True,
-                object_etag=info.etag,
-            )
-        else:
-            upload_id = store.shipper.ensure_upload(lease, seg)
-            seg = self.record
-            counters = store.shipper.send_parts(lease, seg, upload_id, all_commits)
-            all_commits = manifest.commits(seg.id)
-            info = store.shipper.complete(lease, seg, all_commits)
+        counters = store.shipper.send_parts(lease, seg, upload_id, all_commits)
+        all_commits = manifest.commits(seg.id)
+        info = store.shipper.complete(lease, seg, all_commits)
         seg = self.record
-        store.shipper.verify(lease, seg, manifest.commits(seg.id), release=True)
+        store.shipper.verify(lease, seg, all_commits, release=True)
         store._drop_lease(seg.id)
         return CommitResult(
             key=self.key,

@@ -31,6 +31,7 @@ WRITES = (
     "register_leased",
     "acquire",
     "put_done",
+    "put_verified",
     "release",
     "add_commits",
     "seal",

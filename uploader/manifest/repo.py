@@ -781,9 +781,9 @@ class Manifest:
                     f"segment {lease.key!r} is {state}; commits are accepted only while it is open"
                 )
             events: list[EventRow_] = []
-            self._insert_commits(conn, lease, new, now, events)
+            _end, _before, records = self._insert_commits(conn, lease, new, now, events)
             self._events(conn, events)
-        return self._commits_by_number(lease.segment_id, [c.part_number for c in new])
+        return records
 
     def _insert_commits(
         self,
@@ -792,8 +792,12 @@ class Manifest:
         new: Sequence[NewCommit],
         now: datetime,
         events: list[EventRow_],
-    ) -> int:
-        """Insert ``new`` as ``pending`` after the last recorded part; return the end offset."""
+    ) -> tuple[int, int, list[CommitRecord]]:
+        """Insert ``new`` as ``pending`` after the last recorded part.
+
+        Returns the end offset of all the parts, how many parts there were before, and the new
+        rows as records (built from what was inserted: no read back).
+        """
         last = conn.execute(
             select(C.c.part_number, C.c.end_offset)
             .where(C.c.segment_id == lease.segment_id)
@@ -801,6 +805,7 @@ class Manifest:
             .limit(1)
         ).first()
         number, end = (0, 0) if last is None else (last.part_number, last.end_offset)
+        before = number
         for c in new:
             if c.start < 0 or c.end < c.start:
                 raise InvalidRangeError(
@@ -822,7 +827,7 @@ class Manifest:
                 )
             number, end = c.part_number, c.end
         if not new:
-            return end
+            return end, before, []
         ids = (
             conn.execute(
                 insert(C).returning(C.c.id, sort_by_parameter_order=True),
@@ -857,18 +862,24 @@ class Manifest:
                     f"part {c.part_number} [{c.start}, {c.end})",
                 )
             )
-        return end
-
-    def _commits_by_number(self, segment_id: int, numbers: Sequence[int]) -> list[CommitRecord]:
-        if not numbers:
-            return []
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(C)
-                .where(C.c.segment_id == segment_id, C.c.part_number.in_(list(numbers)))
-                .order_by(C.c.part_number)
+        records = [
+            CommitRecord(
+                id=commit_id,
+                segment_id=lease.segment_id,
+                part_number=c.part_number,
+                start=c.start,
+                end=c.end,
+                md5=c.md5,
+                crc32c=c.crc32c,
+                etag=None,
+                state=CommitState.PENDING,
+                attempts=0,
+                last_error=None,
+                reason=None,
             )
-            return [_commit(r) for r in rows]
+            for commit_id, c in zip(ids, new, strict=True)
+        ]
+        return end, before, records
 
     def seal(
         self,
@@ -911,13 +922,13 @@ class Manifest:
                     f"segment {lease.key!r} is already {exc.actual}; it cannot be sealed again"
                 ) from None
             events: list[EventRow_] = []
-            end = self._insert_commits(conn, lease, final, now, events)
+            end, before, records = self._insert_commits(conn, lease, final, now, events)
             if end != size:
                 raise InvalidRangeError(
                     f"segment {lease.key!r}: sealed size {size} but commits cover [0, {end})"
                 )
             self._events(conn, events + sealed)  # the parts' intent, then the seal
-        return self.commits(lease.segment_id)
+        return records if before == 0 else self.commits(lease.segment_id)
 
     def set_upload(
         self, lease: Lease, upload_id: str | None, upload_mode: str | None = None
@@ -957,48 +968,70 @@ class Manifest:
             )
         now = self.clock()
         with self._begin() as conn:
-            events: list[EventRow_] = []
-            # The segment row first (guarded; it is also the lock every writer takes first on
-            # PostgreSQL), then the part; "no unsent part" is checked once the part has moved.
-            self._segment_cas(
-                conn,
-                lease,
-                SegmentState.SEALED,
-                SegmentState.UPLOADED,
-                {"object_etag": etag, "upload_id": None},
-                f"object complete (single PUT), etag {etag}",
-                now,
-                check_unsent=False,
-                events=events,
+            self._put_done(conn, lease, commit, etag, now)
+
+    def put_verified(
+        self, lease: Lease, commit: CommitRecord, etag: str, detail: str, *, release: bool = False
+    ) -> None:
+        """A single PUT acknowledged *and* its object checked: ``put_done`` then
+        ``segment_verified`` in one transaction (both facts are known when it starts)."""
+        if etag != commit.md5:
+            raise StaleStateError(
+                f"{lease.key} part {commit.part_number}",
+                "etag " + commit.md5,
+                "etag " + etag,
+                what="commit",
             )
-            res = conn.execute(
-                update(C)
-                .where(
-                    C.c.id == commit.id,
-                    C.c.segment_id == lease.segment_id,
-                    C.c.state == CommitState.PENDING.value,
-                )
-                .values(state=CommitState.UPLOADED.value, etag=etag, updated_at=now)
+        now = self.clock()
+        with self._begin() as conn:
+            self._put_done(conn, lease, commit, etag, now)
+            self._segment_verified(conn, lease, detail, now, release=release)
+
+    def _put_done(
+        self, conn: Connection, lease: Lease, commit: CommitRecord, etag: str, now: datetime
+    ) -> None:
+        events: list[EventRow_] = []
+        # The segment row first (guarded; it is also the lock every writer takes first on
+        # PostgreSQL), then the part; "no unsent part" is checked once the part has moved.
+        self._segment_cas(
+            conn,
+            lease,
+            SegmentState.SEALED,
+            SegmentState.UPLOADED,
+            {"object_etag": etag, "upload_id": None},
+            f"object complete (single PUT), etag {etag}",
+            now,
+            check_unsent=False,
+            events=events,
+        )
+        res = conn.execute(
+            update(C)
+            .where(
+                C.c.id == commit.id,
+                C.c.segment_id == lease.segment_id,
+                C.c.state == CommitState.PENDING.value,
             )
-            if res.rowcount != 1:
-                actual = conn.execute(select(C.c.state).where(C.c.id == commit.id)).scalar()
-                raise StaleStateError(
-                    f"{lease.key} part {commit.part_number}", "pending", actual, what="commit"
-                )
-            self._check_all_sent(conn, lease, SegmentState.UPLOADED)
-            events.insert(
-                0,
-                (
-                    lease.segment_id,
-                    commit.id,
-                    CommitState.PENDING.value,
-                    CommitState.UPLOADED.value,
-                    lease.owner,
-                    lease.fence,
-                    None,
-                ),
+            .values(state=CommitState.UPLOADED.value, etag=etag, updated_at=now)
+        )
+        if res.rowcount != 1:
+            actual = conn.execute(select(C.c.state).where(C.c.id == commit.id)).scalar()
+            raise StaleStateError(
+                f"{lease.key} part {commit.part_number}", "pending", actual, what="commit"
             )
-            self._events(conn, events)
+        self._check_all_sent(conn, lease, SegmentState.UPLOADED)
+        events.insert(
+            0,
+            (
+                lease.segment_id,
+                commit.id,
+                CommitState.PENDING.value,
+                CommitState.UPLOADED.value,
+                lease.owner,
+                lease.fence,
+                None,
+            ),
+        )
+        self._events(conn, events)
 
     def commit_attempt_failed(self, lease: Lease, commit: CommitRecord, error: str) -> None:
         """A send failed: the row stays ``pending``, with attempts and the last error recorded."""
@@ -1039,47 +1072,52 @@ class Manifest:
         """
         now = self.clock()
         with self._begin() as conn:
-            commits = conn.execute(
-                select(C.c.id, C.c.state, C.c.part_number, C.c.etag)
-                .where(C.c.segment_id == lease.segment_id)
-                .order_by(C.c.part_number)
-            ).all()
-            for c in commits:
-                check_commit_transition(c.state, CommitState.VERIFIED, has_etag=c.etag is not None)
-            values: dict[str, Any] = {"verified_at": now, "last_error": None}
-            if release:
-                values.update(lease_owner=None, lease_expires=None)
-            events: list[EventRow_] = []
-            # Every part was just read as uploaded (checked above); the conditional update of
-            # the parts below proves nobody moved one in between.
-            self._segment_cas(
-                conn,
-                lease,
-                SegmentState.UPLOADED,
-                SegmentState.VERIFIED,
-                values,
-                detail,
-                now,
-                check_unsent=False,
-                events=events,
+            self._segment_verified(conn, lease, detail, now, release=release)
+
+    def _segment_verified(
+        self, conn: Connection, lease: Lease, detail: str, now: datetime, *, release: bool
+    ) -> None:
+        commits = conn.execute(
+            select(C.c.id, C.c.state, C.c.part_number, C.c.etag)
+            .where(C.c.segment_id == lease.segment_id)
+            .order_by(C.c.part_number)
+        ).all()
+        for c in commits:
+            check_commit_transition(c.state, CommitState.VERIFIED, has_etag=c.etag is not None)
+        values: dict[str, Any] = {"verified_at": now, "last_error": None}
+        if release:
+            values.update(lease_owner=None, lease_expires=None)
+        events: list[EventRow_] = []
+        # Every part was just read as uploaded (checked above); the conditional update of
+        # the parts below proves nobody moved one in between.
+        self._segment_cas(
+            conn,
+            lease,
+            SegmentState.UPLOADED,
+            SegmentState.VERIFIED,
+            values,
+            detail,
+            now,
+            check_unsent=False,
+            events=events,
+        )
+        res = conn.execute(
+            update(C)
+            .where(
+                C.c.segment_id == lease.segment_id,
+                C.c.state == CommitState.UPLOADED.value,
             )
-            res = conn.execute(
-                update(C)
-                .where(
-                    C.c.segment_id == lease.segment_id,
-                    C.c.state == CommitState.UPLOADED.value,
-                )
-                .values(state=CommitState.VERIFIED.value, updated_at=now)
+            .values(state=CommitState.VERIFIED.value, updated_at=now)
+        )
+        if res.rowcount != len(commits):
+            raise StaleStateError(
+                f"{lease.key} parts", "uploaded", "moved meanwhile", what="commit"
             )
-            if res.rowcount != len(commits):
-                raise StaleStateError(
-                    f"{lease.key} parts", "uploaded", "moved meanwhile", what="commit"
-                )
-            events.extend(
-                (lease.segment_id, c.id, "uploaded", "verified", lease.owner, lease.fence, None)
-                for c in commits
-            )
-            self._events(conn, events)
+        events.extend(
+            (lease.segment_id, c.id, "uploaded", "verified", lease.owner, lease.fence, None)
+            for c in commits
+        )
+        self._events(conn, events)
 
     def reupload(self, lease: Lease, reason: str) -> None:
         """``uploaded -> sealed``: the completed object failed verification; send it all again."""

@@ -19,6 +19,7 @@ s3fs's own retries are turned off (``retries = 1``): :mod:`uploader.storage.retr
 from __future__ import annotations
 
 import base64
+import io
 from collections.abc import Sequence
 from datetime import UTC
 from typing import Any, NoReturn
@@ -47,6 +48,22 @@ def _client_error(exc: BaseException) -> BaseException:
 
 def _b64md5(md5_hex: str) -> str:
     return base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii")
+
+
+class _PartBody(io.BytesIO):
+    """A part's bytes as a file-like body, sharing them instead of copying them.
+
+    botocore turns a ``bytes`` Body into ``io.BytesIO`` (which shares the bytes), then aiohttp
+    sizes that with ``getbuffer()``, which makes the BytesIO copy them: a second copy of every
+    in-flight part. Here ``getbuffer()`` is a read-only view of the same bytes.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self._data = data
+
+    def getbuffer(self) -> memoryview:
+        return memoryview(self._data)
 
 
 class S3Storage:
@@ -157,7 +174,7 @@ class S3Storage:
             Key=self._key(key),
             UploadId=upload_id,
             PartNumber=number,
-            Body=payload.data,
+            Body=_PartBody(payload.data),
             ContentMD5=_b64md5(payload.md5),
         )
         etag = normalize_etag(out.get("ETag"))
@@ -267,7 +284,7 @@ class S3Storage:
                 key,
                 Bucket=self.bucket,
                 Key=self._key(key),
-                Body=payload.data,
+                Body=_PartBody(payload.data),
                 ContentMD5=_b64md5(payload.md5),
                 IfNoneMatch="*",
             )
