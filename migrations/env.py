@@ -27,7 +27,9 @@ def _engine() -> tuple[Engine, bool]:
 def run_migrations_online() -> None:
     engine, owned = _engine()
     try:
-        with engine.connect() as connection:
+        # A write transaction: on SQLite, BEGIN IMMEDIATE (two processes upgrading one new file
+        # queue up instead of failing on a lock upgrade).
+        with engine.connect().execution_options(uploader_write=True) as connection:
             context.configure(
                 connection=connection,
                 target_metadata=target_metadata,

@@ -1,9 +1,9 @@
 """Connecting to a manifest and keeping its schema at the code's Alembic head.
 
 * SQLite (the embedded default): WAL journal, a busy timeout, ``synchronous=FULL`` (a ``pending``
-  row must survive power loss: intent before action), and ``BEGIN IMMEDIATE`` for every
-  transaction so that a read-then-write (a claim) is exclusive across processes. The file is
-  created or upgraded to head on open.
+  row must survive power loss: intent before action), and ``BEGIN IMMEDIATE`` for every write
+  transaction so that a read-then-write (a claim) is exclusive across processes; reads are
+  deferred transactions (WAL snapshots: no lock). The file is created or upgraded to head on open.
 * PostgreSQL (several processes or hosts): a database behind head raises
   :class:`SchemaBehindError` naming ``uploader db upgrade``; we never migrate a shared server
   database behind an operator's back.
@@ -71,8 +71,16 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+#: Execution option that marks a connection's transactions as writes (``BEGIN IMMEDIATE``).
+WRITE = "uploader_write"
+
+
 def _sqlite_begin(conn: Any) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # A write transaction takes SQLite's write lock at BEGIN, so that a read-then-write (a claim,
+    # a compare-and-set) is exclusive across processes and never fails half-way on a lock
+    # upgrade. A read is a plain (deferred) BEGIN: a WAL snapshot that takes no lock and waits
+    # for no writer.
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE) else "BEGIN")
 
 
 def create_manifest_engine(url: str | URL) -> Engine:
@@ -88,7 +96,14 @@ def create_manifest_engine(url: str | URL) -> Engine:
                         f"manifest {redact(parsed)}: cannot create the directory of the SQLite "
                         f"file ({exc.strerror or exc}); choose a writable path"
                     ) from None
-            engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+            # No rollback when a connection goes back to the pool: the driver runs in autocommit
+            # mode (every transaction is our own BEGIN IMMEDIATE ... COMMIT/ROLLBACK), so a
+            # returned connection never holds one open, and the reset would be a wasted call.
+            engine = create_engine(
+                parsed,
+                connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+                pool_reset_on_return=None,
+            )
             event.listen(engine, "connect", _sqlite_pragmas)
             event.listen(engine, "begin", _sqlite_begin)
         else:

@@ -164,12 +164,16 @@ class Manifest:
 
     @contextmanager
     def _begin(self) -> Iterator[Connection]:
-        """One write transaction."""
+        """One write transaction (on SQLite: ``BEGIN IMMEDIATE``, queued behind our other threads)."""
         if self._write_lock is None:
             with self.engine.begin() as conn:
                 yield conn
             return
-        with self._write_lock, self.engine.begin() as conn:
+        with (
+            self._write_lock,
+            self.engine.connect().execution_options(**{db.WRITE: True}) as conn,
+            conn.begin(),
+        ):
             yield conn
 
     @classmethod
@@ -983,9 +987,61 @@ class Manifest:
                 what="commit",
             )
         now = self.clock()
+        values: dict[str, Any] = {
+            "object_etag": etag,
+            "upload_id": None,
+            "verified_at": now,
+            "last_error": None,
+        }
+        if release:
+            values.update(lease_owner=None, lease_expires=None)
         with self._begin() as conn:
-            self._put_done(conn, lease, commit, etag, now)
-            self._segment_verified(conn, lease, detail, now, release=release)
+            # sealed -> uploaded -> verified in one guarded update (both steps are proven when
+            # the transaction starts); the audit trail still shows each step.
+            self._segment_cas(
+                conn,
+                lease,
+                SegmentState.SEALED,
+                SegmentState.VERIFIED,
+                values,
+                None,
+                now,
+                check_unsent=False,
+                events=[],
+            )
+            res = conn.execute(
+                update(C)
+                .where(
+                    C.c.id == commit.id,
+                    C.c.segment_id == lease.segment_id,
+                    C.c.state == CommitState.PENDING.value,
+                )
+                .values(state=CommitState.VERIFIED.value, etag=etag, updated_at=now)
+            )
+            if res.rowcount != 1:
+                actual = conn.execute(select(C.c.state).where(C.c.id == commit.id)).scalar()
+                raise StaleStateError(
+                    f"{lease.key} part {commit.part_number}", "pending", actual, what="commit"
+                )
+            self._check_all_sent(conn, lease, SegmentState.VERIFIED)
+            seg, cid, owner, fence = lease.segment_id, commit.id, lease.owner, lease.fence
+            self._events(
+                conn,
+                [
+                    (seg, cid, "pending", "uploaded", owner, fence, None),
+                    (
+                        seg,
+                        None,
+                        "sealed",
+                        "uploaded",
+                        owner,
+                        fence,
+                        f"object complete (single PUT), etag {etag}",
+                    ),
+                    (seg, None, "uploaded", "verified", owner, fence, detail),
+                    (seg, cid, "uploaded", "verified", owner, fence, None),
+                ],
+            )
 
     def _put_done(
         self, conn: Connection, lease: Lease, commit: CommitRecord, etag: str, now: datetime
