@@ -82,6 +82,28 @@ class Counters:
             self.parts_reused += 1
 
 
+class LazyUpload:
+    """A segment's multipart upload id, started by the first part that needs it.
+
+    Lets a seal record its parts (and the seal itself) without waiting for, or depending on, the
+    remote call that starts the upload: a failure there fails the parts' sends, never the
+    recording of what is left to send.
+    """
+
+    def __init__(self, shipper: Shipper, lease: Lease, seg: SegmentRecord) -> None:
+        self._shipper = shipper
+        self._lease = lease
+        self._seg = seg
+        self._lock = threading.Lock()
+        self._id = seg.upload_id
+
+    def get(self) -> str:
+        with self._lock:
+            if self._id is None:
+                self._id = self._shipper.ensure_upload(self._lease, self._seg)
+            return self._id
+
+
 class Shipper:
     """Sends recorded parts, completes and verifies objects, on a bounded pool.
 
@@ -124,7 +146,7 @@ class Shipper:
         self,
         lease: Lease,
         seg: SegmentRecord,
-        upload_id: str,
+        upload_id: str | LazyUpload,
         commit: CommitRecord,
         counters: Counters,
         payload: Payload | None = None,
@@ -139,7 +161,7 @@ class Shipper:
         self,
         lease: Lease,
         seg: SegmentRecord,
-        upload_id: str,
+        upload_id: str | LazyUpload,
         commit: CommitRecord,
         counters: Counters,
         payload: Payload | None,
@@ -147,6 +169,8 @@ class Shipper:
         try:
             if payload is None:
                 payload = read_checked(seg.path, commit, seg.key)
+            if isinstance(upload_id, LazyUpload):
+                upload_id = upload_id.get()
             try:
                 ref = self.storage.upload_part(seg.key, upload_id, commit.part_number, payload)
             except UploaderError as exc:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from uploader import recovery
 from uploader.digest import combine_crcs, file_size, multipart_etag, read_range
-from uploader.engine import Counters, Shipper
+from uploader.engine import Counters, LazyUpload, Shipper
 from uploader.errors import (
     LeaseLostError,
     LocalFileError,
@@ -33,7 +33,7 @@ from uploader.errors import (
 )
 from uploader.keys import validate_key
 from uploader.manifest.repo import DEFAULT_LEASE_SECONDS, Manifest, default_node, default_worker
-from uploader.records import Lease, NewCommit, SegmentRecord, Status
+from uploader.records import CommitRecord, Lease, NewCommit, SegmentRecord, Status
 from uploader.states import CommitState, SegmentState
 from uploader.storage import open_storage
 from uploader.storage.base import MAX_PART_SIZE, MAX_PARTS, Storage
@@ -364,36 +364,64 @@ class Segment:
         )
 
     def _seal_multipart(self, lease: Lease, seg: SegmentRecord, size: int) -> CommitResult:
+        """Pipelined: each final part is read once, its checksums recorded ``pending`` (the last
+        one together with the seal), then sent from the same buffer while the next is read.
+
+        The seal is recorded whatever happens to the sends (they fail on their own futures and
+        leave their rows ``pending``), so a failure nobody looks at never loses the tail: the
+        recovery job finds the sealed segment and finishes it.
+        """
         store = self._store
         manifest = store.manifest
+        shipper = store.shipper
         commits = manifest.commits(seg.id)
         committed = commits[-1].end if commits else 0
-        # Digest pass: checksums of the final parts, then the seal recorded with them (intent)
-        # before any remote call, so that a failure nobody looks at still leaves the tail in the
-        # manifest for recovery. The parts are read again to be sent (CRC32C-checked).
         parts = self._new_parts(committed, size, seg.part_size, len(commits), final=True)
-        final: list[NewCommit] = []
-        for number, start, end in parts:
-            payload = read_range(self.path, start, end)
-            final.append(NewCommit(number, start, end, payload.md5, payload.crc32c))
-            del payload
-        md5s = [c.md5 for c in commits] + [c.md5 for c in final]
-        crcs = [(c.crc32c, c.size) for c in commits] + [(c.crc32c, c.end - c.start) for c in final]
-        all_commits = manifest.seal(
-            lease,
-            final,
-            size=size,
-            crc32c=combine_crcs(crcs),
-            expected_etag=multipart_etag(md5s),
-            upload_mode="multipart",
-        )
-        upload_id = store.shipper.ensure_upload(lease, seg)
+        md5s = [c.md5 for c in commits]
+        crcs = [(c.crc32c, c.size) for c in commits]
+        upload = LazyUpload(shipper, lease, seg)
+        counters = Counters()
+        futures: list[Future[None]] = []
+        try:
+            # Parts recorded earlier whose send failed: re-read (checked) and sent again.
+            for c in commits:
+                if c.state is CommitState.PENDING:
+                    shipper.slots.acquire()
+                    try:
+                        futures.append(shipper.submit_part(lease, seg, upload, c, counters))
+                    except BaseException:
+                        shipper.slots.release()
+                        raise
+            if not parts:
+                self._record_seal(lease, [], size, md5s, crcs)
+            for i, (number, start, end) in enumerate(parts):
+                shipper.slots.acquire()
+                try:
+                    payload = read_range(self.path, start, end)
+                    new = NewCommit(number, start, end, payload.md5, payload.crc32c)
+                    md5s.append(payload.md5)
+                    crcs.append((payload.crc32c, end - start))
+                    if i == len(parts) - 1:
+                        recorded = self._record_seal(lease, [new], size, md5s, crcs)
+                    else:
+                        recorded = manifest.add_commits(lease, [new])
+                    [commit] = [c for c in recorded if c.part_number == number]
+                    futures.append(
+                        shipper.submit_part(lease, seg, upload, commit, counters, payload)
+                    )
+                    del payload
+                except BaseException:
+                    shipper.slots.release()
+                    raise
+        except BaseException:
+            wait(futures)  # let the sends in flight finish; this error is the one to report
+            raise
+        shipper.wait(futures)
         seg = self.record
-        counters = store.shipper.send_parts(lease, seg, upload_id, all_commits)
         all_commits = manifest.commits(seg.id)
-        info = store.shipper.complete(lease, seg, all_commits)
+        info = shipper.complete(lease, seg, all_commits)
         seg = self.record
-        store.shipper.verify(lease, seg, all_commits, release=True)
+        shipper.verify(lease, seg, all_commits, release=True)
         store._drop_lease(seg.id)
         return CommitResult(
             key=self.key,
@@ -404,6 +432,24 @@ class Segment:
             sealed=True,
             verified=True,
             object_etag=info.etag,
+        )
+
+    def _record_seal(
+        self,
+        lease: Lease,
+        final: list[NewCommit],
+        size: int,
+        md5s: list[str],
+        crcs: list[tuple[int, int]],
+    ) -> list[CommitRecord]:
+        """The seal's intent: size, whole-file CRC32C and the multipart ETag to expect."""
+        return self._store.manifest.seal(
+            lease,
+            final,
+            size=size,
+            crc32c=combine_crcs(crcs),
+            expected_etag=multipart_etag(md5s),
+            upload_mode="multipart",
         )
 
 
