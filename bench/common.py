@@ -39,6 +39,29 @@ class Result:
             print(f"  note: {n}")
 
 
+#: The moto server process of the current run (its CPU time is reported next to each client's).
+SERVER_PID: int | None = None
+
+
+def server_cpu() -> float:
+    """CPU seconds (user + system) the moto server has used so far; 0 if unknown."""
+    if SERVER_PID is None:
+        return 0.0
+    try:
+        with open(f"/proc/{SERVER_PID}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def timed_cpu(fn: Callable[[], object]) -> tuple[float, float]:
+    """Wall seconds of ``fn`` and the moto server's CPU seconds meanwhile."""
+    c0 = server_cpu()
+    wall = timed(fn)
+    return wall, server_cpu() - c0
+
+
 @contextmanager
 def moto_server() -> Iterator[str]:
     """moto's standalone server in its own process, like a real remote (no shared GIL)."""
@@ -59,6 +82,8 @@ def moto_server() -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
+    global SERVER_PID
+    SERVER_PID = proc.pid
     try:
         for _ in range(200):
             try:
@@ -70,6 +95,7 @@ def moto_server() -> Iterator[str]:
             raise RuntimeError("moto server did not start")
         yield url
     finally:
+        SERVER_PID = None
         proc.terminate()
         proc.wait(timeout=10)
 

@@ -20,12 +20,19 @@ def hwm():
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
 
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+
 manifest, remote, options, path, part, conc = sys.argv[1:7]
 base = hwm()
 with uploader.open(manifest, remote, storage_options=json.loads(options), part_size=int(part),
                    concurrency=int(conc)) as store:
+    store.storage.head("warm-up")  # the S3 client exists: botocore's models are loaded
+    warm = rss()
     assert store.segment("big/0", path).seal().result().verified
-print(json.dumps({"peak_kib": hwm(), "after_import_kib": base}))
+print(json.dumps({"peak_kib": hwm(), "after_import_kib": base, "warm_kib": warm}))
 """
 
 
@@ -57,13 +64,24 @@ def bench_rss(
         )
     data = json.loads(out.stdout.strip().splitlines()[-1])
     peak = data["peak_kib"] / 1024
+    warm = data["warm_kib"] / 1024
     budget = 64 + conc * part / MiB
+    slots = conc * part / MiB
     res.measurements = {
         "peak RSS (MiB)": peak,
-        "peak RSS after imports, before the seal (MiB)": data["after_import_kib"] / 1024,
-        "growth during the seal (MiB)": peak - data["after_import_kib"] / 1024,
+        "RSS after imports (MiB)": data["after_import_kib"] / 1024,
+        "RSS with the store open and its S3 client made, before the seal (MiB)": warm,
+        "growth during the seal (MiB)": peak - warm,
+        "concurrency x part (MiB)": slots,
         "budget 64 MiB + concurrency x part (MiB)": budget,
     }
-    res.ratios = {"peak / budget": peak / budget}
+    res.ratios = {
+        "peak / budget": peak / budget,
+        "growth during the seal / (concurrency x part)": (peak - warm) / slots,
+    }
     res.targets = {"peak / budget": "target <= 1.0"}
+    res.notes = [
+        "the fixed cost (Python, SQLAlchemy, Alembic, botocore/aiobotocore/aiohttp and the S3 "
+        "client's service model) is the RSS before the seal; the seal's own growth is the rest"
+    ]
     return res
