@@ -116,6 +116,47 @@ def test_ignored_failure_of_the_final_commit_keeps_the_tail(
     assert remote_bytes(remote, "inv/tail") == data
 
 
+@pytest.mark.parametrize("op", ["start_upload", "upload_part"])
+def test_a_seal_whose_first_remote_call_fails_is_still_recorded(
+    make_store: StoreFactory,
+    remote: tuple[str, dict[str, Any]],
+    manifest_url: str,
+    tmp_path: Path,
+    op: str,
+) -> None:
+    """The seal is pipelined (parts sent while later ones are read), yet no remote failure can
+    keep the seal itself from being recorded: the upload starts with the first send."""
+    url, options = remote
+    data = random.Random(2).randbytes(3 * PART + 11)
+    path = tmp_path / "seg"
+    path.write_bytes(data)
+    faulty = FaultyStorage(open_storage(url, dict(options), min_part_size=PART))
+    faulty.add(Fault(op=op, error=lambda: RetryableStorageError("injected: down")))
+    store = make_store(storage=faulty)
+    store.segment("inv/first", path).seal()  # fired and ignored
+    store.close()
+
+    m = Manifest.open(manifest_url)
+    rec = m.segment("inv/first")
+    assert rec is not None and rec.state is uploader.SegmentState.SEALED
+    assert rec.size == len(data) and rec.upload_mode == "multipart"
+    commits = m.commits(rec.id)
+    assert [(c.start, c.end) for c in commits] == [
+        (0, PART),
+        (PART, 2 * PART),
+        (2 * PART, 3 * PART),
+        (3 * PART, len(data)),
+    ]
+    assert {c.state for c in commits} == {uploader.CommitState.PENDING}
+    m.close()
+    assert remote_bytes(remote, "inv/first") is None
+
+    fresh = make_store()
+    report = fresh.recover()
+    assert report.verified == ("inv/first",)
+    assert remote_bytes(remote, "inv/first") == data
+
+
 def test_changed_local_bytes_fail_the_segment_and_it_is_never_verified(
     make_store: StoreFactory, remote: tuple[str, dict[str, Any]], tmp_path: Path
 ) -> None:
