@@ -55,6 +55,15 @@ class CommitRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Progress:
+    """A segment's row and how far its commits reach, read together in one query."""
+
+    segment: SegmentRecord
+    committed: int  # end offset of the last recorded part (0 if none)
+    parts: int  # number of the last recorded part (0 if none)
+
+
+@dataclass(frozen=True, slots=True)
 class NewCommit:
     """A part about to be recorded as ``pending``: its range and the checksums of its bytes."""
 

@@ -137,7 +137,8 @@ class Segment:
     def _check_open(self, what: str) -> None:
         """Refuse bad input before anything is recorded or sent."""
         self._store._check_open()
-        seg, committed = self._store.manifest.progress(self._id)
+        progress = self._store.manifest.progress(self._id)
+        seg, committed = progress.segment, progress.committed
         if seg.state is not SegmentState.OPEN:
             if seg.state is SegmentState.FAILED:
                 raise SegmentFailedError(f"segment {self.key!r} failed: {seg.reason}")
@@ -154,10 +155,6 @@ class Segment:
             )
         if self._lease is None:
             raise UsageError(f"segment {self.key!r} is not leased by this store")
-
-    def _committed_end(self) -> int:
-        commits = self._store.manifest.commits(self._id)
-        return commits[-1].end if commits else 0
 
     def _submit(
         self,
@@ -226,29 +223,33 @@ class Segment:
 
     def _do_commit(self, recorded: threading.Event) -> CommitResult:
         store = self._store
-        seg = self.record
         lease = self.lease
         # Snapshot the parts in flight *before* reading their states: a part that finishes in
         # between then shows its final state instead of looking like a failed, pending one.
         with self._lock:
             inflight = set(self._inflight)
-        commits = store.manifest.commits(seg.id)
-        committed = commits[-1].end if commits else 0
+        # Two indexed reads whatever the segment's length: a broker commits after every append,
+        # so reading every part of a long segment on each commit would grow quadratically.
+        progress = store.manifest.progress(self._id)
+        seg, committed = progress.segment, progress.committed
+        pending = store.manifest.pending_commits(seg.id)
         size = file_size(self.path)
         if size < committed:
             raise LocalFileError(
                 f"{self.path}: shorter ({size}) than what was committed ({committed})"
             )
         counters = Counters()
-        new = self._new_parts(committed, size, seg.part_size, len(commits), final=False)
+        new = self._new_parts(committed, size, seg.part_size, progress.parts, final=False)
         # Pending parts nobody is sending: earlier sends that failed. They go first.
-        retry = [c for c in commits if c.state is CommitState.PENDING and c.id not in inflight]
+        retry = [c for c in pending if c.id not in inflight]
         if new or retry:
             upload_id = store.shipper.ensure_upload(lease, seg)
             seg = self.record
             if retry:
                 counters = store.shipper.send_parts(lease, seg, upload_id, retry)
-            committed = self._record_and_send(lease, seg, upload_id, new, counters, recorded)
+            committed = self._record_and_send(
+                lease, seg, upload_id, new, counters, recorded, committed
+            )
         recorded.set()
         return CommitResult(
             key=self.key,
@@ -266,6 +267,7 @@ class Segment:
         parts: list[tuple[int, int, int]],
         counters: Counters,
         recorded: threading.Event,
+        committed: int,
     ) -> int:
         """Record each new part ``pending`` with the checksums of its bytes, then send it.
 
@@ -273,7 +275,6 @@ class Segment:
         slots. Returns the end of the recorded bytes.
         """
         shipper = self._store.shipper
-        committed = parts[0][1] if parts else self._committed_end()
         futures: list[Future[None]] = []
         try:
             for number, start, end in parts:
@@ -305,7 +306,8 @@ class Segment:
         store = self._store
         manifest = store.manifest
         lease = self.lease
-        seg, committed = manifest.progress(self._id)
+        progress = manifest.progress(self._id)
+        seg, committed = progress.segment, progress.committed
         size = file_size(self.path)
         if size < committed:
             raise LocalFileError(

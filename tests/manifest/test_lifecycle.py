@@ -50,3 +50,23 @@ def test_segment_lifecycle_records_every_transition(manifest: Manifest) -> None:
     assert transitions.count(("uploaded", "verified")) == 3  # two commits and the segment
     assert [s.key for s in manifest.deletable()] == ["log/0001"]
     assert manifest.status().all_verified
+
+
+def test_progress_and_pending_parts_are_read_without_the_whole_part_list(
+    manifest: Manifest,
+) -> None:
+    seg = manifest.register("log/0002", "/data/0002", node="n1", part_size=4, worker="w")
+    lease = manifest.acquire("log/0002", "w")
+    empty = manifest.progress(seg.id)
+    assert (empty.segment.key, empty.committed, empty.parts) == ("log/0002", 0, 0)
+    assert manifest.pending_commits(seg.id) == []
+
+    first, second, third = manifest.add_commits(
+        lease, [_part(1, b"abcd", 0), _part(2, b"efgh", 4), _part(3, b"ijkl", 8)]
+    )
+    manifest.commit_uploaded(lease, second, second.md5)
+    progress = manifest.progress(seg.id)
+    assert (progress.committed, progress.parts) == (12, 3)
+    assert progress.segment.state is SegmentState.OPEN
+    assert [c.part_number for c in manifest.pending_commits(seg.id)] == [1, 3]
+    assert {c.id for c in manifest.pending_commits(seg.id)} == {first.id, third.id}

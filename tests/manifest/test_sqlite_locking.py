@@ -30,8 +30,8 @@ def test_reads_do_not_wait_for_another_process_holding_the_write_lock(
         seg = sqlite_manifest.segment("log/1")
         assert seg is not None and seg.state is SegmentState.OPEN
         assert seg.attempts == 0  # the snapshot: the other writer has not committed
-        rec, committed = sqlite_manifest.progress(seg.id)
-        assert (rec.key, committed) == ("log/1", 0)
+        progress = sqlite_manifest.progress(seg.id)
+        assert (progress.segment.key, progress.committed, progress.parts) == ("log/1", 0, 0)
         assert sqlite_manifest.status().segments["open"] == 1
         other.execute("COMMIT")
         after = sqlite_manifest.segment("log/1")

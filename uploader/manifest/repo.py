@@ -54,7 +54,15 @@ from uploader.errors import (
 from uploader.keys import validate_key
 from uploader.manifest import db
 from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL, CommitRow, EventRow, SegmentRow
-from uploader.records import CommitRecord, Event, Lease, NewCommit, SegmentRecord, Status
+from uploader.records import (
+    CommitRecord,
+    Event,
+    Lease,
+    NewCommit,
+    Progress,
+    SegmentRecord,
+    Status,
+)
 from uploader.states import (
     CommitState,
     SegmentState,
@@ -230,18 +238,37 @@ class Manifest:
         with self.engine.connect() as conn:
             return [_segment(r) for r in conn.execute(q)]
 
-    def progress(self, segment_id: int) -> tuple[SegmentRecord, int]:
-        """The segment's row and the end of its committed bytes, in one query."""
-        committed = (
+    def progress(self, segment_id: int) -> Progress:
+        """The segment's row, the end of its committed bytes and its last part, in one query."""
+        # Parts are numbered 1, 2, ... without gaps and cover [0, end) in order: the last part
+        # has both the highest number and the highest end.
+        last_part = (
+            select(func.coalesce(func.max(C.c.part_number), 0))
+            .where(C.c.segment_id == S.c.id)
+            .scalar_subquery()
+        )
+        last_end = (
             select(func.coalesce(func.max(C.c.end_offset), 0))
             .where(C.c.segment_id == S.c.id)
             .scalar_subquery()
         )
         with self.engine.connect() as conn:
             row = conn.execute(
-                select(S, committed.label("committed")).where(S.c.id == segment_id)
+                select(S, last_part.label("last_part"), last_end.label("last_end")).where(
+                    S.c.id == segment_id
+                )
             ).one()
-        return _segment(row), int(row.committed)
+        return Progress(_segment(row), int(row.last_end), int(row.last_part))
+
+    def pending_commits(self, segment_id: int) -> list[CommitRecord]:
+        """The segment's ``pending`` parts (the partial index of unfinished commits finds them)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(C)
+                .where(C.c.segment_id == segment_id, C.c.state == CommitState.PENDING.value)
+                .order_by(C.c.part_number)
+            )
+            return [_commit(r) for r in rows]
 
     def commits(self, segment_id: int) -> list[CommitRecord]:
         with self.engine.connect() as conn:
