@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,6 +97,10 @@ def test_single_head() -> None:
     script = ScriptDirectory(db.migrations_dir())
     assert len(script.get_heads()) == 1
     assert script.get_heads() == [db.head_revision()]
+    # The constant that lets an up-to-date manifest open without importing Alembic.
+    assert db.head_revision() == db.HEAD_REVISION, (
+        "a migration was added: set uploader.manifest.db.HEAD_REVISION to its revision"
+    )
     # The alembic.ini at the repository root points at the same scripts.
     cfg = Config(str(ROOT / "alembic.ini"))
     cfg.set_main_option("script_location", str(ROOT / "migrations"))
@@ -199,6 +204,24 @@ def test_open_a_database_at_head(manifest_url: str) -> None:
         assert db.current_revision(m.engine) == db.head_revision()
     finally:
         m.close()
+
+
+def test_a_manifest_at_head_opens_without_importing_alembic(
+    engine: Engine, manifest_url: str
+) -> None:
+    """Alembic is only needed to migrate: the common open (already at head) does not load it."""
+    db.upgrade(engine)
+    code = (
+        "import sys, uploader\n"
+        "from uploader.manifest.repo import Manifest\n"
+        f"m = Manifest.open({manifest_url!r}); m.close()\n"
+        "loaded = sorted(n for n in sys.modules if n == 'alembic' or n.startswith('alembic.'))\n"
+        "print(','.join(loaded))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "", f"alembic was imported: {out.stdout.strip()}"
 
 
 def test_unreachable_url_names_it_without_the_password() -> None:

@@ -14,13 +14,9 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
@@ -31,7 +27,15 @@ from uploader.errors import (
     UsageError,
 )
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+#: The newest migration. Opening a manifest already at this revision needs no Alembic at all
+#: (it costs ~12 MiB and a tenth of a second to import); tests/manifest/test_migrations.py checks
+#: that this is the migration scripts' single head, so the two cannot drift.
+HEAD_REVISION = "0001"
 
 
 def redact(url: str | URL) -> str:
@@ -119,6 +123,8 @@ def migrations_dir() -> str:
 
 
 def alembic_config(url: str | URL | None = None, engine: Engine | None = None) -> Config:
+    from alembic.config import Config
+
     ini = Path(__file__).resolve().parents[2] / "alembic.ini"
     cfg = Config(str(ini)) if ini.exists() else Config()
     cfg.set_main_option("script_location", migrations_dir())
@@ -134,6 +140,9 @@ def alembic_config(url: str | URL | None = None, engine: Engine | None = None) -
 
 
 def head_revision() -> str:
+    """The head of the migration scripts (read from the scripts: imports Alembic)."""
+    from alembic.script import ScriptDirectory
+
     heads = ScriptDirectory(migrations_dir()).get_heads()
     if len(heads) != 1:
         raise RuntimeError(f"migrations have {len(heads)} heads; expected exactly one")
@@ -141,8 +150,17 @@ def head_revision() -> str:
 
 
 def current_revision(engine: Engine) -> str | None:
+    """The revision recorded in the database (Alembic's ``alembic_version``), or None."""
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    if len(rows) > 1:
+        raise SchemaAheadError(
+            f"manifest {redact(engine.url)} records several schema revisions "
+            f"({', '.join(sorted(rows))}); segment-uploader has a single line of migrations"
+        )
+    return rows[0] if rows else None
 
 
 def connect_check(engine: Engine) -> None:
@@ -158,20 +176,28 @@ def connect_check(engine: Engine) -> None:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
+    from alembic import command
+
     command.upgrade(alembic_config(engine=engine), revision)
 
 
 def downgrade(engine: Engine, revision: str = "base") -> None:
+    from alembic import command
+
     command.downgrade(alembic_config(engine=engine), revision)
 
 
 def ensure_schema(engine: Engine, *, auto_upgrade: bool | None = None) -> None:
     """Make sure the schema is at head: upgrade an embedded file, refuse a server behind or ahead."""
     connect_check(engine)
+    current = current_revision(engine)
+    if current == HEAD_REVISION:
+        return  # the common case, without importing Alembic
+    from alembic.script import ScriptDirectory
+
     if auto_upgrade is None:
         auto_upgrade = is_embedded(engine.url)
     head = head_revision()
-    current = current_revision(engine)
     if current == head:
         return
     script = ScriptDirectory(migrations_dir())
