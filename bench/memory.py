@@ -46,6 +46,11 @@ def bench_rss(
         path = tmp / "big"
         write_file(path, size, seed=3)
         bucket = new_bucket(endpoint)
+        # The manifest exists already, as for a sidecar restarted against its manifest (or after
+        # `uploader db upgrade`): creating one also loads Alembic (+12 MiB) in the child.
+        from uploader.manifest.repo import Manifest
+
+        Manifest.open(f"sqlite:///{tmp / 'm.db'}").close()
         out = subprocess.run(
             [
                 sys.executable,
