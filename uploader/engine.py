@@ -190,6 +190,28 @@ class Shipper:
             if err is not None:
                 raise err
 
+    def submit_pending(
+        self,
+        lease: Lease,
+        seg: SegmentRecord,
+        upload_id: str | LazyUpload,
+        commits: Sequence[CommitRecord],
+        counters: Counters,
+        futures: list[Future[None]],
+    ) -> None:
+        """Submit every ``pending`` commit of ``commits`` (re-read and checked), each within a
+        slot; their futures are appended to ``futures`` as they go (for the caller to wait on,
+        even if a later submission raises)."""
+        for commit in commits:
+            if commit.state is not CommitState.PENDING:
+                continue
+            self.slots.acquire()
+            try:
+                futures.append(self.submit_part(lease, seg, upload_id, commit, counters))
+            except BaseException:
+                self.slots.release()
+                raise
+
     def send_parts(
         self, lease: Lease, seg: SegmentRecord, upload_id: str, commits: Sequence[CommitRecord]
     ) -> Counters:
@@ -197,15 +219,7 @@ class Shipper:
         counters = Counters()
         futures: list[Future[None]] = []
         try:
-            for commit in commits:
-                if commit.state is not CommitState.PENDING:
-                    continue
-                self.slots.acquire()
-                try:
-                    futures.append(self.submit_part(lease, seg, upload_id, commit, counters))
-                except BaseException:
-                    self.slots.release()
-                    raise
+            self.submit_pending(lease, seg, upload_id, commits, counters, futures)
         finally:
             self.wait(futures)
         return counters

@@ -34,7 +34,7 @@ from uploader.errors import (
 from uploader.keys import validate_key
 from uploader.manifest.repo import DEFAULT_LEASE_SECONDS, Manifest, default_node, default_worker
 from uploader.records import CommitRecord, Lease, NewCommit, SegmentRecord, Status
-from uploader.states import CommitState, SegmentState
+from uploader.states import SegmentState
 from uploader.storage import open_storage
 from uploader.storage.base import MAX_PART_SIZE, MAX_PARTS, Storage
 
@@ -386,14 +386,7 @@ class Segment:
         futures: list[Future[None]] = []
         try:
             # Parts recorded earlier whose send failed: re-read (checked) and sent again.
-            for c in commits:
-                if c.state is CommitState.PENDING:
-                    shipper.slots.acquire()
-                    try:
-                        futures.append(shipper.submit_part(lease, seg, upload, c, counters))
-                    except BaseException:
-                        shipper.slots.release()
-                        raise
+            shipper.submit_pending(lease, seg, upload, commits, counters, futures)
             if not parts:
                 self._record_seal(lease, [], size, md5s, crcs)
             for i, (number, start, end) in enumerate(parts):

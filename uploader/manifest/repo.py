@@ -134,6 +134,17 @@ def _commit(row: Any) -> CommitRecord:
     )
 
 
+def _check_acknowledged(lease: Lease, commit: CommitRecord, etag: str) -> None:
+    """A part counts as uploaded only with the ETag the remote acknowledged equal to our MD5."""
+    if etag != commit.md5:
+        raise StaleStateError(
+            f"{lease.key} part {commit.part_number}",
+            "etag " + commit.md5,
+            "etag " + etag,
+            what="commit",
+        )
+
+
 def _clip(message: str, limit: int = 2000) -> str:
     return message if len(message) <= limit else message[: limit - 3] + "..."
 
@@ -974,13 +985,7 @@ class Manifest:
 
     def commit_uploaded(self, lease: Lease, commit: CommitRecord, etag: str) -> None:
         """``pending -> uploaded``: only with the ETag the remote acknowledged, equal to our MD5."""
-        if etag != commit.md5:
-            raise StaleStateError(
-                f"{lease.key} part {commit.part_number}",
-                "etag " + commit.md5,
-                "etag " + etag,
-                what="commit",
-            )
+        _check_acknowledged(lease, commit, etag)
         self.transition_commit(
             lease, commit.id, CommitState.PENDING, CommitState.UPLOADED, etag=etag
         )
@@ -990,13 +995,7 @@ class Manifest:
 
         Both facts come from the same response, so one transaction records them.
         """
-        if etag != commit.md5:
-            raise StaleStateError(
-                f"{lease.key} part {commit.part_number}",
-                "etag " + commit.md5,
-                "etag " + etag,
-                what="commit",
-            )
+        _check_acknowledged(lease, commit, etag)
         now = self.clock()
         with self._begin() as conn:
             self._put_done(conn, lease, commit, etag, now)
@@ -1006,13 +1005,7 @@ class Manifest:
     ) -> None:
         """A single PUT acknowledged *and* its object checked: ``put_done`` then
         ``segment_verified`` in one transaction (both facts are known when it starts)."""
-        if etag != commit.md5:
-            raise StaleStateError(
-                f"{lease.key} part {commit.part_number}",
-                "etag " + commit.md5,
-                "etag " + etag,
-                what="commit",
-            )
+        _check_acknowledged(lease, commit, etag)
         now = self.clock()
         values: dict[str, Any] = {
             "object_etag": etag,
@@ -1036,21 +1029,7 @@ class Manifest:
                 check_unsent=False,
                 events=[],
             )
-            res = conn.execute(
-                update(C)
-                .where(
-                    C.c.id == commit.id,
-                    C.c.segment_id == lease.segment_id,
-                    C.c.state == CommitState.PENDING.value,
-                )
-                .values(state=CommitState.VERIFIED.value, etag=etag, updated_at=now)
-            )
-            if res.rowcount != 1:
-                actual = conn.execute(select(C.c.state).where(C.c.id == commit.id)).scalar()
-                raise StaleStateError(
-                    f"{lease.key} part {commit.part_number}", "pending", actual, what="commit"
-                )
-            self._check_all_sent(conn, lease, SegmentState.VERIFIED)
+            self._pending_part_to(conn, lease, commit, CommitState.VERIFIED, etag, now)
             seg, cid, owner, fence = lease.segment_id, commit.id, lease.owner, lease.fence
             self._events(
                 conn,
@@ -1070,6 +1049,36 @@ class Manifest:
                 ],
             )
 
+    def _pending_part_to(
+        self,
+        conn: Connection,
+        lease: Lease,
+        commit: CommitRecord,
+        new: CommitState,
+        etag: str,
+        now: datetime,
+    ) -> None:
+        """A single-PUT segment's one part leaves ``pending`` with the PUT's ETag (after the
+        segment row moved, so the segment lock is taken first); then no part may be unsent."""
+        res = conn.execute(
+            update(C)
+            .where(
+                C.c.id == commit.id,
+                C.c.segment_id == lease.segment_id,
+                C.c.state == CommitState.PENDING.value,
+            )
+            .values(state=new.value, etag=etag, updated_at=now)
+        )
+        if res.rowcount != 1:
+            actual = conn.execute(select(C.c.state).where(C.c.id == commit.id)).scalar()
+            raise StaleStateError(
+                f"{lease.key} part {commit.part_number}", "pending", actual, what="commit"
+            )
+        segment_state = (
+            SegmentState.VERIFIED if new is CommitState.VERIFIED else SegmentState.UPLOADED
+        )
+        self._check_all_sent(conn, lease, segment_state)
+
     def _put_done(
         self, conn: Connection, lease: Lease, commit: CommitRecord, etag: str, now: datetime
     ) -> None:
@@ -1087,21 +1096,7 @@ class Manifest:
             check_unsent=False,
             events=events,
         )
-        res = conn.execute(
-            update(C)
-            .where(
-                C.c.id == commit.id,
-                C.c.segment_id == lease.segment_id,
-                C.c.state == CommitState.PENDING.value,
-            )
-            .values(state=CommitState.UPLOADED.value, etag=etag, updated_at=now)
-        )
-        if res.rowcount != 1:
-            actual = conn.execute(select(C.c.state).where(C.c.id == commit.id)).scalar()
-            raise StaleStateError(
-                f"{lease.key} part {commit.part_number}", "pending", actual, what="commit"
-            )
-        self._check_all_sent(conn, lease, SegmentState.UPLOADED)
+        self._pending_part_to(conn, lease, commit, CommitState.UPLOADED, etag, now)
         events.insert(
             0,
             (
