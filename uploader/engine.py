@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from uploader.digest import (
@@ -28,10 +28,11 @@ from uploader.digest import (
     crc32c_of,
     normalize_etag,
     read_bytes,
+    read_range,
 )
 from uploader.errors import LocalFileError, UploaderError, VerificationError
 from uploader.manifest.repo import Manifest
-from uploader.records import CommitRecord, Lease, SegmentRecord
+from uploader.records import CommitRecord, Lease, NewCommit, SegmentRecord
 from uploader.states import CommitState
 from uploader.storage.base import Expected, ObjectInfo, PartRef, Storage
 
@@ -82,28 +83,6 @@ class Counters:
             self.parts_reused += 1
 
 
-class LazyUpload:
-    """A segment's multipart upload id, started by the first part that needs it.
-
-    Lets a seal record its parts (and the seal itself) without waiting for, or depending on, the
-    remote call that starts the upload: a failure there fails the parts' sends, never the
-    recording of what is left to send.
-    """
-
-    def __init__(self, shipper: Shipper, lease: Lease, seg: SegmentRecord) -> None:
-        self._shipper = shipper
-        self._lease = lease
-        self._seg = seg
-        self._lock = threading.Lock()
-        self._id = seg.upload_id
-
-    def get(self) -> str:
-        with self._lock:
-            if self._id is None:
-                self._id = self._shipper.ensure_upload(self._lease, self._seg)
-            return self._id
-
-
 class Shipper:
     """Sends recorded parts, completes and verifies objects, on a bounded pool.
 
@@ -146,7 +125,7 @@ class Shipper:
         self,
         lease: Lease,
         seg: SegmentRecord,
-        upload_id: str | LazyUpload,
+        upload_id: str,
         commit: CommitRecord,
         counters: Counters,
         payload: Payload | None = None,
@@ -161,7 +140,7 @@ class Shipper:
         self,
         lease: Lease,
         seg: SegmentRecord,
-        upload_id: str | LazyUpload,
+        upload_id: str,
         commit: CommitRecord,
         counters: Counters,
         payload: Payload | None,
@@ -169,8 +148,6 @@ class Shipper:
         try:
             if payload is None:
                 payload = read_checked(seg.path, commit, seg.key)
-            if isinstance(upload_id, LazyUpload):
-                upload_id = upload_id.get()
             try:
                 ref = self.storage.upload_part(seg.key, upload_id, commit.part_number, payload)
             except UploaderError as exc:
@@ -190,11 +167,37 @@ class Shipper:
             if err is not None:
                 raise err
 
+    def digest(self, path: str, parts: Sequence[tuple[int, int, int]]) -> list[NewCommit]:
+        """The digest pass: MD5 and CRC32C of each ``(number, start, end)`` part of ``path``.
+
+        Parts are read and hashed in parallel on the pool (hashing releases the GIL), each
+        within a slot, and their bytes dropped at once: only the checksums are kept.
+        """
+        futures: list[Future[NewCommit]] = []
+        try:
+            for number, start, end in parts:
+                self.slots.acquire()
+                try:
+                    futures.append(self.pool.submit(self._digest_one, path, number, start, end))
+                except BaseException:
+                    self.slots.release()
+                    raise
+        finally:
+            wait(futures)
+        return [f.result() for f in futures]
+
+    def _digest_one(self, path: str, number: int, start: int, end: int) -> NewCommit:
+        try:
+            payload = read_range(path, start, end)
+            return NewCommit(number, start, end, payload.md5, payload.crc32c)
+        finally:
+            self.slots.release()
+
     def submit_pending(
         self,
         lease: Lease,
         seg: SegmentRecord,
-        upload_id: str | LazyUpload,
+        upload_id: str,
         commits: Sequence[CommitRecord],
         counters: Counters,
         futures: list[Future[None]],
@@ -314,12 +317,25 @@ class Shipper:
         ``verified`` in one transaction. If the check fails, what the PUT's response said is
         still recorded (``uploaded``) before VerificationError is raised."""
         deep = self.verify_mode == "deep"
-        problem = self.check_object(seg, [commit], deep)
+        try:
+            problem = self.check_object(seg, [commit], deep)
+        except UploaderError as exc:
+            # The check could not be made (HEAD failed): what the PUT said is still a fact.
+            self._put_unverified(lease, commit, etag, f"verify: {exc}")
+            raise
         if problem is not None:
-            self.manifest.put_done(lease, commit, etag)
-            self.manifest.record_error(lease, problem)
+            self._put_unverified(lease, commit, etag, problem)
             raise VerificationError(problem)
         self.manifest.put_verified(lease, commit, etag, self._verified_detail(seg), release=release)
+
+    def _put_unverified(self, lease: Lease, commit: CommitRecord, etag: str, error: str) -> None:
+        """Record the acknowledged PUT (``uploaded``) and why it is not verified; recovery then
+        verifies it again. A lost lease here is the new holder's business."""
+        try:
+            self.manifest.put_done(lease, commit, etag)
+            self.manifest.record_error(lease, error)
+        except UploaderError as exc:
+            log.warning("could not record the PUT of %r: %s", lease.key, exc)
 
     def _verified_detail(self, seg: SegmentRecord) -> str:
         how = "deep: bytes read back" if self.verify_mode == "deep" else "size and multipart ETag"

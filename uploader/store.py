@@ -9,6 +9,7 @@ caller never looked at (the RocketMQ ``commitAsync`` loss cannot happen here).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -22,13 +23,14 @@ from typing import Any, TypeVar
 
 from uploader import recovery
 from uploader.digest import combine_crcs, file_size, multipart_etag, read_range
-from uploader.engine import Counters, LazyUpload, Shipper
+from uploader.engine import Counters, Shipper
 from uploader.errors import (
     LeaseLostError,
     LocalFileError,
     SegmentFailedError,
     SegmentSealedError,
     StoreClosedError,
+    UploaderError,
     UsageError,
 )
 from uploader.keys import validate_key
@@ -366,12 +368,14 @@ class Segment:
         )
 
     def _seal_multipart(self, lease: Lease, seg: SegmentRecord, size: int) -> CommitResult:
-        """Pipelined: each final part is read once, its checksums recorded ``pending`` (the last
-        one together with the seal), then sent from the same buffer while the next is read.
+        """Two passes, so that the seal is durable before any remote call.
 
-        The seal is recorded whatever happens to the sends (they fail on their own futures and
-        leave their rows ``pending``), so a failure nobody looks at never loses the tail: the
-        recovery job finds the sealed segment and finishes it.
+        The digest pass reads the final parts (in parallel on the part pool, within the slots)
+        and keeps only their checksums; then the seal and every final part are recorded in one
+        transaction. From there a crash, a kill or a failure nobody looks at leaves a sealed
+        segment that the recovery job finishes (a seal recorded part by part as it is sent would
+        leave an open segment, which only its writer may seal). The send pass reads each part
+        again, checks its CRC32C and sends it.
         """
         store = self._store
         manifest = store.manifest
@@ -379,40 +383,22 @@ class Segment:
         commits = manifest.commits(seg.id)
         committed = commits[-1].end if commits else 0
         parts = self._new_parts(committed, size, seg.part_size, len(commits), final=True)
-        md5s = [c.md5 for c in commits]
-        crcs = [(c.crc32c, c.size) for c in commits]
-        upload = LazyUpload(shipper, lease, seg)
-        counters = Counters()
-        futures: list[Future[None]] = []
+        final = shipper.digest(self.path, parts)
+        all_commits = self._record_seal(
+            lease,
+            final,
+            size,
+            [c.md5 for c in commits] + [c.md5 for c in final],
+            [(c.crc32c, c.size) for c in commits] + [(c.crc32c, c.end - c.start) for c in final],
+        )
         try:
-            # Parts recorded earlier whose send failed: re-read (checked) and sent again.
-            shipper.submit_pending(lease, seg, upload, commits, counters, futures)
-            if not parts:
-                self._record_seal(lease, [], size, md5s, crcs)
-            for i, (number, start, end) in enumerate(parts):
-                shipper.slots.acquire()
-                try:
-                    payload = read_range(self.path, start, end)
-                    new = NewCommit(number, start, end, payload.md5, payload.crc32c)
-                    md5s.append(payload.md5)
-                    crcs.append((payload.crc32c, end - start))
-                    if i == len(parts) - 1:
-                        recorded = self._record_seal(lease, [new], size, md5s, crcs)
-                    else:
-                        recorded = manifest.add_commits(lease, [new])
-                    [commit] = [c for c in recorded if c.part_number == number]
-                    futures.append(
-                        shipper.submit_part(lease, seg, upload, commit, counters, payload)
-                    )
-                    del payload
-                except BaseException:
-                    shipper.slots.release()
-                    raise
-        except BaseException:
-            wait(futures)  # let the sends in flight finish; this error is the one to report
+            upload_id = shipper.ensure_upload(lease, seg)
+        except UploaderError as exc:
+            with contextlib.suppress(UploaderError):  # a lost lease: the new holder retries
+                manifest.record_error(lease, f"start_upload: {exc}")
             raise
-        shipper.wait(futures)
         seg = self.record
+        counters = shipper.send_parts(lease, seg, upload_id, all_commits)
         all_commits = manifest.commits(seg.id)
         info = shipper.complete(lease, seg, all_commits)
         seg = self.record

@@ -116,6 +116,80 @@ def test_ignored_failure_of_the_final_commit_keeps_the_tail(
     assert remote_bytes(remote, "inv/tail") == data
 
 
+class SealChecker(FaultyStorage):
+    """At every remote call a seal makes, the seal must already be durable (read by another
+    connection): a process killed at any of them leaves a segment recovery can finish."""
+
+    def __init__(self, inner: Any, manifest_url: str, key: str) -> None:
+        super().__init__(inner)
+        self.observer = Manifest.open(manifest_url)
+        self.key = key
+        self.calls: list[str] = []
+
+    def _assert_sealed(self, op: str) -> None:
+        seg = self.observer.segment(self.key)
+        assert seg is not None and seg.state is uploader.SegmentState.SEALED, (op, seg)
+        assert seg.size is not None and seg.expected_etag is not None
+        self.calls.append(op)
+
+    def start_upload(self, key: str) -> str:
+        self._assert_sealed("start_upload")
+        return super().start_upload(key)
+
+    def upload_part(self, key: str, upload_id: str, number: int, payload: Payload) -> PartRef:
+        self._assert_sealed("upload_part")
+        return super().upload_part(key, upload_id, number, payload)
+
+    def put(self, key: str, payload: Payload) -> ObjectInfo:
+        self._assert_sealed("put")
+        return super().put(key, payload)
+
+
+@pytest.mark.parametrize("size", [7, 5 * PART + 3])
+def test_a_seal_is_durable_before_its_first_remote_call(
+    manifest_url: str, remote: tuple[str, dict[str, Any]], tmp_path: Path, size: int
+) -> None:
+    migrate(manifest_url)
+    url, options = remote
+    path = tmp_path / "seg"
+    data = random.Random(size).randbytes(size)
+    path.write_bytes(data)  # nothing committed before: the seal ships the whole file
+    checker = SealChecker(
+        open_storage(url, dict(options), min_part_size=PART), manifest_url, "inv/sealfirst"
+    )
+    with uploader.open(
+        manifest_url, url, storage=checker, part_size=PART, min_part_size=PART, concurrency=2
+    ) as store:
+        assert store.segment("inv/sealfirst", path).seal().result(timeout=60).verified
+    checker.observer.close()
+    expected = ["put"] if size <= PART else ["start_upload"] + ["upload_part"] * 6
+    assert checker.calls == expected
+    assert remote_bytes(remote, "inv/sealfirst") == data
+
+
+def test_a_failed_check_after_a_put_keeps_what_the_put_said(
+    make_store: StoreFactory, remote: tuple[str, dict[str, Any]], manifest_url: str, tmp_path: Path
+) -> None:
+    url, options = remote
+    path = tmp_path / "seg"
+    path.write_bytes(b"small segment")
+    faulty = FaultyStorage(open_storage(url, dict(options), min_part_size=PART))
+    faulty.add(Fault(op="head", error=lambda: RetryableStorageError("injected: head down")))
+    store = make_store(storage=faulty)
+    assert store.segment("inv/head", path).seal().exception(timeout=60) is not None
+    store.close()
+    m = Manifest.open(manifest_url)
+    rec = m.segment("inv/head")
+    assert rec is not None and rec.state is uploader.SegmentState.UPLOADED
+    assert rec.object_etag is not None and "injected" in (rec.last_error or "")
+    [part] = m.commits(rec.id)
+    assert part.state is uploader.CommitState.UPLOADED and part.etag == part.md5
+    m.close()
+    report = make_store().recover()
+    assert report.verified == ("inv/head",)
+    assert remote_bytes(remote, "inv/head") == b"small segment"
+
+
 @pytest.mark.parametrize("op", ["start_upload", "upload_part"])
 def test_a_seal_whose_first_remote_call_fails_is_still_recorded(
     make_store: StoreFactory,
@@ -148,6 +222,11 @@ def test_a_seal_whose_first_remote_call_fails_is_still_recorded(
         (3 * PART, len(data)),
     ]
     assert {c.state for c in commits} == {uploader.CommitState.PENDING}
+    # The failure is on record where recovery and `uploader status` look for it.
+    if op == "start_upload":
+        assert rec.attempts >= 1 and "injected" in (rec.last_error or "")
+    else:
+        assert all(c.attempts >= 1 and "injected" in (c.last_error or "") for c in commits)
     m.close()
     assert remote_bytes(remote, "inv/first") is None
 

@@ -39,7 +39,8 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from uploader.errors import (
     InvalidRangeError,
@@ -336,30 +337,33 @@ class Manifest:
         if part_size <= 0:
             raise UsageError(f"segment {key!r}: part size must be positive, got {part_size}")
         # Insert first: a new key (the common case) costs one transaction and no read. A key
-        # registered before fails the unique constraint and is read back below.
+        # registered before is left alone by ON CONFLICT DO NOTHING (no unique-violation error
+        # in the server's log for every re-open) and read back below.
         now = self.clock()
         expires = None if lease_ttl is None else now + timedelta(seconds=lease_ttl)
         fence = 0 if lease_ttl is None else 1
         owner = None if lease_ttl is None else worker
-        try:
-            with self._begin() as conn:
-                seg_id = conn.execute(
-                    insert(S)
-                    .values(
-                        key=key,
-                        path=path,
-                        node=node,
-                        state=SegmentState.OPEN.value,
-                        part_size=part_size,
-                        fence=fence,
-                        lease_owner=owner,
-                        lease_expires=expires,
-                        attempts=0,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                    .returning(S.c.id)
-                ).scalar_one()
+        insert_new = pg_insert if self.is_postgres else sqlite_insert
+        with self._begin() as conn:
+            seg_id = conn.execute(
+                insert_new(S)
+                .values(
+                    key=key,
+                    path=path,
+                    node=node,
+                    state=SegmentState.OPEN.value,
+                    part_size=part_size,
+                    fence=fence,
+                    lease_owner=owner,
+                    lease_expires=expires,
+                    attempts=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=[S.c.key])
+                .returning(S.c.id)
+            ).scalar_one_or_none()
+            if seg_id is not None:
                 self._event(
                     conn,
                     seg_id,
@@ -370,10 +374,10 @@ class Manifest:
                     fence,
                     f"registered {path}",
                 )
-        except IntegrityError:
+        if seg_id is None:
             existing = self.segment(key)  # registered before, or concurrently
-            if existing is None:
-                raise
+            if existing is None:  # removed in between: nothing of ours to return
+                raise StaleStateError(key, "registered", None)
         else:
             record = SegmentRecord(
                 id=seg_id,
@@ -1188,8 +1192,23 @@ class Manifest:
             .values(state=CommitState.VERIFIED.value, updated_at=now)
         )
         if res.rowcount != len(commits):
+            moved = (
+                conn.execute(
+                    select(C.c.part_number)
+                    .where(
+                        C.c.segment_id == lease.segment_id,
+                        C.c.state != CommitState.VERIFIED.value,
+                    )
+                    .order_by(C.c.part_number)
+                )
+                .scalars()
+                .all()
+            )
             raise StaleStateError(
-                f"{lease.key} parts", "uploaded", "moved meanwhile", what="commit"
+                f"{lease.key} part(s) {', '.join(map(str, moved))}",
+                "uploaded",
+                "moved meanwhile",
+                what="commit",
             )
         events.extend(
             (lease.segment_id, c.id, "uploaded", "verified", lease.owner, lease.fence, None)

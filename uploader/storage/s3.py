@@ -96,7 +96,11 @@ class S3Storage:
         config = dict(options.get("config_kwargs") or {})
         config.setdefault("request_checksum_calculation", "when_required")
         config.setdefault("response_checksum_validation", "when_required")
-        config.setdefault("s3", {"payload_signing_enabled": False})
+        # No SHA-256 of every body for the signature: the body's MD5 goes in the signed
+        # Content-MD5 header, which the server checks (botocore itself does the same over https).
+        s3_config = dict(config.get("s3") or {})
+        s3_config.setdefault("payload_signing_enabled", False)
+        config["s3"] = s3_config
         options["config_kwargs"] = config
         self.fs = s3fs.S3FileSystem(**options)
         self.fs.retries = 1  # one attempt per call: RetryingStorage decides about retries
