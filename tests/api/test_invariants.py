@@ -20,14 +20,21 @@ from uploader.manifest.repo import Manifest
 from uploader.storage import Fault, FaultyStorage, ObjectInfo, PartRef, open_storage
 
 
-class IntentChecker(FaultyStorage):
-    """Before any byte leaves, the part must already be durable as ``pending`` (read by another
-    connection, so an uncommitted transaction would not count)."""
+class ObservingStorage(FaultyStorage):
+    """A storage wrapper that reads the manifest over a connection of its own at each call (an
+    uncommitted transaction of the writer would not count)."""
 
     def __init__(self, inner: Any, manifest_url: str, key: str) -> None:
         super().__init__(inner)
         self.observer = Manifest.open(manifest_url)
         self.key = key
+
+
+class IntentChecker(ObservingStorage):
+    """Before any byte leaves, the part must already be durable as ``pending``."""
+
+    def __init__(self, inner: Any, manifest_url: str, key: str) -> None:
+        super().__init__(inner, manifest_url, key)
         self.checked: list[int] = []
 
     def _assert_intent(self, number: int, payload: Payload) -> None:
@@ -116,14 +123,12 @@ def test_ignored_failure_of_the_final_commit_keeps_the_tail(
     assert remote_bytes(remote, "inv/tail") == data
 
 
-class SealChecker(FaultyStorage):
-    """At every remote call a seal makes, the seal must already be durable (read by another
-    connection): a process killed at any of them leaves a segment recovery can finish."""
+class SealChecker(ObservingStorage):
+    """At every remote call a seal makes, the seal must already be durable: a process killed at
+    any of them leaves a segment recovery can finish."""
 
     def __init__(self, inner: Any, manifest_url: str, key: str) -> None:
-        super().__init__(inner)
-        self.observer = Manifest.open(manifest_url)
-        self.key = key
+        super().__init__(inner, manifest_url, key)
         self.calls: list[str] = []
 
     def _assert_sealed(self, op: str) -> None:
