@@ -40,7 +40,7 @@ def crc32c_of(data: bytes) -> int:
 
 
 def checksum(data: bytes) -> tuple[str, int]:
-    return hashlib.md5(data, usedforsecurity=False).hexdigest(), _crc32c.crc32c(data)
+    return hashlib.md5(data, usedforsecurity=False).hexdigest(), crc32c_of(data)
 
 
 def read_bytes(path: str, start: int, end: int) -> bytes:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from uploader.digest import (
     Payload,
@@ -39,6 +40,8 @@ from uploader.storage.base import Expected, ObjectInfo, PartRef, Storage
 log = logging.getLogger("uploader")
 
 VERIFY_MODES = ("etag", "deep")
+
+T = TypeVar("T")
 
 
 def read_checked(path: str, commit: CommitRecord, key: str) -> Payload:
@@ -167,6 +170,16 @@ class Shipper:
             if err is not None:
                 raise err
 
+    def _in_slot(self, task: Callable[..., T], *args: Any) -> Future[T]:
+        """Take a slot, then run ``task`` on the pool; the task releases the slot when done
+        (the slot is given back here only if the submission itself fails)."""
+        self.slots.acquire()
+        try:
+            return self.pool.submit(task, *args)
+        except BaseException:
+            self.slots.release()
+            raise
+
     def digest(self, path: str, parts: Sequence[tuple[int, int, int]]) -> list[NewCommit]:
         """The digest pass: MD5 and CRC32C of each ``(number, start, end)`` part of ``path``.
 
@@ -176,12 +189,7 @@ class Shipper:
         futures: list[Future[NewCommit]] = []
         try:
             for number, start, end in parts:
-                self.slots.acquire()
-                try:
-                    futures.append(self.pool.submit(self._digest_one, path, number, start, end))
-                except BaseException:
-                    self.slots.release()
-                    raise
+                futures.append(self._in_slot(self._digest_one, path, number, start, end))
         finally:
             wait(futures)
         return [f.result() for f in futures]
@@ -206,14 +214,10 @@ class Shipper:
         slot; their futures are appended to ``futures`` as they go (for the caller to wait on,
         even if a later submission raises)."""
         for commit in commits:
-            if commit.state is not CommitState.PENDING:
-                continue
-            self.slots.acquire()
-            try:
-                futures.append(self.submit_part(lease, seg, upload_id, commit, counters))
-            except BaseException:
-                self.slots.release()
-                raise
+            if commit.state is CommitState.PENDING:
+                futures.append(
+                    self._in_slot(self._send_one, lease, seg, upload_id, commit, counters, None)
+                )
 
     def send_parts(
         self, lease: Lease, seg: SegmentRecord, upload_id: str, commits: Sequence[CommitRecord]

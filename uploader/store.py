@@ -35,7 +35,7 @@ from uploader.errors import (
 )
 from uploader.keys import validate_key
 from uploader.manifest.repo import DEFAULT_LEASE_SECONDS, Manifest, default_node, default_worker
-from uploader.records import CommitRecord, Lease, NewCommit, SegmentRecord, Status
+from uploader.records import Lease, NewCommit, SegmentRecord, Status
 from uploader.states import SegmentState
 from uploader.storage import open_storage
 from uploader.storage.base import MAX_PART_SIZE, MAX_PARTS, Storage
@@ -384,12 +384,16 @@ class Segment:
         committed = commits[-1].end if commits else 0
         parts = self._new_parts(committed, size, seg.part_size, len(commits), final=True)
         final = shipper.digest(self.path, parts)
-        all_commits = self._record_seal(
+        # The seal's intent: size, whole-file CRC32C and the multipart ETag to expect.
+        all_commits = manifest.seal(
             lease,
             final,
-            size,
-            [c.md5 for c in commits] + [c.md5 for c in final],
-            [(c.crc32c, c.size) for c in commits] + [(c.crc32c, c.end - c.start) for c in final],
+            size=size,
+            crc32c=combine_crcs(
+                [(c.crc32c, c.size) for c in commits] + [(c.crc32c, c.end - c.start) for c in final]
+            ),
+            expected_etag=multipart_etag([c.md5 for c in commits] + [c.md5 for c in final]),
+            upload_mode="multipart",
         )
         try:
             upload_id = shipper.ensure_upload(lease, seg)
@@ -401,7 +405,8 @@ class Segment:
         counters = shipper.send_parts(lease, seg, upload_id, all_commits)
         all_commits = manifest.commits(seg.id)
         info = shipper.complete(lease, seg, all_commits)
-        seg = self.record
+        # What verification compares with (size, checksums, expected ETag) was fixed by the seal:
+        # the row read after the upload started serves.
         shipper.verify(lease, seg, all_commits, release=True)
         store._drop_lease(seg.id)
         return CommitResult(
@@ -413,24 +418,6 @@ class Segment:
             sealed=True,
             verified=True,
             object_etag=info.etag,
-        )
-
-    def _record_seal(
-        self,
-        lease: Lease,
-        final: list[NewCommit],
-        size: int,
-        md5s: list[str],
-        crcs: list[tuple[int, int]],
-    ) -> list[CommitRecord]:
-        """The seal's intent: size, whole-file CRC32C and the multipart ETag to expect."""
-        return self._store.manifest.seal(
-            lease,
-            final,
-            size=size,
-            crc32c=combine_crcs(crcs),
-            expected_etag=multipart_etag(md5s),
-            upload_mode="multipart",
         )
 
 

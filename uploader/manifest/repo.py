@@ -896,6 +896,7 @@ class Manifest:
             .scalars()
             .all()
         )
+        records: list[CommitRecord] = []
         for commit_id, c in zip(ids, new, strict=True):
             events.append(
                 (
@@ -908,23 +909,22 @@ class Manifest:
                     f"part {c.part_number} [{c.start}, {c.end})",
                 )
             )
-        records = [
-            CommitRecord(
-                id=commit_id,
-                segment_id=lease.segment_id,
-                part_number=c.part_number,
-                start=c.start,
-                end=c.end,
-                md5=c.md5,
-                crc32c=c.crc32c,
-                etag=None,
-                state=CommitState.PENDING,
-                attempts=0,
-                last_error=None,
-                reason=None,
+            records.append(
+                CommitRecord(
+                    id=commit_id,
+                    segment_id=lease.segment_id,
+                    part_number=c.part_number,
+                    start=c.start,
+                    end=c.end,
+                    md5=c.md5,
+                    crc32c=c.crc32c,
+                    etag=None,
+                    state=CommitState.PENDING,
+                    attempts=0,
+                    last_error=None,
+                    reason=None,
+                )
             )
-            for commit_id, c in zip(ids, new, strict=True)
-        ]
         return end, before, records
 
     def seal(
@@ -1002,7 +1002,33 @@ class Manifest:
         _check_acknowledged(lease, commit, etag)
         now = self.clock()
         with self._begin() as conn:
-            self._put_done(conn, lease, commit, etag, now)
+            # The part's audit row first, as the part moves first in the story; in SQL the
+            # segment row moves first (guarded; it is also the lock every writer takes first on
+            # PostgreSQL), then the part; "no unsent part" is checked once the part has moved.
+            events: list[EventRow_] = [
+                (
+                    lease.segment_id,
+                    commit.id,
+                    CommitState.PENDING.value,
+                    CommitState.UPLOADED.value,
+                    lease.owner,
+                    lease.fence,
+                    None,
+                )
+            ]
+            self._segment_cas(
+                conn,
+                lease,
+                SegmentState.SEALED,
+                SegmentState.UPLOADED,
+                {"object_etag": etag, "upload_id": None},
+                f"object complete (single PUT), etag {etag}",
+                now,
+                check_unsent=False,
+                events=events,
+            )
+            self._pending_part_to(conn, lease, commit, CommitState.UPLOADED, etag, now)
+            self._events(conn, events)
 
     def put_verified(
         self, lease: Lease, commit: CommitRecord, etag: str, detail: str, *, release: bool = False
@@ -1083,38 +1109,6 @@ class Manifest:
         )
         self._check_all_sent(conn, lease, segment_state)
 
-    def _put_done(
-        self, conn: Connection, lease: Lease, commit: CommitRecord, etag: str, now: datetime
-    ) -> None:
-        events: list[EventRow_] = []
-        # The segment row first (guarded; it is also the lock every writer takes first on
-        # PostgreSQL), then the part; "no unsent part" is checked once the part has moved.
-        self._segment_cas(
-            conn,
-            lease,
-            SegmentState.SEALED,
-            SegmentState.UPLOADED,
-            {"object_etag": etag, "upload_id": None},
-            f"object complete (single PUT), etag {etag}",
-            now,
-            check_unsent=False,
-            events=events,
-        )
-        self._pending_part_to(conn, lease, commit, CommitState.UPLOADED, etag, now)
-        events.insert(
-            0,
-            (
-                lease.segment_id,
-                commit.id,
-                CommitState.PENDING.value,
-                CommitState.UPLOADED.value,
-                lease.owner,
-                lease.fence,
-                None,
-            ),
-        )
-        self._events(conn, events)
-
     def commit_attempt_failed(self, lease: Lease, commit: CommitRecord, error: str) -> None:
         """A send failed: the row stays ``pending``, with attempts and the last error recorded."""
         now = self.clock()
@@ -1154,67 +1148,62 @@ class Manifest:
         """
         now = self.clock()
         with self._begin() as conn:
-            self._segment_verified(conn, lease, detail, now, release=release)
-
-    def _segment_verified(
-        self, conn: Connection, lease: Lease, detail: str, now: datetime, *, release: bool
-    ) -> None:
-        commits = conn.execute(
-            select(C.c.id, C.c.state, C.c.part_number, C.c.etag)
-            .where(C.c.segment_id == lease.segment_id)
-            .order_by(C.c.part_number)
-        ).all()
-        for c in commits:
-            check_commit_transition(c.state, CommitState.VERIFIED, has_etag=c.etag is not None)
-        values: dict[str, Any] = {"verified_at": now, "last_error": None}
-        if release:
-            values.update(lease_owner=None, lease_expires=None)
-        events: list[EventRow_] = []
-        # Every part was just read as uploaded (checked above); the conditional update of
-        # the parts below proves nobody moved one in between.
-        self._segment_cas(
-            conn,
-            lease,
-            SegmentState.UPLOADED,
-            SegmentState.VERIFIED,
-            values,
-            detail,
-            now,
-            check_unsent=False,
-            events=events,
-        )
-        res = conn.execute(
-            update(C)
-            .where(
-                C.c.segment_id == lease.segment_id,
-                C.c.state == CommitState.UPLOADED.value,
+            commits = conn.execute(
+                select(C.c.id, C.c.state, C.c.part_number, C.c.etag)
+                .where(C.c.segment_id == lease.segment_id)
+                .order_by(C.c.part_number)
+            ).all()
+            for c in commits:
+                check_commit_transition(c.state, CommitState.VERIFIED, has_etag=c.etag is not None)
+            values: dict[str, Any] = {"verified_at": now, "last_error": None}
+            if release:
+                values.update(lease_owner=None, lease_expires=None)
+            events: list[EventRow_] = []
+            # Every part was just read as uploaded (checked above); the conditional update of
+            # the parts below proves nobody moved one in between.
+            self._segment_cas(
+                conn,
+                lease,
+                SegmentState.UPLOADED,
+                SegmentState.VERIFIED,
+                values,
+                detail,
+                now,
+                check_unsent=False,
+                events=events,
             )
-            .values(state=CommitState.VERIFIED.value, updated_at=now)
-        )
-        if res.rowcount != len(commits):
-            moved = (
-                conn.execute(
-                    select(C.c.part_number)
-                    .where(
-                        C.c.segment_id == lease.segment_id,
-                        C.c.state != CommitState.VERIFIED.value,
-                    )
-                    .order_by(C.c.part_number)
+            res = conn.execute(
+                update(C)
+                .where(
+                    C.c.segment_id == lease.segment_id,
+                    C.c.state == CommitState.UPLOADED.value,
                 )
-                .scalars()
-                .all()
+                .values(state=CommitState.VERIFIED.value, updated_at=now)
             )
-            raise StaleStateError(
-                f"{lease.key} part(s) {', '.join(map(str, moved))}",
-                "uploaded",
-                "moved meanwhile",
-                what="commit",
+            if res.rowcount != len(commits):
+                moved = (
+                    conn.execute(
+                        select(C.c.part_number)
+                        .where(
+                            C.c.segment_id == lease.segment_id,
+                            C.c.state != CommitState.VERIFIED.value,
+                        )
+                        .order_by(C.c.part_number)
+                    )
+                    .scalars()
+                    .all()
+                )
+                raise StaleStateError(
+                    f"{lease.key} part(s) {', '.join(map(str, moved))}",
+                    "uploaded",
+                    "moved meanwhile",
+                    what="commit",
+                )
+            events.extend(
+                (lease.segment_id, c.id, "uploaded", "verified", lease.owner, lease.fence, None)
+                for c in commits
             )
-        events.extend(
-            (lease.segment_id, c.id, "uploaded", "verified", lease.owner, lease.fence, None)
-            for c in commits
-        )
-        self._events(conn, events)
+            self._events(conn, events)
 
     def reupload(self, lease: Lease, reason: str) -> None:
         """``uploaded -> sealed``: the completed object failed verification; send it all again."""
