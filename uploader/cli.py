@@ -486,7 +486,7 @@ def verify(
                     {"key": rec.key, "ok": False, "problem": f"state is {rec.state.value}"}
                 )
                 continue
-            problem = store.shipper.check_object(rec, store.manifest.commits(rec.id), deep)
+            problem = store.check_object(rec.key, deep=deep)
             results.append({"key": rec.key, "ok": problem is None, "problem": problem})
     bad = [r for r in results if not r["ok"]]
     if json_output:

@@ -56,7 +56,9 @@ def read_bytes(path: str, start: int, end: int) -> bytes:
             f"{path}: local file is missing; its bytes were not yet verified remotely"
         ) from None
     except OSError as exc:
-        raise LocalFileError(f"{path}: cannot read local file: {exc.strerror or exc}") from None
+        raise LocalFileError(
+            f"{path}: cannot read local file: {exc.strerror or exc}", terminal=False
+        ) from None
     if len(data) != end - start:
         raise LocalFileError(
             f"{path}: local file is shorter ({start + len(data)} bytes) than the committed "
@@ -78,7 +80,9 @@ def file_size(path: str) -> int:
     except FileNotFoundError:
         raise LocalFileError(f"{path}: local file is missing") from None
     except OSError as exc:
-        raise LocalFileError(f"{path}: cannot stat local file: {exc.strerror or exc}") from None
+        raise LocalFileError(
+            f"{path}: cannot stat local file: {exc.strerror or exc}", terminal=False
+        ) from None
 
 
 def multipart_etag(part_md5s: Sequence[str]) -> str:

@@ -32,6 +32,9 @@ class SegmentRecord:
     updated_at: datetime
     sealed_at: datetime | None
     verified_at: datetime | None
+    file_device: int | None = None
+    file_inode: int | None = None
+    remove_etag: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,30 +1,35 @@
-"""The recovery job: claim unfinished segments, resume them from what the remote holds, prove them.
+"""The recovery job: claim unfinished segments, drive each to ``verified``, release them.
 
 Words:
 
 * **claim**: take a segment's lease with a fresh fence token (``FOR UPDATE SKIP LOCKED`` on
   PostgreSQL), so several workers on several hosts share the work and a worker whose lease expired
   can no longer change a row.
-* **resume**: bring a segment one step nearer to ``verified`` from wherever a crash left it:
-  parts the remote already holds with the recorded MD5 are *reused* (recorded ``uploaded`` without
-  being sent again); missing or mismatched ones are *re-sent* from the local file after its bytes
-  were checked against the recorded digests.
+* **resume**: hand the claimed segment to the one driver (:mod:`uploader.driver`), which learns
+  what the remote holds and takes the next step until the segment is verified, failed or blocked.
+  Parts the remote already holds with the recorded MD5 are *reused*; missing ones are *re-sent*
+  from the local file after its bytes were checked against the recorded digests.
 * **sweep**: abort multipart uploads (and staged parts) under the remote root that no unfinished
   manifest row references.
 
-Every crash point has an answer here:
+Every crash point has an answer (the cases of :func:`uploader.plan.next_step`):
 
 ======================================  ==========================================================
-left behind                             what resume does
+left behind                             what the driver does
 ======================================  ==========================================================
 pending part that actually arrived      listed with the recorded MD5: reused
 pending part that never arrived         re-sent from the local file (bytes checked first)
-upload id the remote no longer knows    object at the key matching? recorded as uploaded; else a
-                                        fresh upload, every part re-sent
-completed but completion not recorded   HEAD the key, compare size and ETag: recorded as uploaded
-completed object fails verification     deleted, ``uploaded -> sealed``, re-sent (bounded), then
-                                        ``failed``
-local bytes gone or changed             ``failed`` with the reason (never verified)
+upload id the remote no longer knows    object at the key matching the seal? adopted as uploaded;
+                                        a foreign object: ``failed``; else a fresh upload, every
+                                        part re-sent
+completed but completion not recorded   the object matches the seal: adopted as uploaded
+completed object fails verification     its ETag recorded as the intent to remove it, removed
+                                        *conditionally* on that ETag (only where the remote proved
+                                        it honours the condition), re-sent (bounded), else
+                                        ``failed`` with the object left alone
+local bytes gone, changed or replaced   ``failed`` with the reason (never verified)
+local bytes on another node             completed if all parts are uploaded; verified only by a
+                                        worker on that node (the whole-file check reads them)
 open segment (writer gone)              its pending whole parts are uploaded; it stays open: only
                                         its writer seals it
 ======================================  ==========================================================
@@ -36,38 +41,45 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
-from uploader.digest import normalize_etag
-from uploader.engine import Counters
+from uploader.driver import DEFAULT_MAX_REUPLOADS, Driver
 from uploader.errors import (
     LeaseLostError,
     LocalFileError,
     ManifestError,
-    NoSuchUploadError,
-    ObjectExistsError,
     StaleStateError,
     StorageError,
     UploaderError,
     VerificationError,
 )
-from uploader.records import CommitRecord, Lease, SegmentRecord
-from uploader.states import CommitState, SegmentState
-from uploader.storage.base import PartRef
-from uploader.storage.rules import matches
-
-if TYPE_CHECKING:
-    from uploader.store import Store
+from uploader.leases import LeaseKeeper
+from uploader.manifest.repo import Manifest
+from uploader.records import Lease, SegmentRecord
+from uploader.states import SegmentState
+from uploader.storage.base import Storage
+from uploader.transport import Counters
 
 log = logging.getLogger("uploader.recovery")
 
-#: How many times a completed object that failed verification is uploaded again before the
-#: segment is declared ``failed``.
-DEFAULT_MAX_REUPLOADS = 3
+__all__ = ["DEFAULT_MAX_REUPLOADS", "Crew", "RecoveryReport", "SegmentOutcome", "SweepReport"]
+
+
+@dataclass(frozen=True, slots=True)
+class Crew:
+    """What a recovery worker works with (a store provides it: ``store.crew``)."""
+
+    manifest: Manifest
+    storage: Storage
+    driver: Driver
+    keeper: LeaseKeeper
+    worker: str
+    node: str
+    lease_seconds: float
+    concurrency: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +170,7 @@ class _Totals:
 
 
 def recover(
-    store: Store,
+    crew: Crew,
     *,
     limit: int | None = None,
     max_reuploads: int = DEFAULT_MAX_REUPLOADS,
@@ -167,34 +179,35 @@ def recover(
 ) -> RecoveryReport:
     """One pass over the unfinished segments this worker can act on.
 
-    Claims them one at a time in id order (others are claimed by other workers meanwhile), resumes
+    Claims them in batches in id order (others are claimed by other workers meanwhile), drives
     each, releases it. ``limit`` bounds the number of claims; ``stop`` ends the pass after the
-    segment in hand (graceful shutdown).
+    batch in hand (graceful shutdown).
     """
     totals = _Totals()
     after_id = 0
-    batch = max(1, store.concurrency)
+    batch = max(1, crew.concurrency)
     while limit is None or len(totals.outcomes) < limit:
         if stop is not None and stop.is_set():
             break
         want = batch if limit is None else min(batch, limit - len(totals.outcomes))
-        # One transaction claims a batch; the batch is resumed in parallel (its parts share the
+        # One transaction claims a batch; the batch is driven in parallel (its parts share the
         # store's slots, so memory stays bounded), then every lease is released.
-        claimed = store.manifest.claim(
-            store.worker, node=store.node, ttl=store.lease_seconds, after_id=after_id, limit=want
+        claimed = crew.manifest.claim(
+            crew.worker, node=crew.node, ttl=crew.lease_seconds, after_id=after_id, limit=want
         )
         if not claimed:
             break
         after_id = claimed[-1][1].id
         for lease, _seg in claimed:
-            store._hold_lease(lease)
+            crew.keeper.hold(lease)
 
         def work(item: tuple[Lease, SegmentRecord]) -> SegmentOutcome:
             lease, seg = item
             try:
-                return _resume(store, lease, seg, max_reuploads, totals.counters)
+                return _resume(crew, lease, seg, max_reuploads, totals.counters)
             finally:
-                store._forget_lease(seg.id)
+                with contextlib.suppress(UploaderError):
+                    crew.keeper.release(seg.id)
 
         if len(claimed) == 1:
             outcomes = [work(claimed[0])]
@@ -216,28 +229,26 @@ def recover(
 
 
 def _resume(
-    store: Store, lease: Lease, seg: SegmentRecord, max_reuploads: int, totals: Counters
+    crew: Crew, lease: Lease, seg: SegmentRecord, max_reuploads: int, totals: Counters
 ) -> SegmentOutcome:
     counters = Counters()
     before = seg.state.value
     detail = ""
     lost = False
     try:
-        _drive(store, lease, seg, max_reuploads, counters)
-    except LocalFileError as exc:
-        # Invariant 8: the local bytes were the source of truth and they are gone or changed.
-        detail = f"local bytes unusable: {exc}"
-        _fail(store, lease, detail)
+        result = crew.driver.drive(
+            lease, counters=counters, release=True, max_reuploads=max_reuploads
+        )
+        detail = result.blocked or ""
     except (LeaseLostError, StaleStateError) as exc:
         detail = f"another worker took it over: {exc}"
         lost = True
         log.warning("%s", detail)
-    except (StorageError, VerificationError, ManifestError) as exc:
+    except (StorageError, VerificationError, ManifestError, LocalFileError) as exc:
+        # Recorded on the segment by the driver (attempts, last error); a later pass retries.
         detail = str(exc)
         log.warning("segment %r stays unfinished: %s", seg.key, exc)
-        with contextlib.suppress(UploaderError):  # lease lost meanwhile: the new holder records
-            store.manifest.record_error(lease, detail)
-    after = store.manifest.segment_by_id(seg.id)
+    after = crew.manifest.segment_by_id(seg.id)
     if not lost and after.fence != lease.fence:
         # Claimed by someone else meanwhile (we were paused): whatever state it reached is theirs.
         lost = True
@@ -250,11 +261,7 @@ def _resume(
         detail = f"verified, {after.size} bytes"
     elif after.state is SegmentState.OPEN and not detail:
         detail = "pending parts uploaded; the segment stays open for its writer to seal"
-    with totals.lock:
-        totals.bytes_sent += counters.bytes_sent
-        totals.parts_sent += counters.parts_sent
-        totals.bytes_reused += counters.bytes_reused
-        totals.parts_reused += counters.parts_reused
+    totals.add(counters)
     return SegmentOutcome(
         key=seg.key,
         before=before,
@@ -264,142 +271,6 @@ def _resume(
         detail=detail,
         lost=lost,
     )
-
-
-def _fail(store: Store, lease: Lease, reason: str) -> None:
-    try:
-        store.manifest.fail_segment(lease, reason)
-    except UploaderError as exc:  # lost the lease meanwhile: the new holder decides
-        log.warning("could not mark %r failed: %s", lease.key, exc)
-
-
-def _drive(
-    store: Store, lease: Lease, seg: SegmentRecord, max_reuploads: int, counters: Counters
-) -> None:
-    """Move one claimed segment as far as it can go."""
-    manifest = store.manifest
-    for _ in range(max_reuploads + 2):
-        seg = manifest.segment_by_id(seg.id)
-        if seg.state is SegmentState.OPEN:
-            _upload_pending(store, lease, seg, counters)
-            return
-        if seg.state is SegmentState.SEALED:
-            if seg.upload_mode == "put":
-                _resume_put(store, lease, seg, counters)
-            else:
-                _upload_pending(store, lease, seg, counters)
-                seg = manifest.segment_by_id(seg.id)
-                if seg.state is SegmentState.SEALED:  # not adopted as already complete
-                    store.shipper.complete(lease, seg, manifest.commits(seg.id))
-            continue
-        if seg.state is SegmentState.UPLOADED:
-            commits = manifest.commits(seg.id)
-            try:
-                store.shipper.verify(lease, seg, commits)
-            except VerificationError as exc:
-                if _reuploads(store, seg) >= max_reuploads:
-                    _fail(
-                        store,
-                        lease,
-                        f"the object failed verification {max_reuploads + 1} times: {exc}",
-                    )
-                    return
-                # The object is provably not ours (wrong size or checksum): it must go before a
-                # conditional complete can publish the right bytes.
-                store.storage.delete(seg.key)
-                manifest.reupload(lease, f"verification failed, uploading again: {exc}")
-            continue
-        return  # verified or failed: nothing to do
-
-
-def _reuploads(store: Store, seg: SegmentRecord) -> int:
-    return sum(
-        1
-        for e in store.manifest.events(seg.id)
-        if e.commit_id is None and e.from_state == "uploaded" and e.to_state == "sealed"
-    )
-
-
-def _resume_put(store: Store, lease: Lease, seg: SegmentRecord, counters: Counters) -> None:
-    """A single-PUT segment: the object may already be there (response lost) or not."""
-    [commit] = store.manifest.commits(seg.id)
-    info = store.storage.head(seg.key)
-    if info is not None:
-        if matches(info, store.shipper.expected(seg)):
-            if commit.state is CommitState.PENDING:
-                store.manifest.commit_uploaded(lease, commit, commit.md5)
-            store.manifest.segment_uploaded(lease, info.etag)
-            counters.reused(commit.size)
-            return
-        raise ObjectExistsError(
-            f"segment {seg.key!r}: another object ({info.size} bytes, etag {info.etag}) is at the "
-            "key; it was not written by this segment. Remove it or rename the segment"
-        )
-    if commit.state is CommitState.UPLOADED:
-        # Recorded uploaded but not at the key (deleted behind our back): send it again.
-        store.manifest.transition_commit(
-            lease, commit.id, CommitState.UPLOADED, CommitState.PENDING, reason="object missing"
-        )
-        commit = store.manifest.commits(seg.id)[0]
-    store.shipper.put(lease, seg, commit)
-    counters.sent(commit.size)
-
-
-def _upload_pending(store: Store, lease: Lease, seg: SegmentRecord, counters: Counters) -> None:
-    """Reuse the parts the remote holds, re-send the others (after checking the local bytes)."""
-    manifest = store.manifest
-    commits = manifest.commits(seg.id)
-    if not any(c.state is CommitState.PENDING for c in commits) and seg.state is SegmentState.OPEN:
-        return
-    listed: dict[int, PartRef] = {}
-    if seg.upload_id is not None:
-        try:
-            listed = {p.number: p for p in store.storage.list_parts(seg.key, seg.upload_id)}
-        except NoSuchUploadError:
-            if seg.state is SegmentState.SEALED and _adopt_completed(store, lease, seg, commits):
-                counters.reused(sum(c.size for c in commits))
-                return
-            # The upload is gone (swept, expired by a lifecycle rule): start over under a new one.
-            manifest.reset_commits(lease, f"upload {seg.upload_id} is unknown to the remote")
-            seg = manifest.segment_by_id(seg.id)
-            commits = manifest.commits(seg.id)
-    for c in commits:
-        part = listed.get(c.part_number)
-        held = part is not None and normalize_etag(part.etag) == c.md5
-        if c.state is CommitState.PENDING and held:
-            manifest.commit_uploaded(lease, c, c.md5)  # arrived before the crash: reuse it
-            counters.reused(c.size)
-        elif c.state is CommitState.UPLOADED and not held and seg.upload_id is not None:
-            manifest.transition_commit(
-                lease,
-                c.id,
-                CommitState.UPLOADED,
-                CommitState.PENDING,
-                reason=f"part {c.part_number} is not held by the remote with the recorded MD5",
-            )
-    pending = [c for c in manifest.commits(seg.id) if c.state is CommitState.PENDING]
-    if not pending:
-        return
-    upload_id = store.shipper.ensure_upload(lease, seg)
-    seg = manifest.segment_by_id(seg.id)
-    sent = store.shipper.send_parts(lease, seg, upload_id, pending)
-    with counters.lock:
-        counters.bytes_sent += sent.bytes_sent
-        counters.parts_sent += sent.parts_sent
-
-
-def _adopt_completed(
-    store: Store, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord]
-) -> bool:
-    """The upload completed but the completion was never recorded: adopt the object if it matches."""
-    info = store.storage.head(seg.key)
-    if info is None or not matches(info, store.shipper.expected(seg)):
-        return False
-    for c in commits:
-        if c.state is CommitState.PENDING:
-            store.manifest.commit_uploaded(lease, c, c.md5)
-    store.manifest.segment_uploaded(lease, info.etag)
-    return True
 
 
 # --- sweep ----------------------------------------------------------------------------------------
@@ -433,14 +304,14 @@ DEFAULT_SWEEP_AGE = 3600.0
 
 
 def sweep(
-    store: Store, *, dry_run: bool = False, older_than: float = DEFAULT_SWEEP_AGE, prefix: str = ""
+    crew: Crew, *, dry_run: bool = False, older_than: float = DEFAULT_SWEEP_AGE, prefix: str = ""
 ) -> SweepReport:
     """Abort orphaned multipart uploads (and their staged parts) under the remote root."""
-    live = store.manifest.live_upload_ids()
-    cutoff = store.manifest.clock() - timedelta(seconds=older_than)
+    live = crew.manifest.live_upload_ids()
+    cutoff = crew.manifest.clock() - timedelta(seconds=older_than)
     aborted: list[tuple[str, str]] = []
     kept_live = kept_young = 0
-    for up in store.storage.list_uploads(prefix):
+    for up in crew.storage.list_uploads(prefix):
         if up.upload_id in live:
             kept_live += 1
             continue
@@ -449,14 +320,14 @@ def sweep(
             continue
         # Read the manifest again just before aborting: an upload recorded since the listing is
         # live, not an orphan.
-        if up.upload_id in store.manifest.live_upload_ids():
+        if up.upload_id in crew.manifest.live_upload_ids():
             kept_live += 1
             continue
         if not dry_run:
-            store.storage.abort(up.key, up.upload_id)
+            crew.storage.abort(up.key, up.upload_id)
         aborted.append((up.key, up.upload_id))
     # Staged backends: temporary files of a complete/put interrupted before publishing.
-    clean_tmp = getattr(store.storage, "clean_tmp", None)
+    clean_tmp = getattr(crew.storage, "clean_tmp", None)
     tmp_removed: list[str] = clean_tmp(older_than, dry_run=dry_run) if clean_tmp else []
     return SweepReport(
         aborted=tuple(aborted),
@@ -468,7 +339,7 @@ def sweep(
 
 
 def recover_loop(
-    store: Store,
+    crew: Crew,
     *,
     interval: float,
     stop: threading.Event,
@@ -479,7 +350,7 @@ def recover_loop(
     report = RecoveryReport()
     while not stop.is_set():
         started = time.monotonic()
-        report = recover(store, stop=stop, max_reuploads=max_reuploads)
+        report = recover(crew, stop=stop, max_reuploads=max_reuploads)
         if on_report is not None:
             on_report(report)
         stop.wait(max(0.0, interval - (time.monotonic() - started)))

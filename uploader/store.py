@@ -9,7 +9,6 @@ caller never looked at (the RocketMQ ``commitAsync`` loss cannot happen here).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -22,23 +21,26 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from uploader import recovery
-from uploader.digest import combine_crcs, file_size, multipart_etag, read_range
-from uploader.engine import Counters, Shipper
+from uploader.digest import Payload, combine_crcs, file_size, multipart_etag, read_range
+from uploader.driver import DEFAULT_MAX_REUPLOADS, Driver, DriveResult
 from uploader.errors import (
+    KeyConflictError,
     LeaseLostError,
     LocalFileError,
     SegmentFailedError,
     SegmentSealedError,
     StoreClosedError,
-    UploaderError,
     UsageError,
+    VerificationError,
 )
 from uploader.keys import validate_key
+from uploader.leases import LeaseKeeper
 from uploader.manifest.repo import DEFAULT_LEASE_SECONDS, Manifest, default_node, default_worker
 from uploader.records import Lease, NewCommit, SegmentRecord, Status
 from uploader.states import SegmentState
 from uploader.storage import open_storage
 from uploader.storage.base import MAX_PART_SIZE, MAX_PARTS, Storage
+from uploader.transport import Counters, Transport, file_identity, wait_all
 
 log = logging.getLogger("uploader")
 
@@ -121,24 +123,34 @@ class Segment:
     def state(self) -> SegmentState:
         return self.record.state
 
-    def commit(self) -> UploadFuture[CommitResult]:
-        """Send the whole parts appended since the last commit. Bad input raises at once."""
-        self._check_open("commit")
-        return self._submit("commit", self._do_commit, after_all=False)
+    def commit(self, upto: int | None = None) -> UploadFuture[CommitResult]:
+        """Send the whole parts of ``[committed, upto)`` (``upto``: the file size by default).
 
-    def seal(self) -> UploadFuture[CommitResult]:
-        """The final commit: send the rest, complete the object, verify it."""
-        self._check_open("seal")
-        return self._submit("seal", lambda _recorded: self._do_seal(), after_all=True)
+        ``upto`` is the valid end of a file written in place (preallocated, filled through mmap):
+        bytes past it are never read or sent. Bad input raises at once, before anything is
+        recorded or sent.
+        """
+        self._check_open("commit", upto)
+        return self._submit("commit", lambda recorded: self._do_commit(recorded, upto), False)
+
+    def seal(self, size: int | None = None) -> UploadFuture[CommitResult]:
+        """The final commit: send the rest up to ``size`` (the file size by default), complete
+        the object, check every local byte again, verify the object."""
+        self._check_open("seal", size)
+        return self._submit("seal", lambda _recorded: self._do_seal(size), True)
 
     def __repr__(self) -> str:
         return f"Segment(key={self.key!r}, path={self.path!r})"
 
     # --- internals --------------------------------------------------------------------------------
 
-    def _check_open(self, what: str) -> None:
+    def _check_open(self, what: str, end: int | None) -> None:
         """Refuse bad input before anything is recorded or sent."""
         self._store._check_open()
+        if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end < 0):
+            raise UsageError(
+                f"segment {self.key!r}: {what} end must be a non-negative int, got {end!r}"
+            )
         progress = self._store.manifest.progress(self._id)
         seg, committed = progress.segment, progress.committed
         if seg.state is not SegmentState.OPEN:
@@ -155,6 +167,16 @@ class Segment:
                 f"{committed} already committed; it was truncated or replaced. Restore the file "
                 "(nothing was recorded or sent)"
             )
+        if end is not None and end < committed:
+            raise UsageError(
+                f"segment {self.key!r}: {what} end {end} is below the {committed} bytes already "
+                "committed; committed bytes cannot be taken back (nothing was recorded or sent)"
+            )
+        if end is not None and end > size:
+            raise UsageError(
+                f"segment {self.key!r}: {what} end {end} is past the end of {self.path} "
+                f"({size} bytes) (nothing was recorded or sent)"
+            )
         if self._lease is None:
             raise UsageError(f"segment {self.key!r} is not leased by this store")
 
@@ -162,7 +184,6 @@ class Segment:
         self,
         what: str,
         job: Callable[[threading.Event], CommitResult],
-        *,
         after_all: bool,
     ) -> UploadFuture[CommitResult]:
         fut: UploadFuture[CommitResult] = UploadFuture(f"{what} of segment {self.key!r}")
@@ -200,7 +221,7 @@ class Segment:
 
     @property
     def lease(self) -> Lease:
-        lease = self._store._leases.get(self._id)
+        lease = self._store.keeper.get(self._id)
         if lease is None:
             raise LeaseLostError(self.key, self._lease.fence if self._lease else -1, None)
         return lease
@@ -223,42 +244,57 @@ class Segment:
             )
         return parts
 
-    def _do_commit(self, recorded: threading.Event) -> CommitResult:
+    def _check_identity(self, lease: Lease, seg: SegmentRecord) -> None:
+        """A local file replaced by another inode holds other bytes: the segment fails."""
+        if seg.file_inode is None:
+            return
+        device, inode = file_identity(self.path)
+        if (device, inode) != (seg.file_device, seg.file_inode):
+            reason = (
+                f"local bytes unusable: {self.path} was replaced by another file (inode "
+                f"{seg.file_inode} registered, {inode} now); its bytes are not the ones committed"
+            )
+            self._store.manifest.fail_segment(lease, reason)
+            self._store.keeper.drop(seg.id)
+            raise SegmentFailedError(f"segment {self.key!r} failed: {reason}")
+
+    def _do_commit(self, recorded: threading.Event, upto: int | None) -> CommitResult:
         store = self._store
         lease = self.lease
         # Snapshot the parts in flight *before* reading their states: a part that finishes in
         # between then shows its final state instead of looking like a failed, pending one.
         with self._lock:
-            inflight = set(self._inflight)
+            inflight = frozenset(self._inflight)
         # Two indexed reads whatever the segment's length: a broker commits after every append,
         # so reading every part of a long segment on each commit would grow quadratically.
         progress = store.manifest.progress(self._id)
         seg, committed = progress.segment, progress.committed
-        pending = store.manifest.pending_commits(seg.id)
+        self._check_identity(lease, seg)
         size = file_size(self.path)
-        if size < committed:
+        end = size if upto is None else upto
+        if size < committed or end > size:
             raise LocalFileError(
-                f"{self.path}: shorter ({size}) than what was committed ({committed})"
+                f"{self.path}: local file of segment {self.key!r} has {size} bytes; the commit "
+                f"needs [{committed}, {end}); it was truncated"
             )
         counters = Counters()
-        new = self._new_parts(committed, size, seg.part_size, progress.parts, final=False)
-        # Pending parts nobody is sending: earlier sends that failed. They go first.
-        retry = [c for c in pending if c.id not in inflight]
-        if new or retry:
-            upload_id = store.shipper.ensure_upload(lease, seg)
-            seg = self.record
-            if retry:
-                counters = store.shipper.send_parts(lease, seg, upload_id, retry)
-            committed = self._record_and_send(
-                lease, seg, upload_id, new, counters, recorded, committed
-            )
+        new = self._new_parts(committed, end, seg.part_size, progress.parts, final=False)
+        pending = store.manifest.pending_commits(seg.id)
+        if any(c.id not in inflight for c in pending):
+            # Earlier sends that failed: the driver learns what the remote holds, then re-sends.
+            store.driver.drive(lease, inflight=inflight, counters=counters)
+            seg = store.manifest.segment_by_id(seg.id)
+        if new:
+            upload_id = seg.upload_id or store.driver.start_upload(lease, seg)
+            seg = dataclasses.replace(seg, upload_id=upload_id)
+            committed = self._record_and_send(lease, seg, upload_id, new, counters, recorded)
         recorded.set()
         return CommitResult(
             key=self.key,
             sent_bytes=counters.bytes_sent,
             sent_parts=counters.parts_sent,
             committed=committed,
-            carried_bytes=size - committed,
+            carried_bytes=end - committed,
         )
 
     def _record_and_send(
@@ -269,103 +305,88 @@ class Segment:
         parts: list[tuple[int, int, int]],
         counters: Counters,
         recorded: threading.Event,
-        committed: int,
     ) -> int:
         """Record each new part ``pending`` with the checksums of its bytes, then send it.
 
         Pipelined: part N+1 is read and recorded while part N is in flight, within the store's
         slots. Returns the end of the recorded bytes.
         """
-        shipper = self._store.shipper
+        store = self._store
+        transport = store.transport
         futures: list[Future[None]] = []
+        committed = parts[0][1]
         try:
             for number, start, end in parts:
-                shipper.slots.acquire()
+                transport.slots.acquire()
                 try:
                     payload = read_range(self.path, start, end)
-                    [commit] = self._store.manifest.add_commits(
+                    [commit] = store.manifest.add_commits(
                         lease, [NewCommit(number, start, end, payload.md5, payload.crc32c)]
                     )
                     committed = end
                     with self._lock:
                         self._inflight.add(commit.id)
-                    part = shipper.submit_part(lease, seg, upload_id, commit, counters, payload)
-                    part.add_done_callback(functools.partial(self._sent, commit.id))
-                    futures.append(part)
                 except BaseException:
-                    shipper.slots.release()
+                    transport.slots.release()
                     raise
+                part = transport.submit_held(
+                    store.driver.send_recorded, lease, seg, upload_id, commit, payload, counters
+                )
+                del payload
+                part.add_done_callback(functools.partial(self._sent, commit.id))
+                futures.append(part)
         finally:
             recorded.set()  # the next commit may start recording while these are in flight
-            shipper.wait(futures)
+            wait_all(futures)
         return committed
 
     def _sent(self, commit_id: int, _done: Future[None]) -> None:
         with self._lock:
             self._inflight.discard(commit_id)
 
-    def _do_seal(self) -> CommitResult:
+    def _do_seal(self, size: int | None) -> CommitResult:
         store = self._store
-        manifest = store.manifest
         lease = self.lease
-        progress = manifest.progress(self._id)
+        progress = store.manifest.progress(self._id)
         seg, committed = progress.segment, progress.committed
-        size = file_size(self.path)
-        if size < committed:
-            raise LocalFileError(
-                f"{self.path}: shorter ({size}) than what was committed ({committed})"
-            )
         try:
+            self._check_identity(lease, seg)
+            file_end = file_size(self.path)
+            end = file_end if size is None else size
+            if file_end < committed or end > file_end:
+                raise LocalFileError(
+                    f"{self.path}: local file of segment {self.key!r} has {file_end} bytes; the "
+                    f"seal needs [{committed}, {end}); it was truncated"
+                )
             # A segment no bigger than a part, with nothing sent yet, goes as one atomic PUT.
-            if not committed and seg.upload_id is None and size <= seg.part_size:
-                return self._seal_single(lease, seg, size)
-            return self._seal_multipart(lease, seg, size)
+            if not committed and seg.upload_id is None and end <= seg.part_size:
+                return self._seal_single(lease, seg, end)
+            return self._seal_multipart(lease, seg, end)
         finally:
             # Sealed: whatever happened, the writer is done with it. Releasing the lease lets a
             # recovery worker (this store's or another) claim what is unfinished right away.
-            store._forget_lease(seg.id)
+            store.keeper.release(seg.id)
 
     def _seal_single(self, lease: Lease, seg: SegmentRecord, size: int) -> CommitResult:
-        """Read once (within a slot), record the seal with its checksums, PUT those same bytes,
-        check the object, then record uploaded and verified together."""
+        """Read once, record the seal with the checksums of those bytes, then drive: the same
+        bytes are PUT, the object checked, uploaded and verified recorded together."""
         store = self._store
-        shipper = store.shipper
-        shipper.slots.acquire()
-        try:
+        with store.transport.slots:
             payload = read_range(self.path, 0, size)
-            [commit] = store.manifest.seal(
-                lease,
-                [NewCommit(1, 0, size, payload.md5, payload.crc32c)],
-                size=size,
-                crc32c=payload.crc32c,
-                expected_etag=payload.md5,
-                upload_mode="put",
-            )
-            etag = shipper.put(lease, seg, commit, payload, record=False)
-        finally:
-            shipper.slots.release()
-        del payload
-        # The row as the seal just wrote it: verification compares with these values.
-        sealed = dataclasses.replace(
-            seg,
-            state=SegmentState.SEALED,
+        [commit] = store.manifest.seal(
+            lease,
+            [NewCommit(1, 0, size, payload.md5, payload.crc32c)],
             size=size,
-            crc32c=commit.crc32c,
-            expected_etag=commit.md5,
+            crc32c=payload.crc32c,
+            expected_etag=payload.md5,
             upload_mode="put",
         )
-        shipper.verify_put(lease, sealed, commit, etag, release=True)
-        store._drop_lease(seg.id)
-        return CommitResult(
-            key=self.key,
-            sent_bytes=size,
-            sent_parts=1,
-            committed=size,
-            carried_bytes=0,
-            sealed=True,
-            verified=True,
-            object_etag=etag,
+        counters = Counters()
+        result = store.driver.drive(
+            lease, fresh={commit.id: payload}, counters=counters, release=True
         )
+        del payload
+        return self._sealed(result, counters, size)
 
     def _seal_multipart(self, lease: Lease, seg: SegmentRecord, size: int) -> CommitResult:
         """Two passes, so that the seal is durable before any remote call.
@@ -374,16 +395,16 @@ class Segment:
         and keeps only their checksums; then the seal and every final part are recorded in one
         transaction. From there a crash, a kill or a failure nobody looks at leaves a sealed
         segment that the recovery job finishes (a seal recorded part by part as it is sent would
-        leave an open segment, which only its writer may seal). The send pass reads each part
-        again, checks its CRC32C and sends it.
+        leave an open segment, which only its writer may seal). Then the driver sends each final
+        part (read again and checked), checks every earlier part's local bytes, completes and
+        verifies.
         """
         store = self._store
         manifest = store.manifest
-        shipper = store.shipper
         commits = manifest.commits(seg.id)
         committed = commits[-1].end if commits else 0
         parts = self._new_parts(committed, size, seg.part_size, len(commits), final=True)
-        final = shipper.digest(self.path, parts)
+        final = store.transport.digest(self.path, parts)
         # The seal's intent: size, whole-file CRC32C and the multipart ETag to expect.
         all_commits = manifest.seal(
             lease,
@@ -395,20 +416,21 @@ class Segment:
             expected_etag=multipart_etag([c.md5 for c in commits] + [c.md5 for c in final]),
             upload_mode="multipart",
         )
-        try:
-            upload_id = shipper.ensure_upload(lease, seg)
-        except UploaderError as exc:
-            with contextlib.suppress(UploaderError):  # a lost lease: the new holder retries
-                manifest.record_error(lease, f"start_upload: {exc}")
-            raise
-        seg = self.record
-        counters = shipper.send_parts(lease, seg, upload_id, all_commits)
-        all_commits = manifest.commits(seg.id)
-        info = shipper.complete(lease, seg, all_commits)
-        # What verification compares with (size, checksums, expected ETag) was fixed by the seal:
-        # the row read after the upload started serves.
-        shipper.verify(lease, seg, all_commits, release=True)
-        store._drop_lease(seg.id)
+        counters = Counters()
+        fresh: dict[int, Payload | None] = {
+            c.id: None for c in all_commits if c.part_number > len(commits)
+        }
+        result = store.driver.drive(lease, fresh=fresh, counters=counters, release=True)
+        return self._sealed(result, counters, size)
+
+    def _sealed(self, result: DriveResult, counters: Counters, size: int) -> CommitResult:
+        if result.state is SegmentState.FAILED:
+            raise SegmentFailedError(f"segment {self.key!r} failed: {result.detail}")
+        if not result.verified:
+            raise VerificationError(
+                f"segment {self.key!r} is sealed but not verified ({result.state.value}): "
+                f"{result.detail}; `uploader recover` finishes it"
+            )
         return CommitResult(
             key=self.key,
             sent_bytes=counters.bytes_sent,
@@ -417,7 +439,7 @@ class Segment:
             carried_bytes=0,
             sealed=True,
             verified=True,
-            object_etag=info.etag,
+            object_etag=result.object_etag,
         )
 
 
@@ -450,22 +472,34 @@ class Store:
         self.node = node or default_node()
         self.worker = worker or default_worker()
         self.lease_seconds = lease_seconds
-        self.shipper = Shipper(manifest, storage, concurrency=concurrency, verify=verify)
         self.verify_mode = verify
+        self.transport = Transport(storage, concurrency=concurrency)
+        self.keeper = LeaseKeeper(manifest, lease_seconds)
+        self.driver = Driver(
+            manifest, storage, self.transport, self.keeper, node=self.node, verify=verify
+        )
         # Segment jobs wait on part futures: a pool of their own so they cannot starve the parts.
         self._jobs = ThreadPoolExecutor(
             max_workers=max(2, concurrency), thread_name_prefix="uploader-job"
         )
         self._pending: set[Future[Any]] = set()
         self._segments: dict[str, Segment] = {}
-        self._leases: dict[int, Lease] = {}
         self._state_lock = threading.Lock()
         self._closed = False
-        self._stop = threading.Event()
-        self._heartbeat = threading.Thread(
-            target=self._beat, name="uploader-heartbeat", daemon=True
+
+    @property
+    def crew(self) -> recovery.Crew:
+        """What the recovery job works with: this store's manifest, driver and leases."""
+        return recovery.Crew(
+            manifest=self.manifest,
+            storage=self.storage,
+            driver=self.driver,
+            keeper=self.keeper,
+            worker=self.worker,
+            node=self.node,
+            lease_seconds=self.lease_seconds,
+            concurrency=self.concurrency,
         )
-        self._heartbeat.start()
 
     # --- context ----------------------------------------------------------------------------------
 
@@ -487,15 +521,8 @@ class Store:
                 return
             self._closed = True
         self._jobs.shutdown(wait=wait, cancel_futures=not wait)
-        self._stop.set()
-        self._heartbeat.join(timeout=5)
-        self.shipper.shutdown()
-        for lease in list(self._leases.values()):
-            try:
-                self.manifest.release(lease)
-            except Exception as exc:  # the lease simply expires
-                log.warning("could not release the lease on %r: %s", lease.key, exc)
-        self._leases.clear()
+        self.transport.shutdown()
+        self.keeper.stop(release=True)
         self.storage.close()
         self.manifest.close()
 
@@ -503,9 +530,9 @@ class Store:
         """Stop without finishing or releasing anything, as a crash would (for tests and demos)."""
         with self._state_lock:
             self._closed = True
-        self._stop.set()
+        self.keeper.stop(release=False)
         self._jobs.shutdown(wait=True, cancel_futures=True)
-        self.shipper.shutdown()
+        self.transport.shutdown()
         self.storage.close()
         self.manifest.close()
 
@@ -533,7 +560,7 @@ class Store:
             existing = self._segments.get(key)
         if existing is not None:
             if existing.path != apath:
-                raise UsageError(
+                raise KeyConflictError(
                     f"segment key {key!r} is open for {existing.path!r}, not {apath!r}"
                 )
             return existing
@@ -544,31 +571,16 @@ class Store:
             part_size=self.part_size,
             worker=self.worker,
             lease_ttl=self.lease_seconds,
+            identity=file_identity(apath),
         )
         if lease is None and record.state is SegmentState.OPEN:
             lease = self.manifest.acquire(key, self.worker, self.lease_seconds)
         seg = Segment(self, record, lease)
         with self._state_lock:
             self._segments[key] = seg
-            if lease is not None:
-                self._leases[record.id] = lease
-        return seg
-
-    def _hold_lease(self, lease: Lease) -> None:
-        """Keep ``lease`` renewed by the heartbeat until it is forgotten."""
-        with self._state_lock:
-            self._leases[lease.segment_id] = lease
-
-    def _drop_lease(self, segment_id: int) -> None:
-        """Stop renewing a lease the manifest already released."""
-        with self._state_lock:
-            self._leases.pop(segment_id, None)
-
-    def _forget_lease(self, segment_id: int) -> None:
-        with self._state_lock:
-            lease = self._leases.pop(segment_id, None)
         if lease is not None:
-            self.manifest.release(lease)
+            self.keeper.hold(lease)
+        return seg
 
     def _submit_job(self, run: Callable[[], None], fut: Future[Any]) -> None:
         with self._state_lock:
@@ -580,34 +592,6 @@ class Store:
             fut.add_done_callback(self._pending.discard)
             self._jobs.submit(run)
 
-    def _beat(self) -> None:
-        interval = max(0.05, self.lease_seconds / 3)
-        while not self._stop.wait(interval):
-            with self._state_lock:
-                leases = list(self._leases.values())
-            if not leases:
-                continue
-            try:
-                renewed, lost = self.manifest.renew_many(leases, self.lease_seconds)
-            except Exception as exc:  # a transient database error: try again next beat
-                log.warning("lease renewal failed: %s", exc)
-                continue
-            gone = []
-            with self._state_lock:
-                for lease in renewed:
-                    if lease.segment_id in self._leases:
-                        self._leases[lease.segment_id] = lease
-                for lease in lost:
-                    # Released meanwhile (sealed and verified) is not lost: only ours still held.
-                    if self._leases.get(lease.segment_id) is lease:
-                        del self._leases[lease.segment_id]
-                        gone.append(lease)
-            for lease in gone:
-                log.error(
-                    "lease on %r lost (expired or taken over); another worker finishes it",
-                    lease.key,
-                )
-
     # --- overview ---------------------------------------------------------------------------------
 
     def status(self) -> Status:
@@ -618,11 +602,22 @@ class Store:
         """Segments whose local file may now be deleted: verified ones, and only those."""
         return self.manifest.deletable()
 
+    def check_object(self, key: str, *, deep: bool = False) -> str | None:
+        """None if the object at ``key`` matches what the manifest recorded, else what differs.
+
+        Changes nothing (``uploader verify``).
+        """
+        self._check_open()
+        seg = self.manifest.segment(key)
+        if seg is None:
+            raise UsageError(f"segment {key!r} is not in the manifest")
+        return self.driver.check_object(seg, self.manifest.commits(seg.id), deep=deep)
+
     def recover(
         self,
         *,
         limit: int | None = None,
-        max_reuploads: int = recovery.DEFAULT_MAX_REUPLOADS,
+        max_reuploads: int = DEFAULT_MAX_REUPLOADS,
         stop: threading.Event | None = None,
         on_segment: Callable[[recovery.SegmentOutcome], None] | None = None,
     ) -> recovery.RecoveryReport:
@@ -632,7 +627,7 @@ class Store:
         """
         self._check_open()
         return recovery.recover(
-            self, limit=limit, max_reuploads=max_reuploads, stop=stop, on_segment=on_segment
+            self.crew, limit=limit, max_reuploads=max_reuploads, stop=stop, on_segment=on_segment
         )
 
     def sweep(
@@ -643,7 +638,7 @@ class Store:
     ) -> recovery.SweepReport:
         """Abort multipart uploads and staged parts no live manifest row references."""
         self._check_open()
-        return recovery.sweep(self, dry_run=dry_run, older_than=older_than)
+        return recovery.sweep(self.crew, dry_run=dry_run, older_than=older_than)
 
 
 def open(

@@ -83,6 +83,14 @@ class SegmentRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(), nullable=False)
     sealed_at: Mapped[datetime | None] = mapped_column(DateTime())
     verified_at: Mapped[datetime | None] = mapped_column(DateTime())
+    #: The local file's identity (st_dev, st_ino) at registration: a file replaced by another
+    #: inode is changed bytes, whatever it holds (NULL for rows registered before 0002).
+    file_device: Mapped[int | None] = mapped_column(BigInteger)
+    file_inode: Mapped[int | None] = mapped_column(BigInteger)
+    #: The ETag of an object at the key that the lease holder decided to remove (it failed
+    #: verification), recorded before the conditional delete is sent: the intent of the one
+    #: destructive remote call, naming the exact object it means.
+    remove_etag: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         UniqueConstraint("key"),

@@ -115,6 +115,9 @@ def _segment(row: Any) -> SegmentRecord:
         updated_at=row.updated_at,
         sealed_at=row.sealed_at,
         verified_at=row.verified_at,
+        file_device=row.file_device,
+        file_inode=row.file_inode,
+        remove_etag=row.remove_etag,
     )
 
 
@@ -312,10 +315,19 @@ class Manifest:
     # --- registering --------------------------------------------------------------------------
 
     def register(
-        self, key: str, path: str, *, node: str, part_size: int, worker: str
+        self,
+        key: str,
+        path: str,
+        *,
+        node: str,
+        part_size: int,
+        worker: str,
+        identity: tuple[int, int] | None = None,
     ) -> SegmentRecord:
         """Register a segment, or return the one registered under ``key`` for the same path."""
-        return self.register_leased(key, path, node=node, part_size=part_size, worker=worker)[0]
+        return self.register_leased(
+            key, path, node=node, part_size=part_size, worker=worker, identity=identity
+        )[0]
 
     def register_leased(
         self,
@@ -326,6 +338,7 @@ class Manifest:
         part_size: int,
         worker: str,
         lease_ttl: float | None = None,
+        identity: tuple[int, int] | None = None,
     ) -> tuple[SegmentRecord, Lease | None]:
         """Register a segment; with ``lease_ttl``, a new row is born leased to ``worker``.
 
@@ -359,6 +372,8 @@ class Manifest:
                     attempts=0,
                     created_at=now,
                     updated_at=now,
+                    file_device=None if identity is None else identity[0],
+                    file_inode=None if identity is None else identity[1],
                 )
                 .on_conflict_do_nothing(index_elements=[S.c.key])
                 .returning(S.c.id)
@@ -402,6 +417,8 @@ class Manifest:
                 updated_at=now,
                 sealed_at=None,
                 verified_at=None,
+                file_device=None if identity is None else identity[0],
+                file_inode=None if identity is None else identity[1],
             )
             lease = (
                 None
@@ -470,8 +487,8 @@ class Manifest:
     ) -> list[tuple[Lease, SegmentRecord]]:
         """Claim up to ``limit`` unfinished segments (ids > ``after_id``, ascending), in one transaction.
 
-        A worker claims segments whose local file is on its ``node``, and, from any node, sealed or
-        uploaded segments whose parts are all uploaded (completing and verifying need no local
+        A worker claims segments whose local file is on its ``node``, and, from any node, sealed
+        segments whose parts are all uploaded (completing needs no local bytes; verifying does: the
         bytes). Open segments are claimed only when they have pending whole parts to upload.
         Rows locked by another claimer are skipped (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; on
         SQLite the immediate transaction serialises claimers).
@@ -486,7 +503,9 @@ class Manifest:
                 text(UNFINISHED_SEGMENTS_SQL),  # the partial index's own predicate
                 S.c.id > after_id,
                 or_(S.c.lease_owner.is_(None), S.c.lease_expires < now),
-                or_(S.c.node == node, and_(S.c.state != SegmentState.OPEN.value, ~pending)),
+                # Another node's segment only to complete it (all parts uploaded): verifying
+                # reads every local byte again, which only a worker on its node can.
+                or_(S.c.node == node, and_(S.c.state == SegmentState.SEALED.value, ~pending)),
                 or_(S.c.state != SegmentState.OPEN.value, pending),
             )
             .order_by(S.c.id)
@@ -1205,8 +1224,12 @@ class Manifest:
             )
             self._events(conn, events)
 
-    def reupload(self, lease: Lease, reason: str) -> None:
-        """``uploaded -> sealed``: the completed object failed verification; send it all again."""
+    def reupload(self, lease: Lease, reason: str, *, remove_etag: str | None = None) -> None:
+        """``uploaded -> sealed``: the completed object failed verification; send it all again.
+
+        ``remove_etag`` records the intent to remove the object at the key that has this ETag
+        (the one that failed): written, fenced, before the conditional delete is sent.
+        """
         now = self.clock()
         with self._begin() as conn:
             self._segment_cas(
@@ -1217,6 +1240,7 @@ class Manifest:
                 {
                     "upload_id": None,
                     "object_etag": None,
+                    "remove_etag": remove_etag,
                     "attempts": S.c.attempts + 1,
                     "last_error": _clip(reason),
                 },
@@ -1224,6 +1248,145 @@ class Manifest:
                 now,
             )
             self._reset_commits(conn, lease, reason)
+
+    def object_removed(self, lease: Lease, etag: str) -> None:
+        """The object named by ``remove_etag`` is gone from the key: the intent is fulfilled."""
+        now = self.clock()
+        with self._begin() as conn:
+            self._guard(conn, lease, now)
+            conn.execute(
+                update(S)
+                .where(S.c.id == lease.segment_id, S.c.remove_etag == etag)
+                .values(remove_etag=None)
+            )
+
+    def position(
+        self, segment_id: int, *, pending_only: bool = False
+    ) -> tuple[SegmentRecord, list[CommitRecord]]:
+        """The segment's row and its commits (or only its pending ones), in part order, read in
+        one transaction: what the driver compares with what the remote holds."""
+        with self.engine.connect() as conn, conn.begin():
+            seg = _segment(conn.execute(select(S).where(S.c.id == segment_id)).one())
+            q = select(C).where(C.c.segment_id == segment_id)
+            if pending_only:
+                q = q.where(C.c.state == CommitState.PENDING.value)
+            commits = [_commit(r) for r in conn.execute(q.order_by(C.c.part_number))]
+        return seg, commits
+
+    def parts_uploaded(
+        self,
+        lease: Lease,
+        acks: Sequence[tuple[CommitRecord, str]],
+        detail: str | None = None,
+    ) -> None:
+        """``pending -> uploaded`` for parts the remote acknowledged or lists, each with the ETag
+        it gave (equal to the recorded MD5), in one transaction."""
+        for commit, etag in acks:
+            _check_acknowledged(lease, commit, etag)
+        if not acks:
+            return
+        now = self.clock()
+        with self._begin() as conn:
+            self._guard(conn, lease, now)
+            events: list[EventRow_] = []
+            for commit, etag in acks:
+                self._commit_move(
+                    conn,
+                    lease,
+                    commit,
+                    CommitState.PENDING,
+                    CommitState.UPLOADED,
+                    {"etag": etag},
+                    now,
+                )
+                events.append(self._commit_event(lease, commit, "pending", "uploaded", detail))
+            self._events(conn, events)
+
+    def parts_unsent(self, lease: Lease, commits: Sequence[CommitRecord], reason: str) -> None:
+        """``uploaded -> pending``: the remote does not hold these parts with the recorded MD5."""
+        if not commits:
+            return
+        now = self.clock()
+        with self._begin() as conn:
+            self._guard(conn, lease, now)
+            events: list[EventRow_] = []
+            for commit in commits:
+                self._commit_move(
+                    conn,
+                    lease,
+                    commit,
+                    CommitState.UPLOADED,
+                    CommitState.PENDING,
+                    {"etag": None},
+                    now,
+                )
+                events.append(self._commit_event(lease, commit, "uploaded", "pending", reason))
+            self._events(conn, events)
+
+    def object_adopted(
+        self, lease: Lease, commits: Sequence[CommitRecord], object_etag: str, detail: str
+    ) -> None:
+        """``sealed -> uploaded`` for an object found complete at the key, matching what the seal
+        expects (a completion or PUT whose response was lost); its pending parts with it."""
+        now = self.clock()
+        with self._begin() as conn:
+            events: list[EventRow_] = []
+            self._segment_cas(
+                conn,
+                lease,
+                SegmentState.SEALED,
+                SegmentState.UPLOADED,
+                {"object_etag": object_etag, "upload_id": None},
+                detail,
+                now,
+                check_unsent=False,
+                events=events,
+            )
+            for commit in commits:
+                if commit.state is CommitState.PENDING:
+                    self._commit_move(
+                        conn,
+                        lease,
+                        commit,
+                        CommitState.PENDING,
+                        CommitState.UPLOADED,
+                        {"etag": commit.md5},
+                        now,
+                    )
+                    events.append(self._commit_event(lease, commit, "pending", "uploaded", detail))
+            self._check_all_sent(conn, lease, SegmentState.UPLOADED)
+            self._events(conn, events)
+
+    def _commit_move(
+        self,
+        conn: Connection,
+        lease: Lease,
+        commit: CommitRecord,
+        expected: CommitState,
+        new: CommitState,
+        values: dict[str, Any],
+        now: datetime,
+    ) -> None:
+        res = conn.execute(
+            update(C)
+            .where(
+                C.c.id == commit.id,
+                C.c.segment_id == lease.segment_id,
+                C.c.state == expected.value,
+            )
+            .values(state=new.value, updated_at=now, **values)
+        )
+        if res.rowcount != 1:
+            actual = conn.execute(select(C.c.state).where(C.c.id == commit.id)).scalar()
+            raise StaleStateError(
+                f"{lease.key} part {commit.part_number}", expected.value, actual, what="commit"
+            )
+
+    @staticmethod
+    def _commit_event(
+        lease: Lease, commit: CommitRecord, src: str, dst: str, detail: str | None
+    ) -> EventRow_:
+        return (lease.segment_id, commit.id, src, dst, lease.owner, lease.fence, detail)
 
     def reset_commits(self, lease: Lease, reason: str) -> None:
         """Every ``uploaded`` commit back to ``pending`` (its upload id is gone from the remote)."""

@@ -1,0 +1,527 @@
+"""The one segment driver: the writer's seal and the recovery job both finish segments through it.
+
+For a leased segment, :meth:`Driver.drive` reads where the segment stands in the manifest, adds
+what it learned from the remote in this drive, asks :func:`uploader.plan.next_step` for the next
+step, takes it, and asks again, until the segment is ``verified``, ``failed`` with a reason, or
+blocked for a named reason. The writer's seal is "record the seal, then drive"; recovery is
+"claim, drive, release".
+
+Every outcome the remote gives is written to the manifest here, right after the call that got
+it (the transport only moves bytes): a part's ETag, an upload id, a completed object's ETag, a
+failed attempt with its error. The one destructive remote call, removing an object that failed
+verification, is conditional on that object's ETag, sent only after its intent (``remove_etag``)
+was recorded under the current fence and the lease was renewed, and only where the remote proved
+that it honours the condition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from uploader import plan
+from uploader.digest import Payload, checksum, normalize_etag
+from uploader.errors import (
+    LeaseLostError,
+    LocalFileError,
+    NoSuchUploadError,
+    ObjectExistsError,
+    PreconditionFailedError,
+    StorageError,
+    UploaderError,
+)
+from uploader.leases import LeaseKeeper
+from uploader.manifest.repo import Manifest
+from uploader.plan import Act, Position, Step
+from uploader.records import CommitRecord, Lease, SegmentRecord
+from uploader.states import CommitState, SegmentState
+from uploader.storage.base import ObjectInfo, PartRef, Storage
+from uploader.transport import Counters, Transport, check_local, read_checked, wait_all
+
+log = logging.getLogger("uploader")
+
+T = TypeVar("T")
+
+
+class _Fail(Exception):
+    """A step found a reason the segment can never be verified (the message says it)."""
+
+
+#: How many times a completed object that failed verification is uploaded again before the
+#: segment is declared ``failed``.
+DEFAULT_MAX_REUPLOADS = 3
+
+VERIFY_MODES = ("etag", "deep")
+
+
+@dataclass(frozen=True, slots=True)
+class DriveResult:
+    """Where one drive left a segment."""
+
+    key: str
+    state: SegmentState
+    detail: str = ""
+    blocked: str | None = None  # why this worker could go no further (None: not blocked)
+    object_etag: str | None = None
+
+    @property
+    def verified(self) -> bool:
+        return self.state is SegmentState.VERIFIED
+
+
+@dataclass
+class _Learned:
+    """What one drive learned; forgotten when it ends (nothing remote is trusted from before)."""
+
+    parts_known: bool = False
+    parts: dict[int, PartRef] | None = None
+    object_known: bool = False
+    obj: ObjectInfo | None = None
+    checked: set[int] = field(default_factory=set)  # part numbers read and found equal
+    local_checked: bool = False
+    deep_checked: bool = False
+    fresh: dict[int, Payload | None] = field(default_factory=dict)  # commit id -> bytes read
+    put_ack: tuple[CommitRecord, str] | None = None  # a PUT acknowledged, not yet recorded
+
+    def object_changed(self) -> None:
+        self.object_known = False
+        self.obj = None
+        self.deep_checked = False
+
+
+class Driver:
+    """Finishes leased segments; shared by a store's writer and its recovery job."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        storage: Storage,
+        transport: Transport,
+        keeper: LeaseKeeper,
+        *,
+        node: str,
+        verify: str = "etag",
+        max_reuploads: int = DEFAULT_MAX_REUPLOADS,
+    ) -> None:
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, not {verify!r}")
+        self.manifest = manifest
+        self.storage = storage
+        self.transport = transport
+        self.keeper = keeper
+        self.node = node
+        self.verify_mode = verify
+        self.max_reuploads = max_reuploads
+        self._conditional_delete: bool | None = None
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    def drive(
+        self,
+        lease: Lease,
+        *,
+        fresh: Mapping[int, Payload | None] | None = None,
+        inflight: frozenset[int] = frozenset(),
+        counters: Counters | None = None,
+        checked: set[int] | None = None,
+        release: bool = False,
+        max_reuploads: int | None = None,
+    ) -> DriveResult:
+        """Take steps until the segment is verified, failed or blocked; return where it stands.
+
+        ``fresh``: commit ids the caller recorded and never sent (with their bytes, if it holds
+        them); ``inflight``: commit ids a writer's job is sending now (left alone); ``checked``:
+        part numbers whose local bytes the caller read and found equal; ``release``: give the
+        lease back with the last transition. Storage and manifest errors are recorded on the
+        segment and raised; local bytes gone or changed make the segment ``failed``.
+        """
+        learned = _Learned(fresh=dict(fresh or {}), checked=set(checked or ()))
+        counters = counters if counters is not None else Counters()
+        bound = self.max_reuploads if max_reuploads is None else max_reuploads
+        seg: SegmentRecord | None = None
+        for _ in range(64 + 4 * bound):
+            seg, commits = self.manifest.position(lease.segment_id)
+            if seg.fence != lease.fence or seg.lease_owner != lease.owner:
+                if seg.state in (SegmentState.VERIFIED, SegmentState.FAILED) and (
+                    seg.fence == lease.fence
+                ):
+                    return self._result(seg)  # released by our own last transition
+                raise LeaseLostError(lease.key, lease.fence, seg.fence)
+            position = Position(
+                seg=seg,
+                commits=commits,
+                parts_known=learned.parts_known,
+                parts=learned.parts,
+                object_known=learned.object_known,
+                obj=learned.obj,
+                local_checked=learned.local_checked,
+                local_here=seg.node == self.node,
+                deep=self.verify_mode == "deep",
+                deep_checked=learned.deep_checked,
+                fresh=frozenset(learned.fresh),
+                inflight=inflight,
+                conditional_delete=self._conditional_delete,
+                reuploads=self._reuploads(seg, learned),
+                max_reuploads=bound,
+            )
+            step = plan.next_step(position)
+            log.debug("segment %r (%s): %s %s", seg.key, seg.state.value, step.act, step.reason)
+            if step.act is Act.DONE:
+                return self._result(seg)
+            if step.act is Act.BLOCK:
+                self._record_error(lease, step.reason)
+                return self._result(seg, blocked=step.reason)
+            if step.act is Act.FAIL:
+                return self._fail(lease, seg, step.reason)
+            try:
+                self._take(step, lease, seg, commits, learned, counters, release)
+            except _Fail as exc:
+                return self._fail(lease, seg, str(exc))
+            except LocalFileError as exc:
+                if not exc.terminal:
+                    self._record_error(lease, str(exc))
+                    raise
+                # Invariant 8: the local bytes were the source of truth and they are gone or
+                # changed: never verified, never deletable.
+                return self._fail(lease, seg, f"local bytes unusable: {exc}")
+        assert seg is not None
+        reason = "no progress after many steps; left for a later pass"
+        self._record_error(lease, reason)
+        return self._result(seg, blocked=reason)
+
+    def _result(self, seg: SegmentRecord, blocked: str | None = None) -> DriveResult:
+        detail = blocked or seg.reason or seg.last_error or ""
+        if seg.state is SegmentState.VERIFIED:
+            detail = f"verified, {seg.size} bytes"
+        return DriveResult(
+            key=seg.key,
+            state=seg.state,
+            detail=detail,
+            blocked=blocked,
+            object_etag=seg.object_etag,
+        )
+
+    def _reuploads(self, seg: SegmentRecord, learned: _Learned) -> int:
+        """Earlier re-uploads of this segment: counted only when one is being considered."""
+        if seg.state is not SegmentState.UPLOADED or not learned.object_known:
+            return 0
+        return sum(
+            1
+            for e in self.manifest.events(seg.id)
+            if e.commit_id is None and e.from_state == "uploaded" and e.to_state == "sealed"
+        )
+
+    # --- the steps -----------------------------------------------------------------------------
+
+    def _take(
+        self,
+        step: Step,
+        lease: Lease,
+        seg: SegmentRecord,
+        commits: Sequence[CommitRecord],
+        learned: _Learned,
+        counters: Counters,
+        release: bool,
+    ) -> None:
+        act = step.act
+        if act is Act.LIST_PARTS:
+            assert seg.upload_id is not None
+            try:
+                listed = self.storage.list_parts(seg.key, seg.upload_id)
+            except NoSuchUploadError:
+                learned.parts = None
+            except StorageError as exc:
+                self._record_error(lease, f"list_parts: {exc}")
+                raise
+            else:
+                learned.parts = {p.number: p for p in listed}
+            learned.parts_known = True
+        elif act is Act.HEAD:
+            try:
+                learned.obj = self.storage.head(seg.key)
+            except StorageError as exc:
+                if learned.put_ack is not None:
+                    # The check could not be made, but what the PUT's response said is a fact:
+                    # recorded (uploaded), and recovery verifies it later.
+                    commit, etag = learned.put_ack
+                    with contextlib.suppress(UploaderError):
+                        self.manifest.put_done(lease, commit, etag)
+                self._record_error(lease, f"verify: head: {exc}")
+                raise
+            learned.object_known = True
+        elif act is Act.PROBE:
+            self._conditional_delete = self._remote(
+                lease, "conditional delete probe", self.storage.conditional_delete
+            )
+        elif act is Act.RESET_UPLOAD:
+            self.manifest.reset_commits(lease, step.reason)
+            learned.parts_known, learned.parts = False, None
+        elif act is Act.ADOPT_PARTS:
+            self.manifest.parts_uploaded(lease, [(c, c.md5) for c in step.commits], step.reason)
+            for c in step.commits:
+                counters.reused(c.size)
+        elif act is Act.UNSEND_PARTS:
+            self.manifest.parts_unsent(lease, step.commits, step.reason)
+        elif act is Act.START_UPLOAD:
+            self.start_upload(lease, seg)
+            learned.parts_known, learned.parts = True, {}
+        elif act is Act.SEND:
+            assert seg.upload_id is not None
+            self._send(lease, seg, seg.upload_id, step.commits, learned, counters)
+        elif act is Act.PUT:
+            self._put(lease, seg, step.commits[0], learned, counters)
+        elif act is Act.CHECK_LOCAL:
+            check_local(seg, commits, learned.checked)
+            learned.local_checked = True
+        elif act is Act.COMPLETE:
+            self._complete(lease, seg, step.commits, learned)
+        elif act is Act.ADOPT_OBJECT:
+            assert learned.obj is not None and learned.obj.etag is not None
+            self.manifest.object_adopted(
+                lease,
+                step.commits,
+                learned.obj.etag,
+                f"object found complete at the key ({learned.obj.size} bytes, etag "
+                f"{learned.obj.etag}): a completion whose response was lost",
+            )
+            for c in step.commits:
+                if c.state is CommitState.PENDING:
+                    counters.reused(c.size)
+        elif act is Act.DEEP_READ:
+            self._deep_read(lease, seg, commits)
+            learned.deep_checked = True
+        elif act is Act.VERIFY:
+            self.manifest.segment_verified(lease, self._verified_detail(seg), release=release)
+            if release:
+                self.keeper.drop(seg.id)
+        elif act is Act.VERIFY_PUT:
+            [commit] = step.commits
+            assert learned.obj is not None and learned.obj.etag is not None
+            self.manifest.put_verified(
+                lease, commit, learned.obj.etag, self._verified_detail(seg), release=release
+            )
+            if release:
+                self.keeper.drop(seg.id)
+        elif act is Act.REUPLOAD:
+            self.manifest.reupload(lease, step.reason, remove_etag=step.etag)
+            learned.parts_known, learned.parts = False, None
+            learned.checked.clear()
+            learned.local_checked = False
+        elif act is Act.REMOVE:
+            assert step.etag is not None
+            self._remove(lease, seg, step.etag, learned)
+        elif act is Act.FORGET_REMOVE:
+            assert step.etag is not None
+            self.manifest.object_removed(lease, step.etag)
+        else:  # pragma: no cover - every act is handled above
+            raise AssertionError(f"unhandled step {act}")
+
+    def _remote(self, lease: Lease, what: str, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except StorageError as exc:
+            self._record_error(lease, f"{what}: {exc}")
+            raise
+
+    def start_upload(self, lease: Lease, seg: SegmentRecord) -> str:
+        """Start the segment's multipart upload and record its id (before any part is sent)."""
+        upload_id = self._remote(lease, "start_upload", lambda: self.storage.start_upload(seg.key))
+        # Started before it is recorded: a crash in between leaves an unreferenced upload, which
+        # the sweep aborts (invariant 9); recording first would need an id we do not have yet.
+        self.manifest.set_upload(lease, upload_id, "multipart")
+        return upload_id
+
+    def send_recorded(
+        self,
+        lease: Lease,
+        seg: SegmentRecord,
+        upload_id: str,
+        commit: CommitRecord,
+        payload: Payload | None,
+        counters: Counters,
+        checked: set[int] | None = None,
+    ) -> None:
+        """Send one recorded part and record what the remote acknowledged (or the failure)."""
+        try:
+            ref = self.transport.send_part(seg, upload_id, commit, payload)
+        except StorageError as exc:
+            with contextlib.suppress(UploaderError):  # a lost lease: the new holder retries
+                self.manifest.commit_attempt_failed(lease, commit, str(exc))
+            raise
+        payload = None  # let the part's bytes go before the manifest round trip
+        self.manifest.parts_uploaded(lease, [(commit, normalize_etag(ref.etag) or "")])
+        counters.sent(commit.size)
+        if checked is not None:
+            checked.add(commit.part_number)
+
+    def _send(
+        self,
+        lease: Lease,
+        seg: SegmentRecord,
+        upload_id: str,
+        commits: Sequence[CommitRecord],
+        learned: _Learned,
+        counters: Counters,
+    ) -> None:
+        futures: list[Future[None]] = []
+        try:
+            for c in commits:
+                payload = learned.fresh.pop(c.id, None)
+                futures.append(
+                    self.transport.in_slot(
+                        self.send_recorded,
+                        lease,
+                        seg,
+                        upload_id,
+                        c,
+                        payload,
+                        counters,
+                        learned.checked,
+                    )
+                )
+        finally:
+            try:
+                wait_all(futures)
+            except NoSuchUploadError:
+                learned.parts_known, learned.parts = True, None
+                raise
+        if learned.parts is not None:
+            for c in commits:
+                learned.parts[c.part_number] = PartRef(c.part_number, c.md5, c.size)
+
+    def _put(
+        self,
+        lease: Lease,
+        seg: SegmentRecord,
+        commit: CommitRecord,
+        learned: _Learned,
+        counters: Counters,
+    ) -> None:
+        payload = learned.fresh.pop(commit.id, None)
+        with self.transport.slots:
+            if payload is None:
+                payload = read_checked(seg.path, commit, seg.key)
+            try:
+                info = self.storage.put(seg.key, payload)
+            except ObjectExistsError:
+                learned.object_changed()  # someone's object is there: look at it
+                return
+            except StorageError as exc:
+                with contextlib.suppress(UploaderError):
+                    self.manifest.commit_attempt_failed(lease, commit, str(exc))
+                raise
+        del payload
+        learned.put_ack = (commit, normalize_etag(info.etag) or commit.md5)
+        learned.checked.add(commit.part_number)
+        counters.sent(commit.size)
+        # The object is checked with a HEAD of its own: what the PUT's response said is not
+        # proof that the object is at the key now.
+        learned.object_changed()
+
+    def _complete(
+        self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord], learned: _Learned
+    ) -> None:
+        assert seg.upload_id is not None
+        parts = [PartRef(number=c.part_number, etag=c.etag or "", size=c.size) for c in commits]
+        try:
+            info = self.storage.complete(seg.key, seg.upload_id, parts, plan.expected(seg))
+        except NoSuchUploadError:
+            learned.parts_known, learned.parts = True, None
+            learned.object_changed()
+            return
+        except ObjectExistsError:
+            learned.object_changed()  # someone's object is there: look at it
+            return
+        except StorageError as exc:
+            self._record_error(lease, f"complete: {exc}")
+            raise
+        etag = normalize_etag(info.etag)
+        self.manifest.segment_uploaded(lease, etag)
+        # The backends learn the object's size and ETag after completing (S3: a HEAD).
+        learned.obj, learned.object_known = info, True
+
+    def _deep_read(self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord]) -> None:
+        """Read the object back part by part: every part's MD5 and CRC32C as recorded."""
+        for c in commits:
+            try:
+                data = self.storage.read(seg.key, c.start, c.end)
+            except StorageError as exc:
+                self._record_error(lease, f"deep read: {exc}")
+                raise
+            md5, crc = checksum(data)
+            if md5 != c.md5 or crc != c.crc32c:
+                raise _Fail(
+                    f"object at key {seg.key!r}: bytes [{c.start}, {c.end}) (part "
+                    f"{c.part_number}) differ from the local bytes although its ETag matches; "
+                    "it cannot be named exactly for removal and is left alone"
+                )
+
+    def _remove(self, lease: Lease, seg: SegmentRecord, etag: str, learned: _Learned) -> None:
+        # The lease is proven current right before the call (a guarded write), on top of the
+        # intent recorded under this fence; the condition on the ETag makes a late or stale
+        # copy of this request harmless to any other object at the key.
+        self.manifest.renew(lease, self.keeper.lease_seconds)
+        # A failed precondition: another object is at the key now, not the one the intent names.
+        with contextlib.suppress(PreconditionFailedError):
+            self._remote(lease, "delete", lambda: self.storage.delete_if_match(seg.key, etag))
+        self.manifest.object_removed(lease, etag)
+        learned.object_changed()
+
+    def check_object(
+        self, seg: SegmentRecord, commits: Sequence[CommitRecord], *, deep: bool
+    ) -> str | None:
+        """None if the object at the key matches what the seal recorded, else what differs.
+
+        Changes nothing: ``uploader verify`` and ``Store.check_object`` use it.
+        """
+        if seg.size is None or seg.expected_etag is None:
+            return f"segment {seg.key!r} is {seg.state.value}: nothing sealed to compare with"
+        info = self.storage.head(seg.key)
+        if info is None:
+            return f"no object at {seg.key!r}"
+        if info.size != seg.size:
+            return f"object {seg.key!r} has {info.size} bytes, expected {seg.size}"
+        etag = normalize_etag(info.etag)
+        if etag is not None and etag != seg.expected_etag:
+            return f"object {seg.key!r} has ETag {etag}, expected {seg.expected_etag}"
+        if not deep and etag is not None:
+            return None
+        for c in commits:
+            md5, crc = checksum(self.storage.read(seg.key, c.start, c.end))
+            if md5 != c.md5 or crc != c.crc32c:
+                return (
+                    f"object {seg.key!r} bytes [{c.start}, {c.end}) differ from part "
+                    f"{c.part_number}"
+                )
+        return None
+
+    # --- outcomes ------------------------------------------------------------------------------
+
+    def _verified_detail(self, seg: SegmentRecord) -> str:
+        how = "deep: bytes read back" if self.verify_mode == "deep" else "size and ETag"
+        return (
+            f"verified ({how}; every local byte re-read): {seg.size} bytes, etag "
+            f"{seg.expected_etag}"
+        )
+
+    def _record_error(self, lease: Lease, error: str) -> None:
+        with contextlib.suppress(UploaderError):  # a lost lease: the new holder records
+            self.manifest.record_error(lease, error)
+
+    def _fail(self, lease: Lease, seg: SegmentRecord, reason: str) -> DriveResult:
+        try:
+            self.manifest.fail_segment(lease, reason)
+        except UploaderError as exc:  # lost the lease meanwhile: the new holder decides
+            log.warning("could not mark %r failed: %s", seg.key, exc)
+            raise
+        if seg.upload_id is not None:
+            # Our own unfinished upload: nothing will complete it now (the sweep would too).
+            with contextlib.suppress(UploaderError):
+                self.storage.abort(seg.key, seg.upload_id)
+        log.error("segment %r failed: %s", seg.key, reason)
+        failed = self.manifest.segment_by_id(seg.id)
+        return self._result(failed)

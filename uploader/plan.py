@@ -1,0 +1,283 @@
+"""Where a segment stands and what to do next: the one decision, as a pure function.
+
+:func:`next_step` looks at a :class:`Position` (what the manifest records, what this drive learned
+from the remote, what it checked of the local bytes) and names one :class:`Step`. It does no I/O:
+:mod:`uploader.driver` observes, executes the step, and asks again, until the segment is
+``verified``, ``failed`` with a reason, or blocked for a named reason (litestream's
+``Replica.Sync`` computes its position before each step; so does this).
+
+Words:
+
+* **learned**: a remote fact (the parts an upload holds, the object at the key) asked for in this
+  drive. Nothing learned in an earlier process is trusted: a recorded ETag says what the remote
+  said *then*.
+* **fresh**: a part recorded by the caller of this drive and never sent by anyone: there is
+  nothing to learn about it before sending it.
+* **local check**: every byte of the local file read again and found equal to the CRC32C
+  recorded for it, the size and file identity unchanged. Nothing becomes ``verified`` without it.
+* **foreign object**: an object at the key that is not the one the seal describes and that this
+  segment never decided to remove. It is never deleted or overwritten: the segment fails.
+
+The table of the recovery module's docstring is this function, case by case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from uploader.digest import normalize_etag
+from uploader.records import CommitRecord, SegmentRecord
+from uploader.states import CommitState, SegmentState
+from uploader.storage.base import Expected, ObjectInfo, PartRef
+from uploader.storage.rules import matches
+
+
+class Act(StrEnum):
+    LIST_PARTS = "list parts"  # learn what the upload holds
+    HEAD = "head"  # learn what is at the key
+    PROBE = "probe"  # learn whether the remote honours conditional deletes
+    RESET_UPLOAD = "reset upload"  # the upload is gone: every part pending, no upload id
+    ADOPT_PARTS = "adopt parts"  # pending parts the remote holds with their MD5: uploaded
+    UNSEND_PARTS = "unsend parts"  # uploaded parts the remote does not hold: pending
+    START_UPLOAD = "start upload"
+    SEND = "send"  # pending parts, re-read and checked (or as the caller read them)
+    PUT = "put"  # a single-PUT segment's one object
+    CHECK_LOCAL = "check local"  # the whole-file check
+    COMPLETE = "complete"
+    ADOPT_OBJECT = "adopt object"  # an object matching the seal is at the key: uploaded
+    DEEP_READ = "deep read"  # read the object back, part by part
+    VERIFY = "verify"  # uploaded -> verified
+    VERIFY_PUT = "verify put"  # sealed -> uploaded -> verified for a single PUT, at once
+    REUPLOAD = "reupload"  # uploaded -> sealed, with the intent to remove the bad object
+    REMOVE = "remove"  # the conditional delete of the object named by the intent
+    FORGET_REMOVE = "forget remove"  # the named object is no longer at the key
+    FAIL = "fail"
+    BLOCK = "block"  # nothing this worker can do now; the reason says why
+    DONE = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    act: Act
+    commits: tuple[CommitRecord, ...] = ()
+    reason: str = ""
+    etag: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """What the driver knows before each step."""
+
+    seg: SegmentRecord
+    commits: Sequence[CommitRecord]  # all of them, or (open segments) the pending ones
+    parts_known: bool = False
+    parts: Mapping[int, PartRef] | None = None  # None when known: the upload is unknown
+    object_known: bool = False
+    obj: ObjectInfo | None = None
+    local_checked: bool = False
+    local_here: bool = True  # this worker can read the segment's local file
+    deep: bool = False
+    deep_checked: bool = False
+    fresh: frozenset[int] = frozenset()  # commit ids
+    inflight: frozenset[int] = frozenset()  # commit ids a writer's job is sending right now
+    conditional_delete: bool | None = None  # None: not learned yet
+    reuploads: int = 0
+    max_reuploads: int = 3
+
+
+def expected(seg: SegmentRecord) -> Expected:
+    assert seg.size is not None and seg.expected_etag is not None
+    return Expected(size=seg.size, etag=seg.expected_etag)
+
+
+def _describe(obj: ObjectInfo) -> str:
+    return f"{obj.size} bytes, etag {obj.etag}"
+
+
+def next_step(p: Position) -> Step:
+    """The one place that decides a segment's next step."""
+    seg = p.seg
+    if seg.state in (SegmentState.VERIFIED, SegmentState.FAILED):
+        return Step(Act.DONE, reason=seg.state.value)
+    pending = tuple(
+        c for c in p.commits if c.state is CommitState.PENDING and c.id not in p.inflight
+    )
+    if seg.state is SegmentState.OPEN:
+        if not pending:
+            return Step(Act.DONE, reason="open: nothing pending; its writer seals it")
+        return _parts(p, pending)
+    if seg.state is SegmentState.SEALED:
+        if seg.remove_etag is not None:
+            return _remove(p, seg.remove_etag)
+        if seg.upload_mode == "put":
+            return _sealed_put(p)
+        return _sealed_multipart(p, pending)
+    return _uploaded(p)
+
+
+def _parts(p: Position, pending: tuple[CommitRecord, ...]) -> Step:
+    """Pending parts: learn what the upload holds, reuse what it has, send the rest."""
+    seg = p.seg
+    if (
+        seg.upload_id is not None
+        and not p.parts_known
+        and not all(c.id in p.fresh for c in pending)
+    ):
+        return Step(Act.LIST_PARTS)
+    if p.parts_known and p.parts is None:
+        if seg.state is SegmentState.SEALED:
+            if not p.object_known:
+                return Step(Act.HEAD)  # completed before the crash?
+            if p.obj is not None:
+                if matches(p.obj, expected(seg)):
+                    return Step(Act.ADOPT_OBJECT, tuple(p.commits))
+                return _foreign(p.obj, seg)
+        return Step(Act.RESET_UPLOAD, reason=f"upload {seg.upload_id} is unknown to the remote")
+    if p.parts_known and p.parts is not None:
+        held = tuple(c for c in pending if _held(p.parts, c))
+        if held:
+            return Step(Act.ADOPT_PARTS, held, reason="held by the remote with the recorded MD5")
+        lost = tuple(
+            c for c in p.commits if c.state is CommitState.UPLOADED and not _held(p.parts, c)
+        )
+        if lost and seg.upload_id is not None:
+            return Step(
+                Act.UNSEND_PARTS,
+                lost,
+                reason="not held by the remote with the recorded MD5; sending it again",
+            )
+    if seg.upload_id is None:
+        return Step(Act.START_UPLOAD)
+    return Step(Act.SEND, pending)
+
+
+def _held(parts: Mapping[int, PartRef], c: CommitRecord) -> bool:
+    part = parts.get(c.part_number)
+    return part is not None and normalize_etag(part.etag) == c.md5
+
+
+def _foreign(obj: ObjectInfo, seg: SegmentRecord) -> Step:
+    return Step(
+        Act.FAIL,
+        reason=(
+            f"object at key {seg.key!r} does not match the local bytes ({_describe(obj)}; the "
+            f"seal expects {seg.size} bytes, etag {seg.expected_etag}); it was not written by "
+            "this segment and is left alone"
+        ),
+    )
+
+
+def _local(p: Position, then: Step) -> Step:
+    """``then``, once the local bytes were checked by this drive."""
+    if p.local_checked:
+        return then
+    if not p.local_here:
+        return Step(
+            Act.BLOCK,
+            reason=(
+                f"the local bytes are on node {p.seg.node!r}; a worker there checks them "
+                "before the segment becomes verified"
+            ),
+        )
+    return Step(Act.CHECK_LOCAL)
+
+
+def _sealed_put(p: Position) -> Step:
+    seg = p.seg
+    [commit] = p.commits
+    if not p.object_known:
+        if commit.state is CommitState.PENDING and commit.id in p.fresh:
+            return Step(Act.PUT, (commit,))
+        return Step(Act.HEAD)
+    if p.obj is None:
+        return Step(Act.PUT, (commit,))
+    if not matches(p.obj, expected(seg)):
+        return _foreign(p.obj, seg)
+    if p.deep and not p.deep_checked:
+        return Step(Act.DEEP_READ)
+    return _local(p, Step(Act.VERIFY_PUT, (commit,)))
+
+
+def _sealed_multipart(p: Position, pending: tuple[CommitRecord, ...]) -> Step:
+    seg = p.seg
+    if pending:
+        return _parts(p, pending)
+    if any(c.state is CommitState.PENDING for c in p.commits):
+        return Step(Act.BLOCK, reason="parts are being sent by a writer's commit")
+    if p.object_known and p.obj is not None:
+        if matches(p.obj, expected(seg)):
+            return Step(Act.ADOPT_OBJECT, tuple(p.commits))
+        return _foreign(p.obj, seg)
+    if p.parts_known and p.parts is None:
+        if not p.object_known:
+            return Step(Act.HEAD)
+        return Step(Act.RESET_UPLOAD, reason=f"upload {seg.upload_id} is unknown to the remote")
+    if p.local_here and not p.local_checked:
+        # Checked before the object is published: bytes changed after their commit never
+        # become visible at the key.
+        return Step(Act.CHECK_LOCAL)
+    return Step(Act.COMPLETE, tuple(p.commits))
+
+
+def _uploaded(p: Position) -> Step:
+    seg = p.seg
+    if not p.object_known:
+        return Step(Act.HEAD)
+    if p.obj is None:
+        if p.reuploads >= p.max_reuploads:
+            return Step(
+                Act.FAIL,
+                reason=f"the object vanished from key {seg.key!r} {p.reuploads + 1} times",
+            )
+        return Step(Act.REUPLOAD, reason=f"the object vanished from key {seg.key!r}")
+    if not matches(p.obj, expected(seg)):
+        bad = _describe(p.obj)
+        if p.reuploads >= p.max_reuploads:
+            return Step(
+                Act.FAIL,
+                reason=f"the object at key {seg.key!r} failed verification {p.reuploads + 1} "
+                f"times ({bad}; expected {seg.size} bytes, etag {seg.expected_etag})",
+            )
+        if p.obj.etag is None or p.obj.etag == normalize_etag(seg.expected_etag):
+            # A conditional delete could not tell the bad object from the good one.
+            return Step(
+                Act.FAIL,
+                reason=f"object at key {seg.key!r} does not match the local bytes ({bad}) and "
+                "cannot be named exactly for removal; left alone",
+            )
+        if p.conditional_delete is None:
+            return Step(Act.PROBE)
+        if not p.conditional_delete:
+            return Step(
+                Act.FAIL,
+                reason=f"object at key {seg.key!r} does not match the local bytes ({bad}); the "
+                "remote does not honour conditional deletes, so it is left alone",
+            )
+        return Step(
+            Act.REUPLOAD,
+            reason=f"object at key {seg.key!r} does not match the local bytes ({bad}); "
+            "removing exactly that object and uploading again",
+            etag=p.obj.etag,
+        )
+    if p.deep and not p.deep_checked:
+        return Step(Act.DEEP_READ)
+    return _local(p, Step(Act.VERIFY))
+
+
+def _remove(p: Position, etag: str) -> Step:
+    """The intent to remove the object with ``etag`` is recorded: carry it out, conditionally."""
+    if not p.object_known:
+        return Step(Act.HEAD)
+    if p.obj is not None and p.obj.etag == etag:
+        if p.conditional_delete is None:
+            return Step(Act.PROBE)
+        if not p.conditional_delete:
+            return Step(
+                Act.FAIL,
+                reason=f"object at key {p.seg.key!r} (etag {etag}) must be removed but the "
+                "remote does not honour conditional deletes; left alone",
+            )
+        return Step(Act.REMOVE, etag=etag)
+    return Step(Act.FORGET_REMOVE, etag=etag)

@@ -1,0 +1,233 @@
+"""The transport: moving one segment's bytes, and nothing else.
+
+It reads local bytes (checking them against the checksums recorded for them), sends parts and
+objects on a bounded pool, and returns what the remote said. It never writes the manifest and
+never decides what to do next: that is :mod:`uploader.driver`'s one job.
+
+``slots`` bounds the parts held in memory at once across every segment of a store: peak memory
+stays near ``concurrency x part_size`` whatever the segment sizes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import crc32c as _crc32c
+
+from uploader.digest import Payload, crc32c_of, read_bytes, read_range
+from uploader.errors import LocalFileError
+from uploader.records import CommitRecord, NewCommit, SegmentRecord
+from uploader.storage.base import PartRef, Storage
+
+T = TypeVar("T")
+
+#: Read size of the whole-file check: big enough for sequential throughput, small in memory.
+CHECK_CHUNK = 4 * 1024 * 1024
+
+
+def read_checked(path: str, commit: CommitRecord, key: str) -> Payload:
+    """Read a recorded part again; LocalFileError if its bytes changed or vanished.
+
+    Only the CRC32C is recomputed (hardware, ~15 GB/s, against ~0.7 GB/s for MD5): the recorded
+    MD5 goes out as ``Content-MD5`` and must come back as the part's ETag, so the remote checks
+    the MD5 of the bytes it actually received, and a change that slipped past the CRC would still
+    keep the part from becoming ``uploaded``.
+    """
+    data = read_bytes(path, commit.start, commit.end)
+    crc = crc32c_of(data)
+    if crc != commit.crc32c:
+        raise LocalFileError(
+            f"{path}: bytes [{commit.start}, {commit.end}) of segment {key!r} (part "
+            f"{commit.part_number}) changed after they were committed (crc32c {commit.crc32c} "
+            f"recorded, {crc} now); the local file must not be rewritten before it is verified"
+        )
+    return Payload(
+        path=path, start=commit.start, end=commit.end, data=data, md5=commit.md5, crc32c=crc
+    )
+
+
+def file_identity(path: str) -> tuple[int, int]:
+    """(device, inode) of a local file: a file replaced by another is changed bytes."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise LocalFileError(f"{path}: local file is missing") from None
+    except OSError as exc:
+        raise LocalFileError(
+            f"{path}: cannot stat local file: {exc.strerror or exc}", terminal=False
+        ) from None
+    return st.st_dev, st.st_ino
+
+
+def check_local(seg: SegmentRecord, commits: Sequence[CommitRecord], skip: set[int]) -> None:
+    """The whole-file check before ``verified``: the file is the one registered, it still holds
+    the sealed size, and every part's bytes (but those in ``skip``, read and checked by this
+    drive already) have the CRC32C recorded for them. Raises LocalFileError naming the first
+    difference. Reads sequentially, a few MiB at a time, CRC32C only."""
+    path = seg.path
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise LocalFileError(
+            f"{path}: local file of segment {seg.key!r} is missing; its bytes were never verified "
+            "remotely"
+        ) from None
+    except OSError as exc:
+        raise LocalFileError(
+            f"{path}: cannot stat local file: {exc.strerror or exc}", terminal=False
+        ) from None
+    if seg.file_inode is not None and (st.st_dev, st.st_ino) != (seg.file_device, seg.file_inode):
+        raise LocalFileError(
+            f"{path}: local file of segment {seg.key!r} was replaced by another file (inode "
+            f"{seg.file_inode} registered, {st.st_ino} now); its bytes are not the ones committed"
+        )
+    size = seg.size if seg.size is not None else (commits[-1].end if commits else 0)
+    if st.st_size < size:
+        raise LocalFileError(
+            f"{path}: local file of segment {seg.key!r} has {st.st_size} bytes, fewer than the "
+            f"{size} committed; it was truncated"
+        )
+    todo = [c for c in commits if c.part_number not in skip]
+    if not todo:
+        return
+    try:
+        with open(path, "rb") as f:
+            for c in todo:
+                f.seek(c.start)
+                crc = 0
+                left = c.end - c.start
+                while left:
+                    block = f.read(min(CHECK_CHUNK, left))
+                    if not block:
+                        raise LocalFileError(
+                            f"{path}: local file of segment {seg.key!r} ends inside part "
+                            f"{c.part_number} [{c.start}, {c.end}); it was truncated"
+                        )
+                    crc = int(_crc32c.crc32c(block, crc))
+                    left -= len(block)
+                if crc != c.crc32c:
+                    raise LocalFileError(
+                        f"{path}: bytes [{c.start}, {c.end}) of segment {seg.key!r} (part "
+                        f"{c.part_number}) changed after they were committed (crc32c "
+                        f"{c.crc32c} recorded, {crc} now); the remote copy would differ from "
+                        "the local file"
+                    )
+    except FileNotFoundError:
+        raise LocalFileError(f"{path}: local file of segment {seg.key!r} is missing") from None
+    except LocalFileError:
+        raise
+    except OSError as exc:
+        raise LocalFileError(
+            f"{path}: cannot read local file: {exc.strerror or exc}", terminal=False
+        ) from None
+
+
+@dataclass
+class Counters:
+    """What a piece of work sent; summed into results and reports (updated from part threads)."""
+
+    bytes_sent: int = 0
+    parts_sent: int = 0
+    bytes_reused: int = 0
+    parts_reused: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def sent(self, nbytes: int) -> None:
+        with self.lock:
+            self.bytes_sent += nbytes
+            self.parts_sent += 1
+
+    def reused(self, nbytes: int) -> None:
+        with self.lock:
+            self.bytes_reused += nbytes
+            self.parts_reused += 1
+
+    def add(self, other: Counters) -> None:
+        with self.lock:
+            self.bytes_sent += other.bytes_sent
+            self.parts_sent += other.parts_sent
+            self.bytes_reused += other.bytes_reused
+            self.parts_reused += other.parts_reused
+
+
+class Transport:
+    """Sends parts and objects on a bounded pool; returns what the remote said."""
+
+    def __init__(self, storage: Storage, *, concurrency: int) -> None:
+        self.storage = storage
+        self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="uploader-part")
+        self.slots = threading.BoundedSemaphore(concurrency)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def in_slot(self, task: Callable[..., T], *args: Any) -> Future[T]:
+        """Take a slot, then run ``task`` on the pool; the slot is given back when it is done."""
+        self.slots.acquire()
+
+        def run() -> T:
+            try:
+                return task(*args)
+            finally:
+                self.slots.release()
+
+        try:
+            return self.pool.submit(run)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def submit_held(self, task: Callable[..., T], *args: Any) -> Future[T]:
+        """Run ``task`` on the pool for a caller that already holds a slot (released when done)."""
+
+        def run() -> T:
+            try:
+                return task(*args)
+            finally:
+                self.slots.release()
+
+        try:
+            return self.pool.submit(run)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def digest(self, path: str, parts: Sequence[tuple[int, int, int]]) -> list[NewCommit]:
+        """The digest pass: MD5 and CRC32C of each ``(number, start, end)`` part of ``path``.
+
+        Parts are read and hashed in parallel on the pool (hashing releases the GIL), each
+        within a slot, and their bytes dropped at once: only the checksums are kept.
+        """
+        futures: list[Future[NewCommit]] = []
+        try:
+            for number, start, end in parts:
+                futures.append(self.in_slot(_digest_one, path, number, start, end))
+        finally:
+            wait(futures)
+        return [f.result() for f in futures]
+
+    def send_part(
+        self, seg: SegmentRecord, upload_id: str, commit: CommitRecord, payload: Payload | None
+    ) -> PartRef:
+        """Send one part (re-read and checked when no ``payload`` is given)."""
+        if payload is None:
+            payload = read_checked(seg.path, commit, seg.key)
+        return self.storage.upload_part(seg.key, upload_id, commit.part_number, payload)
+
+
+def _digest_one(path: str, number: int, start: int, end: int) -> NewCommit:
+    payload = read_range(path, start, end)
+    return NewCommit(number, start, end, payload.md5, payload.crc32c)
+
+
+def wait_all(futures: Sequence[Future[Any]]) -> None:
+    """Wait for every future; then raise the first failure, if any."""
+    errors = [f.exception() for f in futures]
+    for err in errors:
+        if err is not None:
+            raise err
