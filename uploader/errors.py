@@ -140,6 +140,29 @@ class ObjectExistsError(StorageError):
     """A conditional write found an object already at the key."""
 
 
+class PreconditionFailedError(StorageError):
+    """A conditional call (delete if the ETag matches) found another object at the key.
+
+    Not retryable: the object at the key is not the one named, and trying again will not make it
+    so. Nothing was removed.
+    """
+
+    retryable = False
+
+    def __init__(
+        self, key: str, etag: str, found: str | None = None, *, where: str = "", detail: str = ""
+    ) -> None:
+        self.key = key
+        self.etag = etag
+        self.found = found
+        seen = f"the object there has ETag {found}" if found else "the object there differs"
+        super().__init__(
+            f"{where or 'conditional delete'} of {key!r}: asked for ETag {etag} but {seen}; "
+            f"nothing was removed{detail}",
+            retryable=False,
+        )
+
+
 class PartRuleError(UsageError):
     """A part breaks the multipart rules (size, count, order)."""
 

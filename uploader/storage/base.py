@@ -124,8 +124,21 @@ class Storage(Protocol):
         """Unfinished uploads whose key starts with ``prefix`` (relative to the root)."""
         ...
 
-    def delete(self, key: str) -> None:
-        """Remove the object at ``key`` (no error if absent)."""
+    def delete_if_match(self, key: str, etag: str) -> None:
+        """Remove the object at ``key`` only if its ETag (as :meth:`head` reports it) is ``etag``.
+
+        Another object at the key: PreconditionFailedError, and it stays untouched. No object at
+        the key: nothing to do. There is deliberately no unconditional delete: a destructive call
+        always names the exact object it means.
+        """
+        ...
+
+    def conditional_delete(self) -> bool:
+        """Whether :meth:`delete_if_match` is proved to be honoured by this remote.
+
+        False means the remote was seen ignoring the condition (or refusing it): a caller must not
+        rely on ``delete_if_match`` to protect another object there.
+        """
         ...
 
     def close(self) -> None:
