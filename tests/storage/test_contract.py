@@ -198,7 +198,9 @@ def test_unusual_keys(storage: Storage, remote: tuple[str, dict[str, Any]], key:
     storage.complete(key, upload_id, refs)
     assert remote_bytes(remote, key) == b"".join(blobs)
     assert storage.read(key, 5, 105) == b"".join(blobs)[5:105]
-    storage.delete(key)
+    info = storage.head(key)
+    assert info is not None and info.etag is not None
+    storage.delete_if_match(key, info.etag)
     assert storage.head(key) is None
 
 

@@ -30,8 +30,10 @@ def open_storage(
 ) -> Storage:
     """The backend for ``url``: native multipart on S3, staged parts on any other filesystem.
 
-    Wrapped in :class:`RetryingStorage` unless ``retry`` is None. ``min_part_size`` lowers S3's
-    5 MiB minimum for servers configured otherwise (tests).
+    Wrapped in :class:`RetryingStorage` unless ``retry`` is None; the policy's ``deadline``
+    becomes S3's per-request timeout (the transport cancels a late request and awaits the
+    cancellation). ``min_part_size`` lowers S3's 5 MiB minimum for servers configured otherwise
+    (tests).
     """
     if "://" not in url:
         raise UsageError(
@@ -43,7 +45,12 @@ def open_storage(
     if scheme in S3_SCHEMES:
         from uploader.storage.s3 import S3Storage
 
-        storage = S3Storage(url, storage_options, min_part_size=minimum)
+        storage = S3Storage(
+            url,
+            storage_options,
+            min_part_size=minimum,
+            request_timeout=None if retry is None else retry.deadline,
+        )
     else:
         from uploader.storage.staged import StagedStorage
 

@@ -7,7 +7,12 @@ does:
 * ``when="after"``: the remote applies the call, then the response is "lost" (an error is raised
   although the part arrived, the object was completed, ...): the hardest case for a client;
 * ``kind="delay"``: the call is slowed by ``seconds``; ``kind="hang"``: it blocks until
-  :meth:`FaultyStorage.release` or ``seconds`` pass (then proceeds).
+  :meth:`FaultyStorage.release` or ``seconds`` pass (then proceeds);
+* ``kind="late"``: a request held in the network past the caller's deadline. The caller gets
+  :class:`StorageTimeoutError` at once, while the call itself is applied to ``inner`` later, on a
+  background thread, when :meth:`FaultyStorage.release` is called (or after ``seconds``, if > 0).
+  :meth:`FaultyStorage.wait_applied` waits until every late call so far was applied; ``late``
+  lists them with their outcomes. Tests wait on that, never sleep.
 
 Selectors: ``after_calls`` lets that many matching calls through first, ``times`` bounds how often
 the fault fires (None: every time after that). ``FaultyStorage(inner, seed=..., rate=...)`` also
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from uploader.digest import Payload
-from uploader.errors import RetryableStorageError
+from uploader.errors import RetryableStorageError, StorageTimeoutError
 from uploader.storage.base import Expected, ObjectInfo, PartRef, Storage, UploadRef
 
 OPS = (
@@ -38,7 +43,7 @@ OPS = (
     "head",
     "read",
     "list_uploads",
-    "delete",
+    "delete_if_match",
 )
 
 
@@ -50,7 +55,7 @@ def _default_error() -> BaseException:
 class Fault:
     op: str = "*"
     when: Literal["before", "after"] = "before"
-    kind: Literal["error", "delay", "hang"] = "error"
+    kind: Literal["error", "delay", "hang", "late"] = "error"
     error: Callable[[], BaseException] = _default_error
     after_calls: int = 0
     times: int | None = None
@@ -63,6 +68,8 @@ class Fault:
             raise ValueError(f"unknown storage call {self.op!r}; one of {', '.join(OPS)}")
         if self.when not in ("before", "after"):
             raise ValueError(f"when must be 'before' or 'after', not {self.when!r}")
+        if self.kind == "late" and self.when != "before":
+            raise ValueError("a late call is held before it reaches the remote: when='before'")
 
     def strikes(self, op: str, when: str) -> bool:
         """Count a matching call and say whether the fault fires on it."""
@@ -75,6 +82,16 @@ class Fault:
             return False
         self.fired += 1
         return True
+
+
+@dataclass
+class LateCall:
+    """A call the caller saw time out, applied to the remote later."""
+
+    op: str
+    applied: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
 
 
 class FaultyStorage:
@@ -97,6 +114,7 @@ class FaultyStorage:
         self.injected: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
         self._released = threading.Event()
+        self.late: list[LateCall] = []
 
     def add(self, fault: Fault) -> Fault:
         with self._lock:
@@ -109,8 +127,36 @@ class FaultyStorage:
         self.rate = 0.0
 
     def release(self) -> None:
-        """Let every hung call proceed."""
+        """Let every hung call proceed, and every late call be applied."""
         self._released.set()
+
+    def wait_applied(self, timeout: float | None = None) -> bool:
+        """Wait until every late call so far reached the remote; False if ``timeout`` passed."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            pending = list(self.late)
+        for call in pending:
+            left = None if end is None else max(0.0, end - time.monotonic())
+            if not call.applied.wait(left):
+                return False
+        return True
+
+    def _hold(self, op: str, fault: Fault, fn: Callable[[], Any]) -> LateCall:
+        call = LateCall(op)
+
+        def apply() -> None:
+            self._released.wait(fault.seconds if fault.seconds > 0 else None)
+            try:
+                call.result = fn()
+            except BaseException as exc:  # recorded for the test to look at
+                call.error = exc
+            finally:
+                call.applied.set()
+
+        with self._lock:
+            self.late.append(call)
+        threading.Thread(target=apply, name=f"uploader-late-{op}", daemon=True).start()
+        return call
 
     @property
     def url(self) -> str:
@@ -120,16 +166,27 @@ class FaultyStorage:
     def min_part_size(self) -> int:
         return self.inner.min_part_size
 
-    def _strike(self, op: str, when: str) -> None:
+    def _strike(self, op: str, when: str, fn: Callable[[], Any] | None = None) -> None:
         with self._lock:
             hits = [f for f in self.faults if f.strikes(op, when)]
             random_hit = self.rate > 0 and self.rng.random() < self.rate / 2
+        for f in hits:
+            if f.kind == "late":
+                assert fn is not None
+                self.injected.append((op, when, f.kind))
+                self._hold(op, f, fn)
+                raise StorageTimeoutError(
+                    f"{op} on {self.url}: injected late call; no answer within the deadline "
+                    "(the request is still in the network and will be applied later)"
+                )
         for f in hits:
             self.injected.append((op, when, f.kind))
             if f.kind == "delay":
                 time.sleep(f.seconds)
             elif f.kind == "hang":
                 self._released.wait(f.seconds if f.seconds > 0 else None)
+            elif f.kind == "late":
+                continue
             else:
                 raise f.error()
         if random_hit:
@@ -137,7 +194,7 @@ class FaultyStorage:
             raise self.random_error()
 
     def _call(self, op: str, fn: Callable[[], Any]) -> Any:
-        self._strike(op, "before")
+        self._strike(op, "before", fn)
         result = fn()
         self._strike(op, "after")
         return result
@@ -187,8 +244,12 @@ class FaultyStorage:
         out: list[UploadRef] = self._call("list_uploads", lambda: self.inner.list_uploads(prefix))
         return out
 
-    def delete(self, key: str) -> None:
-        self._call("delete", lambda: self.inner.delete(key))
+    def delete_if_match(self, key: str, etag: str) -> None:
+        self._call("delete_if_match", lambda: self.inner.delete_if_match(key, etag))
+
+    def conditional_delete(self) -> bool:
+        """Not a fault site: the capability of the wrapped remote."""
+        return self.inner.conditional_delete()
 
     def close(self) -> None:
         self.release()

@@ -1,10 +1,16 @@
-"""Bounded retries with exponential backoff and full jitter, and a deadline per request.
+"""Bounded retries with exponential backoff and full jitter; a deadline per request.
 
 Only errors with ``retryable=True`` are retried (throttling, 5xx, timeouts, resets); anything else
-is raised at once. Each attempt runs on a worker thread and is abandoned after ``deadline``
-seconds with :class:`StorageTimeoutError` (itself retryable): a hung request is cut and tried
-again instead of hanging the upload forever. The abandoned thread finishes in the background;
-since parts are idempotent by number and completes are conditional, a late duplicate is harmless.
+is raised at once.
+
+No attempt is ever abandoned: each one runs on the caller's thread and has ended (its outcome
+known) before the next is sent, so a request the retry layer gave up on is never still in flight
+when it retries. The deadline (``RetryPolicy.deadline``) is enforced where a request can really be
+cancelled, by the transport: :func:`uploader.storage.open_storage` hands it to
+:class:`~uploader.storage.s3.S3Storage` as ``request_timeout``, which cancels the request on its
+event loop and awaits the cancellation before raising :class:`StorageTimeoutError` (retryable).
+A local filesystem call cannot be cancelled (a thread cannot be killed): it is waited for, never
+left running behind a retry.
 """
 
 from __future__ import annotations
@@ -13,13 +19,11 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from uploader.digest import Payload
-from uploader.errors import StorageError, StorageTimeoutError
+from uploader.errors import StorageError
 from uploader.storage.base import Expected, ObjectInfo, PartRef, Storage, UploadRef
 
 T = TypeVar("T")
@@ -32,23 +36,20 @@ class RetryPolicy:
     attempts: int = 5
     base: float = 0.1
     cap: float = 5.0
-    deadline: float | None = 120.0  # seconds per request; None: no deadline
+    deadline: float | None = 120.0  # seconds per request, enforced by the transport; None: none
 
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
         return (rng or random).uniform(0, min(self.cap, self.base * 2**attempt))
 
 
 class RetryingStorage:
-    """Wraps a :class:`Storage`: retries retryable failures, cuts hung requests."""
+    """Wraps a :class:`Storage`: retries retryable failures, one attempt at a time."""
 
     def __init__(self, inner: Storage, policy: RetryPolicy | None = None) -> None:
         self.inner = inner
         self.policy = policy or RetryPolicy()
         self._lock = threading.Lock()
         self.retries = 0  # how many calls were tried again (for metrics)
-        self._pool: ThreadPoolExecutor | None = None
-        if self.policy.deadline is not None:
-            self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="uploader-request")
 
     @property
     def url(self) -> str:
@@ -58,24 +59,12 @@ class RetryingStorage:
     def min_part_size(self) -> int:
         return self.inner.min_part_size
 
-    def _once(self, op: str, fn: Callable[[], T]) -> T:
-        if self._pool is None or self.policy.deadline is None:
-            return fn()
-        fut = self._pool.submit(fn)
-        try:
-            return fut.result(timeout=self.policy.deadline)
-        except FutureTimeout:
-            fut.cancel()
-            raise StorageTimeoutError(
-                f"{op} on {self.inner.url}: no answer within {self.policy.deadline:g} s; "
-                "the request was abandoned"
-            ) from None
-
     def _run(self, op: str, fn: Callable[[], T]) -> T:
+        del op  # named at each call site for readers and tracebacks
         attempt = 0
         while True:
             try:
-                return self._once(op, fn)
+                return fn()  # on this thread: the attempt has ended before any retry
             except StorageError as exc:
                 attempt += 1
                 if not exc.retryable or attempt >= self.policy.attempts:
@@ -119,12 +108,15 @@ class RetryingStorage:
     def list_uploads(self, prefix: str = "") -> list[UploadRef]:
         return self._run("list_uploads", lambda: self.inner.list_uploads(prefix))
 
-    def delete(self, key: str) -> None:
-        self._run("delete", lambda: self.inner.delete(key))
+    def delete_if_match(self, key: str, etag: str) -> None:
+        # Safe to retry: a first attempt that deleted (response lost) leaves the key empty, and
+        # the retry then has nothing to do; another object is never touched.
+        self._run("delete_if_match", lambda: self.inner.delete_if_match(key, etag))
+
+    def conditional_delete(self) -> bool:
+        return self._run("conditional_delete", self.inner.conditional_delete)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
         self.inner.close()
 
     def __getattr__(self, name: str) -> Any:

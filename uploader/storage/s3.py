@@ -2,7 +2,7 @@
 
 s3fs's file objects keep the upload id and part ETags in memory only, so they cannot resume after
 a crash (and ``fs.open(..., "wb")`` completes the upload even on an exception). Here every call is
-one S3 request through ``fs.call_s3`` and its answer goes back to the caller for the manifest.
+one S3 request through s3fs's ``_call_s3`` and its answer goes back to the caller for the manifest.
 
 What we check ourselves because S3-compatible servers (moto among them) may not:
 
@@ -13,29 +13,55 @@ What we check ourselves because S3-compatible servers (moto among them) may not:
 
 Some servers answer HTTP 500 for an unknown or finished upload id instead of ``NoSuchUpload``:
 before treating a 5xx as transient we ask ``ListMultipartUploads`` whether the id still exists.
-s3fs's own retries are turned off (``retries = 1``): :mod:`uploader.storage.retry` owns retrying.
+
+Retries and deadlines. :mod:`uploader.storage.retry` alone decides about retries: s3fs's own
+retries are off (``retries = 1``) and so are botocore's (``total_max_attempts = 1``, whatever a
+user's ``config_kwargs["retries"]`` says about counts; its ``mode`` is kept), so one call with the
+endpoint down is exactly one connection attempt per retry-layer attempt. Every request runs as a
+coroutine on s3fs's event loop under ``asyncio.timeout(request_timeout)``: at the deadline the
+request is cancelled *and the cancellation awaited* (the connection is closed) before
+:class:`StorageTimeoutError` reaches the retry layer, so no attempt it gave up on is still being
+sent when it retries. (A request whose bytes all reached the server before the cut may still be
+applied there: that is why parts are idempotent by number and completes, PUTs and deletes are
+conditional.)
+
+Conditional delete. ``delete_if_match`` sends ``If-Match``. Servers that ignore the header (some
+Ceph RGW versions, older MinIO, s3rver) would delete anything: :meth:`S3Storage.conditional_delete`
+proves the behaviour once per instance with a probe object under ``.uploader/probe/``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
 import io
-from collections.abc import Sequence
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import s3fs
+from fsspec.asyn import sync
 
 from uploader.digest import Payload, normalize_etag
 from uploader.errors import (
     NoSuchUploadError,
     ObjectExistsError,
+    PreconditionFailedError,
     StorageError,
+    StorageTimeoutError,
     UsageError,
 )
 from uploader.storage.base import MIN_PART_SIZE, Expected, ObjectInfo, PartRef, UploadRef
 from uploader.storage.errors_map import client_error_code, translate
 from uploader.storage.rules import check_part_number, check_part_size, check_parts, matches
+
+T = TypeVar("T")
+
+#: Where the conditional-delete probe puts its object (the hidden prefix no key can reach).
+PROBE_PREFIX = ".uploader/probe"
 
 
 def _client_error(exc: BaseException) -> BaseException:
@@ -75,7 +101,10 @@ class S3Storage:
         storage_options: dict[str, Any] | None = None,
         *,
         min_part_size: int = MIN_PART_SIZE,
+        request_timeout: float | None = None,
     ) -> None:
+        """``request_timeout``: seconds each request may take before it is cancelled (None: no
+        deadline but the client's connect and read timeouts)."""
         scheme, _, rest = url.partition("://")
         if scheme not in ("s3", "s3a") or not rest or rest.startswith("/"):
             raise UsageError(f"{url!r} is not an S3 URL; use s3://bucket/prefix")
@@ -101,9 +130,17 @@ class S3Storage:
         s3_config = dict(config.get("s3") or {})
         s3_config.setdefault("payload_signing_enabled", False)
         config["s3"] = s3_config
+        # One HTTP attempt per call: our retry layer counts the attempts (nested botocore retries
+        # would multiply them and keep retrying after our deadline). A user's mode is kept.
+        retries = {k: v for k, v in dict(config.get("retries") or {}).items() if k == "mode"}
+        retries["total_max_attempts"] = 1
+        config["retries"] = retries
         options["config_kwargs"] = config
         self.fs = s3fs.S3FileSystem(**options)
         self.fs.retries = 1  # one attempt per call: RetryingStorage decides about retries
+        self.request_timeout = request_timeout
+        self._probe_lock = threading.Lock()
+        self._conditional_delete: bool | None = None
 
     # --- helpers ----------------------------------------------------------------------------------
 
@@ -136,9 +173,35 @@ class S3Storage:
             raise err from None  # the cause may carry credentials
         raise err from exc
 
+    def _bounded(self, op: str, make: Callable[[], Awaitable[T]]) -> T:
+        """Run ``make()`` on s3fs's loop; at the deadline cancel it and await the cancellation."""
+        timeout = self.request_timeout
+
+        async def run() -> T:
+            if timeout is None:
+                return await make()
+            async with asyncio.timeout(timeout):
+                return await make()
+
+        try:
+            result: T = sync(self.fs.loop, run)
+        except TimeoutError as exc:
+            # asyncio.timeout raises only once the cancelled request has unwound (its connection
+            # closed): nothing of this attempt is still being sent.
+            limit = f"within {timeout:g} s" if timeout is not None else "in time"
+            raise StorageTimeoutError(
+                f"{op} in {self.bucket!r}: no answer {limit}; the request was cancelled and "
+                "its cancellation awaited"
+            ) from exc
+        return result
+
+    def _request(self, op: str, **kwargs: Any) -> Any:
+        """One raw S3 request (no retries), cut at ``request_timeout``."""
+        return self._bounded(op, lambda: self.fs._call_s3(op, **kwargs))
+
     def _call(self, op: str, key: str | None, **kwargs: Any) -> Any:
         try:
-            return self.fs.call_s3(op, **kwargs)
+            return self._request(op, **kwargs)
         except Exception as exc:
             self._raise(exc, op, key)
 
@@ -149,7 +212,7 @@ class S3Storage:
     def _call_upload(self, op: str, key: str, upload_id: str, **kwargs: Any) -> Any:
         """A call naming an upload id: an unknown id becomes NoSuchUploadError whatever the status."""
         try:
-            return self.fs.call_s3(op, **kwargs)
+            return self._request(op, **kwargs)
         except Exception as exc:
             code, status = client_error_code(_client_error(exc))
             if code == "NoSuchUpload" or (
@@ -308,7 +371,7 @@ class S3Storage:
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
-            out = self.fs.call_s3("head_object", Bucket=self.bucket, Key=self._key(key))
+            out = self._request("head_object", Bucket=self.bucket, Key=self._key(key))
         except Exception as exc:
             code, status = client_error_code(_client_error(exc))
             if code == "NoSuchBucket":
@@ -325,14 +388,22 @@ class S3Storage:
     def read(self, key: str, start: int, end: int) -> bytes:
         if end <= start:
             return b""
-        out = self._call(
-            "get_object",
-            key,
-            Bucket=self.bucket,
-            Key=self._key(key),
-            Range=f"bytes={start}-{end - 1}",
-        )
-        return _read_body(self.fs, out["Body"])
+        fs = self.fs
+        full = self._key(key)
+
+        async def get() -> bytes:
+            # The request and the reading of its body under one deadline.
+            out = await fs._call_s3(
+                "get_object", Bucket=self.bucket, Key=full, Range=f"bytes={start}-{end - 1}"
+            )
+            async with out["Body"] as body:
+                data: bytes = await body.read()
+                return data
+
+        try:
+            return self._bounded("get_object", get)
+        except Exception as exc:
+            self._raise(exc, "get_object", key)
 
     def _list_uploads(self, full_prefix: str) -> list[UploadRef]:
         uploads: list[UploadRef] = []
@@ -358,21 +429,77 @@ class S3Storage:
         full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
         return self._list_uploads(full)
 
-    def delete(self, key: str) -> None:
-        self._call("delete_object", key, Bucket=self.bucket, Key=self._key(key))
+    def delete_if_match(self, key: str, etag: str) -> None:
+        want = normalize_etag(etag) or ""
+        try:
+            self._request(
+                "delete_object", Bucket=self.bucket, Key=self._key(key), IfMatch=f'"{want}"'
+            )
+        except Exception as exc:
+            code, status = client_error_code(_client_error(exc))
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+                return  # nothing at the key: nothing to do
+            if code == "PreconditionFailed" or status == 412:
+                found = self.head(key)
+                if found is None:
+                    return  # some servers answer 412 for an absent key
+                raise PreconditionFailedError(
+                    key, want, found.etag, where=f"delete_object in {self.bucket!r}"
+                ) from None
+            self._raise(exc, "delete_object", key)
+
+    def conditional_delete(self) -> bool:
+        """Whether this server honours ``If-Match`` on DeleteObject: probed once, then cached.
+
+        The probe PUTs a tiny object under ``.uploader/probe/<uuid>``, asks to delete it with a
+        wrong ETag (the server must refuse with 412 and keep it), then with the right one (it must
+        be gone). Any other behaviour: False. The probe object is removed in every case. A
+        transport failure raises (and nothing is cached): a network blip proves nothing.
+        """
+        with self._probe_lock:
+            if self._conditional_delete is None:
+                self._conditional_delete = self._probe_conditional_delete()
+            return self._conditional_delete
+
+    def _probe_conditional_delete(self) -> bool:
+        key = f"{PROBE_PREFIX}/{uuid.uuid4().hex}"
+        body = f"segment-uploader conditional delete probe {key}".encode()
+        md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
+        wrong = "0" * 32 if md5 != "0" * 32 else "1" * 32
+        self._call(
+            "put_object",
+            key,
+            Bucket=self.bucket,
+            Key=self._key(key),
+            Body=body,
+            ContentMD5=_b64md5(md5),
+        )
+        failed = True
+        try:
+            try:
+                self.delete_if_match(key, wrong)
+                refused = False  # accepted: either ignored the condition or deleted anyway
+            except PreconditionFailedError:
+                refused = True
+            except StorageError as exc:
+                if exc.retryable:
+                    raise
+                refused = False  # the server rejects conditional deletes outright
+            honoured = refused and self.head(key) is not None
+            if honoured:
+                self.delete_if_match(key, md5)
+                honoured = self.head(key) is None
+            failed = False
+            return honoured
+        finally:
+            # Our own probe object, named by a fresh uuid: removed by its ETag, whatever the
+            # server does with the condition (if it ignored it, the object is already gone).
+            try:
+                if self.head(key) is not None:
+                    self.delete_if_match(key, md5)
+            except StorageError:
+                if not failed:
+                    raise
 
     def close(self) -> None:
         """Nothing to do: s3fs closes its session when the filesystem object is collected."""
-
-
-def _read_body(fs: Any, body: Any) -> bytes:
-    """Read an aiobotocore streaming body on s3fs's loop."""
-    from fsspec.asyn import sync
-
-    async def read() -> bytes:
-        async with body:
-            data: bytes = await body.read()
-            return data
-
-    result: bytes = sync(fs.loop, read)
-    return result

@@ -4,45 +4,77 @@ Layout under the root (the first key component ``.uploader`` is reserved, so no 
 
     .uploader/uploads/<upload id>/meta.json                 key and start time of the upload
     .uploader/uploads/<upload id>/<part>.<seq>.<md5>        a staged part; the name carries its ETag
-    .uploader/etags/<key>.json                             size and ETag of a published object
+    .uploader/etags/<h[:2]>/<h>.<identity>.json            ETag of the object file <identity>
     .uploader/tmp/<random>                                 an object being assembled
+    .uploader/aside/<random>(.json)                        an object being compared for a delete
+    .uploader/locks/<nn>                                   flock stripes (local disk)
 
-A part is written to a temporary name and renamed into place, so a listed part is always whole.
-Sending a part number again stages a newer ``seq``; the newest wins (idempotent by part number).
+(``h`` is the SHA-256 of the key.) A part is written to a temporary name and renamed into place,
+so a listed part is always whole. Sending a part number again stages a newer ``seq``; the newest
+wins (idempotent by part number). A part renamed into an upload whose ``meta.json`` is gone (a
+stale writer after ``abort`` or ``complete``) is removed again and refused with NoSuchUploadError:
+``abort`` removes ``meta.json`` first, so the directory is never re-created or left half-alive.
+
 ``complete`` assembles the parts in order into a temporary file, streaming (never the whole object
-in memory), writes the ETag sidecar, then publishes the object at its key in one step:
+in memory), writes its ETag sidecar, then publishes the object at its key in one exclusive step:
 
 * on a local disk with ``os.link`` (atomic, and fails if the key exists: a conditional write),
   after ``fsync`` of the file; the directory is fsynced after the link, so a crash leaves either
   no object or the whole one;
-* elsewhere with the filesystem's ``mv`` after an existence check (for ``memory://`` the move is
-  a single dictionary assignment, so readers see nothing or everything).
+* elsewhere with the filesystem's ``mv`` after an existence check, both under one process-wide
+  lock (for ``memory://`` the move is a single dictionary assignment, so readers see nothing or
+  everything, and the filesystem lives in this process, so the lock makes it exclusive).
 
-Plain filesystems have no ETags: the sidecar keeps the multipart ETag S3 would have given, so one
-``head`` verifies like on S3. Without a sidecar, ``head`` computes the MD5 of the object.
+ETags, and why ``head`` never reports ours for bytes we did not publish. Plain filesystems have no
+ETags: a sidecar keeps the multipart ETag S3 would have given, so one ``head`` verifies like on S3.
+A sidecar is named by the *identity of the object file* it describes, and ``head`` looks up only
+the sidecar of the identity it finds at the key; without one it reports the MD5 of the bytes (the
+ETag of a single PUT, never a multipart ETag). So the ETag and the bytes become visible together:
+
+* local disk: identity = ``(st_dev, st_ino, st_mtime_ns, st_size)`` of the assembled temporary
+  file, taken after its last write and fsync. ``os.link`` publishes that very inode, so the
+  published object has the same identity. A writer killed after the sidecar and before the link
+  leaves a sidecar naming an inode that is not at the key: a foreign object written there later
+  (another inode, or the same inode number reused with another mtime) gets no ETag from it. A
+  foreign writer rewriting our published file in place changes its mtime: it loses our ETag too.
+  (Residual: a reused inode number with the same size *and* the same nanosecond mtime.)
+* other filesystems (no inodes): identity = the MD5 of the whole content, taken while assembling;
+  ``head`` reads the object to compute it. Exact (identical bytes are the same object), but
+  ``head`` costs a full read there.
+
+A publish that loses the race to another object (the exclusive step fails) removes its own file and
+sidecar and then judges the object at the key by ``head`` alone: accepted only if it provably
+matches what was expected, else ObjectExistsError.
+
+``delete_if_match`` is compare-and-unlink (there is no unconditional delete), see its docstring.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import shutil
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from uploader.digest import Payload, multipart_etag
+from uploader.digest import Payload, multipart_etag, normalize_etag
 from uploader.errors import (
     NoSuchBucketError,
     NoSuchUploadError,
     ObjectExistsError,
     PartRuleError,
+    PreconditionFailedError,
     StorageError,
     UsageError,
 )
@@ -52,6 +84,10 @@ from uploader.storage.rules import check_part_number, check_part_size, check_par
 
 HIDDEN = ".uploader"
 CHUNK = 1024 * 1024
+LOCK_STRIPES = 64
+
+#: Non-local filesystems: publishing and conditional deletes are serialised in this process.
+_PROCESS_LOCK = threading.RLock()
 
 
 def _fsync_dir(path: str) -> None:
@@ -60,6 +96,14 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _local_identity(st: os.stat_result) -> str:
+    return f"i{st.st_dev}-{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
+
+
+def _content_identity(md5: str, size: int) -> str:
+    return f"m{md5}-{size}"
 
 
 class StagedStorage:
@@ -97,6 +141,14 @@ class StagedStorage:
     def min_part_size(self) -> int:
         return self._min_part_size
 
+    def conditional_delete(self) -> bool:
+        """True where compare-and-unlink is exact: local disk and the in-process ``memory://``.
+
+        On other filesystems the check and the removal are serialised only within this process;
+        another process or host writing the same key in between is not excluded: False.
+        """
+        return self.local or "memory" in _protocols(self.fs)
+
     # --- paths ---------------------------------------------------------------------------------------
 
     def _p(self, *parts: str) -> str:
@@ -110,47 +162,77 @@ class StagedStorage:
     def _upload_dir(self, upload_id: str) -> str:
         return self._p(HIDDEN, "uploads", upload_id)
 
-    def _sidecar(self, key: str) -> str:
-        return self._p(HIDDEN, "etags", key + ".json")
+    def _meta_path(self, upload_id: str) -> str:
+        return self._upload_dir(upload_id) + "/meta.json"
+
+    def _sidecar(self, key: str, identity: str) -> str:
+        h = hashlib.sha256(key.encode("utf-8")).hexdigest()
+        return self._p(HIDDEN, "etags", h[:2], f"{h}.{identity}.json")
 
     def _fail(self, exc: BaseException, op: str, key: str | None) -> StorageError:
         where = f"{op} of {key!r} under {self.url}" if key else f"{op} under {self.url}"
         err = translate_transport(exc, where)
         return err if err is not None else StorageError(f"{where}: {exc}")
 
+    @contextlib.contextmanager
+    def _key_lock(self, key: str) -> Iterator[None]:
+        """Excludes our own publishes and conditional deletes of ``key`` from each other.
+
+        Local disk: ``flock`` on one of a few stripe files (per open file description, so it
+        excludes threads of this process and other processes on this host; NFS may not honour
+        it). Elsewhere: one lock for this process.
+        """
+        if not self.local:
+            with _PROCESS_LOCK:
+                yield
+            return
+        stripe = int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) % LOCK_STRIPES
+        path = self._p(HIDDEN, "locks", f"{stripe:02d}")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     # --- writing files atomically ----------------------------------------------------------------
 
     def _write_new(
         self, path: str, chunks: Sequence[bytes] | None = None, src: list[str] | None = None
-    ) -> int:
-        """Write a file at a fresh temporary path from ``chunks`` or by streaming ``src`` files."""
-        size = 0
+    ) -> tuple[int, str]:
+        """Write a file at a fresh temporary path; return its size and MD5."""
+        digest = hashlib.md5(usedforsecurity=False)
         if self.local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as out:
-                size = self._fill(out, chunks, src)
+                size = self._fill(out, digest, chunks, src)
                 out.flush()
                 os.fsync(out.fileno())
         else:
             self.fs.makedirs(self.fs._parent(path), exist_ok=True)
             with self.fs.open(path, "wb") as out:
-                size = self._fill(out, chunks, src)
-        return size
+                size = self._fill(out, digest, chunks, src)
+        return size, digest.hexdigest()
 
-    def _fill(self, out: Any, chunks: Sequence[bytes] | None, src: list[str] | None) -> int:
+    def _fill(
+        self, out: Any, digest: Any, chunks: Sequence[bytes] | None, src: list[str] | None
+    ) -> int:
         size = 0
         for chunk in chunks or ():
             out.write(chunk)
+            digest.update(chunk)
             size += len(chunk)
         for path in src or ():
             with self.fs.open(path, "rb") as f:
                 while block := f.read(CHUNK):
                     out.write(block)
+                    digest.update(block)
                     size += len(block)
         return size
 
     def _rename(self, tmp: str, final: str) -> None:
-        """Replace ``final`` with ``tmp`` in one step."""
+        """Replace ``final`` with ``tmp`` in one step (creating its directory: ours only)."""
         if self.local:
             os.makedirs(os.path.dirname(final), exist_ok=True)
             os.replace(tmp, final)
@@ -159,34 +241,72 @@ class StagedStorage:
             self.fs.makedirs(self.fs._parent(final), exist_ok=True)
             self.fs.mv(tmp, final)
 
+    def _remove(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if self.local:
+                os.unlink(path)
+            else:
+                self.fs.rm(path)
+
     def _publish(self, tmp: str, key: str) -> bool:
         """Move ``tmp`` to the key unless something is there already. True if published."""
         dest = self._obj(key)
         if self.local:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            try:
-                os.link(tmp, dest)  # atomic and exclusive: the conditional write
-            except FileExistsError:
-                os.unlink(tmp)
-                return False
+            with self._key_lock(key):
+                try:
+                    os.link(tmp, dest)  # atomic and exclusive: the conditional write
+                except FileExistsError:
+                    os.unlink(tmp)
+                    return False
             os.unlink(tmp)
             _fsync_dir(os.path.dirname(dest))
             return True
-        self.fs.invalidate_cache()
-        if self.fs.exists(dest):
-            self.fs.rm(tmp)
-            return False
-        self.fs.makedirs(self.fs._parent(dest), exist_ok=True)
-        self.fs.mv(tmp, dest)
-        return True
+        with self._key_lock(key):
+            self.fs.invalidate_cache()
+            if self.fs.exists(dest):
+                self.fs.rm(tmp)
+                return False
+            self.fs.makedirs(self.fs._parent(dest), exist_ok=True)
+            self.fs.mv(tmp, dest)
+            return True
 
     def _tmp(self) -> str:
         return self._p(HIDDEN, "tmp", uuid.uuid4().hex)
 
-    def _write_sidecar(self, key: str, size: int, etag: str) -> None:
+    def _identity_of_new(self, path: str, size: int, md5: str) -> str:
+        """The identity the object file ``path`` (fully written) will have once published."""
+        if self.local:
+            return _local_identity(os.stat(path))
+        return _content_identity(md5, size)
+
+    def _write_sidecar(self, key: str, identity: str, size: int, etag: str) -> str:
+        """Record ``etag`` for the object file ``identity``; return the sidecar's path."""
+        path = self._sidecar(key, identity)
         tmp = self._tmp()
-        self._write_new(tmp, [json.dumps({"size": size, "etag": etag}).encode()])
-        self._rename(tmp, self._sidecar(key))
+        self._write_new(tmp, [json.dumps({"key": key, "size": size, "etag": etag}).encode()])
+        self._rename(tmp, path)
+        return path
+
+    def _publish_new(
+        self, op: str, key: str, tmp: str, size: int, md5: str, etag: str, expected: Expected
+    ) -> ObjectInfo:
+        """Sidecar for the assembled ``tmp``, then the exclusive publish; judge a lost race."""
+        sidecar = self._write_sidecar(key, self._identity_of_new(tmp, size, md5), size, etag)
+        if self._publish(tmp, key):
+            return ObjectInfo(key=key, size=size, etag=etag)
+        # Lost the race: our file is gone; so must be its sidecar. The object at the key is
+        # someone else's unless it provably is what we expected (judged by head alone).
+        self._remove(sidecar)
+        info = self.head(key)
+        if matches(info, expected):
+            assert info is not None
+            return info
+        raise ObjectExistsError(
+            f"{op} of {key!r} under {self.url}: an object appeared at the key "
+            f"({info.size if info else '?'} bytes, etag {info.etag if info else '?'}); "
+            "refusing to overwrite it"
+        )
 
     # --- the Storage protocol -------------------------------------------------------------------------
 
@@ -196,14 +316,14 @@ class StagedStorage:
         try:
             tmp = self._tmp()
             self._write_new(tmp, [json.dumps(meta).encode()])
-            self._rename(tmp, self._p(HIDDEN, "uploads", upload_id, "meta.json"))
+            self._rename(tmp, self._meta_path(upload_id))
         except OSError as exc:
             raise self._fail(exc, "start_upload", key) from exc
         return upload_id
 
     def _meta(self, upload_id: str) -> dict[str, Any] | None:
         try:
-            with self.fs.open(self._upload_dir(upload_id) + "/meta.json", "rb") as f:
+            with self.fs.open(self._meta_path(upload_id), "rb") as f:
                 meta: dict[str, Any] = json.loads(f.read())
                 return meta
         except FileNotFoundError:
@@ -234,6 +354,40 @@ class StagedStorage:
                 newest[number] = (seq, md5, str(path))
         return newest
 
+    def _stage_part(self, key: str, upload_id: str, tmp: str, final: str) -> None:
+        """Rename a written part into its upload, never re-creating an upload that is gone."""
+        gone = NoSuchUploadError(
+            f"upload_part of {key!r} under {self.url}: upload {upload_id} is unknown "
+            "(aborted or completed while the part was being written); nothing was kept"
+        )
+        meta = self._meta_path(upload_id)
+        if self.local:
+            try:
+                os.rename(tmp, final)  # no makedirs: a removed upload stays removed
+            except FileNotFoundError:
+                self._remove(tmp)
+                raise gone from None
+            exists = os.path.exists(meta)
+        else:
+            self.fs.invalidate_cache()
+            if not self.fs.exists(meta):
+                self._remove(tmp)
+                raise gone
+            self.fs.mv(tmp, final)
+            self.fs.invalidate_cache()
+            exists = self.fs.exists(meta)
+        if not exists:
+            # Aborted or completed between the check and the rename: take the part back out.
+            self._remove(final)
+            with contextlib.suppress(OSError):
+                if self.local:
+                    os.rmdir(self._upload_dir(upload_id))
+                else:
+                    self.fs.rmdir(self._upload_dir(upload_id))
+            raise gone
+        if self.local:
+            _fsync_dir(self._upload_dir(upload_id))
+
     def upload_part(self, key: str, upload_id: str, number: int, payload: Payload) -> PartRef:
         check_part_number(key, number)
         check_part_size(key, number, payload.size)
@@ -248,12 +402,13 @@ class StagedStorage:
         try:
             tmp = self._tmp()
             self._write_new(tmp, [payload.data])
-            self._rename(tmp, final)
-            for old_seq, _md5, path in [
+            self._stage_part(key, upload_id, tmp, final)
+            for _seq, _md5, path in [
                 v for n, v in self._staged(upload_id).items() if n == number and v[2] != final
             ]:
-                del old_seq
-                self.fs.rm(path)
+                self._remove(path)
+        except NoSuchUploadError:
+            raise
         except OSError as exc:
             raise self._fail(exc, "upload_part", key) from exc
         return PartRef(number=number, etag=md5, size=payload.size)
@@ -305,34 +460,51 @@ class StagedStorage:
         etag = multipart_etag([p.etag for p in parts])
         try:
             tmp = self._tmp()
-            size = self._write_new(tmp, src=sources)
+            size, md5 = self._write_new(tmp, src=sources)
             for p, path in zip(parts, sources, strict=True):
                 if p.size >= 0 and int(self.fs.size(path)) != p.size:
+                    self._remove(tmp)
                     raise PartRuleError(f"complete of {key!r}: part {p.number} has another size")
-            self._write_sidecar(key, size, etag)  # before the object: head never sees it bare
-            if not self._publish(tmp, key):
-                info = self.head(key)
-                if matches(info, expected):
-                    assert info is not None
-                    return info
-                raise ObjectExistsError(
-                    f"complete of {key!r} under {self.url}: an object appeared at the key; "
-                    "refusing to overwrite it"
-                )
-            self.fs.rm(self._upload_dir(upload_id), recursive=True)
+            ours = Expected(size=size, etag=etag)
+            info = self._publish_new(
+                "complete", key, tmp, size, md5, etag, expected if expected else ours
+            )
+            self._drop_upload(upload_id)
         except OSError as exc:
             raise self._fail(exc, "complete", key) from exc
-        return ObjectInfo(key=key, size=size, etag=etag)
+        return info
+
+    def _drop_upload(self, upload_id: str) -> None:
+        """Remove an upload: ``meta.json`` first (from then on the upload is unknown and a late
+        part refuses itself), then the directory, again if a late part landed meanwhile."""
+        self._remove(self._meta_path(upload_id))
+        directory = self._upload_dir(upload_id)
+        try:
+            if self.local:
+                for _ in range(10):
+                    try:
+                        shutil.rmtree(directory)
+                        return
+                    except FileNotFoundError:
+                        if not os.path.exists(directory):
+                            return
+                    except OSError as exc:
+                        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                            raise
+                shutil.rmtree(directory)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(directory, recursive=True)
+        finally:
+            self.fs.invalidate_cache()
 
     def abort(self, key: str, upload_id: str) -> None:
         try:
-            self.fs.rm(self._upload_dir(upload_id), recursive=True)
+            self._drop_upload(upload_id)
         except FileNotFoundError:
             return
         except OSError as exc:
             raise self._fail(exc, "abort", key) from exc
-        finally:
-            self.fs.invalidate_cache()
 
     def put(self, key: str, payload: Payload) -> ObjectInfo:
         md5 = hashlib.md5(payload.data, usedforsecurity=False).hexdigest()
@@ -352,42 +524,148 @@ class StagedStorage:
         try:
             tmp = self._tmp()
             self._write_new(tmp, [payload.data])
-            self._write_sidecar(key, payload.size, md5)
-            if not self._publish(tmp, key):
-                info = self.head(key)
-                if matches(info, expected):
-                    assert info is not None
-                    return info
-                raise ObjectExistsError(
-                    f"put of {key!r} under {self.url}: an object appeared at the key; "
-                    "refusing to overwrite it"
-                )
+            return self._publish_new("put", key, tmp, payload.size, md5, md5, expected)
         except OSError as exc:
             raise self._fail(exc, "put", key) from exc
-        return ObjectInfo(key=key, size=payload.size, etag=md5)
 
-    def head(self, key: str) -> ObjectInfo | None:
-        path = self._obj(key)
+    def _judge(self, key: str, path: str) -> tuple[ObjectInfo, str] | None:
+        """What ``head`` reports for the object file at ``path`` (published for ``key``), and
+        the path of the sidecar that file's identity would have. None if there is no file."""
+        if self.local:
+            try:
+                f = open(path, "rb")  # noqa: SIM115 - one descriptor for stat and read
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return None
+            with f:
+                st = os.fstat(f.fileno())
+                sidecar = self._sidecar(key, _local_identity(st))
+                etag = self._sidecar_etag(key, sidecar, st.st_size)
+                if etag is None:
+                    digest = hashlib.md5(usedforsecurity=False)
+                    while block := f.read(CHUNK):
+                        digest.update(block)
+                    etag = digest.hexdigest()
+                return ObjectInfo(key=key, size=st.st_size, etag=etag), sidecar
+        self.fs.invalidate_cache()
         try:
-            self.fs.invalidate_cache()
-            size = int(self.fs.size(path))
+            if not self.fs.isfile(path):
+                return None
+            digest = hashlib.md5(usedforsecurity=False)
+            size = 0
+            with self.fs.open(path, "rb") as f:
+                while block := f.read(CHUNK):
+                    digest.update(block)
+                    size += len(block)
         except FileNotFoundError:
             return None
+        md5 = digest.hexdigest()
+        sidecar = self._sidecar(key, _content_identity(md5, size))
+        etag = self._sidecar_etag(key, sidecar, size)
+        return ObjectInfo(key=key, size=size, etag=etag or md5), sidecar
+
+    def _sidecar_etag(self, key: str, sidecar: str, size: int) -> str | None:
+        try:
+            with self.fs.open(sidecar, "rb") as f:
+                side = json.loads(f.read())
+            if side.get("key") == key and int(side["size"]) == size:
+                return str(side["etag"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+        return None
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            judged = self._judge(key, self._obj(key))
         except OSError as exc:
             raise self._fail(exc, "head", key) from exc
+        return None if judged is None else judged[0]
+
+    def delete_if_match(self, key: str, etag: str) -> None:
+        """Compare-and-unlink: remove the object at ``key`` only if ``head`` would report ``etag``.
+
+        Local disk, under the key's lock (the one every publish of ours takes around its
+        exclusive ``os.link``): the object is first renamed to a private name under
+        ``.uploader/aside/`` (atomic), so what is judged is exactly what will be unlinked: a
+        writer replacing the key meanwhile cannot get its file removed by us. Matching: it is
+        unlinked with its sidecar. Not matching: it is linked back (exclusively); no publish of
+        ours can have taken the key meanwhile, since they wait for the lock. Only a writer
+        outside this protocol can have: then our file is kept under ``.uploader/quarantine/``
+        and the error says so. A crash between the two steps leaves the object under
+        ``.uploader/aside/`` with a ``.json`` naming its key (never destroyed).
+
+        Elsewhere: the check and the removal happen under one process-wide lock, which is exact
+        for ``memory://`` (it lives in this process); on a shared filesystem another process
+        may still write between them (see :meth:`conditional_delete`).
+        """
+        want = normalize_etag(etag) or ""
         try:
-            with self.fs.open(self._sidecar(key), "rb") as f:
-                side = json.loads(f.read())
-            if int(side["size"]) == size:
-                return ObjectInfo(key=key, size=size, etag=str(side["etag"]))
-        except (FileNotFoundError, ValueError, KeyError):
-            pass
-        # No (matching) sidecar: the ETag of a single PUT, computed by reading the object.
-        digest = hashlib.md5(usedforsecurity=False)
-        with self.fs.open(path, "rb") as f:
-            while block := f.read(CHUNK):
-                digest.update(block)
-        return ObjectInfo(key=key, size=size, etag=digest.hexdigest())
+            if self.local:
+                self._delete_if_match_local(key, want)
+                return
+            with self._key_lock(key):
+                judged = self._judge(key, self._obj(key))
+                if judged is None:
+                    return
+                info, sidecar = judged
+                if info.etag != want:
+                    raise PreconditionFailedError(key, want, info.etag, where="delete")
+                self.fs.rm(self._obj(key))
+                self._remove(sidecar)
+        except OSError as exc:
+            raise self._fail(exc, "delete_if_match", key) from exc
+        finally:
+            self.fs.invalidate_cache()
+
+    def _delete_if_match_local(self, key: str, want: str) -> None:
+        dest = self._obj(key)
+        if not os.path.isfile(dest):
+            return
+        name = uuid.uuid4().hex
+        aside = self._p(HIDDEN, "aside", name)
+        note = aside + ".json"
+        # The note says which key the aside file belongs to, should we die holding it.
+        self._rename_note(note, key)
+        with self._key_lock(key):
+            try:
+                os.rename(dest, aside)
+            except FileNotFoundError:
+                self._remove(note)
+                return
+            judged = self._judge(key, aside)
+            assert judged is not None  # a private name: nobody else touches it
+            info, sidecar = judged
+            if info.etag == want:
+                os.unlink(aside)
+                _fsync_dir(os.path.dirname(dest))
+                self._remove(sidecar)
+                self._remove(note)
+                return
+            try:
+                os.link(aside, dest)  # same inode back at the key: same identity, same ETag
+            except FileExistsError:
+                kept = self._p(HIDDEN, "quarantine", name)
+                os.makedirs(os.path.dirname(kept), exist_ok=True)
+                os.rename(aside, kept)
+                os.rename(note, kept + ".json")
+                raise PreconditionFailedError(
+                    key,
+                    want,
+                    info.etag,
+                    where="delete",
+                    detail=(
+                        f"; a writer outside the uploader replaced the key meanwhile, the "
+                        f"object that was there is kept at {kept}"
+                    ),
+                ) from None
+            os.unlink(aside)
+            _fsync_dir(os.path.dirname(dest))
+            self._remove(note)
+            raise PreconditionFailedError(key, want, info.etag, where="delete")
+
+    def _rename_note(self, note: str, key: str) -> None:
+        tmp = self._tmp()
+        self._write_new(tmp, [json.dumps({"key": key}).encode()])
+        self._rename(tmp, note)
 
     def read(self, key: str, start: int, end: int) -> bytes:
         if end <= start:
@@ -426,16 +704,6 @@ class StagedStorage:
             )
         return out
 
-    def delete(self, key: str) -> None:
-        for path in (self._obj(key), self._sidecar(key)):
-            try:
-                self.fs.rm(path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise self._fail(exc, "delete", key) from exc
-        self.fs.invalidate_cache()
-
     def clean_tmp(self, older_than: float, *, dry_run: bool = False) -> list[str]:
         """Remove objects-in-assembly left under ``.uploader/tmp`` by a crash (older than that).
 
@@ -465,3 +733,8 @@ class StagedStorage:
 
     def close(self) -> None:
         """Nothing to release: fsspec filesystems hold no connections here."""
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    proto = getattr(fs, "protocol", ())
+    return (proto,) if isinstance(proto, str) else tuple(proto)
