@@ -26,7 +26,9 @@ from uploader.storage import Fault, FaultyStorage, open_storage
 def _write_foreign(remote: tuple[str, dict[str, Any]], key: str, data: bytes) -> None:
     url, options = remote
     fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
-    fs.pipe_file(f"{root.rstrip('/')}/{key}", data)
+    target = f"{root.rstrip('/')}/{key}"
+    fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(target, data)
     fs.invalidate_cache()
 
 

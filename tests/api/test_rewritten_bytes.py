@@ -101,7 +101,7 @@ def test_changed_bytes_fail_recovery(
     make_store: StoreFactory, remote: tuple[str, dict[str, Any]], tmp_path: Path, change: str
 ) -> None:
     key = f"rw/{change}"
-    writer, seg, path = _committed_file(make_store, tmp_path, key)
+    writer, _seg, path = _committed_file(make_store, tmp_path, key)
     # The writer records its seal, but its first remote call fails and it dies: recovery finishes.
     size = path.stat().st_size
     rec = writer.manifest.segment(key)
