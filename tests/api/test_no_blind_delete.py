@@ -172,3 +172,28 @@ def test_without_conditional_deletes_the_object_is_left_alone(
     assert storage.deletes == 0
     assert remote_bytes(remote, key) == bytes(b ^ 0x5A for b in data)  # left alone
     assert key not in {r.key for r in store.deletable()}
+
+
+def test_a_delete_held_in_the_network_past_the_deadline_cannot_remove_the_verified_object(
+    make_store: StoreFactory, remote: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The first delete times out at the caller but is applied to the remote later (held in the
+    network); the retry layer tries again, the re-upload is verified; then the late delete lands."""
+    from uploader.storage.retry import RetryingStorage, RetryPolicy
+
+    key = "nb/late"
+    _path, data = uploaded_with_a_bad_object(make_store, remote, tmp_path, key)
+    url, options = remote
+    faulty = FaultyStorage(open_storage(url, dict(options), min_part_size=PART, retry=None))
+    faulty.add(Fault(op="delete_if_match", kind="late", times=1))
+    storage = RetryingStorage(faulty, RetryPolicy(attempts=3, base=0.0, cap=0.0))
+    store = make_store(storage=storage)
+    report = store.recover()
+    assert report.verified == (key,), report
+    assert remote_bytes(remote, key) == data
+    assert ("delete_if_match", "before", "late") in faulty.injected
+    faulty.release()  # the held request reaches the remote now
+    assert faulty.wait_applied(60)
+    assert remote_bytes(remote, key) == data
+    rec = store.manifest.segment(key)
+    assert rec is not None and rec.state is uploader.SegmentState.VERIFIED
