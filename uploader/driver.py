@@ -408,7 +408,7 @@ class Driver:
             try:
                 info = self.storage.put(seg.key, payload)
             except ObjectExistsError:
-                learned.object_changed()  # someone's object is there: look at it
+                self._look(lease, seg, learned)  # an object is there already: learn which
                 return
             except StorageError as exc:
                 with contextlib.suppress(UploaderError):
@@ -434,7 +434,7 @@ class Driver:
             learned.object_changed()
             return
         except ObjectExistsError:
-            learned.object_changed()  # someone's object is there: look at it
+            self._look(lease, seg, learned)  # an object is there already: learn which
             return
         except StorageError as exc:
             self._record_error(lease, f"complete: {exc}")
@@ -443,6 +443,11 @@ class Driver:
         self.manifest.segment_uploaded(lease, etag)
         # The backends learn the object's size and ETag after completing (S3: a HEAD).
         learned.obj, learned.object_known = info, True
+
+    def _look(self, lease: Lease, seg: SegmentRecord, learned: _Learned) -> None:
+        learned.object_changed()
+        learned.obj = self._remote(lease, "head", lambda: self.storage.head(seg.key))
+        learned.object_known = True
 
     def _deep_read(self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord]) -> None:
         """Read the object back part by part: every part's MD5 and CRC32C as recorded."""

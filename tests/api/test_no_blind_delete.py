@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import pytest
 
 import uploader
 from tests.api.conftest import PART, StoreFactory, remote_bytes
+from uploader.errors import SegmentFailedError
 from uploader.storage import Fault, FaultyStorage, open_storage
 
 
@@ -197,3 +199,49 @@ def test_a_delete_held_in_the_network_past_the_deadline_cannot_remove_the_verifi
     assert remote_bytes(remote, key) == data
     rec = store.manifest.segment(key)
     assert rec is not None and rec.state is uploader.SegmentState.VERIFIED
+
+
+@pytest.mark.parametrize("size", [1000, 2 * PART + 5])
+def test_a_foreign_object_at_the_key_is_never_verified_by_the_seal(
+    make_store: StoreFactory, remote: tuple[str, dict[str, Any]], tmp_path: Path, size: int
+) -> None:
+    """Another party's object of the same size appears at the key before the seal publishes."""
+    key = f"nb/foreign-{size}"
+    path = tmp_path / "seg"
+    data = random.Random(size).randbytes(size)
+    path.write_bytes(data)
+    foreign = bytes(b ^ 0x33 for b in data)
+    store = make_store()
+    seg = store.segment(key, path)
+    _write_foreign(remote, key, foreign)
+    with pytest.raises(SegmentFailedError, match="does not match the local bytes"):
+        seg.seal().result(timeout=60)
+    assert remote_bytes(remote, key) == foreign  # left alone
+    rec = store.manifest.segment(key)
+    assert rec is not None and rec.state is uploader.SegmentState.FAILED
+    assert not store.deletable()
+
+
+def test_a_foreign_object_after_the_writer_died_is_never_verified_by_recovery(
+    make_store: StoreFactory, remote: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The writer dies before publishing (its completion never happened); then another party
+    writes an object of the same size at the key: recovery must not adopt it."""
+    url, options = remote
+    key = "nb/foreign-after-crash"
+    path = tmp_path / "seg"
+    data = random.Random(8).randbytes(2 * PART + 9)
+    path.write_bytes(data)
+    faulty = FaultyStorage(open_storage(url, dict(options), min_part_size=PART))
+    faulty.add(Fault(op="complete"))
+    writer = make_store(storage=faulty)
+    assert writer.segment(key, path).seal().exception(timeout=60) is not None
+    writer.close()
+    foreign = bytes(b ^ 0x44 for b in data)
+    _write_foreign(remote, key, foreign)
+    store = make_store()
+    report = store.recover()
+    assert not report.verified
+    [(failed_key, reason)] = report.failed
+    assert failed_key == key and "does not match the local bytes" in reason
+    assert remote_bytes(remote, key) == foreign
