@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench.common import MiB, Result, moto_server, save
 
-NAMES = ("seal", "small", "appends", "rss", "recovery", "resume", "kill")
+NAMES = ("seal", "small", "appends", "rss", "recovery", "resume", "kill", "check")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     # Imported after the environment is set: moto reads it at import.
     os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", str(5 * MiB))
+    from bench.local_check import bench_local_check
     from bench.memory import bench_rss
     from bench.recovery_scale import bench_recovery_scale
     from bench.resume import bench_kill, bench_resume
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = bench_recovery_scale(verified=100_000 if quick else 1_000_000)
             elif name == "resume":
                 r = bench_resume(endpoint)
+            elif name == "check":
+                r = bench_local_check(size=(128 if quick else 1024) * MiB)
             else:
                 r = bench_kill(kills=20 if quick else args.kills)
             r.show()
