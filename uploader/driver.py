@@ -327,13 +327,13 @@ class Driver:
             self._record_error(lease, f"{what}: {exc}")
             raise
 
-    def start_upload(self, lease: Lease, seg: SegmentRecord) -> str:
-        """Start the segment's multipart upload and record its id (before any part is sent)."""
+    def start_upload(self, lease: Lease, seg: SegmentRecord) -> SegmentRecord:
+        """Start the segment's multipart upload and record its id (before any part is sent);
+        returns the segment's row as written."""
         upload_id = self._remote(lease, "start_upload", lambda: self.storage.start_upload(seg.key))
         # Started before it is recorded: a crash in between leaves an unreferenced upload, which
         # the sweep aborts (invariant 9); recording first would need an id we do not have yet.
-        self.manifest.set_upload(lease, upload_id, "multipart")
-        return upload_id
+        return self.manifest.set_upload(lease, upload_id, "multipart")
 
     def send_recorded(
         self,

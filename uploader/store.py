@@ -9,7 +9,6 @@ caller never looked at (the RocketMQ ``commitAsync`` loss cannot happen here).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -285,9 +284,10 @@ class Segment:
             store.driver.drive(lease, inflight=inflight, counters=counters)
             seg = store.manifest.segment_by_id(seg.id)
         if new:
-            upload_id = seg.upload_id or store.driver.start_upload(lease, seg)
-            seg = dataclasses.replace(seg, upload_id=upload_id)
-            committed = self._record_and_send(lease, seg, upload_id, new, counters, recorded)
+            if seg.upload_id is None:
+                seg = store.driver.start_upload(lease, seg)
+            assert seg.upload_id is not None
+            committed = self._record_and_send(lease, seg, seg.upload_id, new, counters, recorded)
         recorded.set()
         return CommitResult(
             key=self.key,

@@ -11,6 +11,7 @@ verified object that replaced it.
 from __future__ import annotations
 
 import random
+import signal
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -245,3 +246,58 @@ def test_a_foreign_object_after_the_writer_died_is_never_verified_by_recovery(
     [(failed_key, reason)] = report.failed
     assert failed_key == key and "does not match the local bytes" in reason
     assert remote_bytes(remote, key) == foreign
+
+
+def test_a_worker_process_sigstopped_before_its_delete_cannot_remove_the_verified_object(
+    make_store: StoreFactory,
+    remote: tuple[str, dict[str, Any]],
+    manifest_url: str,
+    tmp_path: Path,
+) -> None:
+    """The same race with a real process: SIGSTOP (heartbeat and all) right before the delete,
+    past its lease, while another worker re-uploads and verifies; then SIGCONT."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if remote[0].startswith("memory://"):
+        pytest.skip("a memory:// remote lives inside one process; the S3 and file cases run")
+    key = "nb/sigstop"
+    _path, data = uploaded_with_a_bad_object(make_store, remote, tmp_path, key)
+    url, options = remote
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.api.frozen_worker",
+            manifest_url,
+            url,
+            json.dumps(options),
+            str(PART),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        _pid, status = os.waitpid(proc.pid, os.WUNTRACED)  # the event: the worker stopped
+        assert os.WIFSTOPPED(status), proc.communicate()
+        other = make_store()
+        rec = other.manifest.segment(key)
+        assert rec is not None and rec.remove_etag is not None  # its intent was recorded
+        _ahead(other, 300)  # past the frozen worker's lease, by the manifest's clock
+        report = other.recover()
+        assert report.verified == (key,), report
+        assert remote_bytes(remote, key) == data
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    frozen = json.loads(out)
+    [seg] = frozen["segments"]
+    assert seg["lost"] and frozen["verified"] == [], frozen
+    assert remote_bytes(remote, key) == data  # its stale delete removed nothing
+    rec = other.manifest.segment(key)
+    assert rec is not None and rec.state is uploader.SegmentState.VERIFIED

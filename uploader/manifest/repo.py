@@ -997,14 +997,24 @@ class Manifest:
 
     def set_upload(
         self, lease: Lease, upload_id: str | None, upload_mode: str | None = None
-    ) -> None:
-        """Record the remote upload id (or clear it) before any part is sent under it."""
+    ) -> SegmentRecord:
+        """Record the remote upload id (or clear it) before any part is sent under it; returns
+        the row as written (RETURNING: no read after)."""
         values: dict[str, Any] = {"upload_id": upload_id}
         if upload_mode is not None:
             values["upload_mode"] = upload_mode
         now = self.clock()
         with self._begin() as conn:
-            self._guard(conn, lease, now, values=values)
+            row = conn.execute(
+                update(S)
+                .where(self._guard_clause(lease, now))
+                .values(updated_at=now, **values)
+                .returning(*S.c)
+            ).first()
+            if row is None:
+                err = self._lease_error(conn, lease, now)
+                raise err or LeaseLostError(lease.key, lease.fence, None)
+        return _segment(row)
 
     def commit_uploaded(self, lease: Lease, commit: CommitRecord, etag: str) -> None:
         """``pending -> uploaded``: only with the ETag the remote acknowledged, equal to our MD5."""
