@@ -285,11 +285,29 @@ def watch(
     ] = 30.0,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics")] = None,
     once: Annotated[bool, typer.Option(help="One pass, then exit")] = False,
+    segment_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="How a file's valid end is found: append (the file size), rocketmq (the commit "
+            "log's record chain; files preallocated and written in place), whole (only rolled "
+            "files, whole)",
+        ),
+    ] = "append",
 ) -> None:
-    """Tail a directory of rolling segments: commit new bytes, seal finished segments."""
+    """Tail a directory of rolling segments: commit new bytes, seal finished segments.
+
+    Exits 1 if a file is left that cannot be read further (its format reported a problem)."""
+    from uploader.formats import get_format
     from uploader.watch import Watcher, check_directory
 
-    check_directory(directory, pattern)  # before opening anything
+    fmt = get_format(segment_format)  # before opening anything
+    if segment_size is not None and fmt.preallocated:
+        raise UsageError(
+            f"--segment-size means nothing with --format {fmt.name}: its files are created at "
+            "full size and the format says when one is complete"
+        )
+    check_directory(directory, pattern)
     with ctx_store(ctx) as store, _stop_on_signals() as stop:
         metrics, server = _metrics(store, metrics_port)
 
@@ -304,16 +322,22 @@ def watch(
                 metrics.failed(what)
             err.print(f"{what} of {key} failed, left pending: {exc}")
 
+        def on_problem(key: str, problem: str) -> None:
+            if metrics is not None:  # the watcher logs it once; the exit code says it too
+                metrics.failed("format")
+
         watcher = Watcher(
             store,
             directory,
             key_prefix=key_prefix,
             pattern=pattern,
             segment_size=segment_size,
+            format=fmt,
             on_result=on_result,
             on_error=on_error,
+            on_problem=on_problem,
         )
-        err.print(f"watching {watcher.directory} (keys {watcher.key_prefix}*)")
+        err.print(f"watching {watcher.directory} (keys {watcher.key_prefix}*, format {fmt.name})")
         last_recovery = time.monotonic()
         try:
             while not stop.is_set():
@@ -331,6 +355,10 @@ def watch(
             if server is not None:
                 server.shutdown()
     err.print("stopped")
+    if watcher.problems:
+        for key, problem in sorted(watcher.problems.items()):
+            err.print(f"unresolved: {key}: {problem}")
+        raise typer.Exit(1)
 
 
 # --- recover --------------------------------------------------------------------------------------

@@ -4,8 +4,16 @@ A broker (RocketMQ's commit log, Kafka's log segments) writes files named by the
 so the name order is the write order: every file but the newest is complete. Each *tick*:
 
 1. files matching the pattern that the manifest does not know are registered (key = prefix + name);
-2. every open segment that has a newer file, or that reached ``segment_size``, is sealed;
-3. the newest is committed: its new whole parts are recorded ``pending`` and sent.
+2. the segment's :class:`~uploader.formats.Format` says how far each open file is valid and whether
+   it is complete; a file is *rolled* once a later file has begun (for ``append`` and ``whole``: a
+   later file exists, or the file reached ``segment_size``; RocketMQ preallocates the next file, so
+   there a later file must hold a record head);
+3. complete files are sealed (at the format's end), the others committed up to their valid end:
+   new whole parts are recorded ``pending`` and sent.
+
+A file whose format reports a ``problem`` (a corrupt RocketMQ chain, or one that stopped although
+the broker moved on) is committed no further and neither sealed: it is reported in every tick's
+``errors`` and :attr:`Watcher.problems` until its bytes become readable again.
 
 Everything the watcher knows is in the manifest, so a restart picks up where it stopped: sealed and
 verified files are skipped, open ones are reopened by key. Failures are logged and left ``pending``
@@ -23,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from uploader.errors import SegmentBusyError, UploaderError, UsageError
+from uploader.formats import Format, Scan, get_format
 from uploader.states import SegmentState
 from uploader.store import CommitResult, Segment, Store, UploadFuture
 
@@ -37,6 +46,7 @@ class TickReport:
     committed: dict[str, int] = field(default_factory=dict)  # key -> bytes sent
     sealed: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
+    problems: dict[str, str] = field(default_factory=dict)  # key -> why it cannot go further
 
 
 def segment_files(directory: Path, pattern: str) -> list[Path]:
@@ -76,20 +86,34 @@ class Watcher:
         key_prefix: str | None = None,
         pattern: str = DEFAULT_PATTERN,
         segment_size: int | None = None,
+        format: str | Format = "append",
         on_result: Callable[[str, CommitResult], None] | None = None,
         on_error: Callable[[str, str, BaseException], None] | None = None,
+        on_problem: Callable[[str, str], None] | None = None,
     ) -> None:
         self.store = store
         self.directory = Path(directory).resolve()
         check_directory(self.directory, pattern)
+        self.format = get_format(format) if isinstance(format, str) else format
+        if segment_size is not None and self.format.preallocated:
+            raise UsageError(
+                f"--segment-size means nothing for the {self.format.name!r} format: its files are "
+                "created at full size; the format itself says when a file is complete"
+            )
         prefix = key_prefix if key_prefix is not None else self.directory.name + "/"
         self.key_prefix = prefix
         self.pattern = pattern
         self.segment_size = segment_size
         self.on_result = on_result
         self.on_error = on_error
+        self.on_problem = on_problem
         self._segments: dict[str, Segment] = {}
         self._done: set[str] = set()  # keys sealed or finished: nothing more to do here
+        # Per open key, a record boundary already scanned (a scan resumes there). Not the committed
+        # end: commits advance by whole parts, which end anywhere in a record. A restart rescans.
+        self._boundary: dict[str, int] = {}
+        #: Files that cannot go further (key -> the format's problem), as of the last tick.
+        self.problems: dict[str, str] = {}
 
     def _segment(self, path: Path, report: TickReport) -> Segment | None:
         key = self.key_prefix + path.name
@@ -127,29 +151,69 @@ class Watcher:
             self.on_result(key, result)
         return result
 
+    def _rolled(self, files: list[Path]) -> list[bool]:
+        """Per file: has a later one begun? Checked newest first, each file at most once."""
+        rolled = [False] * len(files)
+        later = False
+        for i in range(len(files) - 1, -1, -1):
+            rolled[i] = later
+            if not later and i > 0:
+                try:
+                    later = self.format.begun(str(files[i]))
+                except OSError as exc:  # gone since the listing: it says nothing
+                    log.debug("%s: %s", files[i], exc)
+        return rolled
+
+    def _scan(self, key: str, path: Path, rolled: bool) -> Scan:
+        if not rolled and not self.format.preallocated and self.segment_size is not None:
+            rolled = path.stat().st_size >= self.segment_size
+        scan = self.format.scan(str(path), self._boundary.get(key, 0), rolled=rolled)
+        self._boundary[key] = scan.valid_end
+        return scan
+
+    def _problem(self, key: str, problem: str, report: TickReport) -> None:
+        report.problems[key] = problem
+        report.errors.append((key, problem))
+        if self.problems.get(key) != problem:  # say it once, not every tick
+            log.error("%s: %s; nothing past it is committed, the file is not sealed", key, problem)
+            if self.on_problem is not None:
+                self.on_problem(key, problem)
+
     def tick(self) -> TickReport:
         """One pass over the directory."""
         report = TickReport()
         files = segment_files(self.directory, self.pattern)
+        # Whether a file rolled is decided before it is scanned: a broker finishes a file before
+        # it writes the next, so a later file begun means this one's end is already there.
+        rolled = self._rolled(files)
+        explicit = self.format.preallocated  # only the format knows the end, not the file size
         seals: list[tuple[str, UploadFuture[CommitResult]]] = []
         commits: list[tuple[str, UploadFuture[CommitResult]]] = []
         for i, path in enumerate(files):
+            key = self.key_prefix + path.name
             try:
                 seg = self._segment(path, report)
                 if seg is None:
                     continue
-                newest = i == len(files) - 1
-                full = self.segment_size is not None and path.stat().st_size >= self.segment_size
-                if not newest or full:
-                    seals.append((seg.key, seg.seal()))
-                else:
-                    commits.append((seg.key, seg.commit()))
-            except UploaderError as exc:
-                report.errors.append((self.key_prefix + path.name, str(exc)))
+                scan = self._scan(key, path, rolled[i])
+                if scan.problem is not None:
+                    self._problem(key, scan.problem, report)
+                if scan.complete:
+                    fut = seg.seal(size=scan.valid_end) if explicit else seg.seal()
+                    seals.append((key, fut))
+                elif scan.valid_end > 0:
+                    # append keeps today's call (the file size); whole is never valid before it
+                    # is complete; a preallocated format passes its end explicitly.
+                    fut = seg.commit(upto=scan.valid_end) if explicit else seg.commit()
+                    commits.append((key, fut))
+            except (UploaderError, OSError) as exc:
+                report.errors.append((key, str(exc)))
                 log.error("%s: %s", path, exc)
+        self.problems = dict(report.problems)
         for key, fut in seals:
             result = self._wait(key, "seal", fut, report)
             self._done.add(key)  # sealed (or recorded sealed): recovery finishes it if needed
+            self._boundary.pop(key, None)
             if result is not None:
                 report.sealed.append(key)
                 report.committed[key] = result.sent_bytes

@@ -195,19 +195,19 @@ class CommitLogProducer:
         m[pos + 8 : pos + 8 + rest_cut] = record[8 : 8 + rest_cut]
         return pos
 
-    def write_one(self, *, pause: threading.Event | None = None) -> None:
-        """Write one message (rolling to a new file first if it does not fit).
-
-        The head (8 bytes) and the rest go in two copies; ``pause``, if given, is waited for in
-        between, so a test can look at a half-written record."""
+    def write_one(self) -> None:
+        """Write one message (rolling to a new file first if it does not fit): its head first, then
+        all of it, as two copies (a racing reader may see the head alone)."""
         record = self.next_record()
+        with self.lock:
+            self.write_partial(record, 8, 0)
+            self.finish(record)
+
+    def finish(self, record: bytes) -> None:
+        """Write all of ``record`` where it goes and count it written."""
         pos = self.written[self.current]
         m = self._maps[self.current]
-        with self.lock:
-            m[pos : pos + 8] = record[:8]
-            if pause is not None:
-                pause.wait()
-            m[pos + 8 : pos + len(record)] = record[8:]
+        m[pos : pos + len(record)] = record
         self.written[self.current] = pos + len(record)
         self.records[self.current].append((pos, len(record)))
         self.offset += len(record)
