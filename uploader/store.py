@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -599,8 +600,51 @@ class Store:
         return self.manifest.status()
 
     def deletable(self) -> list[SegmentRecord]:
-        """Segments whose local file may now be deleted: verified ones, and only those."""
-        return self.manifest.deletable()
+        """Segments whose local file may now be deleted: verified ones, and only those.
+
+        The gate looks at the local files of this node once more (a ``stat``, no read): a file
+        replaced by another inode, of another size than the verified object, or modified after
+        it was verified is not offered (it holds bytes the remote does not have; ``uploader
+        status`` and the log say which). Files already gone are still listed (nothing to lose).
+        """
+        out = []
+        for rec in self.manifest.deletable():
+            problem = self._changed_since_verified(rec) if rec.node == self.node else None
+            if problem is None:
+                out.append(rec)
+            else:
+                log.error("segment %r is verified but not deletable: %s", rec.key, problem)
+        return out
+
+    @staticmethod
+    def _changed_since_verified(rec: SegmentRecord) -> str | None:
+        try:
+            st = os.stat(rec.path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return f"cannot stat {rec.path}: {exc.strerror or exc}"
+        if rec.file_inode is not None and (st.st_dev, st.st_ino) != (
+            rec.file_device,
+            rec.file_inode,
+        ):
+            return f"{rec.path} was replaced by another file after it was verified"
+        if rec.size is not None and st.st_size != rec.size:
+            return (
+                f"{rec.path} has {st.st_size} bytes, the verified object {rec.size}: it was "
+                "written after it was sealed (a file written in place needs --format or "
+                "commit(upto=...))"
+            )
+        verified_at = rec.verified_at
+        if verified_at is not None:
+            modified = datetime.fromtimestamp(st.st_mtime, UTC).replace(tzinfo=None)
+            if modified > verified_at:
+                return (
+                    f"{rec.path} was modified at {modified:%Y-%m-%d %H:%M:%S.%f} UTC, after it "
+                    f"was verified ({verified_at:%Y-%m-%d %H:%M:%S.%f} UTC): the remote copy "
+                    "does not have those bytes"
+                )
+        return None
 
     def check_object(self, key: str, *, deep: bool = False) -> str | None:
         """None if the object at ``key`` matches what the manifest recorded, else what differs.
