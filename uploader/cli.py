@@ -36,6 +36,7 @@ from rich.table import Table
 
 from uploader import settings
 from uploader.errors import UploaderError, UsageError
+from uploader.manifest.repo import DEFAULT_LEASE_SECONDS
 from uploader.records import Status
 from uploader.recovery import DEFAULT_SWEEP_AGE, RecoveryReport
 from uploader.states import UNFINISHED_SEGMENT_STATES
@@ -70,6 +71,8 @@ class Context:
     part_size: int
     concurrency: int
     debug: bool
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    min_part_size: int | None = None
 
     def settings(self) -> settings.Settings:
         return settings.resolve(
@@ -83,6 +86,9 @@ class Context:
         s = self.settings()
         kwargs.setdefault("part_size", self.part_size)
         kwargs.setdefault("concurrency", self.concurrency)
+        kwargs.setdefault("lease_seconds", self.lease_seconds)
+        if self.min_part_size is not None:
+            kwargs.setdefault("min_part_size", self.min_part_size)
         return open_store(s.manifest, s.remote, storage_options=s.storage_options, **kwargs)
 
 
@@ -121,8 +127,31 @@ def main_options(
     part_size: Annotated[int, typer.Option(help="Part size in bytes")] = DEFAULT_PART_SIZE,
     concurrency: Annotated[int, typer.Option(help="Parts in flight at once")] = 4,
     debug: Annotated[bool, typer.Option(help="Show tracebacks and debug logs")] = False,
+    lease_seconds: Annotated[
+        float,
+        typer.Option(
+            min=1.0,
+            help="Lease length: how long a dead process's segments wait before another takes them",
+        ),
+    ] = DEFAULT_LEASE_SECONDS,
+    min_part_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Smallest part the remote accepts (S3: 5 MiB; lower only for test servers)"
+        ),
+    ] = None,
 ) -> None:
-    ctx.obj = Context(manifest, remote, storage_options, home, part_size, concurrency, debug)
+    ctx.obj = Context(
+        manifest,
+        remote,
+        storage_options,
+        home,
+        part_size,
+        concurrency,
+        debug,
+        lease_seconds,
+        min_part_size,
+    )
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
