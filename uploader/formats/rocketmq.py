@@ -236,3 +236,55 @@ class RocketMQFormat:
                 pos += total
                 continue
             return corrupt(f"unknown MAGICCODE {magic:#010x}")
+
+
+# --- writing (the demo's broker and the tests' producer) ------------------------------------------
+
+
+def encode_message(
+    body: bytes,
+    *,
+    topic: bytes = b"TopicTest",
+    properties: bytes = b"",
+    queue_id: int = 0,
+    queue_offset: int = 0,
+    physical_offset: int = 0,
+    v2: bool = False,
+    born_v6: bool = False,
+    store_v6: bool = False,
+    property_crc: bool = False,
+    timestamp: int = 1_700_000_000_000,
+) -> bytes:
+    """One message record, every field big-endian, BODYCRC = crc32(body) & 0x7FFFFFFF."""
+    magic = MESSAGE_MAGIC_CODE_V2 if v2 else MESSAGE_MAGIC_CODE
+    sysflag = (BORNHOST_V6_FLAG if born_v6 else 0) | (STOREHOSTADDRESS_V6_FLAG if store_v6 else 0)
+    props = properties
+    if property_crc:
+        if props and props[-1] != PROPERTY_SEPARATOR:
+            props += bytes([PROPERTY_SEPARATOR])
+        props += b"\0" * CRC32_RESERVED_LEN  # filled below, once the rest is known
+    total = message_length(magic, sysflag, len(body), len(topic), len(props))
+    host = (b"\0" * 15 + b"\1") if born_v6 else b"\x7f\0\0\1"
+    store_host = (b"\0" * 15 + b"\1") if store_v6 else b"\x7f\0\0\1"
+    out = bytearray()
+    out += struct.pack(">iIIiiqqiq", total, magic, body_crc(body), queue_id, 0, queue_offset,
+                       physical_offset, sysflag, timestamp)  # fmt: skip
+    out += host + struct.pack(">i", 10911)
+    out += struct.pack(">q", timestamp + 1)
+    out += store_host + struct.pack(">i", 10911)
+    out += struct.pack(">iqi", 0, 0, len(body)) + body
+    out += struct.pack(">h" if v2 else ">b", len(topic)) + topic
+    out += struct.pack(">h", len(props)) + props
+    if property_crc:
+        crc = body_crc(bytes(out[: total - CRC32_RESERVED_LEN]))
+        out[total - CRC32_RESERVED_LEN :] = (
+            PROPERTY_CRC32 + bytes([NAME_VALUE_SEPARATOR]) + property_crc_digits(crc)
+            + bytes([PROPERTY_SEPARATOR])
+        )  # fmt: skip
+    assert len(out) == total
+    return bytes(out)
+
+
+def blank_head(remaining: int) -> bytes:
+    """The 8 bytes ``doAppend`` writes when a message does not fit: TOTALSIZE = the rest."""
+    return struct.pack(">iI", remaining, BLANK_MAGIC_CODE)
