@@ -74,15 +74,22 @@ def read_range(path: str, start: int, end: int) -> Payload:
     return Payload(path=path, start=start, end=end, data=data, md5=md5, crc32c=crc)
 
 
-def file_size(path: str) -> int:
+def stat_file(path: str) -> os.stat_result:
+    """``stat`` a local file: missing is terminal (its bytes are gone), any other error is not."""
     try:
-        return os.stat(path).st_size
+        return os.stat(path)
     except FileNotFoundError:
-        raise LocalFileError(f"{path}: local file is missing") from None
+        raise LocalFileError(
+            f"{path}: local file is missing; its bytes were not yet verified remotely"
+        ) from None
     except OSError as exc:
         raise LocalFileError(
             f"{path}: cannot stat local file: {exc.strerror or exc}", terminal=False
         ) from None
+
+
+def file_size(path: str) -> int:
+    return stat_file(path).st_size
 
 
 def multipart_etag(part_md5s: Sequence[str]) -> str:

@@ -10,7 +10,6 @@ stays near ``concurrency x part_size`` whatever the segment sizes.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -19,7 +18,7 @@ from typing import Any, TypeVar
 
 import crc32c as _crc32c
 
-from uploader.digest import Payload, crc32c_of, read_bytes, read_range
+from uploader.digest import Payload, crc32c_of, read_bytes, read_range, stat_file
 from uploader.errors import LocalFileError
 from uploader.records import CommitRecord, NewCommit, SegmentRecord
 from uploader.storage.base import PartRef, Storage
@@ -53,14 +52,7 @@ def read_checked(path: str, commit: CommitRecord, key: str) -> Payload:
 
 def file_identity(path: str) -> tuple[int, int]:
     """(device, inode) of a local file: a file replaced by another is changed bytes."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise LocalFileError(f"{path}: local file is missing") from None
-    except OSError as exc:
-        raise LocalFileError(
-            f"{path}: cannot stat local file: {exc.strerror or exc}", terminal=False
-        ) from None
+    st = stat_file(path)
     return st.st_dev, st.st_ino
 
 
@@ -70,17 +62,7 @@ def check_local(seg: SegmentRecord, commits: Sequence[CommitRecord], skip: set[i
     drive already) have the CRC32C recorded for them. Raises LocalFileError naming the first
     difference. Reads sequentially, a few MiB at a time, CRC32C only."""
     path = seg.path
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise LocalFileError(
-            f"{path}: local file of segment {seg.key!r} is missing; its bytes were never verified "
-            "remotely"
-        ) from None
-    except OSError as exc:
-        raise LocalFileError(
-            f"{path}: cannot stat local file: {exc.strerror or exc}", terminal=False
-        ) from None
+    st = stat_file(path)
     if seg.file_inode is not None and (st.st_dev, st.st_ino) != (seg.file_device, seg.file_inode):
         raise LocalFileError(
             f"{path}: local file of segment {seg.key!r} was replaced by another file (inode "
@@ -169,21 +151,11 @@ class Transport:
     def in_slot(self, task: Callable[..., T], *args: Any) -> Future[T]:
         """Take a slot, then run ``task`` on the pool; the slot is given back when it is done."""
         self.slots.acquire()
-
-        def run() -> T:
-            try:
-                return task(*args)
-            finally:
-                self.slots.release()
-
-        try:
-            return self.pool.submit(run)
-        except BaseException:
-            self.slots.release()
-            raise
+        return self.submit_held(task, *args)
 
     def submit_held(self, task: Callable[..., T], *args: Any) -> Future[T]:
-        """Run ``task`` on the pool for a caller that already holds a slot (released when done)."""
+        """Run ``task`` on the pool for a caller that already holds a slot (released when done,
+        or here if the submission itself fails)."""
 
         def run() -> T:
             try:

@@ -14,10 +14,10 @@ import signal
 import sqlite3
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 from tests.cli.conftest import Run, uploader_cmd, uploader_env
+from tests.cli.test_watch import _wait_for
 from tests.conftest import TEST_MIN_PART_SIZE
 from tests.formats.producer import CommitLogProducer
 from uploader.formats import Scan
@@ -36,15 +36,6 @@ def _events(db: Path) -> int:
             return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
     except sqlite3.OperationalError:  # not created yet
         return 0
-
-
-def _wait_for(predicate: object, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def _committed_ends(db: Path) -> dict[str, int]:
