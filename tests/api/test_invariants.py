@@ -260,7 +260,7 @@ def test_changed_local_bytes_fail_the_segment_and_it_is_never_verified(
     fresh = make_store()
     report = fresh.recover()
     [(key, reason)] = report.failed
-    assert key == "inv/changed" and "changed since they were committed" in reason
+    assert key == "inv/changed" and "changed after they were committed" in reason
     rec = fresh.manifest.segment("inv/changed")
     assert rec is not None and rec.state is uploader.SegmentState.FAILED
     assert fresh.deletable() == []
