@@ -255,7 +255,7 @@ class Segment:
                 f"{seg.file_inode} registered, {inode} now); its bytes are not the ones committed"
             )
             self._store.manifest.fail_segment(lease, reason)
-            self._store.keeper.drop(seg.id)
+            self._store.keeper.release(seg.id)
             raise SegmentFailedError(f"segment {self.key!r} failed: {reason}")
 
     def _do_commit(self, recorded: threading.Event, upto: int | None) -> CommitResult:
