@@ -1,0 +1,209 @@
+"""The one decision, case by case: ``plan.next_step`` is pure, so every row of the decision table
+is checked here without a database or a remote."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+
+import pytest
+
+from uploader.digest import multipart_etag
+from uploader.plan import Act, Position, next_step
+from uploader.records import CommitRecord, SegmentRecord
+from uploader.states import CommitState, SegmentState
+from uploader.storage.base import ObjectInfo, PartRef
+
+MD5S = ["a" * 32, "b" * 32, "c" * 32]
+NOW = datetime(2026, 1, 1)
+EXPECTED = multipart_etag(MD5S)
+
+
+def seg(state: SegmentState, **kw: object) -> SegmentRecord:
+    base = SegmentRecord(
+        id=1, key="k", path="/p", node="n", state=state, part_size=10, size=30, crc32c=1,
+        expected_etag=EXPECTED, upload_mode="multipart", upload_id="u", object_etag=None,
+        fence=1, lease_owner="w", lease_expires=NOW, attempts=0, last_error=None, reason=None,
+        created_at=NOW, updated_at=NOW, sealed_at=NOW, verified_at=None,
+    )  # fmt: skip
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def commits(*states: CommitState) -> list[CommitRecord]:
+    return [
+        CommitRecord(
+            id=i + 1,
+            segment_id=1,
+            part_number=i + 1,
+            start=10 * i,
+            end=10 * (i + 1),
+            md5=MD5S[i],
+            crc32c=i,
+            etag=MD5S[i] if s is not CommitState.PENDING else None,
+            state=s,
+            attempts=0,
+            last_error=None,
+            reason=None,
+        )
+        for i, s in enumerate(states)
+    ]
+
+
+P, U = CommitState.PENDING, CommitState.UPLOADED
+GOOD = ObjectInfo("k", 30, EXPECTED)
+FOREIGN = ObjectInfo("k", 30, "f" * 32)
+
+
+def held(*numbers: int) -> dict[int, PartRef]:
+    return {n: PartRef(n, MD5S[n - 1], 10) for n in numbers}
+
+
+@pytest.mark.parametrize(
+    ("position", "act"),
+    [
+        # Resuming: nothing is trusted before it is learned.
+        (Position(seg(SegmentState.SEALED), commits(U, P, P)), Act.LIST_PARTS),
+        # A part that arrived before the crash is reused, not sent again.
+        (Position(seg(SegmentState.SEALED), commits(U, P, P), True, held(1, 2)), Act.ADOPT_PARTS),
+        # An uploaded part the remote lost goes back to pending.
+        (Position(seg(SegmentState.SEALED), commits(U, U, P), True, held(2)), Act.UNSEND_PARTS),
+        (Position(seg(SegmentState.SEALED), commits(U, U, P), True, held(1, 2)), Act.SEND),
+        # Parts the caller just recorded need no listing.
+        (
+            Position(seg(SegmentState.SEALED), commits(U, P, P), fresh=frozenset({2, 3})),
+            Act.SEND,
+        ),
+        # The upload is gone: was it completed before the crash?
+        (Position(seg(SegmentState.SEALED), commits(U, P, P), True, None), Act.HEAD),
+        (
+            Position(seg(SegmentState.SEALED), commits(U, P, P), True, None, True, GOOD),
+            Act.ADOPT_OBJECT,
+        ),
+        (
+            Position(seg(SegmentState.SEALED), commits(U, P, P), True, None, True, FOREIGN),
+            Act.FAIL,
+        ),
+        (
+            Position(seg(SegmentState.SEALED), commits(U, P, P), True, None, True, None),
+            Act.RESET_UPLOAD,
+        ),
+        # Every part uploaded: the local bytes are checked before anything is published.
+        (Position(seg(SegmentState.SEALED), commits(U, U, U)), Act.CHECK_LOCAL),
+        (Position(seg(SegmentState.SEALED), commits(U, U, U), local_checked=True), Act.COMPLETE),
+        # Another node's worker completes, but never verifies.
+        (Position(seg(SegmentState.SEALED), commits(U, U, U), local_here=False), Act.COMPLETE),
+        (
+            Position(
+                seg(SegmentState.UPLOADED),
+                commits(U, U, U),
+                object_known=True,
+                obj=GOOD,
+                local_here=False,
+            ),
+            Act.BLOCK,
+        ),
+        (
+            Position(seg(SegmentState.UPLOADED), commits(U, U, U), object_known=True, obj=GOOD),
+            Act.CHECK_LOCAL,
+        ),
+        (
+            Position(
+                seg(SegmentState.UPLOADED),
+                commits(U, U, U),
+                object_known=True,
+                obj=GOOD,
+                local_checked=True,
+            ),
+            Act.VERIFY,
+        ),
+        # A bad object: learn whether the remote honours conditional deletes, then record the
+        # intent naming its ETag; without the capability it is left alone.
+        (
+            Position(seg(SegmentState.UPLOADED), commits(U, U, U), object_known=True, obj=FOREIGN),
+            Act.PROBE,
+        ),
+        (
+            Position(
+                seg(SegmentState.UPLOADED),
+                commits(U, U, U),
+                object_known=True,
+                obj=FOREIGN,
+                conditional_delete=True,
+            ),
+            Act.REUPLOAD,
+        ),
+        (
+            Position(
+                seg(SegmentState.UPLOADED),
+                commits(U, U, U),
+                object_known=True,
+                obj=FOREIGN,
+                conditional_delete=False,
+            ),
+            Act.FAIL,
+        ),
+        # Same ETag, other size: a conditional delete could not tell it from a good upload.
+        (
+            Position(
+                seg(SegmentState.UPLOADED),
+                commits(U, U, U),
+                object_known=True,
+                obj=ObjectInfo("k", 31, EXPECTED),
+                conditional_delete=True,
+            ),
+            Act.FAIL,
+        ),
+        # The recorded intent is carried out only on the object it names.
+        (
+            Position(
+                seg(SegmentState.SEALED, remove_etag="f" * 32, upload_id=None),
+                commits(P, P, P),
+                object_known=True,
+                obj=FOREIGN,
+                conditional_delete=True,
+            ),
+            Act.REMOVE,
+        ),
+        (
+            Position(
+                seg(SegmentState.SEALED, remove_etag="f" * 32, upload_id=None),
+                commits(P, P, P),
+                object_known=True,
+                obj=GOOD,
+                conditional_delete=True,
+            ),
+            Act.FORGET_REMOVE,
+        ),
+        # Open segments: pending whole parts only; the writer seals.
+        (Position(seg(SegmentState.OPEN, upload_id=None), commits(U, U)), Act.DONE),
+        (
+            Position(seg(SegmentState.OPEN, upload_id=None), commits(P), fresh=frozenset({1})),
+            Act.START_UPLOAD,
+        ),
+        (
+            Position(seg(SegmentState.OPEN), commits(U, P), inflight=frozenset({2})),
+            Act.DONE,
+        ),
+        (Position(seg(SegmentState.VERIFIED), commits(U, U, U)), Act.DONE),
+    ],
+)
+def test_next_step(position: Position, act: Act) -> None:
+    assert next_step(position).act is act
+
+
+def test_the_vanished_object_is_uploaded_again_then_failed_after_the_bound() -> None:
+    p = Position(seg(SegmentState.UPLOADED), commits(U, U, U), object_known=True, obj=None)
+    assert next_step(p).act is Act.REUPLOAD
+    assert next_step(dataclasses.replace(p, reuploads=3)).act is Act.FAIL
+
+
+def test_single_put() -> None:
+    one = [dataclasses.replace(commits(P)[0], md5=EXPECTED[:32])]
+    s = seg(SegmentState.SEALED, upload_mode="put", expected_etag=EXPECTED[:32], size=10)
+    assert next_step(Position(s, one, fresh=frozenset({1}))).act is Act.PUT
+    assert next_step(Position(s, one)).act is Act.HEAD  # resuming: look first
+    mine = ObjectInfo("k", 10, EXPECTED[:32])
+    assert next_step(Position(s, one, object_known=True, obj=mine)).act is Act.CHECK_LOCAL
+    checked = Position(s, one, object_known=True, obj=mine, local_checked=True)
+    assert next_step(checked).act is Act.VERIFY_PUT
+    assert next_step(Position(s, one, object_known=True, obj=FOREIGN)).act is Act.FAIL
