@@ -551,6 +551,7 @@ class Store:
         """Register (or reopen) the segment ``key`` for the local file ``path`` and lease it."""
         self._check_open()
         validate_key(key)
+        self.storage.check_key(key)
         apath = os.path.abspath(os.fspath(path))
         if not os.path.isfile(apath):
             raise LocalFileError(

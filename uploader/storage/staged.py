@@ -78,6 +78,7 @@ from uploader.errors import (
     StorageError,
     UsageError,
 )
+from uploader.keys import check_components, check_full_length
 from uploader.storage.base import MIN_PART_SIZE, Expected, ObjectInfo, PartRef, UploadRef
 from uploader.storage.errors_map import translate_transport
 from uploader.storage.rules import check_part_number, check_part_size, check_parts, matches
@@ -85,6 +86,15 @@ from uploader.storage.rules import check_part_number, check_part_size, check_par
 HIDDEN = ".uploader"
 CHUNK = 1024 * 1024
 LOCK_STRIPES = 64
+
+#: Bytes this backend adds to a key component in the longest name it derives from one. The object
+#: is linked at ``<root>/<key>`` from ``.uploader/tmp/<uuid>``; sidecars are named by the key's
+#: SHA-256 and the file's identity, parts by upload id and number, aside files by a uuid: no name
+#: grows with a component, so the longest derived name is the component itself. (Raise this if a
+#: name like ``<component>.<suffix>`` is ever written next to an object.)
+KEY_NAME_OVERHEAD = 0
+#: Object stores behind fsspec (GCS, Azure, ...) count a name from the bucket, up to 1024 bytes.
+OBJECT_NAME_BYTES = 1024
 
 #: Non-local filesystems: publishing and conditional deletes are serialised in this process.
 _PROCESS_LOCK = threading.RLock()
@@ -130,6 +140,8 @@ class StagedStorage:
                 raise NoSuchBucketError(
                     f"remote root {self.root!r} does not exist or is not a directory; create it"
                 )
+            self.name_max = _pathconf(self.root, "PC_NAME_MAX", 255)
+            self.path_max = _pathconf(self.root, "PC_PATH_MAX", 4096)
         else:
             self.fs.makedirs(self.root, exist_ok=True)
 
@@ -140,6 +152,27 @@ class StagedStorage:
     @property
     def min_part_size(self) -> int:
         return self._min_part_size
+
+    def check_key(self, key: str) -> None:
+        """The names this backend writes for ``key`` must fit the filesystem.
+
+        Local disk: each component plus :data:`KEY_NAME_OVERHEAD` within the filesystem's name
+        limit (``pathconf(root, "PC_NAME_MAX")``), and the whole path within its path limit.
+        ``memory://``: no limit beyond the key's own. Other filesystems (object stores behind
+        fsspec): the name after the bucket (the root's first component), prefix + ``/`` + key,
+        within 1024 bytes.
+        """
+        if self.local:
+            check_components(
+                key,
+                self.name_max - KEY_NAME_OVERHEAD,
+                f"the filesystem of {self.root!r} (name limit {self.name_max} bytes)",
+            )
+            # PATH_MAX counts the terminating NUL.
+            check_full_length(key, self.root, f"the filesystem of {self.root!r}", self.path_max - 1)
+        elif "memory" not in _protocols(self.fs):
+            _bucket, _, prefix = self.root.strip("/").partition("/")
+            check_full_length(key, prefix, self.url, OBJECT_NAME_BYTES)
 
     def conditional_delete(self) -> bool:
         """True where compare-and-unlink is exact: local disk and the in-process ``memory://``.
@@ -733,6 +766,14 @@ class StagedStorage:
 
     def close(self) -> None:
         """Nothing to release: fsspec filesystems hold no connections here."""
+
+
+def _pathconf(path: str, name: str, default: int) -> int:
+    try:
+        value = os.pathconf(path, name)
+    except (OSError, ValueError):
+        return default
+    return value if value > 0 else default
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:
