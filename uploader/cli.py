@@ -587,7 +587,8 @@ def sweep(
     if report.tmp_removed:
         gone = "would remove" if dry_run else "removed"
         out.print(
-            f"{gone} {len(report.tmp_removed)} leftover temporary file(s) of the staging area"
+            f"{gone} {len(report.tmp_removed)} leftover(s) of the staging area (temporary "
+            "files; upload directories without metadata, as uploads/<id>)"
         )
 
 
