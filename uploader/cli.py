@@ -460,6 +460,7 @@ def _status_dict(status: Status) -> dict[str, object]:
         "unverified_bytes": status.unverified_bytes,
         "oldest_unverified_age": status.oldest_unverified_age,
         "failed": [{"key": k, "reason": r} for k, r in status.failed],
+        "stalled": [{"key": k, "why": w} for k, w in status.stalled],
         "all_verified": status.all_verified,
     }
 
@@ -485,6 +486,8 @@ def print_status(status: Status, console: Console = out) -> None:
     )
     for key, reason in status.failed:
         console.print(f"failed {key}: {reason}")
+    for key, why in status.stalled:
+        console.print(f"stalled: {why} (segment {key})")
 
 
 @app.command()
@@ -492,20 +495,25 @@ def status(
     ctx: typer.Context,
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
-    """Counts per state, unverified bytes, oldest unverified age (exit 1 if anything failed)."""
-    from uploader.manifest.repo import Manifest
+    """Counts per state, unverified bytes, oldest unverified age (exit 1 if anything failed or is
+    stalled: an open segment of this node whose local file vanished or shrank)."""
+    import dataclasses
+
+    from uploader.manifest.repo import Manifest, default_node
+    from uploader.stalled import find_stalled
 
     s = _ctx(ctx).settings()
     m = Manifest.open(s.manifest)
     try:
         st = m.status()
+        st = dataclasses.replace(st, stalled=find_stalled(m, default_node()))
     finally:
         m.close()
     if json_output:
         _emit_json(_status_dict(st))
     else:
         print_status(st)
-    if st.failed:
+    if st.failed or st.stalled:
         raise typer.Exit(1)
 
 
@@ -587,7 +595,8 @@ def sweep(
     if report.tmp_removed:
         gone = "would remove" if dry_run else "removed"
         out.print(
-            f"{gone} {len(report.tmp_removed)} leftover temporary file(s) of the staging area"
+            f"{gone} {len(report.tmp_removed)} leftover(s) of the staging area (temporary "
+            "files; upload directories without metadata, as uploads/<id>)"
         )
 
 

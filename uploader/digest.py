@@ -51,6 +51,9 @@ def read_bytes(path: str, start: int, end: int) -> bytes:
         with open(path, "rb") as f:
             f.seek(start)
             data = f.read(end - start)
+            # The file's real size for the message (start + len(data) is not it when the file
+            # ends before start).
+            size = os.fstat(f.fileno()).st_size if len(data) != end - start else -1
     except FileNotFoundError:
         raise LocalFileError(
             f"{path}: local file is missing; its bytes were not yet verified remotely"
@@ -61,7 +64,7 @@ def read_bytes(path: str, start: int, end: int) -> bytes:
         ) from None
     if len(data) != end - start:
         raise LocalFileError(
-            f"{path}: local file is shorter ({start + len(data)} bytes) than the committed "
+            f"{path}: local file is shorter ({size} bytes) than the committed "
             f"range [{start}, {end})"
         )
     return data

@@ -49,3 +49,34 @@ def validate_key(key: str) -> str:
             f"segment key {key!r} starts with the reserved component {RESERVED_PREFIX!r}"
         )
     return key
+
+
+def _short(key: str) -> str:
+    return repr(key) if len(key) <= 60 else f"{key[:40]!r}...{key[-12:]!r}"
+
+
+def check_full_length(key: str, prefix: str, where: str, limit: int = MAX_KEY_BYTES) -> None:
+    """Refuse ``key`` if ``prefix + "/" + key`` (the name the remote stores) exceeds ``limit``.
+
+    ``prefix`` is what the remote puts before the key (an S3 prefix within its bucket); empty
+    for none.
+    """
+    full = f"{prefix}/{key}" if prefix else key
+    size = len(full.encode("utf-8"))
+    if size > limit:
+        raise InvalidKeyError(
+            f"segment key {_short(key)} is {len(key.encode('utf-8'))} bytes, "
+            f"{size} bytes as {where} names it (prefix {prefix!r} + '/' + key); "
+            f"the limit is {limit}"
+        )
+
+
+def check_components(key: str, limit: int, where: str) -> None:
+    """Refuse ``key`` if one of its path components is longer than ``limit`` UTF-8 bytes."""
+    for part in key.split("/"):
+        size = len(part.encode("utf-8"))
+        if size > limit:
+            raise InvalidKeyError(
+                f"segment key {_short(key)} has a path component of {size} bytes "
+                f"({_short(part)}); {where} allows at most {limit} bytes per component"
+            )

@@ -111,9 +111,12 @@ class Status:
     unverified_bytes: int = 0
     oldest_unverified_age: float | None = None  # seconds
     failed: tuple[tuple[str, str], ...] = ()  # (key, reason)
+    #: (key, why) of open segments whose local file vanished or shrank below the committed end:
+    #: filled by whoever can stat this node's files (``Store.status``, ``uploader status``).
+    stalled: tuple[tuple[str, str], ...] = ()
 
     @property
     def all_verified(self) -> bool:
-        return not self.failed and all(
+        return not self.failed and not self.stalled and all(
             n == 0 for s, n in self.segments.items() if s != SegmentState.VERIFIED.value
         )

@@ -551,6 +551,7 @@ class Store:
         """Register (or reopen) the segment ``key`` for the local file ``path`` and lease it."""
         self._check_open()
         validate_key(key)
+        self.storage.check_key(key)
         apath = os.path.abspath(os.fspath(path))
         if not os.path.isfile(apath):
             raise LocalFileError(
@@ -596,8 +597,14 @@ class Store:
     # --- overview ---------------------------------------------------------------------------------
 
     def status(self) -> Status:
-        """Counts per state, unverified bytes, age of the oldest unverified segment."""
-        return self.manifest.status()
+        """Counts per state, unverified bytes, age of the oldest unverified segment, and the
+        open segments of this node whose local file vanished or shrank (``stalled``)."""
+        import dataclasses
+
+        from uploader.stalled import find_stalled
+
+        status = self.manifest.status()
+        return dataclasses.replace(status, stalled=find_stalled(self.manifest, self.node))
 
     def deletable(self) -> list[SegmentRecord]:
         """Segments whose local file may now be deleted: verified ones, and only those.

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +57,52 @@ def test_sweep_removes_leftover_assembly_files(
         assert len(store.sweep(older_than=0).tmp_removed) == 1
         staged.fs.invalidate_cache()
         assert not staged.fs.exists(leftover)
+
+
+def _metaless_upload(staged: Any, started: float, touched: float) -> str:
+    """An upload directory without meta.json holding one part, as a crash inside abort/complete
+    or an older version's late part leaves it: its id says ``started``, its files ``touched``."""
+    upload_id = f"{int(started * 1000):013d}-{uuid.uuid4().hex}"
+    directory = staged._upload_dir(upload_id)
+    part = f"{directory}/00001.{time.time_ns()}.{'0' * 32}"
+    staged._write_new(part, [b"a late part"])
+    if staged.local:
+        os.utime(part, (touched, touched))
+        os.utime(directory, (touched, touched))
+    else:
+        staged.fs.store[part].created = datetime.fromtimestamp(touched, UTC)
+    return upload_id
+
+
+@pytest.mark.parametrize("remote", ["file", "memory"], indirect=True)
+def test_sweep_removes_old_upload_directories_without_metadata(
+    make_store: StoreFactory, remote: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    hour_ago = time.time() - 3600 - 60
+    with make_store() as store:
+        staged = store.storage.inner  # type: ignore[attr-defined]
+        old = _metaless_upload(staged, started=hour_ago, touched=hour_ago)
+        young = _metaless_upload(staged, started=time.time(), touched=time.time())
+        # An old upload with a part that landed just now: alive a moment ago, kept for now.
+        late = _metaless_upload(staged, started=hour_ago, touched=time.time())
+        live = staged.start_upload("live/1")  # has meta.json: never touched by this cleaning
+
+        def present() -> set[str]:
+            staged.fs.invalidate_cache()
+            return {
+                str(p).rstrip("/").rsplit("/", 1)[-1]
+                for p in staged.fs.ls(staged._p(".uploader", "uploads"), detail=False)
+            }
+
+        assert present() == {old, young, late, live}
+        dry = store.sweep(older_than=3600, dry_run=True)
+        assert dry.tmp_removed == (f"uploads/{old}",)
+        assert present() == {old, young, late, live}  # a dry run removes nothing
+
+        real = store.sweep(older_than=3600)
+        assert real.tmp_removed == (f"uploads/{old}",)
+        assert present() == {young, late, live}
+        assert real.aborted == ()  # the live upload is young, not an orphan yet
+        assert [u.upload_id for u in staged.list_uploads()] == [live]
+        # A second sweep finds nothing more.
+        assert store.sweep(older_than=3600).tmp_removed == ()

@@ -77,6 +77,15 @@ class Storage(Protocol):
         """Smallest size allowed for a part that is not the last one."""
         ...
 
+    def check_key(self, key: str) -> None:
+        """Refuse (InvalidKeyError) a key, already validated, that this remote cannot store.
+
+        The name as the remote sees it (its prefix + ``/`` + key) and each path component must fit
+        the remote's limits (S3: 1024 bytes in all; a local disk: its name and path limits, less
+        what the backend adds to names it derives from the key). Asks the remote nothing.
+        """
+        ...
+
     def start_upload(self, key: str) -> str:
         """Begin a multipart upload for ``key``; return its upload id."""
         ...

@@ -166,6 +166,9 @@ class FaultyStorage:
     def min_part_size(self) -> int:
         return self.inner.min_part_size
 
+    def check_key(self, key: str) -> None:
+        self.inner.check_key(key)  # computed locally: nothing to retry or inject
+
     def _strike(self, op: str, when: str, fn: Callable[[], Any] | None = None) -> None:
         with self._lock:
             hits = [f for f in self.faults if f.strikes(op, when)]

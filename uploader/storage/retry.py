@@ -59,6 +59,9 @@ class RetryingStorage:
     def min_part_size(self) -> int:
         return self.inner.min_part_size
 
+    def check_key(self, key: str) -> None:
+        self.inner.check_key(key)  # computed locally: nothing to retry or inject
+
     def _run(self, op: str, fn: Callable[[], T]) -> T:
         del op  # named at each call site for readers and tracebacks
         attempt = 0

@@ -54,6 +54,7 @@ from uploader.errors import (
     StorageTimeoutError,
     UsageError,
 )
+from uploader.keys import check_full_length
 from uploader.storage.base import MIN_PART_SIZE, Expected, ObjectInfo, PartRef, UploadRef
 from uploader.storage.errors_map import client_error_code, translate
 from uploader.storage.rules import check_part_number, check_part_size, check_parts, matches
@@ -151,6 +152,10 @@ class S3Storage:
     @property
     def min_part_size(self) -> int:
         return self._min_part_size
+
+    def check_key(self, key: str) -> None:
+        """S3 counts a key from the bucket: prefix + ``/`` + key must be <= 1024 UTF-8 bytes."""
+        check_full_length(key, self.prefix, f"bucket {self.bucket!r}")
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key

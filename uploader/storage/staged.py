@@ -78,6 +78,7 @@ from uploader.errors import (
     StorageError,
     UsageError,
 )
+from uploader.keys import check_components, check_full_length
 from uploader.storage.base import MIN_PART_SIZE, Expected, ObjectInfo, PartRef, UploadRef
 from uploader.storage.errors_map import translate_transport
 from uploader.storage.rules import check_part_number, check_part_size, check_parts, matches
@@ -85,6 +86,15 @@ from uploader.storage.rules import check_part_number, check_part_size, check_par
 HIDDEN = ".uploader"
 CHUNK = 1024 * 1024
 LOCK_STRIPES = 64
+
+#: Bytes this backend adds to a key component in the longest name it derives from one. The object
+#: is linked at ``<root>/<key>`` from ``.uploader/tmp/<uuid>``; sidecars are named by the key's
+#: SHA-256 and the file's identity, parts by upload id and number, aside files by a uuid: no name
+#: grows with a component, so the longest derived name is the component itself. (Raise this if a
+#: name like ``<component>.<suffix>`` is ever written next to an object.)
+KEY_NAME_OVERHEAD = 0
+#: Object stores behind fsspec (GCS, Azure, ...) count a name from the bucket, up to 1024 bytes.
+OBJECT_NAME_BYTES = 1024
 
 #: Non-local filesystems: publishing and conditional deletes are serialised in this process.
 _PROCESS_LOCK = threading.RLock()
@@ -130,6 +140,8 @@ class StagedStorage:
                 raise NoSuchBucketError(
                     f"remote root {self.root!r} does not exist or is not a directory; create it"
                 )
+            self.name_max = _pathconf(self.root, "PC_NAME_MAX", 255)
+            self.path_max = _pathconf(self.root, "PC_PATH_MAX", 4096)
         else:
             self.fs.makedirs(self.root, exist_ok=True)
 
@@ -140,6 +152,27 @@ class StagedStorage:
     @property
     def min_part_size(self) -> int:
         return self._min_part_size
+
+    def check_key(self, key: str) -> None:
+        """The names this backend writes for ``key`` must fit the filesystem.
+
+        Local disk: each component plus :data:`KEY_NAME_OVERHEAD` within the filesystem's name
+        limit (``pathconf(root, "PC_NAME_MAX")``), and the whole path within its path limit.
+        ``memory://``: no limit beyond the key's own. Other filesystems (object stores behind
+        fsspec): the name after the bucket (the root's first component), prefix + ``/`` + key,
+        within 1024 bytes.
+        """
+        if self.local:
+            check_components(
+                key,
+                self.name_max - KEY_NAME_OVERHEAD,
+                f"the filesystem of {self.root!r} (name limit {self.name_max} bytes)",
+            )
+            # PATH_MAX counts the terminating NUL.
+            check_full_length(key, self.root, f"the filesystem of {self.root!r}", self.path_max - 1)
+        elif "memory" not in _protocols(self.fs):
+            _bucket, _, prefix = self.root.strip("/").partition("/")
+            check_full_length(key, prefix, self.url, OBJECT_NAME_BYTES)
 
     def conditional_delete(self) -> bool:
         """True where compare-and-unlink is exact: local disk and the in-process ``memory://``.
@@ -705,34 +738,105 @@ class StagedStorage:
         return out
 
     def clean_tmp(self, older_than: float, *, dry_run: bool = False) -> list[str]:
-        """Remove objects-in-assembly left under ``.uploader/tmp`` by a crash (older than that).
+        """Remove leftovers of the staging area older than ``older_than`` seconds.
 
-        A ``complete`` or ``put`` interrupted between assembling and publishing leaves its
-        temporary file behind; nothing refers to it. Returns the names removed (or that would be).
+        * objects-in-assembly under ``.uploader/tmp``: a ``complete`` or ``put`` interrupted
+          between assembling and publishing leaves its temporary file behind; nothing refers to
+          it (listed by their name);
+        * upload directories without ``meta.json`` under ``.uploader/uploads``: a crash inside
+          ``abort``/``complete`` (after ``meta.json`` went, before the directory did), or a late
+          part of an older version that re-created a finished upload's directory. Without its
+          metadata an upload is unknown to every call (``list_uploads`` skips it, a part is
+          refused), so nothing but this removes it. Its age is its newest sign of life (the
+          directory's and its files' times, the time in its upload id); one with no known time
+          is kept. Listed as ``uploads/<upload id>``.
+
+        Returns the names removed (or that would be, with ``dry_run``).
         """
+        cutoff = time.time() - older_than
+        removed = []
         base = self._p(HIDDEN, "tmp")
         self.fs.invalidate_cache()
         try:
             entries = self.fs.ls(base, detail=True)
         except FileNotFoundError:
-            return []
-        cutoff = time.time() - older_than
-        removed = []
+            entries = []
         for entry in entries:
             name = str(entry["name"])
-            stamp = entry.get("mtime", entry.get("created"))
-            if hasattr(stamp, "timestamp"):
-                stamp = stamp.timestamp()
-            if stamp is not None and float(stamp) > cutoff:
+            stamp = _stamp(entry)
+            if stamp is not None and stamp > cutoff:
                 continue
             if not dry_run:
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm(name)
             removed.append(name.rsplit("/", 1)[-1])
+        removed.extend(self._clean_metaless_uploads(cutoff, dry_run=dry_run))
         return removed
+
+    def _clean_metaless_uploads(self, cutoff: float, *, dry_run: bool) -> list[str]:
+        base = self._p(HIDDEN, "uploads")
+        try:
+            dirs = self.fs.ls(base, detail=True)
+        except FileNotFoundError:
+            return []
+        removed = []
+        for entry in dirs:
+            directory = str(entry["name"]).rstrip("/")
+            upload_id = directory.rsplit("/", 1)[-1]
+            if self.fs.exists(self._meta_path(upload_id)):
+                continue  # a known upload: list_uploads and the sweep's abort judge it
+            newest = self._newest_stamp(directory, entry, upload_id)
+            if newest is None or newest > cutoff:
+                continue
+            if not dry_run:
+                self.fs.invalidate_cache()
+                if self.fs.exists(self._meta_path(upload_id)):
+                    continue
+                try:
+                    if self.local:
+                        shutil.rmtree(directory)
+                    else:
+                        self.fs.rm(directory, recursive=True)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    continue  # a late part landing meanwhile: young now; a later sweep judges it
+                finally:
+                    self.fs.invalidate_cache()
+            removed.append(f"uploads/{upload_id}")
+        return removed
+
+    def _newest_stamp(self, directory: str, entry: dict[str, Any], upload_id: str) -> float | None:
+        """The newest time known of an upload directory: its own, its files', its id's."""
+        stamps = [_stamp(entry)]
+        try:
+            stamps.extend(_stamp(e) for e in self.fs.ls(directory, detail=True))
+        except FileNotFoundError:
+            return None  # gone meanwhile
+        head = upload_id.split("-", 1)[0]
+        if len(head) == 13 and head.isdigit():
+            stamps.append(int(head) / 1000)  # start_upload's milliseconds
+        known = [s for s in stamps if s is not None]
+        return max(known) if known else None
 
     def close(self) -> None:
         """Nothing to release: fsspec filesystems hold no connections here."""
+
+
+def _stamp(entry: dict[str, Any]) -> float | None:
+    """An fsspec listing entry's modification (or creation) time, seconds since the epoch."""
+    stamp: Any = entry.get("mtime", entry.get("created"))
+    if isinstance(stamp, datetime):
+        return stamp.timestamp()
+    return None if stamp is None else float(stamp)
+
+
+def _pathconf(path: str, name: str, default: int) -> int:
+    try:
+        value = os.pathconf(path, name)
+    except (OSError, ValueError):
+        return default
+    return value if value > 0 else default
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:
