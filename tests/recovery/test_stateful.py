@@ -396,13 +396,10 @@ class UploaderModel(RuleBasedStateMachine):
         event(f"rewrite {how} of a {rec.state.value} segment")
 
     def _foreign_keys(self) -> list[str]:
-        # Single-PUT segments only: a multipart one loops on its completion instead of failing
-        # (test_foreign_object_at_a_multipart_key_fails_the_segment, xfail).
         return [
             r.key
             for r in self.store.manifest.segments()
             if r.state is SegmentState.SEALED
-            and r.upload_mode == "put"
             and r.key in self.sealed
             and self._clean(r.key)
         ]
@@ -664,14 +661,9 @@ def test_model(backend: str, moto_endpoint: str) -> None:
     run_state_machine_as_test(UploaderModel, settings=SETTINGS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: a sealed multipart segment whose completion meets a foreign object at "
-    "its key never looks at it (the planner completes again after ObjectExistsError, 64 times) "
-    "and stays sealed with 'no progress' instead of failing with 'does not match the local bytes'",
-)
 def test_foreign_object_at_a_multipart_key_fails_the_segment(tmp_path: Path) -> None:
-    """Found by the state machine's ``foreign_object`` rule (kept to single-PUT keys there)."""
+    """Found by the state machine's ``foreign_object`` rule: a completion that meets an object
+    at the key must look at it (it used to complete again, 64 times, and stay sealed)."""
     (tmp_path / "remote").mkdir()
     url, manifest = f"file://{tmp_path}/remote", f"sqlite:///{tmp_path}/m.db"
     migrate(manifest)
