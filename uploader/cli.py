@@ -35,6 +35,7 @@ from rich.progress import (
 from rich.table import Table
 
 from uploader import settings
+from uploader import verify as verify_mod
 from uploader.errors import UploaderError, UsageError
 from uploader.manifest.repo import DEFAULT_LEASE_SECONDS
 from uploader.records import Status
@@ -527,44 +528,55 @@ def verify(
         list[str] | None, typer.Argument(help="Keys to check (default: all verified)")
     ] = None,
     deep: Annotated[bool, typer.Option(help="Read the objects back and compare checksums")] = False,
+    repair: Annotated[
+        bool,
+        typer.Option(help="Upload a drifted object again from its intact local file at once"),
+    ] = True,
+    loop: Annotated[
+        bool, typer.Option(help="Scrub: keep checking, the longest unchecked first")
+    ] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between scrub passes")] = 60.0,
+    batch: Annotated[int, typer.Option(help="Segments per scrub pass")] = 1000,
+    rate: Annotated[
+        float | None, typer.Option(help="Bytes per second at most for --deep reads")
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
-    """Check remote objects against the manifest's checksums again (exit 1 on any mismatch)."""
-    from uploader.states import SegmentState
+    """Check the remote objects of verified segments again (exit 1 on any drift).
 
-    results: list[dict[str, object]] = []
-    with ctx_store(ctx) as store:
-        if keys:
-            records = []
-            for key in keys:
-                rec = store.manifest.segment(key)
-                if rec is None:
-                    raise UsageError(
-                        f"segment {key!r} is not in the manifest {settings.redact_url(store.manifest.url)}"
-                    )
-                records.append(rec)
+    A verified object found missing or different leaves `verified`: uploaded again from its
+    intact local file, or `failed` when that is gone too.
+    """
+    with ctx_store(ctx) as store, _stop_on_signals() as stop:
+        if not loop:
+            report = store.verify(keys or None, deep=deep, repair=repair)
+            _print_verify(report, json_output)
+            bad = not report.ok
         else:
-            records = store.manifest.segments([SegmentState.VERIFIED])
-        for rec in records:
-            if rec.state is not SegmentState.VERIFIED:
-                results.append(
-                    {"key": rec.key, "ok": False, "problem": f"state is {rec.state.value}"}
-                )
-                continue
-            problem = store.check_object(rec.key, deep=deep)
-            results.append({"key": rec.key, "ok": problem is None, "problem": problem})
-    bad = [r for r in results if not r["ok"]]
-    if json_output:
-        _emit_json({"checked": len(results), "deep": deep, "results": results})
-    else:
-        for r in results:
-            out.print(
-                f"{'ok' if r['ok'] else 'MISMATCH'} {r['key']}"
-                + (f": {r['problem']}" if r["problem"] else "")
-            )
-        out.print(f"checked {len(results)}, {len(bad)} problem(s)")
+            bad = False
+            while True:
+                report = store.scrub(limit=batch, deep=deep, rate=rate, stop=stop)
+                if report.checks and (json_output or not report.ok):
+                    _print_verify(report, json_output)
+                bad = bad or not report.ok
+                if stop.wait(interval):
+                    break
     if bad:
         raise typer.Exit(1)
+
+
+def _print_verify(report: verify_mod.VerifyReport, json_output: bool) -> None:
+    if json_output:
+        _emit_json(report.as_dict())
+        return
+    for c in report.checks:
+        line = f"{'ok' if c.ok else 'DRIFT'} {c.key}"
+        if c.problem:
+            line += f": {c.problem}"
+        if c.action:
+            line += f"; {c.action}"
+        out.print(line)
+    out.print(f"checked {len(report.checks)}, {len(report.drifted)} problem(s)")
 
 
 # --- sweep ----------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ class SegmentRecord:
     file_device: int | None = None
     file_inode: int | None = None
     remove_etag: str | None = None
+    checked_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

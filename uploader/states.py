@@ -3,16 +3,18 @@
 Commit (one part of a segment's upload):
 
     pending --> uploaded --> verified
-       |  \\________________/  ^
-       |           |           |   (uploaded -> pending: the remote lost the part; re-send)
-       v           v
-     failed      failed
+       |    <--    |     <--    |      (back to pending: the remote lost the part or the object)
+       v           v            v
+     failed      failed       failed
 
 Segment:
 
     open --> sealed --> uploaded --> verified
-      \\        \\          \\
-       +--------+----------+-----> failed
+      |        |  ^         |   ^        |
+      |        |  +---------+   |        |   uploaded -> sealed: the object failed verification
+      |        |  +-------------|--------+   verified -> sealed: the object drifted at the remote
+      v        v            v            v
+    failed   failed       failed       failed
 
 * ``pending``: the intent is durable; nothing sent yet, or the outcome is unknown.
 * ``uploaded``: the remote acknowledged; what it said (ETag) is stored.
@@ -54,6 +56,10 @@ COMMIT_TRANSITIONS: frozenset[tuple[CommitState, CommitState]] = frozenset(
         # The remote no longer holds the part (upload id lost, ETag mismatch): the intent is
         # still ours and the part must be sent again.
         (CommitState.UPLOADED, CommitState.PENDING),
+        # The verified object drifted at the remote (vanished, replaced): sent again from the
+        # intact local bytes, or failed with the segment when those are gone too.
+        (CommitState.VERIFIED, CommitState.PENDING),
+        (CommitState.VERIFIED, CommitState.FAILED),
     }
 )
 
@@ -67,6 +73,10 @@ SEGMENT_TRANSITIONS: frozenset[tuple[SegmentState, SegmentState]] = frozenset(
         (SegmentState.UPLOADED, SegmentState.FAILED),
         # A completed object failed verification: it is uploaded again under a fresh upload.
         (SegmentState.UPLOADED, SegmentState.SEALED),
+        # A verified object drifted at the remote (found by verify, the scrub or the deletion
+        # gate): uploaded again while the local bytes still match, else failed.
+        (SegmentState.VERIFIED, SegmentState.SEALED),
+        (SegmentState.VERIFIED, SegmentState.FAILED),
     }
 )
 
@@ -74,9 +84,13 @@ SEGMENT_TRANSITIONS: frozenset[tuple[SegmentState, SegmentState]] = frozenset(
 UNFINISHED_SEGMENT_STATES: frozenset[SegmentState] = frozenset(
     {SegmentState.OPEN, SegmentState.SEALED, SegmentState.UPLOADED}
 )
-TERMINAL_SEGMENT_STATES: frozenset[SegmentState] = frozenset(
+#: Segment states a recovery worker leaves alone (a verified one leaves ``verified`` only when
+#: its object is found drifted at the remote).
+FINISHED_SEGMENT_STATES: frozenset[SegmentState] = frozenset(
     {SegmentState.VERIFIED, SegmentState.FAILED}
 )
+#: States with no way out.
+TERMINAL_SEGMENT_STATES: frozenset[SegmentState] = frozenset({SegmentState.FAILED})
 
 
 def parse_commit_state(value: str) -> CommitState:

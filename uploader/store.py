@@ -9,11 +9,12 @@ caller never looked at (the RocketMQ ``commitAsync`` loss cannot happen here).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from uploader import recovery
+from uploader import verify as verify_mod
 from uploader.digest import Payload, combine_crcs, file_size, multipart_etag, read_range
 from uploader.driver import DEFAULT_MAX_REUPLOADS, Driver, DriveResult
 from uploader.errors import (
@@ -37,6 +39,7 @@ from uploader.keys import validate_key
 from uploader.leases import LeaseKeeper
 from uploader.manifest.repo import DEFAULT_LEASE_SECONDS, Manifest, default_node, default_worker
 from uploader.records import Lease, NewCommit, SegmentRecord, Status
+from uploader.stalled import find_stalled
 from uploader.states import SegmentState
 from uploader.storage import open_storage
 from uploader.storage.base import MAX_PART_SIZE, MAX_PARTS, Storage
@@ -599,10 +602,6 @@ class Store:
     def status(self) -> Status:
         """Counts per state, unverified bytes, age of the oldest unverified segment, and the
         open segments of this node whose local file vanished or shrank (``stalled``)."""
-        import dataclasses
-
-        from uploader.stalled import find_stalled
-
         status = self.manifest.status()
         return dataclasses.replace(status, stalled=find_stalled(self.manifest, self.node))
 
@@ -614,14 +613,64 @@ class Store:
         it was verified is not offered (it holds bytes the remote does not have; ``uploader
         status`` and the log say which). Files already gone are still listed (nothing to lose).
         """
+        self._check_open()
         out = []
         for rec in self.manifest.deletable():
             problem = self._changed_since_verified(rec) if rec.node == self.node else None
-            if problem is None:
-                out.append(rec)
-            else:
+            if problem is not None:
                 log.error("segment %r is verified but not deletable: %s", rec.key, problem)
+                continue
+            # The object itself, at the time of the question (one HEAD): a verified object
+            # that vanished or changed since is drift, recorded, and the file is not offered.
+            remote = self.driver.check_object(rec, (), deep=False)
+            if remote is not None:
+                log.error("segment %r is not deletable: %s", rec.key, remote)
+                verify_mod.drift(self.crew, rec, remote, repair=False)
+                continue
+            out.append(rec)
         return out
+
+    def verify(
+        self,
+        keys: Sequence[str] | None = None,
+        *,
+        deep: bool = False,
+        repair: bool = True,
+        on_check: Callable[[verify_mod.Check], None] | None = None,
+    ) -> verify_mod.VerifyReport:
+        """Check the objects of verified segments again (all of them, or ``keys``).
+
+        A verified object found missing or different is drift: the segment leaves ``verified``
+        (audited) and, with ``repair`` and its local file on this node and intact, is uploaded
+        again at once; with the local file gone too it becomes ``failed``. See
+        :mod:`uploader.verify`.
+        """
+        self._check_open()
+        if keys is None:
+            records = self.manifest.segments([SegmentState.VERIFIED])
+        else:
+            records = []
+            for key in keys:
+                rec = self.manifest.segment(key)
+                if rec is None:
+                    raise UsageError(f"segment {key!r} is not in the manifest {self.manifest.url}")
+                records.append(rec)
+        return verify_mod.verify(self.crew, records, deep=deep, repair=repair, on_check=on_check)
+
+    def scrub(
+        self,
+        *,
+        limit: int = 1000,
+        deep: bool = False,
+        rate: float | None = None,
+        stop: threading.Event | None = None,
+        on_check: Callable[[verify_mod.Check], None] | None = None,
+    ) -> verify_mod.VerifyReport:
+        """One scrub pass: up to ``limit`` verified segments, the longest unchecked first."""
+        self._check_open()
+        return verify_mod.scrub(
+            self.crew, limit=limit, deep=deep, rate=rate, stop=stop, on_check=on_check
+        )
 
     @staticmethod
     def _changed_since_verified(rec: SegmentRecord) -> str | None:

@@ -46,12 +46,16 @@ def test_ship_then_status_then_verify(run: Run, home: Path, tmp_path: Path) -> N
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert json.loads(ok.stdout)["checked"] == 3
 
-    # Damage one object behind the uploader's back: verify says so and exits 1.
+    # Damage one object behind the uploader's back: verify says so, exits 1, and uploads it
+    # again from the intact local file (removing exactly the damaged object first).
     victim = home / "remote" / "log" / paths[1].name
     victim.write_bytes(b"x" * 100)
     bad = run("verify", "--deep", "log/" + paths[1].name)
     assert bad.returncode == 1
-    assert "MISMATCH" in bad.stdout
+    assert "DRIFT log/" in bad.stdout and "uploaded again" in bad.stdout, bad.stdout
+    assert victim.read_bytes() == paths[1].read_bytes()
+    again = run("verify", "--deep")
+    assert again.returncode == 0, again.stdout + again.stderr
 
 
 def test_recover_exit_codes(run: Run, home: Path, tmp_path: Path) -> None:

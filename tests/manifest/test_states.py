@@ -21,6 +21,7 @@ from uploader.manifest.models import (
 )
 from uploader.states import (
     COMMIT_TRANSITIONS,
+    FINISHED_SEGMENT_STATES,
     SEGMENT_TRANSITIONS,
     TERMINAL_SEGMENT_STATES,
     UNFINISHED_SEGMENT_STATES,
@@ -40,6 +41,8 @@ COMMIT_ALLOWED = {
     ("uploaded", "verified"),
     ("uploaded", "failed"),
     ("uploaded", "pending"),  # the remote lost the part: the intent stays, the part is re-sent
+    ("verified", "pending"),  # the verified object drifted at the remote: sent again
+    ("verified", "failed"),  # drifted, and the local bytes are gone too
 }
 SEGMENT_ALLOWED = {
     ("open", "sealed"),
@@ -49,6 +52,8 @@ SEGMENT_ALLOWED = {
     ("uploaded", "verified"),
     ("uploaded", "failed"),
     ("uploaded", "sealed"),  # the completed object failed verification: upload it again
+    ("verified", "sealed"),  # the verified object drifted at the remote: upload it again
+    ("verified", "failed"),  # drifted, and the local bytes are gone too
 }
 COMMIT_PAIRS = list(itertools.product([s.value for s in CommitState], repeat=2))
 SEGMENT_PAIRS = list(itertools.product([s.value for s in SegmentState], repeat=2))
@@ -103,14 +108,14 @@ def test_no_commit_transition_skips_pending() -> None:
                 continue
             with pytest.raises(InvalidStateError):
                 check_commit_transition(src, dst, has_etag=True, has_digest=True)
-    # The only way back into pending is a part the remote lost.
+    # The only ways back into pending: a part, or a verified object, the remote lost.
     into_pending = {a for a, b in COMMIT_TRANSITIONS if b is CommitState.PENDING}
-    assert into_pending == {CommitState.UPLOADED}
+    assert into_pending == {CommitState.UPLOADED, CommitState.VERIFIED}
 
 
 def test_terminal_states_have_no_way_out() -> None:
     for dst in CommitState:
-        for src in (CommitState.VERIFIED, CommitState.FAILED):
+        for src in (CommitState.FAILED,):
             with pytest.raises(InvalidStateError):
                 check_commit_transition(src, dst, has_etag=True, reason="r")
     for seg_dst in SegmentState:
@@ -198,7 +203,8 @@ def test_unfinished_states_match_the_sql_predicates() -> None:
     quoted = ", ".join(f"'{s}'" for s in ("open", "sealed", "uploaded"))
     assert f"state IN ({quoted})" == UNFINISHED_SEGMENTS_SQL
     assert {s.value for s in UNFINISHED_SEGMENT_STATES} == {"open", "sealed", "uploaded"}
-    assert set(SegmentState) == UNFINISHED_SEGMENT_STATES | TERMINAL_SEGMENT_STATES
+    assert set(SegmentState) == UNFINISHED_SEGMENT_STATES | FINISHED_SEGMENT_STATES
+    assert {SegmentState.FAILED} == TERMINAL_SEGMENT_STATES
     assert not UNFINISHED_SEGMENT_STATES & TERMINAL_SEGMENT_STATES
     assert UNFINISHED_COMMITS_SQL == "state IN ('pending', 'uploaded')"
     for state in SegmentState:

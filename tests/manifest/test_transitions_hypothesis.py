@@ -306,7 +306,7 @@ def play(m: Manifest, model: Model, clock: Clock, op: tuple[Any, ...]) -> None:
                 expected = StaleStateError
             call = lambda: m.reupload(lease, "etag mismatch")  # noqa: E731
         elif kind == "fail":
-            if model.state in ("verified", "failed"):
+            if model.state == "failed":
                 expected = InvalidStateError
             elif not valid:
                 expected = LeaseLostError
@@ -394,7 +394,7 @@ def play(m: Manifest, model: Model, clock: Clock, op: tuple[Any, ...]) -> None:
         new_events.append((None, model.state, "failed", lease.owner, lease.fence))
         model.state = "failed"
         for c in model.commits:
-            if c[1] in ("pending", "uploaded"):
+            if c[1] in ("pending", "uploaded", "verified"):
                 new_events.append((c[0], c[1], "failed", lease.owner, lease.fence))
                 c[1] = "failed"
         sort_tail = True
@@ -478,7 +478,6 @@ def test_model_covers_a_full_lifecycle_with_a_takeover(manifest: Manifest) -> No
         ("segment", 0, ("sealed", "uploaded"), False),
         ("verify", 1),  # alice: refused
         ("verify", 0),
-        ("fail", 0),  # verified is terminal
         ("release", 0),
         ("release", 0),  # already released
     ]

@@ -91,6 +91,8 @@ class SegmentRow(Base):
     #: verification), recorded before the conditional delete is sent: the intent of the one
     #: destructive remote call, naming the exact object it means.
     remove_etag: Mapped[str | None] = mapped_column(String(64))
+    #: When the remote object was last found matching (verify, the scrub, the deletion gate).
+    checked_at: Mapped[datetime | None] = mapped_column(DateTime())
 
     __table_args__ = (
         UniqueConstraint("key"),

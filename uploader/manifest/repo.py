@@ -118,6 +118,7 @@ def _segment(row: Any) -> SegmentRecord:
         file_device=row.file_device,
         file_inode=row.file_inode,
         remove_etag=row.remove_etag,
+        checked_at=row.checked_at,
     )
 
 
@@ -1259,6 +1260,72 @@ class Manifest:
             )
             self._reset_commits(conn, lease, reason)
 
+    def drifted(self, lease: Lease, reason: str, *, remove_etag: str | None = None) -> None:
+        """``verified -> sealed``: the verified object vanished or changed at the remote while
+        the local bytes still match: every part back to ``pending``, uploaded again. With
+        ``remove_etag``, the intent to remove exactly the object that is there now."""
+        now = self.clock()
+        with self._begin() as conn:
+            events: list[EventRow_] = []
+            self._segment_cas(
+                conn,
+                lease,
+                SegmentState.VERIFIED,
+                SegmentState.SEALED,
+                {
+                    "upload_id": None,
+                    "object_etag": None,
+                    "remove_etag": remove_etag,
+                    "verified_at": None,
+                    "checked_at": now,
+                    "attempts": S.c.attempts + 1,
+                    "last_error": _clip(reason),
+                },
+                reason,
+                now,
+                check_unsent=False,
+                events=events,
+            )
+            ids = (
+                conn.execute(
+                    update(C)
+                    .where(
+                        C.c.segment_id == lease.segment_id,
+                        C.c.state == CommitState.VERIFIED.value,
+                    )
+                    .values(state=CommitState.PENDING.value, etag=None, updated_at=now)
+                    .returning(C.c.id)
+                )
+                .scalars()
+                .all()
+            )
+            events.extend(
+                (lease.segment_id, cid, "verified", "pending", lease.owner, lease.fence, reason)
+                for cid in sorted(ids)
+            )
+            self._events(conn, events)
+
+    def checked(self, segment_id: int) -> None:
+        """The verified object was just found matching: remember when (the scrub's order)."""
+        with self._begin() as conn:
+            conn.execute(
+                update(S)
+                .where(S.c.id == segment_id, S.c.state == SegmentState.VERIFIED.value)
+                .values(checked_at=self.clock())
+            )
+
+    def to_scrub(self, limit: int) -> list[SegmentRecord]:
+        """Verified segments, the longest unchecked first (never checked: oldest verified)."""
+        order = func.coalesce(S.c.checked_at, S.c.verified_at, S.c.created_at)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(S)
+                .where(S.c.state == SegmentState.VERIFIED.value)
+                .order_by(order, S.c.id)
+                .limit(limit)
+            )
+            return [_segment(r) for r in rows]
+
     def object_removed(self, lease: Lease, etag: str) -> None:
         """The object named by ``remove_etag`` is gone from the key: the intent is fulfilled."""
         now = self.clock()
@@ -1438,7 +1505,13 @@ class Manifest:
             for c in conn.execute(
                 select(C.c.id, C.c.state).where(
                     C.c.segment_id == lease.segment_id,
-                    C.c.state.in_([CommitState.PENDING.value, CommitState.UPLOADED.value]),
+                    C.c.state.in_(
+                        [
+                            CommitState.PENDING.value,
+                            CommitState.UPLOADED.value,
+                            CommitState.VERIFIED.value,
+                        ]
+                    ),
                 )
             ).all():
                 conn.execute(

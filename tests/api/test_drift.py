@@ -1,0 +1,104 @@
+"""A verified object that drifts at the remote (deleted, replaced) is found, never offered for
+deletion, and shipped again from the intact local file; with the local file gone too, failed."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import uploader
+from tests.api.conftest import PART, StoreFactory, remote_bytes
+from tests.api.test_no_blind_delete import _write_foreign
+
+
+def _remove(remote: tuple[str, dict[str, Any]], key: str) -> None:
+    import fsspec
+
+    url, options = remote
+    fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
+    fs.rm(f"{root.rstrip('/')}/{key}")
+    fs.invalidate_cache()
+
+
+@pytest.fixture(params=[1000, 2 * PART + 3])
+def shipped(
+    request: pytest.FixtureRequest, make_store: StoreFactory, tmp_path: Path
+) -> tuple[uploader.Store, str, Path, bytes]:
+    size = request.param
+    path = tmp_path / "seg"
+    data = random.Random(size).randbytes(size)
+    path.write_bytes(data)
+    store = make_store()
+    key = f"drift/{size}"
+    assert store.segment(key, path).seal().result(timeout=60).verified
+    return store, key, path, data
+
+
+def test_a_verified_object_deleted_remotely_is_not_deletable_and_is_shipped_again(
+    shipped: tuple[uploader.Store, str, Path, bytes], remote: tuple[str, dict[str, Any]]
+) -> None:
+    store, key, _path, data = shipped
+    _remove(remote, key)
+    assert key not in {r.key for r in store.deletable()}  # the gate looked at the object
+    rec = store.manifest.segment(key)
+    assert rec is not None and rec.state is uploader.SegmentState.SEALED  # left verified
+    report = store.recover()
+    assert report.verified == (key,), report
+    assert remote_bytes(remote, key) == data
+    assert key in {r.key for r in store.deletable()}
+    events = [(e.from_state, e.to_state) for e in store.manifest.events(rec.id) if not e.commit_id]
+    assert ("verified", "sealed") in events
+
+
+def test_verify_repairs_an_object_replaced_remotely_by_other_bytes(
+    shipped: tuple[uploader.Store, str, Path, bytes], remote: tuple[str, dict[str, Any]]
+) -> None:
+    store, key, _path, data = shipped
+    _write_foreign(remote, key, bytes(b ^ 0x77 for b in data))  # same size, other bytes
+    report = store.verify()
+    [check] = report.checks
+    assert not report.ok and check.key == key and check.problem
+    assert "uploaded again" in check.action and check.state == "verified", check
+    assert remote_bytes(remote, key) == data
+    assert store.verify().ok  # and now it matches
+
+
+def test_drift_with_the_local_file_gone_fails_the_segment(
+    shipped: tuple[uploader.Store, str, Path, bytes], remote: tuple[str, dict[str, Any]]
+) -> None:
+    store, key, path, _data = shipped
+    path.unlink()  # deleted locally, as the gate allowed
+    _remove(remote, key)
+    report = store.verify()
+    [check] = report.checks
+    assert check.state == "failed" and "remote object lost and local file gone" in check.action
+    rec = store.manifest.segment(key)
+    assert rec is not None and rec.state is uploader.SegmentState.FAILED
+    assert rec.reason is not None and "remote object lost and local file gone" in rec.reason
+    assert key in {k for k, _ in store.status().failed}
+
+
+def test_scrub_checks_the_longest_unchecked_first(
+    make_store: StoreFactory, remote: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    store = make_store()
+    keys = []
+    for i in range(12):
+        p = tmp_path / f"s{i}"
+        p.write_bytes(random.Random(i).randbytes(500 + i))
+        keys.append(f"scrub/{i:02d}")
+        assert store.segment(keys[-1], p).seal().result(timeout=60).verified
+    first = store.scrub(limit=5)
+    assert [c.key for c in first.checks] == keys[:5] and first.ok
+    second = store.scrub(limit=5)
+    assert [c.key for c in second.checks] == keys[5:10]  # the unchecked ones come first
+    _remove(remote, keys[10])
+    third = store.scrub(limit=5)
+    assert [c.key for c in third.checks] == [*keys[10:], *keys[:3]]
+    assert third.drifted == (keys[10],)
+    assert remote_bytes(remote, keys[10]) == (tmp_path / "s10").read_bytes()  # repaired
+    rec = store.manifest.segment(keys[0])
+    assert rec is not None and rec.checked_at is not None

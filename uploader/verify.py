@@ -1,0 +1,181 @@
+"""Checking verified objects again: ``store.verify()``, the scrub, and the deletion gate's look.
+
+Words:
+
+* **check**: compare the object at a verified segment's key with what the seal recorded (one
+  HEAD: size and ETag; ``deep`` reads it back and compares every part's MD5 and CRC32C).
+* **drift**: a verified object found missing or different at the remote (a lifecycle rule, a
+  mistaken delete, another writer). The segment leaves ``verified`` at once (audited): back to
+  ``sealed`` with every part ``pending`` while the local bytes still match their checksums (the
+  one driver then uploads it again, removing exactly the object that is there if it must), or
+  ``failed`` with "remote object lost and local file gone" when they do not.
+* **scrub**: checking every verified segment over time, the longest unchecked first
+  (``checked_at``), at a bounded rate for deep reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from uploader.digest import normalize_etag
+from uploader.errors import LocalFileError, SegmentBusyError, StorageError, UploaderError
+from uploader.records import SegmentRecord
+from uploader.states import SegmentState
+from uploader.transport import check_local
+
+if TYPE_CHECKING:
+    from uploader.recovery import Crew
+
+log = logging.getLogger("uploader.verify")
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One segment checked again."""
+
+    key: str
+    ok: bool
+    problem: str | None = None
+    action: str = ""  # what was done about a problem
+    state: str = SegmentState.VERIFIED.value  # the segment's state afterwards
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "key": self.key,
+            "ok": self.ok,
+            "problem": self.problem,
+            "action": self.action,
+            "state": self.state,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    checks: tuple[Check, ...] = ()
+    deep: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def drifted(self) -> tuple[str, ...]:
+        return tuple(c.key for c in self.checks if not c.ok)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "checked": len(self.checks),
+            "deep": self.deep,
+            "ok": self.ok,
+            "results": [c.as_dict() for c in self.checks],
+        }
+
+
+def check_one(crew: Crew, rec: SegmentRecord, *, deep: bool, repair: bool) -> Check:
+    """Check one segment's object; on drift, record it and (``repair``, this node) upload again."""
+    if rec.state is not SegmentState.VERIFIED:
+        return Check(rec.key, False, f"state is {rec.state.value}", state=rec.state.value)
+    commits = crew.manifest.commits(rec.id)
+    problem = crew.driver.check_object(rec, commits, deep=deep)
+    if problem is None:
+        crew.manifest.checked(rec.id)
+        return Check(rec.key, True)
+    log.error("segment %r: the verified object drifted at the remote: %s", rec.key, problem)
+    return drift(crew, rec, problem, repair=repair)
+
+
+def drift(crew: Crew, rec: SegmentRecord, problem: str, *, repair: bool) -> Check:
+    """The verified object of ``rec`` is missing or different: the segment leaves ``verified``."""
+    try:
+        lease = crew.manifest.acquire(rec.key, crew.worker, crew.lease_seconds)
+    except SegmentBusyError as exc:
+        return Check(rec.key, False, problem, f"not changed: {exc}")
+    crew.keeper.hold(lease)
+    try:
+        commits = crew.manifest.commits(rec.id)
+        if rec.node == crew.node:
+            try:
+                check_local(rec, commits, set())
+            except LocalFileError as exc:
+                if exc.terminal:
+                    reason = f"remote object lost and local file gone or changed: {problem}; {exc}"
+                    crew.manifest.fail_segment(lease, reason)
+                    return Check(rec.key, False, problem, f"failed: {reason}", "failed")
+        info = crew.storage.head(rec.key)
+        etag = None if info is None else normalize_etag(info.etag)
+        remove = etag if etag is not None and etag != normalize_etag(rec.expected_etag) else None
+        crew.manifest.drifted(
+            lease, f"the verified object drifted at the remote: {problem}", remove_etag=remove
+        )
+        if not repair or rec.node != crew.node:
+            where = "" if rec.node == crew.node else f" by a worker on node {rec.node!r}"
+            return Check(
+                rec.key, False, problem, f"sent back to be uploaded again{where}", "sealed"
+            )
+        result = crew.driver.drive(lease, release=True)
+        return Check(
+            rec.key,
+            False,
+            problem,
+            f"uploaded again from the local file: {result.state.value}"
+            + (f" ({result.detail})" if not result.verified else ""),
+            result.state.value,
+        )
+    except (StorageError, LocalFileError) as exc:
+        return Check(rec.key, False, problem, f"repair stopped: {exc}; recovery retries it")
+    finally:
+        with contextlib.suppress(UploaderError):
+            crew.keeper.release(rec.id)
+
+
+def verify(
+    crew: Crew,
+    records: Sequence[SegmentRecord],
+    *,
+    deep: bool = False,
+    repair: bool = True,
+    on_check: Callable[[Check], None] | None = None,
+) -> VerifyReport:
+    checks = []
+    for rec in records:
+        c = check_one(crew, rec, deep=deep, repair=repair)
+        checks.append(c)
+        if on_check is not None:
+            on_check(c)
+    return VerifyReport(tuple(checks), deep)
+
+
+def scrub(
+    crew: Crew,
+    *,
+    limit: int,
+    deep: bool = False,
+    rate: float | None = None,
+    stop: threading.Event | None = None,
+    on_check: Callable[[Check], None] | None = None,
+) -> VerifyReport:
+    """One scrub pass over up to ``limit`` verified segments, the longest unchecked first.
+
+    ``rate`` (bytes per second) bounds deep reads: after each segment the pass waits as long as
+    reading it at that rate would take (a HEAD-only pass is not rate-bound).
+    """
+    checks = []
+    for rec in crew.manifest.to_scrub(limit):
+        if stop is not None and stop.is_set():
+            break
+        started = time.monotonic()
+        c = check_one(crew, rec, deep=deep, repair=True)
+        checks.append(c)
+        if on_check is not None:
+            on_check(c)
+        if deep and rate and rec.size:
+            pause = rec.size / rate - (time.monotonic() - started)
+            if pause > 0:
+                (stop or threading.Event()).wait(pause)
+    return VerifyReport(tuple(checks), deep)
