@@ -540,6 +540,7 @@ def verify(
     rate: Annotated[
         float | None, typer.Option(help="Bytes per second at most for --deep reads")
     ] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Check the remote objects of verified segments again (exit 1 on any drift).
@@ -548,19 +549,31 @@ def verify(
     intact local file, or `failed` when that is gone too.
     """
     with ctx_store(ctx) as store, _stop_on_signals() as stop:
-        if not loop:
-            report = store.verify(keys or None, deep=deep, repair=repair)
-            _print_verify(report, json_output)
-            bad = not report.ok
-        else:
-            bad = False
-            while True:
-                report = store.scrub(limit=batch, deep=deep, rate=rate, stop=stop)
-                if report.checks and (json_output or not report.ok):
-                    _print_verify(report, json_output)
-                bad = bad or not report.ok
-                if stop.wait(interval):
-                    break
+        metrics, server = _metrics(store, metrics_port)
+
+        def count(check: verify_mod.Check) -> None:
+            if metrics is not None:
+                metrics.verified_again(check.ok)
+
+        try:
+            if not loop:
+                report = store.verify(keys or None, deep=deep, repair=repair, on_check=count)
+                _print_verify(report, json_output)
+                bad = not report.ok
+            else:
+                bad = False
+                while True:
+                    report = store.scrub(
+                        limit=batch, deep=deep, rate=rate, stop=stop, on_check=count
+                    )
+                    if report.checks and (json_output or not report.ok):
+                        _print_verify(report, json_output)
+                    bad = bad or not report.ok
+                    if stop.wait(interval):
+                        break
+        finally:
+            if server is not None:
+                server.shutdown()
     if bad:
         raise typer.Exit(1)
 

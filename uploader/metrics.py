@@ -11,6 +11,8 @@ Series (all prefixed ``uploader_``):
 ``bytes_uploaded_total``            counter bytes this process sent to the remote
 ``failures_total{kind}``            counter failed commits, seals, recoveries (by kind)
 ``retries_total``                   counter remote requests retried after a retryable error
+``checked_total``                   counter verified objects checked again (verify, scrub)
+``drift_total``                     counter verified objects found missing or different
 ``segments{state}``                 gauge   segments in the manifest by state
 ``commits{state}``                  gauge   commits (parts) in the manifest by state
 ``unverified_bytes``                gauge   bytes committed but not yet verified
@@ -43,6 +45,8 @@ class Metrics(Collector):
         self._lock = threading.Lock()
         self.bytes_uploaded = 0
         self.failures: dict[str, int] = {}
+        self.checked = 0
+        self.drift = 0
         self._uploads: tuple[float, int] | None = None
 
     def uploaded(self, nbytes: int) -> None:
@@ -52,6 +56,12 @@ class Metrics(Collector):
     def failed(self, kind: str, count: int = 1) -> None:
         with self._lock:
             self.failures[kind] = self.failures.get(kind, 0) + count
+
+    def verified_again(self, ok: bool) -> None:
+        """One verified object checked again (``ok``: it still matched)."""
+        with self._lock:
+            self.checked += 1
+            self.drift += 0 if ok else 1
 
     def _unfinished_uploads(self) -> int:
         now = time.monotonic()
@@ -66,15 +76,22 @@ class Metrics(Collector):
         with self._lock:
             uploaded = self.bytes_uploaded
             failures = dict(self.failures)
+            checked, drift = self.checked, self.drift
         c = CounterMetricFamily("uploader_bytes_uploaded", "Bytes this process sent to the remote")
         c.add_metric([], uploaded)
         yield c
         f = CounterMetricFamily(
             "uploader_failures", "Failed commits, seals and recoveries", labels=["kind"]
         )
-        for kind in ("commit", "seal", "recovery"):
+        for kind in sorted({"commit", "seal", "recovery", *failures}):
             f.add_metric([kind], failures.get(kind, 0))
         yield f
+        ch = CounterMetricFamily("uploader_checked", "Verified objects checked again")
+        ch.add_metric([], checked)
+        yield ch
+        d = CounterMetricFamily("uploader_drift", "Verified objects found missing or different")
+        d.add_metric([], drift)
+        yield d
         r = CounterMetricFamily("uploader_retries", "Remote requests retried")
         r.add_metric([], float(getattr(self.store.storage, "retries", 0)))
         yield r
