@@ -51,6 +51,7 @@ from uploader.errors import (
     LeaseLostError,
     LocalFileError,
     ManifestError,
+    SegmentBusyError,
     StaleStateError,
     StorageError,
     UploaderError,
@@ -59,6 +60,7 @@ from uploader.errors import (
 from uploader.leases import LeaseKeeper
 from uploader.manifest.repo import Manifest
 from uploader.records import Lease, SegmentRecord
+from uploader.stalled import find_stalled
 from uploader.states import SegmentState
 from uploader.storage.base import Storage
 from uploader.transport import Counters
@@ -218,6 +220,11 @@ def recover(
             totals.outcomes.append(outcome)
             if on_segment is not None:
                 on_segment(outcome)
+    if (limit is None or len(totals.outcomes) < limit) and not (stop is not None and stop.is_set()):
+        for outcome in _fail_stalled(crew):
+            totals.outcomes.append(outcome)
+            if on_segment is not None:
+                on_segment(outcome)
     c = totals.counters
     return RecoveryReport(
         outcomes=tuple(totals.outcomes),
@@ -226,6 +233,30 @@ def recover(
         parts_sent=c.parts_sent,
         parts_reused=c.parts_reused,
     )
+
+
+def _fail_stalled(crew: Crew) -> list[SegmentOutcome]:
+    """Open segments of this node whose local file vanished or shrank below the committed end,
+    once their writer's lease is gone: ``failed`` with that reason (their bytes can never be
+    sealed). A live writer keeps its lease, and its segment is left to it."""
+    outcomes = []
+    for key, why in find_stalled(crew.manifest, crew.node):
+        try:
+            lease = crew.manifest.acquire(key, crew.worker, crew.lease_seconds)
+        except (SegmentBusyError, UploaderError):
+            continue
+        crew.keeper.hold(lease)
+        try:
+            reason = f"local bytes unusable: {why}; the open segment can never be sealed"
+            crew.manifest.fail_segment(lease, reason)
+            log.error("segment %r failed: %s", key, reason)
+            outcomes.append(SegmentOutcome(key=key, before="open", after="failed", detail=reason))
+        except UploaderError as exc:  # moved meanwhile (sealed by a writer): not ours to judge
+            log.warning("segment %r: %s", key, exc)
+        finally:
+            with contextlib.suppress(UploaderError):
+                crew.keeper.release(lease.segment_id)
+    return outcomes
 
 
 def _resume(

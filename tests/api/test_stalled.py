@@ -43,3 +43,35 @@ def test_status_reports_stalled_open_segments_of_this_node(
         with open(intact, "r+b") as f:
             f.truncate(PART)
         assert {k for k, _ in store.status().stalled} == {"log/shrunk", "log/gone"}
+
+
+def test_recovery_fails_stalled_open_segments_once_their_writer_is_gone(
+    make_store: StoreFactory, tmp_path: Path
+) -> None:
+    import uploader
+
+    gone, alive, intact = (tmp_path / n for n in ("gone", "alive", "intact"))
+    for p in (gone, alive, intact):
+        p.write_bytes(b"s" * (PART + 3))
+    writer = make_store(node="here")
+    for key, p in (("log/gone", gone), ("log/intact", intact)):
+        writer.segment(key, p).commit().result(timeout=60)
+    writer.close()  # the writer is gone: its leases are given back
+    live = make_store(node="here")
+    live.segment("log/alive", alive).commit().result(timeout=60)  # a live writer holds this one
+    gone.unlink()
+    alive.unlink()
+    worker = make_store(node="here")
+    report = worker.recover()
+    assert [(k, r) for k, r in report.failed] == [
+        ("log/gone", f"local bytes unusable: local file missing: {gone}; the open segment can "
+         "never be sealed"),
+    ]  # fmt: skip
+    assert not report.ok
+    states = {s.key: s.state for s in worker.manifest.segments()}
+    assert states == {
+        "log/gone": uploader.SegmentState.FAILED,
+        "log/intact": uploader.SegmentState.OPEN,
+        "log/alive": uploader.SegmentState.OPEN,  # its writer's lease is live: left to it
+    }
+    assert worker.recover().failed == ()  # nothing more to judge
