@@ -371,7 +371,7 @@ def test_claim_next_respects_node_affinity(manifest: Manifest) -> None:
     [c] = m.seal(lease, [part(1, 0)], size=4, crc32c=1, expected_etag="e" * 32, upload_mode="put")
     m.commit_uploaded(lease, c, c.md5)
     m.release(lease)
-    # uploaded: verifying needs no local bytes either
+    # uploaded: verifying reads every local byte again: only its node may
     lease = seg_with("f-uploaded", "n1")
     [c] = m.seal(lease, [part(1, 0)], size=4, crc32c=1, expected_etag="e" * 32, upload_mode="put")
     m.commit_uploaded(lease, c, c.md5)
@@ -399,8 +399,8 @@ def test_claim_next_respects_node_affinity(manifest: Manifest) -> None:
         "e-sealed-uploaded",
         "f-uploaded",
     ]
-    assert _claimable(m, "n2") == ["e-sealed-uploaded", "f-uploaded", "i-open-pending-n2"]
-    assert _claimable(m, "n3") == ["e-sealed-uploaded", "f-uploaded"]
+    assert _claimable(m, "n2") == ["e-sealed-uploaded", "i-open-pending-n2"]
+    assert _claimable(m, "n3") == ["e-sealed-uploaded"]
 
 
 def test_claim_next_skips_held_segments_and_takes_expired_ones(

@@ -2,10 +2,10 @@
 
 Unlike ``test_workers.py`` (library-level worker scripts), the workers here are the real CLI command
 (``recover --loop --interval 0.2 --worker wN``, configured through ``UPLOADER_*`` variables), so
-its loop, its graceful SIGTERM stop and its exit code are what is tested. Two test-scale knobs the
-CLI has no option for are set by a tiny wrapper before the CLI module runs: the lease (1 s instead
-of the default 30 s, so "frozen past its lease" fits in seconds) and the S3 part minimum (moto is
-started with 64 KiB parts; the CLI's storage would otherwise refuse to complete them).
+its loop, its graceful SIGTERM stop and its exit code are what is tested. Two test-scale knobs are
+the CLI's own options: ``--lease-seconds 1`` (instead of the default 30 s, so "frozen past its
+lease" fits in seconds) and ``--min-part-size`` (moto is started with 64 KiB parts; the CLI's
+storage would otherwise refuse to complete them).
 
 The frozen worker (``w0``) is stopped with SIGSTOP while it holds leases on unverified segments and
 no write transaction is open on its database connection (a frozen open transaction would hold row
@@ -36,18 +36,6 @@ from uploader.storage import Fault, FaultyStorage, open_storage
 
 SEGMENTS = 30
 LEASE = 1.0
-
-# The real CLI entry point, with the two test-scale defaults lowered first (see the module doc).
-WRAPPER = r"""
-import sys
-import uploader.storage
-import uploader.store
-uploader.store.open.__kwdefaults__["lease_seconds"] = float(sys.argv.pop(1))
-uploader.storage.MIN_PART_SIZE = int(sys.argv.pop(1))
-from uploader.cli import main
-main()
-"""
-
 
 def _prepare(pg_url: str, remote: tuple[str, dict[str, Any]], tmp_path: Path) -> dict[str, bytes]:
     """Sealed segments whose every part send failed: all of their work is left to recovery."""
@@ -80,9 +68,13 @@ def _start(name: str, env: dict[str, str], log_dir: Path) -> subprocess.Popen[by
     return subprocess.Popen(
         [
             sys.executable,
-            "-c",
-            WRAPPER,
+            "-m",
+            "uploader.cli",
+            "--lease-seconds",
             str(LEASE),
+            "--min-part-size",
+            str(PART),
+            "--part-size",
             str(PART),
             "recover",
             "--loop",
