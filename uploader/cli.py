@@ -462,6 +462,7 @@ def _status_dict(status: Status) -> dict[str, object]:
         "oldest_unverified_age": status.oldest_unverified_age,
         "failed": [{"key": k, "reason": r} for k, r in status.failed],
         "stalled": [{"key": k, "why": w} for k, w in status.stalled],
+        "errors": [{"key": k, "last_error": e} for k, e in status.errors],
         "all_verified": status.all_verified,
     }
 
@@ -489,6 +490,8 @@ def print_status(status: Status, console: Console = out) -> None:
         console.print(f"failed {key}: {reason}")
     for key, why in status.stalled:
         console.print(f"stalled: {why} (segment {key})")
+    for key, error in status.errors:
+        console.print(f"unfinished {key}: last error: {error}")
 
 
 @app.command()
@@ -514,7 +517,7 @@ def status(
         _emit_json(_status_dict(st))
     else:
         print_status(st)
-    if st.failed or st.stalled:
+    if st.failed or st.stalled or st.format_problems:
         raise typer.Exit(1)
 
 

@@ -7,6 +7,9 @@ from datetime import datetime
 
 from uploader.states import CommitState, SegmentState
 
+#: How a watcher's format problem starts in a segment's ``last_error``.
+FORMAT_PROBLEM = "format problem: "
+
 
 @dataclass(frozen=True, slots=True)
 class SegmentRecord:
@@ -115,6 +118,13 @@ class Status:
     #: (key, why) of open segments whose local file vanished or shrank below the committed end:
     #: filled by whoever can stat this node's files (``Store.status``, ``uploader status``).
     stalled: tuple[tuple[str, str], ...] = ()
+    #: (key, last error) of unfinished segments whose last attempt failed (the first 100).
+    errors: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def format_problems(self) -> tuple[tuple[str, str], ...]:
+        """Unfinished segments whose file cannot be read past a point (a corrupt record chain)."""
+        return tuple((k, e) for k, e in self.errors if e.startswith(FORMAT_PROBLEM))
 
     @property
     def all_verified(self) -> bool:

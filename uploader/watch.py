@@ -22,6 +22,7 @@ for the next tick or for ``uploader recover``.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from uploader.errors import SegmentBusyError, UploaderError, UsageError
 from uploader.formats import Format, Scan, get_format
+from uploader.records import FORMAT_PROBLEM
 from uploader.states import SegmentState
 from uploader.store import CommitResult, Segment, Store, UploadFuture
 
@@ -171,11 +173,15 @@ class Watcher:
         self._boundary[key] = scan.valid_end
         return scan
 
-    def _problem(self, key: str, problem: str, report: TickReport) -> None:
+    def _problem(self, seg: Segment, problem: str, report: TickReport) -> None:
+        key = seg.key
         report.problems[key] = problem
         report.errors.append((key, problem))
         if self.problems.get(key) != problem:  # say it once, not every tick
             log.error("%s: %s; nothing past it is committed, the file is not sealed", key, problem)
+            # On the segment's row too, so that `uploader status` shows it (and exits 1).
+            with contextlib.suppress(UploaderError):
+                self.store.manifest.record_error(seg.lease, FORMAT_PROBLEM + problem)
             if self.on_problem is not None:
                 self.on_problem(key, problem)
 
@@ -197,7 +203,7 @@ class Watcher:
                     continue
                 scan = self._scan(key, path, rolled[i])
                 if scan.problem is not None:
-                    self._problem(key, scan.problem, report)
+                    self._problem(seg, scan.problem, report)
                 if scan.complete:
                     fut = seg.seal(size=scan.valid_end) if explicit else seg.seal()
                     seals.append((key, fut))

@@ -6,6 +6,7 @@ ends); without them they are skipped with that reason, never passed vacuously.
 
 from __future__ import annotations
 
+import json
 import struct
 import threading
 from collections.abc import Iterator
@@ -229,6 +230,13 @@ def test_cli_watch_once_ships_rolled_files_and_exits_1_on_a_problem(
     assert "unknown MAGICCODE 0x0badf00d" in res.stderr
     assert f"unresolved: commitlog/{producer.current}" in res.stderr
     assert not (home / "remote" / "commitlog" / producer.current).exists()
+    # `uploader status` shows it too, and exits 1.
+    status = run("status", "--json")
+    assert status.returncode == 1, status.stdout + status.stderr
+    [problem] = [
+        e for e in json.loads(status.stdout)["errors"] if e["key"].endswith(producer.current)
+    ]
+    assert "format problem: " in problem["last_error"] and "0x0badf00d" in problem["last_error"]
 
 
 def test_append_on_a_commit_log_fails_loudly(store: uploader.Store, tmp_path: Path) -> None:

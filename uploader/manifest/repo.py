@@ -1555,6 +1555,12 @@ class Manifest:
                 .order_by(S.c.id)
                 .limit(100)
             ).all()
+            troubled = conn.execute(
+                select(S.c.key, S.c.last_error)
+                .where(text(UNFINISHED_SEGMENTS_SQL), S.c.last_error.is_not(None))
+                .order_by(S.c.id)
+                .limit(100)
+            ).all()
         commits = {r[0]: int(r[1]) for r in commit_rows}
         commit_bytes = {r[0]: int(r[2]) for r in commit_rows}
         return Status(
@@ -1566,6 +1572,7 @@ class Manifest:
             if oldest is None
             else max(0.0, (now - oldest).total_seconds()),
             failed=tuple((k, r or "") for k, r in failed),
+            errors=tuple((k, e) for k, e in troubled),
         )
 
     def deletable(self, *, limit: int | None = None, after_id: int = 0) -> list[SegmentRecord]:
