@@ -40,6 +40,7 @@ from uploader.plan import Act, Position, Step
 from uploader.records import CommitRecord, Lease, SegmentRecord
 from uploader.states import CommitState, SegmentState
 from uploader.storage.base import ObjectInfo, PartRef, Storage
+from uploader.storage.rules import matches
 from uploader.transport import Counters, Transport, check_local, read_checked, wait_all
 
 log = logging.getLogger("uploader")
@@ -209,6 +210,8 @@ class Driver:
         """Earlier re-uploads of this segment: counted only when one is being considered."""
         if seg.state is not SegmentState.UPLOADED or not learned.object_known:
             return 0
+        if learned.obj is not None and matches(learned.obj, plan.expected(seg)):
+            return 0  # the happy path: nothing to count, no read of the audit trail
         return sum(
             1
             for e in self.manifest.events(seg.id)
