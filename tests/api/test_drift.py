@@ -4,6 +4,7 @@ deletion, and shipped again from the intact local file; with the local file gone
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,47 @@ def test_scrub_checks_the_longest_unchecked_first(
     assert remote_bytes(remote, keys[10]) == (tmp_path / "s10").read_bytes()  # repaired
     rec = store.manifest.segment(keys[0])
     assert rec is not None and rec.checked_at is not None
+
+
+class _RecordingStop(threading.Event):
+    """A stop event whose waits are recorded instead of slept: the scrub's rate, without a clock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout or 0.0)
+        return False
+
+
+@pytest.mark.parametrize("manifest_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("remote", ["file"], indirect=True)
+def test_scrub_of_a_thousand_checks_each_once_finds_drift_and_counts_it(
+    make_store: StoreFactory, remote: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    from uploader.metrics import Metrics
+
+    store = make_store(concurrency=8)
+    futures = []
+    for i in range(1000):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(random.Random(i).randbytes(200))
+        futures.append(store.segment(f"many/{i:04d}", p).seal())
+    assert all(f.result(timeout=120).verified for f in futures)
+    lost = ["many/0007", "many/0500", "many/0999"]
+    for key in lost:
+        _remove(remote, key)
+    metrics = Metrics(store)
+    report = store.scrub(limit=1000, on_check=lambda c: metrics.verified_again(c.ok))
+    assert sorted(c.key for c in report.checks) == [f"many/{i:04d}" for i in range(1000)]
+    assert sorted(report.drifted) == lost
+    assert all(remote_bytes(remote, k) == (tmp_path / f"f{int(k[-4:])}").read_bytes() for k in lost)
+    collected = {m.name: m.samples[0].value for m in metrics.collect() if m.samples}
+    assert collected["uploader_checked"] == 1000 and collected["uploader_drift"] == 3
+    # Deep, at 1,000 bytes/s: each 200-byte object costs a fifth of a second of waiting.
+    stop = _RecordingStop()
+    deep = store.scrub(limit=5, deep=True, rate=1000.0, stop=stop)
+    assert deep.ok and len(deep.checks) == 5
+    assert len(stop.waits) == 5 and all(0.0 < w <= 0.2 for w in stop.waits)
+    assert sum(stop.waits) > 0.5  # the reads themselves are far faster than the rate
