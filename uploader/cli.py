@@ -43,7 +43,7 @@ import logging
 import shlex
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,8 +114,8 @@ class Context:
         )
 
     def open(self, **kwargs: Any) -> Store:
+        require_manifest(self.settings(create=False))  # before creating anything
         s = self.settings()
-        require_manifest(s)
         kwargs.setdefault("part_size", self.part_size)
         kwargs.setdefault("concurrency", self.concurrency)
         kwargs.setdefault("lease_seconds", self.lease_seconds)
@@ -346,9 +346,13 @@ class _ShipSignals:
 
     def __init__(self) -> None:
         self.count = len(_EARLY_SIGNALS)
+        #: Called by the first signal before it says so (``Store.stop_sending``: lock-free).
+        self.on_first: Callable[[], None] | None = None
 
     def handler(self, signum: int, _frame: FrameType | None) -> None:
         self.count += 1
+        if self.on_first is not None:
+            self.on_first()
         if self.count >= 2:
             os.write(
                 2,
@@ -421,6 +425,9 @@ def _ship(
             f"(manifest {store.manifest.url})",
             markup=False,
         )
+        signals.on_first = store.stop_sending
+        if signals.count:
+            store.stop_sending()
         task = progress.add_task("shipping", total=sum(p.stat().st_size for p in paths))
         for e in entries:
             if signals.count:
@@ -713,8 +720,23 @@ def recover(
             if server is not None:
                 server.shutdown()
         status = store.status()
-    if not report.ok or status.failed:
+        leased = store.manifest.leased_unfinished(exclude_owner=store.worker)
+    if leased:
+        owners = sorted({_owner(o) for _, o, _ in leased})
+        until = max(e for _, _, e in leased)
+        err.print(
+            f"{len(leased)} unfinished, leased by {', '.join(owners)} until "
+            f"{until:%H:%M:%S} UTC (another process works on them, or a dead one's lease runs "
+            "out then); run `uploader recover` again after that",
+            markup=False,
+        )
+    if not report.ok or status.failed or leased:
         raise typer.Exit(1)
+
+
+def _owner(worker: str) -> str:
+    """``host:pid`` of a worker name ``host:pid:random``."""
+    return ":".join(worker.split(":")[:2])
 
 
 # --- retry ----------------------------------------------------------------------------------------

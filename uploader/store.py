@@ -748,10 +748,15 @@ class Store:
             identity = file_identity(seg.path)
         return self.manifest.retry_failed(key, who=who, why=why, identity=identity)
 
+    def stop_sending(self) -> None:
+        """No new part starts from now on (parts in flight finish and are recorded). Takes no
+        lock of the store: safe to call from a signal handler."""
+        self.transport.stop.set()
+
     def interrupt(self) -> None:
         """Stop taking new work (SIGINT): jobs not started are cancelled, no new part starts,
         parts in flight finish and are recorded. What is left stays recorded for recovery."""
-        self.transport.stop.set()
+        self.stop_sending()
         with self._state_lock:
             pending = list(self._pending)
         for fut in pending:

@@ -1622,6 +1622,19 @@ class Manifest:
             self._events(conn, events)
         return self.segment_by_id(seg.id)
 
+    def leased_unfinished(
+        self, *, exclude_owner: str | None = None
+    ) -> list[tuple[str, str, datetime]]:
+        """(key, lease owner, lease expiry) of unfinished segments another process holds now."""
+        now = self.clock()
+        q = select(S.c.key, S.c.lease_owner, S.c.lease_expires).where(
+            text(UNFINISHED_SEGMENTS_SQL), S.c.lease_owner.is_not(None), S.c.lease_expires > now
+        )
+        if exclude_owner is not None:
+            q = q.where(S.c.lease_owner != exclude_owner)
+        with self.engine.connect() as conn:
+            return [(k, o, e) for k, o, e in conn.execute(q.order_by(S.c.id))]
+
     def failed_keys(self) -> list[str]:
         """Every failed segment's key, in id order (``uploader retry --all-failed``)."""
         with self.engine.connect() as conn:
