@@ -8,6 +8,8 @@
 See ``docs/`` for the words, the states and the guarantees.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from uploader.errors import (
     LocalFileError,
     ManifestError,
@@ -20,11 +22,38 @@ from uploader.errors import (
     VerificationError,
 )
 from uploader.records import CommitRecord, Event, SegmentRecord, Status
-from uploader.recovery import RecoveryReport, SegmentOutcome, SweepReport
 from uploader.states import CommitState, SegmentState
-from uploader.store import CommitResult, Segment, Store, UploadFuture, open
+
+if TYPE_CHECKING:
+    from uploader.recovery import RecoveryReport, SegmentOutcome, SweepReport
+    from uploader.store import CommitResult, Segment, Store, UploadFuture, open
 
 __version__ = "0.1.0"
+
+# The store and recovery (SQLAlchemy, fsspec) are imported on first use, so that importing a
+# submodule (the CLI, which installs its signal handlers first) does not pay for them up front.
+_LAZY = {
+    "RecoveryReport": "uploader.recovery",
+    "SegmentOutcome": "uploader.recovery",
+    "SweepReport": "uploader.recovery",
+    "CommitResult": "uploader.store",
+    "Segment": "uploader.store",
+    "Store": "uploader.store",
+    "UploadFuture": "uploader.store",
+    "open": "uploader.store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'uploader' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CommitRecord",

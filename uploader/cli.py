@@ -7,14 +7,43 @@ what and what to do; ``--debug`` adds the traceback. Storage options are never p
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+
+#: Signals that arrived while the command was still starting (before its own handler).
+_EARLY_SIGNALS: list[int] = []
+
+
+def _early_handler(signum: int, _frame: object) -> None:
+    """Installed before the slow imports (typer, SQLAlchemy, fsspec): a SIGTERM is remembered and
+    honoured by the command's own handler (``recover --loop``, ``watch`` stop cleanly); a SIGINT
+    before any work interrupts at once, as usual (nothing was recorded yet)."""
+    _EARLY_SIGNALS.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+
+
+def install_early_handlers() -> None:
+    """Called by ``python -m uploader.cli`` and the ``uploader`` script before anything slow."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+                signal.signal(signum, _early_handler)
+        except ValueError:  # not the main thread: the caller owns signals
+            return
+
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "uploader":
+    install_early_handlers()
+
 import functools
 import json
 import logging
-import signal
-import sys
+import shlex
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,15 +104,17 @@ class Context:
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     min_part_size: int | None = None
 
-    def settings(self) -> settings.Settings:
+    def settings(self, *, create: bool = True) -> settings.Settings:
         return settings.resolve(
             manifest=self.manifest,
             remote=self.remote,
             storage_options=self.storage_options,
             home=self.home,
+            create=create,
         )
 
     def open(self, **kwargs: Any) -> Store:
+        require_manifest(self.settings(create=False))  # before creating anything
         s = self.settings()
         kwargs.setdefault("part_size", self.part_size)
         kwargs.setdefault("concurrency", self.concurrency)
@@ -91,6 +122,34 @@ class Context:
         if self.min_part_size is not None:
             kwargs.setdefault("min_part_size", self.min_part_size)
         return open_store(s.manifest, s.remote, storage_options=s.storage_options, **kwargs)
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file of an SQLite manifest URL (None: not SQLite, or in memory)."""
+    from uploader.manifest import db
+
+    parsed = db.parse_url(url)
+    if not db.is_embedded(parsed) or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
+def is_embedded_default(s: settings.Settings) -> bool:
+    return s.manifest == settings.default_manifest(s.home)
+
+
+def require_manifest(s: settings.Settings) -> None:
+    """A typo must not create a new, empty manifest: only the embedded default file is created
+    on demand; any other SQLite file must exist (``uploader db upgrade`` creates it)."""
+    from uploader.manifest import db
+
+    path = _sqlite_file(s.manifest)
+    if path is None or path.exists() or is_embedded_default(s):
+        return
+    raise UsageError(
+        f"manifest {db.redact(s.manifest)}: no such SQLite file ({path}); check the path, or "
+        f"create it with {db.upgrade_command(s.manifest)}"
+    )
 
 
 def _ctx(ctx: typer.Context) -> Context:
@@ -186,7 +245,8 @@ def db_current(ctx: typer.Context) -> None:
     """Show the manifest's schema revision and whether it is at head (exit 1 if not)."""
     from uploader.manifest import db
 
-    s = _ctx(ctx).settings()
+    s = _ctx(ctx).settings(create=False)
+    require_manifest(s)
     engine = db.create_manifest_engine(s.manifest)
     try:
         db.connect_check(engine)
@@ -194,7 +254,11 @@ def db_current(ctx: typer.Context) -> None:
     finally:
         engine.dispose()
     head = db.head_revision()
-    state = "at head" if current == head else f"behind head {head}: run `uploader db upgrade`"
+    state = (
+        "at head"
+        if current == head
+        else f"behind head {head}: run {db.upgrade_command(s.manifest)}"
+    )
     out.print(f"manifest {db.redact(s.manifest)}: revision {current or 'none'} ({state})")
     if current != head:
         raise typer.Exit(1)
@@ -220,6 +284,8 @@ def _stop_on_signals() -> Iterator[threading.Event]:
         stop.set()
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    if _EARLY_SIGNALS:  # arrived while the command was starting
+        handler(_EARLY_SIGNALS[-1], None)
     try:
         yield stop
     finally:
@@ -254,36 +320,242 @@ def ship(
     ] = "",
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
-    """Commit and seal files as segments, one shot: exit 0 when every one is verified."""
+    """Drive each file to verified (re-runnable): new files are shipped, sealed but unfinished
+    ones resumed, verified ones reported and skipped; exit 0 when every one is verified.
+
+    Ctrl-C stops taking new work and lets the parts in flight finish (exit 130); a second
+    Ctrl-C exits at once. What is left stays recorded for `uploader recover`."""
     for path in paths:
+        if path.is_dir():
+            raise UsageError(
+                f"{path}: is a directory; `uploader ship` takes segment files (e.g. "
+                f"{shlex.quote(str(path))}/*), `uploader watch {shlex.quote(str(path))}` tails "
+                "a directory"
+            )
         if not path.is_file():
             raise UsageError(f"{path}: no such file to ship")
-    results: list[dict[str, object]] = []
-    failed = 0
-    with ctx_store(ctx) as store, _progress(transfer=True) as progress:
-        total = sum(p.stat().st_size for p in paths)
-        task = progress.add_task("shipping", total=total)
-        futures = []
-        for path in paths:
-            key = key_prefix + path.name
-            futures.append((key, store.segment(key, path).seal()))
-        for key, fut in futures:
+    signals = _ShipSignals()
+    with signals.installed():
+        _ship(ctx, paths, key_prefix, json_output, signals)
+
+
+class _ShipSignals:
+    """SIGINT/SIGTERM during ``ship``: the first stops taking new work (the main loop sees
+    ``count``), the second exits at once (every manifest write is one transaction, so what is
+    recorded is consistent; what is pending stays pending)."""
+
+    def __init__(self) -> None:
+        self.count = len(_EARLY_SIGNALS)
+        #: Called by the first signal before it says so (``Store.stop_sending``: lock-free).
+        self.on_first: Callable[[], None] | None = None
+
+    def handler(self, signum: int, _frame: FrameType | None) -> None:
+        self.count += 1
+        if self.on_first is not None:
+            self.on_first()
+        if self.count >= 2:
+            os.write(
+                2,
+                b"interrupted again: exiting now; the manifest records what was done, "
+                b"`uploader recover` finishes what is pending\n",
+            )
+            os._exit(130)
+        os.write(
+            2,
+            b"interrupt: no new work is started; parts in flight finish and are recorded "
+            b"(interrupt again to exit at once)\n",
+        )
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+@dataclass
+class _Shipped:
+    key: str
+    path: Path
+    verified: bool = False
+    bytes: int | None = None
+    error: str | None = None
+    note: str = ""  # how it got there: shipped, resumed, already verified
+    state: str | None = None  # where it stands when not verified
+
+    def as_dict(self) -> dict[str, object]:
+        d: dict[str, object] = {"key": self.key, "verified": self.verified}
+        if self.verified:
+            d["bytes"] = self.bytes
+        else:
+            d["error"] = self.error
+            d["state"] = self.state
+        d["note"] = self.note
+        return d
+
+
+def _ship(
+    ctx: typer.Context,
+    paths: list[Path],
+    key_prefix: str,
+    json_output: bool,
+    signals: _ShipSignals,
+) -> None:
+    from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor
+    from concurrent.futures import wait as wait_futures
+
+    from uploader.errors import WorkInterruptedError
+    from uploader.recovery import SegmentOutcome
+    from uploader.states import SegmentState
+
+    entries = [_Shipped(key_prefix + p.name, p) for p in paths]
+    started: dict[Future[Any], _Shipped] = {}
+    interrupted = False
+    with (
+        ctx_store(ctx) as store,
+        ThreadPoolExecutor(max(1, store.concurrency), thread_name_prefix="uploader-ship") as ex,
+        _progress(transfer=True) as progress,
+    ):
+        s = _ctx(ctx).settings()
+        err.print(
+            f"shipping {len(paths)} file(s) to {settings.redact_url(s.remote)} "
+            f"(manifest {store.manifest.url})",
+            markup=False,
+        )
+        signals.on_first = store.stop_sending
+        if signals.count:
+            store.stop_sending()
+        task = progress.add_task("shipping", total=sum(p.stat().st_size for p in paths))
+        for e in entries:
+            if signals.count:
+                break
             try:
-                res = fut.result()
+                _ship_start(store, ex, e, started, json_output)
             except UploaderError as exc:
-                failed += 1
-                results.append({"key": key, "verified": False, "error": str(exc)})
-                err.print(f"[red]failed[/red] {key}: {exc}")
-                continue
-            progress.advance(task, res.committed)
-            results.append({"key": key, "verified": res.verified, "bytes": res.committed})
-            if not json_output:
-                out.print(f"verified {key} ({res.committed} bytes, {res.sent_bytes} sent)")
+                e.error = str(exc)
+                _ship_failed(store, e, json_output)
+        pending = set(started)
+        while pending:
+            if signals.count and not interrupted:
+                interrupted = True
+                store.interrupt()
+                for f in pending:
+                    f.cancel()
+            done, pending = wait_futures(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            for fut in done:
+                e = started[fut]
+                try:
+                    res = fut.result()
+                except CancelledError:
+                    e.error, e.state = "interrupted before it started", "not started"
+                    continue
+                except WorkInterruptedError as exc:
+                    e.error = f"{exc}; parts in flight were recorded"
+                except UploaderError as exc:
+                    e.error = str(exc)
+                else:
+                    if isinstance(res, SegmentOutcome):
+                        if res.after == SegmentState.VERIFIED.value and not res.lost:
+                            e.verified = True
+                        else:
+                            e.error = f"{res.after}: {res.detail}"
+                    else:
+                        e.verified, e.bytes = res.verified, res.committed
+                if e.verified:
+                    rec = store.manifest.segment(e.key)
+                    e.bytes = rec.size if rec is not None else e.bytes
+                    progress.advance(task, e.bytes or 0)
+                    if not json_output:
+                        out.print(f"verified {e.key} ({e.bytes} bytes, {e.note})")
+                else:
+                    _ship_failed(store, e, json_output)
+        if signals.count:
+            interrupted = True
+        for e in entries:
+            if not e.verified and e.state is None:
+                rec = store.manifest.segment(e.key)
+                e.state = rec.state.value if rec is not None else "not started"
+                if e.error is None:
+                    e.error = "interrupted before it started"
+    failed = [e for e in entries if not e.verified]
     if json_output:
-        _emit_json({"segments": results, "failed": failed})
-    elif failed:
-        err.print(f"{failed} segment(s) not verified; they stay pending: run `uploader recover`")
+        _emit_json(
+            {
+                "segments": [e.as_dict() for e in entries],
+                "failed": len(failed),
+                "interrupted": interrupted,
+            }
+        )
+    if interrupted:
+        _print_interrupted(entries)
+        raise typer.Exit(130)
+    if failed and not json_output:
+        err.print(f"{len(failed)} segment(s) not verified: see above")
     raise typer.Exit(1 if failed else 0)
+
+
+def _ship_failed(store: Store, e: _Shipped, json_output: bool) -> None:
+    """Where a file that is not verified stands, and what finishes it."""
+    if e.state is None:
+        rec = store.manifest.segment(e.key)
+        e.state = rec.state.value if rec is not None else "not started"
+    if not json_output:
+        err.print(f"not verified {e.key} ({e.state}): {e.error}", markup=False)
+
+
+def _print_interrupted(entries: list[_Shipped]) -> None:
+    verified = sum(e.verified for e in entries)
+    sealed = [e for e in entries if e.state in ("sealed", "uploaded")]
+    other = [e for e in entries if not e.verified and e.state not in ("sealed", "uploaded")]
+    line = f"interrupted: {verified} verified, {len(sealed)} unfinished; `uploader recover` finishes them"
+    if other:
+        line += (
+            f"; {len(other)} not sealed yet (open, not started or failed): run the same "
+            "`uploader ship` again"
+        )
+    err.print(line, markup=False)
+
+
+def _ship_start(
+    store: Store, ex: Any, e: _Shipped, started: dict[Any, _Shipped], json_output: bool
+) -> None:
+    """Start driving one file to verified, from wherever the manifest says it stands."""
+    from uploader.errors import KeyConflictError, SegmentFailedError
+    from uploader.states import SegmentState
+
+    rec = store.manifest.segment(e.key)
+    path = str(e.path.resolve())
+    if rec is not None and rec.path != path:
+        raise KeyConflictError(
+            f"segment key {e.key!r} is already registered for {rec.path!r}, not {path!r}; "
+            "choose another --key-prefix"
+        )
+    if rec is None or rec.state is SegmentState.OPEN:
+        e.note = "shipped" if rec is None else "sealed (it was open)"
+        started[store.segment(e.key, e.path).seal()] = e
+    elif rec.state is SegmentState.VERIFIED:
+        size = e.path.stat().st_size
+        if size != rec.size:
+            e.state = rec.state.value
+            raise UsageError(
+                f"segment {e.key!r} was verified at {rec.size} bytes but {e.path} now has "
+                f"{size}: a sealed segment takes no more bytes; ship them as a new segment"
+            )
+        e.verified, e.bytes, e.note = True, rec.size, "already verified; skipped"
+        if not json_output:
+            out.print(f"verified {e.key} ({rec.size} bytes, {e.note})")
+    elif rec.state is SegmentState.FAILED:
+        e.state = rec.state.value
+        raise SegmentFailedError(
+            f"segment {e.key!r} failed: {rec.reason}; fix the cause, then run "
+            f"`uploader retry {shlex.quote(e.key)}`"
+        )
+    else:  # sealed or uploaded: unfinished; the driver finishes it
+        e.note = f"resumed ({rec.state.value})"
+        started[ex.submit(store.finish, e.key)] = e
 
 
 @contextmanager
@@ -302,7 +574,7 @@ def ctx_store(ctx: typer.Context, **kwargs: Any) -> Iterator[Store]:
 def watch(
     ctx: typer.Context,
     directory: Annotated[Path, typer.Argument(help="Directory of rolling segment files")],
-    interval: Annotated[float, typer.Option(help="Seconds between passes")] = 1.0,
+    interval: Annotated[float, typer.Option(min=0.01, help="Seconds between passes")] = 1.0,
     segment_size: Annotated[
         int | None, typer.Option(help="Seal a segment once it reaches this many bytes")
     ] = None,
@@ -311,7 +583,7 @@ def watch(
         str | None, typer.Option(help="Key prefix (default: the directory's name and '/')")
     ] = None,
     recover_every: Annotated[
-        float, typer.Option(help="Seconds between recovery passes for unfinished seals")
+        float, typer.Option(min=0.01, help="Seconds between recovery passes for unfinished seals")
     ] = 30.0,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics")] = None,
     once: Annotated[bool, typer.Option(help="One pass, then exit")] = False,
@@ -412,7 +684,9 @@ def _print_report(report: RecoveryReport) -> None:
 def recover(
     ctx: typer.Context,
     loop: Annotated[bool, typer.Option(help="Keep running passes until SIGTERM/SIGINT")] = False,
-    interval: Annotated[float, typer.Option(help="Seconds between passes with --loop")] = 10.0,
+    interval: Annotated[
+        float, typer.Option(min=0.01, help="Seconds between passes with --loop")
+    ] = 10.0,
     worker: Annotated[
         str | None, typer.Option(help="Worker name (default host:pid:random)")
     ] = None,
@@ -446,8 +720,100 @@ def recover(
             if server is not None:
                 server.shutdown()
         status = store.status()
-    if not report.ok or status.failed:
+        leased = store.manifest.leased_unfinished(exclude_owner=store.worker)
+    if leased:
+        owners = sorted({_owner(o) for _, o, _ in leased})
+        until = max(e for _, _, e in leased)
+        err.print(
+            f"{len(leased)} unfinished, leased by {', '.join(owners)} until "
+            f"{until:%H:%M:%S} UTC (another process works on them, or a dead one's lease runs "
+            "out then); run `uploader recover` again after that",
+            markup=False,
+        )
+    if not report.ok or status.failed or leased:
         raise typer.Exit(1)
+
+
+def _owner(worker: str) -> str:
+    """``host:pid`` of a worker name ``host:pid:random``."""
+    return ":".join(worker.split(":")[:2])
+
+
+# --- retry ----------------------------------------------------------------------------------------
+
+
+def _who() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()} (pid {os.getpid()})"
+
+
+@app.command()
+def retry(
+    ctx: typer.Context,
+    keys: Annotated[list[str] | None, typer.Argument(help="Failed segments to retry")] = None,
+    all_failed: Annotated[
+        bool, typer.Option("--all-failed", help="Retry every failed segment")
+    ] = False,
+    reason: Annotated[
+        str, typer.Option(help="Why (what was fixed); recorded in the audit trail")
+    ] = "the cause was fixed",
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Bring failed segments back after the cause was fixed (file restored, bucket fixed):
+    audited (who, when, why), then driven again: every part is checked against what the remote
+    holds and every local byte against the recorded checksums. Exit 0 when all are verified."""
+    from uploader.states import SegmentState
+
+    if bool(keys) == all_failed:
+        raise UsageError("give the keys of failed segments, or --all-failed (not both)")
+    if not reason.strip():
+        raise UsageError("--reason must say what was fixed")
+    who = _who()
+    results: list[dict[str, object]] = []
+    bad = 0
+    with ctx_store(ctx) as store:
+        todo = store.manifest.failed_keys() if all_failed else list(keys or [])
+        if all_failed and not todo:
+            err.print("no failed segments")
+        for key in todo:
+            entry: dict[str, object] = {"key": key}
+            results.append(entry)
+            try:
+                seg = store.retry(key, who=who, why=reason)
+                entry["retried_to"] = seg.state.value
+                if seg.state is SegmentState.OPEN:
+                    # Never sealed: only its writer (or `uploader ship`) seals it; recovery
+                    # sends its pending parts meanwhile.
+                    outcome = store.finish(key)
+                    entry.update(state=outcome.after, detail=outcome.detail)
+                    bad += 1
+                    if not json_output:
+                        out.print(
+                            f"retried {key}: open again ({outcome.detail}); seal it with its "
+                            f"writer, or `uploader ship {shlex.quote(seg.path)}`"
+                        )
+                    continue
+                outcome = store.finish(key)
+                entry.update(state=outcome.after, detail=outcome.detail)
+                ok = outcome.after == SegmentState.VERIFIED.value and not outcome.lost
+                bad += not ok
+                if not json_output:
+                    verb = "verified" if ok else f"still {outcome.after}"
+                    out.print(f"retried {key}: {verb} ({outcome.detail})", markup=False)
+            except UploaderError as exc:
+                bad += 1
+                entry.update(error=str(exc))
+                if not json_output:
+                    err.print(f"retry of {key} refused: {exc}", markup=False)
+    if json_output:
+        _emit_json({"retried": results, "not_verified": bad, "who": who, "reason": reason})
+    raise typer.Exit(1 if bad else 0)
 
 
 # --- status ---------------------------------------------------------------------------------------
@@ -503,20 +869,42 @@ def status(
     stalled: an open segment of this node whose local file vanished or shrank)."""
     import dataclasses
 
+    from uploader.manifest import db
     from uploader.manifest.repo import Manifest, default_node
     from uploader.stalled import find_stalled
 
-    s = _ctx(ctx).settings()
-    m = Manifest.open(s.manifest)
-    try:
-        st = m.status()
-        st = dataclasses.replace(st, stalled=find_stalled(m, default_node()))
-    finally:
-        m.close()
-    if json_output:
-        _emit_json(_status_dict(st))
+    s = _ctx(ctx).settings(create=False)  # status reads: it creates nothing
+    if "://" not in s.remote:
+        raise UsageError(
+            f"remote {s.remote!r} has no scheme; use e.g. s3://bucket/prefix or file:///path"
+        )
+    require_manifest(s)
+    names = {"manifest": db.redact(s.manifest), "remote": settings.redact_url(s.remote)}
+    path = _sqlite_file(s.manifest)
+    if path is not None and not path.exists():  # the embedded default, not created yet
+        st = Status()
+        note = "no manifest yet (nothing shipped with it); `uploader ship` creates it"
     else:
-        print_status(st)
+        note = ""
+        m = Manifest.open(s.manifest)
+        try:
+            st = m.status()
+            st = dataclasses.replace(st, stalled=find_stalled(m, default_node()))
+        finally:
+            m.close()
+    if json_output:
+        _emit_json({**names, **_status_dict(st)})
+    else:
+        out.print(f"manifest {names['manifest']}; remote {names['remote']}", markup=False)
+        if note:
+            out.print(note)
+        else:
+            print_status(st)
+            if st.failed:
+                out.print(
+                    "once the cause is fixed: `uploader retry KEY...` (or `uploader retry "
+                    "--all-failed --reason TEXT`)"
+                )
     if st.failed or st.stalled or st.format_problems:
         raise typer.Exit(1)
 
@@ -538,7 +926,7 @@ def verify(
     loop: Annotated[
         bool, typer.Option(help="Scrub: keep checking, the longest unchecked first")
     ] = False,
-    interval: Annotated[float, typer.Option(help="Seconds between scrub passes")] = 60.0,
+    interval: Annotated[float, typer.Option(min=0.01, help="Seconds between scrub passes")] = 60.0,
     batch: Annotated[int, typer.Option(help="Segments per scrub pass")] = 1000,
     rate: Annotated[
         float | None, typer.Option(help="Bytes per second at most for --deep reads")
@@ -603,7 +991,7 @@ def sweep(
     ctx: typer.Context,
     dry_run: Annotated[bool, typer.Option(help="Only say what would be aborted")] = False,
     older_than: Annotated[
-        float, typer.Option(help="Leave orphans younger than this many seconds alone")
+        float, typer.Option(min=0.0, help="Leave orphans younger than this many seconds alone")
     ] = DEFAULT_SWEEP_AGE,
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
@@ -659,6 +1047,9 @@ def main(argv: list[str] | None = None) -> None:
             err.print_exception()
         err.print(f"error: {exc}", markup=False)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        sys.exit(130)
     except Exception as exc:
         if debug:
             raise

@@ -182,5 +182,12 @@ class VerificationError(UploaderError):
     """The remote object does not match the checksums of the local bytes."""
 
 
+class WorkInterruptedError(UploaderError):
+    """Work stopped on request (SIGINT): parts in flight finished and were recorded; nothing new
+    was started. What is left stays ``pending`` for ``uploader recover``."""
+
+    exit_code = 130
+
+
 class SegmentFailedError(UploaderError):
     """The segment is in the terminal ``failed`` state; the reason says why."""

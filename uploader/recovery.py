@@ -56,6 +56,7 @@ from uploader.errors import (
     StorageError,
     UploaderError,
     VerificationError,
+    WorkInterruptedError,
 )
 from uploader.leases import LeaseKeeper
 from uploader.manifest.repo import Manifest
@@ -259,6 +260,22 @@ def _fail_stalled(crew: Crew) -> list[SegmentOutcome]:
     return outcomes
 
 
+def resume_key(
+    crew: Crew, key: str, *, max_reuploads: int = DEFAULT_MAX_REUPLOADS
+) -> SegmentOutcome:
+    """Claim one segment by key (free or expired lease, else :class:`SegmentBusyError`) and
+    drive it as a recovery pass would: ``uploader ship`` of a sealed, unfinished segment and
+    ``uploader retry`` use it."""
+    lease = crew.manifest.acquire(key, crew.worker, crew.lease_seconds)
+    crew.keeper.hold(lease)
+    try:
+        seg = crew.manifest.segment_by_id(lease.segment_id)
+        return _resume(crew, lease, seg, max_reuploads, Counters())
+    finally:
+        with contextlib.suppress(UploaderError):
+            crew.keeper.release(lease.segment_id)
+
+
 def _resume(
     crew: Crew, lease: Lease, seg: SegmentRecord, max_reuploads: int, totals: Counters
 ) -> SegmentOutcome:
@@ -275,6 +292,8 @@ def _resume(
         detail = f"another worker took it over: {exc}"
         lost = True
         log.warning("%s", detail)
+    except WorkInterruptedError as exc:
+        detail = str(exc)  # parts in flight were recorded; the rest stays pending
     except (StorageError, VerificationError, ManifestError, LocalFileError) as exc:
         # Recorded on the segment by the driver (attempts, last error); a later pass retries.
         detail = str(exc)

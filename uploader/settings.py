@@ -104,8 +104,10 @@ def resolve(
     remote: str | None,
     storage_options: str | None,
     home: str | None = None,
+    create: bool = True,
 ) -> Settings:
-    """Options first, then ``UPLOADER_*`` variables, then the embedded defaults."""
+    """Options first, then ``UPLOADER_*`` variables, then the embedded defaults (the embedded
+    remote directory is created unless ``create`` is false: commands that only read)."""
     base = data_dir(home)
     manifest = manifest or os.environ.get("UPLOADER_MANIFEST") or default_manifest(base)
     remote = remote or os.environ.get("UPLOADER_REMOTE") or default_remote(base)
@@ -113,6 +115,6 @@ def resolve(
     if text is None:
         text = os.environ.get("UPLOADER_STORAGE_OPTIONS")
     options = parse_storage_options(text)
-    if remote == default_remote(base):
+    if create and remote == default_remote(base):
         (base / "remote").mkdir(parents=True, exist_ok=True)
     return Settings(manifest=manifest, remote=remote, storage_options=options, home=base)

@@ -6,6 +6,8 @@ Commit (one part of a segment's upload):
        |    <--    |     <--    |      (back to pending: the remote lost the part or the object)
        v           v            v
      failed      failed       failed
+       |                                (failed -> pending: a human fixed the cause; retried)
+       +--> pending
 
 Segment:
 
@@ -15,11 +17,16 @@ Segment:
       |        |  +-------------|--------+   verified -> sealed: the object drifted at the remote
       v        v            v            v
     failed   failed       failed       failed
+      |
+      +--> sealed (a seal was recorded) or open (never sealed): ``uploader retry``, after a
+           human fixed the cause; audited (who, when, why); the driver then learns again what
+           the remote holds (every part back to pending) and checks every local byte again.
 
 * ``pending``: the intent is durable; nothing sent yet, or the outcome is unknown.
 * ``uploaded``: the remote acknowledged; what it said (ETag) is stored.
 * ``verified``: the completed object was compared with checksums of the local bytes.
-* ``failed``: terminal, always with a reason.
+* ``failed``: terminal for the uploader, always with a reason; only an explicit retry (a human
+  who fixed the cause) leaves it.
 
 No commit reaches ``uploaded`` without passing ``pending`` first (intent before action), and nothing
 reaches ``verified`` without recorded checksums (see :func:`check_commit_transition`).
@@ -60,6 +67,8 @@ COMMIT_TRANSITIONS: frozenset[tuple[CommitState, CommitState]] = frozenset(
         # intact local bytes, or failed with the segment when those are gone too.
         (CommitState.VERIFIED, CommitState.PENDING),
         (CommitState.VERIFIED, CommitState.FAILED),
+        # A human fixed the cause and asked for a retry: the part's outcome is unknown again.
+        (CommitState.FAILED, CommitState.PENDING),
     }
 )
 
@@ -77,6 +86,10 @@ SEGMENT_TRANSITIONS: frozenset[tuple[SegmentState, SegmentState]] = frozenset(
         # gate): uploaded again while the local bytes still match, else failed.
         (SegmentState.VERIFIED, SegmentState.SEALED),
         (SegmentState.VERIFIED, SegmentState.FAILED),
+        # ``uploader retry`` (a human fixed the cause): back to sealed when the seal was recorded
+        # (size and checksums kept), else back to open for its writer to seal.
+        (SegmentState.FAILED, SegmentState.SEALED),
+        (SegmentState.FAILED, SegmentState.OPEN),
     }
 )
 
@@ -89,8 +102,10 @@ UNFINISHED_SEGMENT_STATES: frozenset[SegmentState] = frozenset(
 FINISHED_SEGMENT_STATES: frozenset[SegmentState] = frozenset(
     {SegmentState.VERIFIED, SegmentState.FAILED}
 )
-#: States with no way out.
+#: States the uploader never leaves by itself (only an explicit, audited retry does).
 TERMINAL_SEGMENT_STATES: frozenset[SegmentState] = frozenset({SegmentState.FAILED})
+#: Where a retried failed segment goes: sealed if its seal was recorded, else open.
+RETRY_SEGMENT_STATES: frozenset[SegmentState] = frozenset({SegmentState.SEALED, SegmentState.OPEN})
 
 
 def parse_commit_state(value: str) -> CommitState:

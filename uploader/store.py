@@ -730,6 +730,38 @@ class Store:
             self.crew, limit=limit, max_reuploads=max_reuploads, stop=stop, on_segment=on_segment
         )
 
+    def finish(self, key: str) -> recovery.SegmentOutcome:
+        """Drive the segment ``key`` as far as it goes now (recovery for one key): claim it
+        (:class:`SegmentBusyError` if another process holds it), drive, release."""
+        self._check_open()
+        return recovery.resume_key(self.crew, key)
+
+    def retry(self, key: str, *, who: str, why: str) -> SegmentRecord:
+        """A human fixed what made ``key`` fail: move it out of ``failed`` (audited: who, why);
+        see :meth:`Manifest.retry_failed`. Its local file's identity is re-recorded when the
+        file exists (a file restored from a copy); its bytes are still checked against the
+        recorded checksums before anything is verified. :meth:`finish` drives it."""
+        self._check_open()
+        seg = self.manifest.segment(key)
+        identity = None
+        if seg is not None and seg.node == self.node and os.path.isfile(seg.path):
+            identity = file_identity(seg.path)
+        return self.manifest.retry_failed(key, who=who, why=why, identity=identity)
+
+    def stop_sending(self) -> None:
+        """No new part starts from now on (parts in flight finish and are recorded). Takes no
+        lock of the store: safe to call from a signal handler."""
+        self.transport.stop.set()
+
+    def interrupt(self) -> None:
+        """Stop taking new work (SIGINT): jobs not started are cancelled, no new part starts,
+        parts in flight finish and are recorded. What is left stays recorded for recovery."""
+        self.stop_sending()
+        with self._state_lock:
+            pending = list(self._pending)
+        for fut in pending:
+            fut.cancel()
+
     def sweep(
         self,
         *,

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import crc32c as _crc32c
 
 from uploader.digest import Payload, crc32c_of, read_bytes, read_range, stat_file
-from uploader.errors import LocalFileError
+from uploader.errors import LocalFileError, WorkInterruptedError
 from uploader.records import CommitRecord, NewCommit, SegmentRecord
 from uploader.storage.base import PartRef, Storage
 
@@ -144,14 +144,27 @@ class Transport:
         self.storage = storage
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="uploader-part")
         self.slots = threading.BoundedSemaphore(concurrency)
+        #: Set by :meth:`Store.interrupt`: no new part starts; those in flight finish.
+        self.stop = threading.Event()
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)
 
     def in_slot(self, task: Callable[..., T], *args: Any) -> Future[T]:
-        """Take a slot, then run ``task`` on the pool; the slot is given back when it is done."""
+        """Take a slot, then run ``task`` on the pool; the slot is given back when it is done.
+
+        Once :attr:`stop` is set no new task starts (:class:`WorkInterruptedError`); the caller
+        waits for those already running, which record what the remote said."""
+        self._check_stop()
         self.slots.acquire()
+        if self.stop.is_set():
+            self.slots.release()
+            self._check_stop()
         return self.submit_held(task, *args)
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise WorkInterruptedError("interrupted: no new part is started")
 
     def submit_held(self, task: Callable[..., T], *args: Any) -> Future[T]:
         """Run ``task`` on the pool for a caller that already holds a slot (released when done,

@@ -65,6 +65,11 @@ def segment_files(directory: Path, pattern: str) -> list[Path]:
 
 def check_directory(directory: Path, pattern: str) -> None:
     """Refuse a missing directory, or one with files of which none looks like a segment."""
+    if directory.is_file():
+        raise UsageError(
+            f"{directory}: is a file; `uploader watch` tails a directory of rolling segments "
+            "(`uploader ship FILE` ships one file)"
+        )
     if not directory.is_dir():
         raise UsageError(f"{directory}: no such directory to watch")
     if segment_files(directory, pattern):

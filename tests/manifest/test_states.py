@@ -22,6 +22,7 @@ from uploader.manifest.models import (
 from uploader.states import (
     COMMIT_TRANSITIONS,
     FINISHED_SEGMENT_STATES,
+    RETRY_SEGMENT_STATES,
     SEGMENT_TRANSITIONS,
     TERMINAL_SEGMENT_STATES,
     UNFINISHED_SEGMENT_STATES,
@@ -43,6 +44,7 @@ COMMIT_ALLOWED = {
     ("uploaded", "pending"),  # the remote lost the part: the intent stays, the part is re-sent
     ("verified", "pending"),  # the verified object drifted at the remote: sent again
     ("verified", "failed"),  # drifted, and the local bytes are gone too
+    ("failed", "pending"),  # `uploader retry`: a human fixed the cause; sent again or reused
 }
 SEGMENT_ALLOWED = {
     ("open", "sealed"),
@@ -54,6 +56,8 @@ SEGMENT_ALLOWED = {
     ("uploaded", "sealed"),  # the completed object failed verification: upload it again
     ("verified", "sealed"),  # the verified object drifted at the remote: upload it again
     ("verified", "failed"),  # drifted, and the local bytes are gone too
+    ("failed", "sealed"),  # `uploader retry` of a segment whose seal was recorded
+    ("failed", "open"),  # `uploader retry` of a segment never sealed: its writer seals it
 }
 COMMIT_PAIRS = list(itertools.product([s.value for s in CommitState], repeat=2))
 SEGMENT_PAIRS = list(itertools.product([s.value for s in SegmentState], repeat=2))
@@ -108,20 +112,32 @@ def test_no_commit_transition_skips_pending() -> None:
                 continue
             with pytest.raises(InvalidStateError):
                 check_commit_transition(src, dst, has_etag=True, has_digest=True)
-    # The only ways back into pending: a part, or a verified object, the remote lost.
+    # The only ways back into pending: a part, or a verified object, the remote lost; or a
+    # failed part a human retried.
     into_pending = {a for a, b in COMMIT_TRANSITIONS if b is CommitState.PENDING}
-    assert into_pending == {CommitState.UPLOADED, CommitState.VERIFIED}
+    assert into_pending == {CommitState.UPLOADED, CommitState.VERIFIED, CommitState.FAILED}
 
 
-def test_terminal_states_have_no_way_out() -> None:
+def test_failed_is_left_only_by_a_retry() -> None:
+    """``failed`` is terminal for the uploader: the only ways out are the retry's (a failed part
+    back to ``pending``; a failed segment back to ``sealed`` or ``open``), never straight to
+    ``uploaded`` or ``verified``: the driver must learn and check everything again."""
     for dst in CommitState:
-        for src in (CommitState.FAILED,):
-            with pytest.raises(InvalidStateError):
-                check_commit_transition(src, dst, has_etag=True, reason="r")
+        if dst is CommitState.PENDING:
+            check_commit_transition(CommitState.FAILED, dst)
+            continue
+        with pytest.raises(InvalidStateError):
+            check_commit_transition(CommitState.FAILED, dst, has_etag=True, reason="r")
     for seg_dst in SegmentState:
         for seg_src in TERMINAL_SEGMENT_STATES:
+            if seg_dst in RETRY_SEGMENT_STATES:
+                check_segment_transition(seg_src, seg_dst, has_checksum=True)
+                continue
             with pytest.raises(InvalidStateError):
                 check_segment_transition(seg_src, seg_dst, reason="r")
+    assert {SegmentState.SEALED, SegmentState.OPEN} == RETRY_SEGMENT_STATES
+    with pytest.raises(InvalidStateError, match="size and checksum"):
+        check_segment_transition("failed", "sealed", has_checksum=False)
 
 
 def test_commit_uploaded_needs_the_etag() -> None:

@@ -219,8 +219,23 @@ def ensure_schema(engine: Engine, *, auto_upgrade: bool | None = None) -> None:
         return
     raise SchemaBehindError(
         f"manifest {redact(engine.url)} is at schema revision {current or 'none'} but this code "
-        f"needs {head}; run `uploader db upgrade --manifest {redact(engine.url)}`"
+        f"needs {head}; run {upgrade_command(engine.url)}"
     )
+
+
+def upgrade_command(url: str | URL) -> str:
+    """The command that creates or upgrades the manifest at ``url``, as it runs when pasted
+    (``--manifest`` is a global option: it comes before the command). A URL with a password is
+    not printed whole: the command then says where to put it."""
+    import shlex
+
+    parsed = parse_url(url)
+    if parsed.password is not None:
+        return (
+            f"`uploader --manifest URL db upgrade` (URL: {redact(parsed)}, with its password; "
+            "or UPLOADER_MANIFEST=URL)"
+        )
+    return f"`uploader --manifest {shlex.quote(redact(url))} db upgrade`"
 
 
 def default_manifest_url() -> str:

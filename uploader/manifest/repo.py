@@ -1530,6 +1530,120 @@ class Manifest:
                     reason,
                 )
 
+    def retry_failed(
+        self,
+        key: str,
+        *,
+        who: str,
+        why: str,
+        identity: tuple[int, int] | None = None,
+    ) -> SegmentRecord:
+        """A human fixed what made ``key`` fail: ``failed -> sealed`` when its seal was recorded
+        (size and checksums kept), else ``failed -> open``; every failed part back to
+        ``pending`` (the driver learns again what the remote holds, and checks every local byte
+        again against the recorded checksums before anything is verified).
+
+        Guarded: the row must still be ``failed`` with the fence read, and leased by nobody
+        (a live lease: :class:`SegmentBusyError`). The fence moves on, so a worker that failed it
+        can write nothing more. ``identity`` (device, inode) re-records the local file's identity
+        (a file restored from a copy is another inode; its bytes are still checked). Audit rows
+        name ``who`` and ``why``.
+        """
+        validate_key(key)
+        if not why.strip():
+            raise UsageError("a retry needs a reason (who fixed what)")
+        now = self.clock()
+        with self._begin() as conn:
+            row = conn.execute(select(S).where(S.c.key == key)).first()
+            if row is None:
+                raise UsageError(f"segment {key!r} is not in the manifest")
+            seg = _segment(row)
+            if seg.state is not SegmentState.FAILED:
+                raise InvalidStateError(
+                    f"segment {key!r} is {seg.state.value}, not failed: nothing to retry"
+                )
+            if (
+                seg.lease_owner is not None
+                and seg.lease_expires is not None
+                and (seg.lease_expires > now)
+            ):
+                raise SegmentBusyError(
+                    f"segment {key!r} is leased by {seg.lease_owner} until "
+                    f"{seg.lease_expires:%Y-%m-%d %H:%M:%S} UTC; retry once it is released"
+                )
+            sealed = seg.size is not None and seg.crc32c is not None
+            dst = SegmentState.SEALED if sealed else SegmentState.OPEN
+            check_segment_transition(SegmentState.FAILED, dst, has_checksum=sealed)
+            check_commit_transition(CommitState.FAILED, CommitState.PENDING)
+            values: dict[str, Any] = {
+                "state": dst.value,
+                "reason": None,
+                "last_error": _clip(f"retried after failure: {seg.reason or ''}"),
+                "object_etag": None,
+                "fence": S.c.fence + 1,
+                "lease_owner": None,
+                "lease_expires": None,
+                "updated_at": now,
+            }
+            detail = f"retry by {who}: {why} (it had failed: {seg.reason or 'no reason'})"
+            if identity is not None and identity != (seg.file_device, seg.file_inode):
+                values["file_device"], values["file_inode"] = identity
+                detail += (
+                    f"; local file identity re-recorded (inode {seg.file_inode} -> {identity[1]})"
+                )
+            res = conn.execute(
+                update(S)
+                .where(
+                    S.c.id == seg.id,
+                    S.c.state == SegmentState.FAILED.value,
+                    S.c.fence == seg.fence,
+                )
+                .values(**values)
+            )
+            if res.rowcount != 1:
+                actual = conn.execute(select(S.c.state).where(S.c.id == seg.id)).scalar()
+                raise StaleStateError(key, SegmentState.FAILED.value, actual)
+            fence = seg.fence + 1
+            events: list[EventRow_] = [(seg.id, None, "failed", dst.value, who, fence, detail)]
+            ids = (
+                conn.execute(
+                    update(C)
+                    .where(C.c.segment_id == seg.id, C.c.state == CommitState.FAILED.value)
+                    .values(state=CommitState.PENDING.value, etag=None, reason=None, updated_at=now)
+                    .returning(C.c.id)
+                )
+                .scalars()
+                .all()
+            )
+            events.extend(
+                (seg.id, cid, "failed", "pending", who, fence, f"retry by {who}: {why}")
+                for cid in sorted(ids)
+            )
+            self._events(conn, events)
+        return self.segment_by_id(seg.id)
+
+    def leased_unfinished(
+        self, *, exclude_owner: str | None = None
+    ) -> list[tuple[str, str, datetime]]:
+        """(key, lease owner, lease expiry) of unfinished segments another process holds now."""
+        now = self.clock()
+        q = select(S.c.key, S.c.lease_owner, S.c.lease_expires).where(
+            text(UNFINISHED_SEGMENTS_SQL), S.c.lease_owner.is_not(None), S.c.lease_expires > now
+        )
+        if exclude_owner is not None:
+            q = q.where(S.c.lease_owner != exclude_owner)
+        with self.engine.connect() as conn:
+            return [(k, o, e) for k, o, e in conn.execute(q.order_by(S.c.id))]
+
+    def failed_keys(self) -> list[str]:
+        """Every failed segment's key, in id order (``uploader retry --all-failed``)."""
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(S.c.key).where(S.c.state == SegmentState.FAILED.value).order_by(S.c.id)
+                ).scalars()
+            )
+
     # --- overview -----------------------------------------------------------------------------
 
     def status(self) -> Status:
