@@ -945,6 +945,8 @@ def verify(
         def count(check: verify_mod.Check) -> None:
             if metrics is not None:
                 metrics.verified_again(check.ok)
+                if check.state == "failed":  # remote object lost and local file gone
+                    metrics.failed("lost")
 
         try:
             if not loop:

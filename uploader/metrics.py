@@ -18,6 +18,7 @@ Series (all prefixed ``uploader_``):
 ``unverified_bytes``                gauge   bytes committed but not yet verified
 ``oldest_unverified_seconds``       gauge   age of the oldest unfinished segment (0 if none)
 ``unfinished_uploads``              gauge   multipart uploads under the remote root
+``stalled_segments``                gauge   open segments of this node whose local file vanished or shrank
 ==================================  ======  ==================================================
 """
 
@@ -114,6 +115,11 @@ class Metrics(Collector):
             "uploader_oldest_unverified_seconds",
             "Age of the oldest unfinished segment",
             value=status.oldest_unverified_age or 0.0,
+        )
+        yield GaugeMetricFamily(
+            "uploader_stalled_segments",
+            "Open segments of this node whose local file vanished or shrank",
+            value=len(status.stalled),
         )
         yield GaugeMetricFamily(
             "uploader_unfinished_uploads",

@@ -81,6 +81,10 @@ def test_same_key_for_another_path_is_refused(make_store: StoreFactory, tmp_path
         assert _rows(store) == before
         # The same path is idempotent.
         assert store.segment("log/k", a).key == "log/k"
+        # Within the store that holds the segment, the same error, not a plain UsageError.
+        with pytest.raises(KeyConflictError, match="log/k"):
+            store.segment("log/k", b)
+        assert _rows(store) == before
 
 
 def test_shrunk_file_is_refused_before_anything_is_recorded(

@@ -117,6 +117,9 @@ def test_metrics_endpoint_serves_the_series(home: Path, tmp_path: Path) -> None:
             "uploader_unverified_bytes",
             "uploader_oldest_unverified_seconds",
             "uploader_unfinished_uploads",
+            "uploader_stalled_segments 0.0",
+            "uploader_checked_total",
+            "uploader_drift_total",
         ):
             assert series in text, series
         uploaded = [
