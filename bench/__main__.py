@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench.common import MiB, Result, moto_server, save
 
-NAMES = ("seal", "small", "appends", "rss", "recovery", "resume", "kill", "check")
+NAMES = ("seal", "small", "appends", "rss", "recovery", "resume", "kill", "check", "watchkill")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.recovery_scale import bench_recovery_scale
     from bench.resume import bench_kill, bench_resume
     from bench.throughput import bench_appends, bench_seal, bench_small
+    from bench.watch_kill import bench_watch_kill
 
     results: list[Result] = []
     with moto_server() as endpoint:
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = bench_resume(endpoint)
             elif name == "check":
                 r = bench_local_check(size=(128 if quick else 1024) * MiB)
+            elif name == "watchkill":
+                r = bench_watch_kill(kills=5 if quick else 60, files=6 if quick else 40)
             else:
                 r = bench_kill(kills=20 if quick else args.kills)
             r.show()

@@ -16,7 +16,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from tests.cli.conftest import Run, uploader_cmd, uploader_env
+from tests.cli.conftest import uploader_cmd, uploader_env
 from tests.cli.test_watch import _wait_for
 from tests.conftest import TEST_MIN_PART_SIZE
 from tests.formats.producer import CommitLogProducer
@@ -47,17 +47,23 @@ def _committed_ends(db: Path) -> dict[str, int]:
     return {k.rsplit("/", 1)[1]: int(end) for k, end in rows}
 
 
-def test_watch_sigkilled_beside_a_live_commit_log_loses_nothing(
-    run: Run, home: Path, tmp_path: Path
-) -> None:
-    d = tmp_path / "store" / "commitlog"
-    producer = CommitLogProducer(d, file_size=FILE, seed=5, max_body=2500)
+def kill_watchers_beside_a_producer(
+    home: Path, d: Path, *, kills: int, files: int, file_size: int = FILE, part: int = PART
+) -> dict[str, float]:
+    """Run the producer and SIGKILL ``uploader watch --format rocketmq`` ``kills`` times, each
+    time it made progress; then seal, recover and compare. Raises AssertionError on any loss."""
+    producer = CommitLogProducer(d, file_size=file_size, seed=5, max_body=2500)
     stop = threading.Event()
     db = home / "manifest.db"
-    opts = ("--part-size", str(PART), "--min-part-size", str(PART), "--lease-seconds", "1")
+    opts = ("--part-size", str(part), "--min-part-size", str(part), "--lease-seconds", "1")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            uploader_cmd(*args), env=uploader_env(home), capture_output=True, text=True, timeout=120
+        )
 
     def produce() -> None:
-        while not stop.is_set() and len(producer.names) < 8:
+        while not stop.is_set() and len(producer.names) < files:
             for _ in range(20):
                 producer.write_one()
             stop.wait(0.01)  # a broker's pace, not a test's wait: the watcher races it
@@ -66,7 +72,7 @@ def test_watch_sigkilled_beside_a_live_commit_log_loses_nothing(
     writer.start()
     overrun: list[tuple[str, int, int]] = []
     try:
-        for _ in range(KILLS):
+        for _ in range(kills):
             seen = _events(db)
             proc = subprocess.Popen(
                 uploader_cmd(*opts, "watch", str(d), "--format", "rocketmq", "--interval", "0.05"),
@@ -92,14 +98,13 @@ def test_watch_sigkilled_beside_a_live_commit_log_loses_nothing(
     assert not overrun, overrun
     # A last watcher pass seals what rolled (it may wait out the killed one's 1 s leases), then
     # recovery finishes what a killed watcher sealed but could not verify.
-    names = producer.names
-    rolled = names[:-1]
+    rolled = producer.names[:-1]
 
     def all_sealed() -> bool:
         res = run(*opts, "watch", str(d), "--format", "rocketmq", "--once")
         assert res.returncode in (0, 1), res.stderr
         ends = _committed_ends(db)
-        return all(ends.get(n) == FILE for n in rolled)
+        return all(ends.get(n) == file_size for n in rolled)
 
     _wait_for(all_sealed, timeout=120)
 
@@ -115,11 +120,25 @@ def test_watch_sigkilled_beside_a_live_commit_log_loses_nothing(
 
     _wait_for(recovered, timeout=120)
     remote = home / "remote" / "commitlog"
+    records = 0
     for name in rolled:
         assert states()[f"commitlog/{name}"] == "verified", name
         data = (remote / name).read_bytes()
         assert data == (d / name).read_bytes(), name
-        assert RocketMQFormat().scan(str(remote / name), 0, rolled=True) == Scan(FILE, True, None)
+        whole = Scan(file_size, True, None)
+        assert RocketMQFormat().scan(str(remote / name), 0, rolled=True) == whole
         for offset, length in producer.records[name]:
             assert check_message(data[offset : offset + length]).ok, (name, offset)
-    assert len(rolled) >= 3
+            records += 1
+    return {
+        "watcher SIGKILLs": float(kills),
+        "rolled files verified and identical": float(len(rolled)),
+        "records checked on the remote copies": float(records),
+    }
+
+
+def test_watch_sigkilled_beside_a_live_commit_log_loses_nothing(home: Path, tmp_path: Path) -> None:
+    stats = kill_watchers_beside_a_producer(
+        home, tmp_path / "store" / "commitlog", kills=KILLS, files=8
+    )
+    assert stats["rolled files verified and identical"] >= 3
