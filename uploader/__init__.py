@@ -9,16 +9,20 @@ See ``docs/`` for the words, the states and the guarantees.
 """
 
 from uploader.errors import (
+    CorruptObjectError,
     LocalFileError,
     ManifestError,
     SegmentFailedError,
     SegmentSealedError,
     StorageError,
     StoreClosedError,
+    UnverifiedObjectError,
     UploaderError,
     UsageError,
     VerificationError,
 )
+from uploader.readback import ObjectReader, RangeRead
+from uploader.rebuild import RebuildReport
 from uploader.records import CommitRecord, Event, SegmentRecord, Status
 from uploader.recovery import RecoveryReport, SegmentOutcome, SweepReport
 from uploader.states import CommitState, SegmentState
@@ -30,9 +34,13 @@ __all__ = [
     "CommitRecord",
     "CommitResult",
     "CommitState",
+    "CorruptObjectError",
     "Event",
     "LocalFileError",
     "ManifestError",
+    "ObjectReader",
+    "RangeRead",
+    "RebuildReport",
     "RecoveryReport",
     "Segment",
     "SegmentFailedError",
@@ -45,6 +53,7 @@ __all__ = [
     "Store",
     "StoreClosedError",
     "SweepReport",
+    "UnverifiedObjectError",
     "UploadFuture",
     "UploaderError",
     "UsageError",

@@ -20,6 +20,10 @@ Segment:
 * ``uploaded``: the remote acknowledged; what it said (ETag) is stored.
 * ``verified``: the completed object was compared with checksums of the local bytes.
 * ``failed``: terminal, always with a reason.
+* ``unknown`` (segments only): *unknown origin*. An object found under the root by
+  ``store.rebuild()`` whose metadata cannot vouch for it (none, malformed, or not matching the
+  object's size and ETag). Born so by a rebuild, never by a transition, with no way out: never
+  deletable (nothing local is known to match it), never touched by recovery, counted by status.
 
 No commit reaches ``uploaded`` without passing ``pending`` first (intent before action), and nothing
 reaches ``verified`` without recorded checksums (see :func:`check_commit_transition`).
@@ -45,6 +49,7 @@ class SegmentState(StrEnum):
     UPLOADED = "uploaded"
     VERIFIED = "verified"
     FAILED = "failed"
+    UNKNOWN = "unknown"
 
 
 COMMIT_TRANSITIONS: frozenset[tuple[CommitState, CommitState]] = frozenset(
@@ -87,10 +92,12 @@ UNFINISHED_SEGMENT_STATES: frozenset[SegmentState] = frozenset(
 #: Segment states a recovery worker leaves alone (a verified one leaves ``verified`` only when
 #: its object is found drifted at the remote).
 FINISHED_SEGMENT_STATES: frozenset[SegmentState] = frozenset(
-    {SegmentState.VERIFIED, SegmentState.FAILED}
+    {SegmentState.VERIFIED, SegmentState.FAILED, SegmentState.UNKNOWN}
 )
 #: States with no way out.
-TERMINAL_SEGMENT_STATES: frozenset[SegmentState] = frozenset({SegmentState.FAILED})
+TERMINAL_SEGMENT_STATES: frozenset[SegmentState] = frozenset(
+    {SegmentState.FAILED, SegmentState.UNKNOWN}
+)
 
 
 def parse_commit_state(value: str) -> CommitState:
