@@ -72,7 +72,8 @@ def test_read_back_whole_and_by_ranges(make_store: StoreFactory, tmp_path: Path)
                 covered = [
                     (n * PART, min((n + 1) * PART, len(data)))
                     for n in range(len(data) // PART + 1)
-                    if start <= n * PART and min((n + 1) * PART, len(data)) <= end
+                    if start <= n * PART
+                    and min((n + 1) * PART, len(data)) <= end
                     and n * PART < len(data)
                 ]
                 assert list(rr.checked_parts) == [s // PART + 1 for s, _ in covered]
