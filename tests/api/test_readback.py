@@ -257,3 +257,26 @@ def test_rebuild_into_a_partial_manifest_compares(
     [event] = store.manifest.events(b.id)
     assert event.from_state == event.to_state == "verified"
     assert event.detail is not None and "crc32c" in event.detail
+
+
+def test_rebuild_refuses_metadata_that_does_not_match_the_bytes(
+    make_store: StoreFactory, remote: Remote, manifest_url: str, tmp_path: Path
+) -> None:
+    """Metadata copied onto other bytes (same size) does not vouch for them: unknown origin."""
+    if not remote[0].startswith("s3://"):
+        pytest.skip("forging metadata needs S3 user metadata; staged metadata is identity-bound")
+    store = make_store()
+    data = random.Random(9).randbytes(1000)
+    _ship(store, tmp_path, "forged/0", data)
+    found = store.storage.head_metadata("forged/0")
+    assert found is not None
+    _info, md = found
+    assert md["uploader-format"] == "1" and "uploader-parts" in md
+    store.close()
+    url, options = remote
+    fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
+    fs.pipe_file(f"{root.rstrip('/')}/forged/0", bytes(1000), Metadata=md)
+    _wipe(manifest_url)
+    store = make_store()
+    [obj] = store.rebuild().objects
+    assert obj.outcome == "unknown" and "ETag" in obj.detail, obj
