@@ -11,16 +11,20 @@ See ``docs/`` for the words, the states and the guarantees.
 from typing import TYPE_CHECKING, Any
 
 from uploader.errors import (
+    CorruptObjectError,
     LocalFileError,
     ManifestError,
     SegmentFailedError,
     SegmentSealedError,
     StorageError,
     StoreClosedError,
+    UnverifiedObjectError,
     UploaderError,
     UsageError,
     VerificationError,
 )
+from uploader.readback import ObjectReader, RangeRead
+from uploader.rebuild import RebuildReport
 from uploader.records import CommitRecord, Event, SegmentRecord, Status
 from uploader.states import CommitState, SegmentState
 
@@ -59,9 +63,13 @@ __all__ = [
     "CommitRecord",
     "CommitResult",
     "CommitState",
+    "CorruptObjectError",
     "Event",
     "LocalFileError",
     "ManifestError",
+    "ObjectReader",
+    "RangeRead",
+    "RebuildReport",
     "RecoveryReport",
     "Segment",
     "SegmentFailedError",
@@ -74,6 +82,7 @@ __all__ = [
     "Store",
     "StoreClosedError",
     "SweepReport",
+    "UnverifiedObjectError",
     "UploadFuture",
     "UploaderError",
     "UsageError",

@@ -63,10 +63,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from uploader import restore as restore_mod
 from uploader import settings
 from uploader import verify as verify_mod
 from uploader.errors import UploaderError, UsageError
 from uploader.manifest.repo import DEFAULT_LEASE_SECONDS
+from uploader.rebuild import RebuiltObject
 from uploader.records import Status
 from uploader.recovery import DEFAULT_SWEEP_AGE, RecoveryReport
 from uploader.states import UNFINISHED_SEGMENT_STATES
@@ -829,6 +831,7 @@ def _status_dict(status: Status) -> dict[str, object]:
         "failed": [{"key": k, "reason": r} for k, r in status.failed],
         "stalled": [{"key": k, "why": w} for k, w in status.stalled],
         "errors": [{"key": k, "last_error": e} for k, e in status.errors],
+        "unknown": [{"key": k, "reason": r} for k, r in status.unknown],
         "all_verified": status.all_verified,
     }
 
@@ -839,7 +842,7 @@ def print_status(status: Status, console: Console = out) -> None:
     table.add_column("segments", justify="right")
     table.add_column("commits", justify="right")
     table.add_column("commit bytes", justify="right")
-    for state in ("open", "sealed", "uploaded", "verified", "failed", "pending"):
+    for state in ("open", "sealed", "uploaded", "verified", "failed", "unknown", "pending"):
         table.add_row(
             state,
             str(status.segments.get(state, "")),
@@ -858,6 +861,8 @@ def print_status(status: Status, console: Console = out) -> None:
         console.print(f"stalled: {why} (segment {key})")
     for key, error in status.errors:
         console.print(f"unfinished {key}: last error: {error}")
+    for key, reason in status.unknown:
+        console.print(f"unknown origin {key}: {reason}")
 
 
 @app.command()
@@ -866,7 +871,8 @@ def status(
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Counts per state, unverified bytes, oldest unverified age (exit 1 if anything failed or is
-    stalled: an open segment of this node whose local file vanished or shrank)."""
+    stalled: an open segment of this node whose local file vanished or shrank, or an object of
+    unknown origin was found by a rebuild)."""
     import dataclasses
 
     from uploader.manifest import db
@@ -905,7 +911,7 @@ def status(
                     "once the cause is fixed: `uploader retry KEY...` (or `uploader retry "
                     "--all-failed --reason TEXT`)"
                 )
-    if st.failed or st.stalled or st.format_problems:
+    if st.failed or st.stalled or st.format_problems or st.unknown:
         raise typer.Exit(1)
 
 
@@ -1032,6 +1038,131 @@ def demo(
 
     ok = run_demo(out, directory)
     raise typer.Exit(0 if ok else 1)
+
+
+# --- reading back: get, restore, rebuild --------------------------------------------------------
+
+READ_CHUNK = 4 * 1024 * 1024
+
+
+@app.command()
+def get(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="Segment key to read back")],
+    dest: Annotated[
+        str | None, typer.Argument(help="Where to write it; '-' for stdout (default: its name)")
+    ] = None,
+    allow_unverified: Annotated[
+        bool, typer.Option(help="Read a segment that is not verified (nothing vouches for it)")
+    ] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Read one object back, every whole part checked against the manifest."""
+    target = dest if dest is not None else key.rsplit("/", 1)[-1]
+    with ctx_store(ctx) as store:
+        src = store.open_read(key, allow_unverified=allow_unverified)
+        with src:
+            if target == "-":
+                sink = sys.stdout.buffer
+                while block := src.read(READ_CHUNK):
+                    sink.write(block)
+                sink.flush()
+            else:
+                path = os.path.abspath(target)
+                if os.path.isdir(path):
+                    raise UsageError(f"{target}: is a directory; name the file to write")
+                tmp = os.path.join(
+                    os.path.dirname(path), f".{os.path.basename(path)}.uploader-part"
+                )
+                try:
+                    with open(tmp, "wb") as f:
+                        while block := src.read(READ_CHUNK):
+                            f.write(block)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, path)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+            unchecked = src.unchecked_bytes
+            size = src.size
+    if target != "-":
+        if json_output:
+            _emit_json({"key": key, "path": target, "bytes": size, "unchecked_bytes": unchecked})
+        else:
+            out.print(
+                f"wrote {key} to {target} ({size} bytes, every part checked)"
+                if not unchecked
+                else f"wrote {key} to {target} ({size} bytes, {unchecked} of them unchecked)"
+            )
+
+
+@app.command()
+def restore(
+    ctx: typer.Context,
+    directory: Annotated[Path, typer.Argument(help="Directory to restore into (DIR/<key>)")],
+    prefix: Annotated[str, typer.Option(help="Only keys starting with this")] = "",
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Restore verified segments into DIR: parallel, checked, resumable (present files skipped)."""
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{directory}: not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = threading.Lock()
+    with ctx_store(ctx) as store, _progress() as progress:
+        task = progress.add_task("restoring", total=None)
+
+        def on_file(f: restore_mod.RestoredFile) -> None:
+            with lock:
+                progress.advance(task)
+                if f.outcome == restore_mod.FAILED:
+                    err.print(f"[red]failed[/red] {f.key}: {f.detail}")
+                elif not json_output:
+                    out.print(f"{f.outcome} {f.key} ({f.size} bytes)")
+
+        report = restore_mod.restore(
+            store, str(directory), prefix=prefix, concurrency=store.concurrency, on_file=on_file
+        )
+    if json_output:
+        _emit_json(report.as_dict())
+    else:
+        out.print(
+            f"restored {report.count('restored')}, skipped {report.count('skipped')} already "
+            f"present, failed {report.count('failed')}"
+        )
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def rebuild(
+    ctx: typer.Context,
+    prefix: Annotated[str, typer.Option(help="Only objects whose key starts with this")] = "",
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Recreate manifest rows from the objects' metadata (the manifest was lost).
+
+    Exit 1 if an object is of unknown origin or disagrees with a row already present.
+    """
+    lock = threading.Lock()
+    with ctx_store(ctx) as store, _progress() as progress:
+        task = progress.add_task("rebuilding", total=None)
+
+        def on_object(o: RebuiltObject) -> None:
+            with lock:
+                progress.advance(task)
+                if not json_output and o.outcome != "matched":
+                    out.print(f"{o.outcome} {o.key}: {o.detail}")
+
+        report = store.rebuild(prefix=prefix, on_object=on_object)
+    if json_output:
+        _emit_json(report.as_dict())
+    else:
+        d = report.as_dict()
+        out.print(
+            f"created {d['created']} verified, {d['unknown']} of unknown origin; "
+            f"{d['matched']} already present and matching, {d['differs']} differing"
+        )
+    raise typer.Exit(0 if report.ok else 1)
 
 
 # --- entry point ----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from uploader import plan
+from uploader import objectmeta, plan
 from uploader.digest import Payload, checksum, normalize_etag
 from uploader.errors import (
     LeaseLostError,
@@ -270,7 +270,7 @@ class Driver:
         elif act is Act.UNSEND_PARTS:
             self.manifest.parts_unsent(lease, step.commits, step.reason)
         elif act is Act.START_UPLOAD:
-            self.start_upload(lease, seg)
+            self.start_upload(lease, seg, commits)
             learned.parts_known, learned.parts = True, {}
         elif act is Act.SEND:
             assert seg.upload_id is not None
@@ -330,10 +330,16 @@ class Driver:
             self._record_error(lease, f"{what}: {exc}")
             raise
 
-    def start_upload(self, lease: Lease, seg: SegmentRecord) -> SegmentRecord:
+    def start_upload(
+        self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord] = ()
+    ) -> SegmentRecord:
         """Start the segment's multipart upload and record its id (before any part is sent);
-        returns the segment's row as written."""
-        upload_id = self._remote(lease, "start_upload", lambda: self.storage.start_upload(seg.key))
+        returns the segment's row as written. The object's metadata says what is known now (all
+        of the seal's checksums only if the seal is recorded: see :mod:`uploader.objectmeta`)."""
+        metadata = objectmeta.object_metadata(seg, commits)
+        upload_id = self._remote(
+            lease, "start_upload", lambda: self.storage.start_upload(seg.key, metadata=metadata)
+        )
         # Started before it is recorded: a crash in between leaves an unreferenced upload, which
         # the sweep aborts (invariant 9); recording first would need an id we do not have yet.
         return self.manifest.set_upload(lease, upload_id, "multipart")
@@ -405,11 +411,14 @@ class Driver:
         counters: Counters,
     ) -> None:
         payload = learned.fresh.pop(commit.id, None)
+        metadata = objectmeta.object_metadata(seg, [commit])
+        if not objectmeta.metadata_complete(metadata) and seg.expected_etag is not None:
+            self._write_record(lease, seg, [commit])  # did not fit S3's 2 KB of metadata
         with self.transport.slots:
             if payload is None:
                 payload = read_checked(seg.path, commit, seg.key)
             try:
-                info = self.storage.put(seg.key, payload)
+                info = self.storage.put(seg.key, payload, metadata=metadata)
             except ObjectExistsError:
                 self._look(lease, seg, learned)  # an object is there already: learn which
                 return
@@ -430,6 +439,9 @@ class Driver:
     ) -> None:
         assert seg.upload_id is not None
         parts = [PartRef(number=c.part_number, etag=c.etag or "", size=c.size) for c in commits]
+        # The segment's full record, for a rebuild of a lost manifest, before the object exists:
+        # named by the ETag the object will have, so it describes exactly those bytes.
+        self._write_record(lease, seg, commits)
         try:
             info = self.storage.complete(seg.key, seg.upload_id, parts, plan.expected(seg))
         except NoSuchUploadError:
@@ -446,6 +458,14 @@ class Driver:
         self.manifest.segment_uploaded(lease, etag)
         # The backends learn the object's size and ETag after completing (S3: a HEAD).
         learned.obj, learned.object_known = info, True
+
+    def _write_record(
+        self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord]
+    ) -> None:
+        assert seg.expected_etag is not None
+        name = objectmeta.record_name(seg.key, seg.expected_etag)
+        body = objectmeta.record_json(seg, commits)
+        self._remote(lease, "record sidecar", lambda: self.storage.write_hidden(name, body))
 
     def _look(self, lease: Lease, seg: SegmentRecord, learned: _Learned) -> None:
         learned.object_changed()

@@ -189,5 +189,24 @@ class WorkInterruptedError(UploaderError):
     exit_code = 130
 
 
+class CorruptObjectError(VerificationError):
+    """Bytes read back from the remote differ from what the manifest recorded for them."""
+
+    def __init__(self, key: str, part: int, start: int, end: int, detail: str = "") -> None:
+        self.key = key
+        self.part = part
+        self.start = start
+        self.end = end
+        super().__init__(
+            f"object {key!r}: part {part}, bytes [{start}, {end}), differs from the manifest"
+            f"{': ' + detail if detail else ''}; the remote copy is damaged (the local file, if "
+            "it still exists, or another replica is needed)"
+        )
+
+
+class UnverifiedObjectError(VerificationError):
+    """A read of an object the manifest does not record as ``verified`` was refused."""
+
+
 class SegmentFailedError(UploaderError):
     """The segment is in the terminal ``failed`` state; the reason says why."""

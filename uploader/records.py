@@ -115,6 +115,8 @@ class Status:
     unverified_bytes: int = 0
     oldest_unverified_age: float | None = None  # seconds
     failed: tuple[tuple[str, str], ...] = ()  # (key, reason)
+    #: (key, reason) of objects of unknown origin found by a rebuild (never deletable).
+    unknown: tuple[tuple[str, str], ...] = ()
     #: (key, why) of open segments whose local file vanished or shrank below the committed end:
     #: filled by whoever can stat this node's files (``Store.status``, ``uploader status``).
     stalled: tuple[tuple[str, str], ...] = ()

@@ -27,6 +27,10 @@ Segment:
 * ``verified``: the completed object was compared with checksums of the local bytes.
 * ``failed``: terminal for the uploader, always with a reason; only an explicit retry (a human
   who fixed the cause) leaves it.
+* ``unknown`` (segments only): *unknown origin*. An object found under the root by
+  ``store.rebuild()`` whose metadata cannot vouch for it (none, malformed, or not matching the
+  object's size and ETag). Born so by a rebuild, never by a transition, with no way out: never
+  deletable (nothing local is known to match it), never touched by recovery, counted by status.
 
 No commit reaches ``uploaded`` without passing ``pending`` first (intent before action), and nothing
 reaches ``verified`` without recorded checksums (see :func:`check_commit_transition`).
@@ -52,6 +56,7 @@ class SegmentState(StrEnum):
     UPLOADED = "uploaded"
     VERIFIED = "verified"
     FAILED = "failed"
+    UNKNOWN = "unknown"
 
 
 COMMIT_TRANSITIONS: frozenset[tuple[CommitState, CommitState]] = frozenset(
@@ -100,10 +105,13 @@ UNFINISHED_SEGMENT_STATES: frozenset[SegmentState] = frozenset(
 #: Segment states a recovery worker leaves alone (a verified one leaves ``verified`` only when
 #: its object is found drifted at the remote).
 FINISHED_SEGMENT_STATES: frozenset[SegmentState] = frozenset(
-    {SegmentState.VERIFIED, SegmentState.FAILED}
+    {SegmentState.VERIFIED, SegmentState.FAILED, SegmentState.UNKNOWN}
 )
-#: States the uploader never leaves by itself (only an explicit, audited retry does).
-TERMINAL_SEGMENT_STATES: frozenset[SegmentState] = frozenset({SegmentState.FAILED})
+#: States the uploader never leaves by itself (``failed``: only an explicit, audited retry
+#: does; ``unknown``: nothing does).
+TERMINAL_SEGMENT_STATES: frozenset[SegmentState] = frozenset(
+    {SegmentState.FAILED, SegmentState.UNKNOWN}
+)
 #: Where a retried failed segment goes: sealed if its seal was recorded, else open.
 RETRY_SEGMENT_STATES: frozenset[SegmentState] = frozenset({SegmentState.SEALED, SegmentState.OPEN})
 

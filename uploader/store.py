@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
-from uploader import recovery
+from uploader import readback, recovery
+from uploader import rebuild as rebuild_mod
 from uploader import verify as verify_mod
 from uploader.digest import Payload, combine_crcs, file_size, multipart_etag, read_range
 from uploader.driver import DEFAULT_MAX_REUPLOADS, Driver, DriveResult
@@ -32,6 +33,7 @@ from uploader.errors import (
     SegmentFailedError,
     SegmentSealedError,
     StoreClosedError,
+    UnverifiedObjectError,
     UsageError,
     VerificationError,
 )
@@ -712,6 +714,69 @@ class Store:
         if seg is None:
             raise UsageError(f"segment {key!r} is not in the manifest")
         return self.driver.check_object(seg, self.manifest.commits(seg.id), deep=deep)
+
+    # --- reading back and rebuilding -------------------------------------------------------
+
+    def _readable(self, key: str, allow_unverified: bool) -> tuple[int, list[readback.Window]]:
+        """The object's size and its windows (recorded parts), after the manifest's consent."""
+        self._check_open()
+        seg = self.manifest.segment(key)
+        if seg is None:
+            raise UsageError(f"segment {key!r} is not in the manifest {self.manifest.url}")
+        if seg.state is not SegmentState.VERIFIED and not allow_unverified:
+            raise UnverifiedObjectError(
+                f"segment {key!r} is {seg.state.value}, not verified: its object is not known to "
+                "hold the segment's bytes; reading it is refused (allow_unverified=True, "
+                "`uploader get --allow-unverified`, reads it anyway)"
+            )
+        info = self.storage.head(key)
+        if info is None:
+            raise VerificationError(
+                f"segment {key!r} ({seg.state.value}): no object at the key under {self.storage.url}"
+            )
+        if seg.size is not None and info.size != seg.size:
+            raise VerificationError(
+                f"segment {key!r}: the object has {info.size} bytes, the manifest records "
+                f"{seg.size}; it is not the object that was verified"
+            )
+        commits = [] if seg.state is SegmentState.UNKNOWN else self.manifest.commits(seg.id)
+        return info.size, readback.windows(info.size, seg.part_size, commits)
+
+    def open_read(self, key: str, *, allow_unverified: bool = False) -> readback.ObjectReader:
+        """A seekable binary file over the object of ``key``, streamed in part-sized windows,
+        each whole part's CRC32C checked against the manifest before its bytes are returned
+        (:class:`~uploader.errors.CorruptObjectError` names the part). A segment that is not
+        ``verified`` is refused unless ``allow_unverified``."""
+        size, windows = self._readable(key, allow_unverified)
+        return readback.ObjectReader(self.storage, key, size, windows)
+
+    def read(
+        self, key: str, start: int, end: int, *, allow_unverified: bool = False
+    ) -> readback.RangeRead:
+        """Bytes ``[start, end)`` of ``key``'s object; every part the range covers completely is
+        checked, and ``unchecked`` names the byte ranges no part could check."""
+        size, windows = self._readable(key, allow_unverified)
+        return readback.read_range(self.storage, key, size, windows, start, end)
+
+    def rebuild(
+        self,
+        *,
+        prefix: str = "",
+        on_object: Callable[[rebuild_mod.RebuiltObject], None] | None = None,
+    ) -> rebuild_mod.RebuildReport:
+        """Recreate rows from the objects under ``prefix`` (see :mod:`uploader.rebuild`):
+        ``verified`` ones from the objects' metadata, ``unknown`` (unknown origin) for the
+        others; rows already present are compared, never overwritten."""
+        self._check_open()
+        return rebuild_mod.rebuild(
+            self.manifest,
+            self.storage,
+            prefix=prefix,
+            worker=self.worker,
+            part_size=self.part_size,
+            concurrency=self.concurrency,
+            on_object=on_object,
+        )
 
     def recover(
         self,

@@ -49,11 +49,11 @@ class IntentChecker(ObservingStorage):
         self._assert_intent(number, payload)
         return super().upload_part(key, upload_id, number, payload)
 
-    def put(self, key: str, payload: Payload) -> ObjectInfo:
+    def put(self, key: str, payload: Payload, metadata: Any = None) -> ObjectInfo:
         self._assert_intent(1, payload)
         seg = self.observer.segment(self.key)
         assert seg is not None and seg.state is uploader.SegmentState.SEALED
-        return super().put(key, payload)
+        return super().put(key, payload, metadata)
 
 
 @pytest.mark.parametrize("size", [5, 3 * PART + 7])
@@ -137,17 +137,17 @@ class SealChecker(ObservingStorage):
         assert seg.size is not None and seg.expected_etag is not None
         self.calls.append(op)
 
-    def start_upload(self, key: str) -> str:
+    def start_upload(self, key: str, metadata: Any = None) -> str:
         self._assert_sealed("start_upload")
-        return super().start_upload(key)
+        return super().start_upload(key, metadata)
 
     def upload_part(self, key: str, upload_id: str, number: int, payload: Payload) -> PartRef:
         self._assert_sealed("upload_part")
         return super().upload_part(key, upload_id, number, payload)
 
-    def put(self, key: str, payload: Payload) -> ObjectInfo:
+    def put(self, key: str, payload: Payload, metadata: Any = None) -> ObjectInfo:
         self._assert_sealed("put")
-        return super().put(key, payload)
+        return super().put(key, payload, metadata)
 
 
 @pytest.mark.parametrize("size", [7, 5 * PART + 3])

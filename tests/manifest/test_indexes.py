@@ -269,7 +269,14 @@ def test_status_counts_bytes_and_oldest_age(manifest: Manifest) -> None:
 
     clock.at(300)
     st = m.status()
-    assert st.segments == {"open": 2, "sealed": 1, "uploaded": 0, "verified": 1, "failed": 1}
+    assert st.segments == {
+        "open": 2,
+        "sealed": 1,
+        "uploaded": 0,
+        "verified": 1,
+        "failed": 1,
+        "unknown": 0,
+    }
     assert st.commits == {"pending": 2, "uploaded": 1, "verified": 2, "failed": 1}
     assert st.commit_bytes == {"pending": 10, "uploaded": 4, "verified": 6, "failed": 4}
     assert st.unverified_bytes == 14

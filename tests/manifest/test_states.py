@@ -71,7 +71,14 @@ def _check_commit(src: str | CommitState, dst: str | CommitState) -> None:
 
 def test_state_names_are_the_contracts() -> None:
     assert [s.value for s in CommitState] == ["pending", "uploaded", "verified", "failed"]
-    assert [s.value for s in SegmentState] == ["open", "sealed", "uploaded", "verified", "failed"]
+    assert [s.value for s in SegmentState] == [
+        "open",
+        "sealed",
+        "uploaded",
+        "verified",
+        "failed",
+        "unknown",  # unknown origin: born by a rebuild, no transition in or out
+    ]
 
 
 def test_transition_tables_are_exactly_the_contracts() -> None:
@@ -220,7 +227,8 @@ def test_unfinished_states_match_the_sql_predicates() -> None:
     assert f"state IN ({quoted})" == UNFINISHED_SEGMENTS_SQL
     assert {s.value for s in UNFINISHED_SEGMENT_STATES} == {"open", "sealed", "uploaded"}
     assert set(SegmentState) == UNFINISHED_SEGMENT_STATES | FINISHED_SEGMENT_STATES
-    assert {SegmentState.FAILED} == TERMINAL_SEGMENT_STATES
+    assert {SegmentState.FAILED, SegmentState.UNKNOWN} == TERMINAL_SEGMENT_STATES
+    assert not any(SegmentState.UNKNOWN in pair for pair in SEGMENT_TRANSITIONS)
     assert not UNFINISHED_SEGMENT_STATES & TERMINAL_SEGMENT_STATES
     assert UNFINISHED_COMMITS_SQL == "state IN ('pending', 'uploaded')"
     for state in SegmentState:

@@ -48,6 +48,13 @@ SEGMENT_STATES_SQL = _in("state", [s.value for s in SegmentState])
 COMMIT_STATES_SQL = _in("state", [s.value for s in CommitState])
 #: The exact predicate of the partial index on unfinished segments; queries repeat it verbatim so
 #: that SQLite's planner can prove they imply it.
+#: A segment past ``open`` has its size and checksums, but for ``failed`` and ``unknown`` (an
+#: object of unknown origin found by a rebuild: its checksums are what nobody knows).
+SEALED_CHECKSUM_SQL = (
+    "state IN ('open', 'failed', 'unknown') OR (size IS NOT NULL AND crc32c IS NOT NULL "
+    "AND expected_etag IS NOT NULL)"
+)
+UNKNOWN_REASON_SQL = "state <> 'unknown' OR reason IS NOT NULL"
 UNFINISHED_SEGMENTS_SQL = "state IN ('open', 'sealed', 'uploaded')"
 UNFINISHED_COMMITS_SQL = "state IN ('pending', 'uploaded')"
 
@@ -102,11 +109,8 @@ class SegmentRow(Base):
         CheckConstraint("fence >= 0", name="fence"),
         CheckConstraint("upload_mode IS NULL OR upload_mode IN ('multipart', 'put')", name="mode"),
         CheckConstraint("state <> 'failed' OR reason IS NOT NULL", name="failed_reason"),
-        CheckConstraint(
-            "state IN ('open', 'failed') OR (size IS NOT NULL AND crc32c IS NOT NULL "
-            "AND expected_etag IS NOT NULL)",
-            name="sealed_checksum",
-        ),
+        CheckConstraint(SEALED_CHECKSUM_SQL, name="sealed_checksum"),
+        CheckConstraint(UNKNOWN_REASON_SQL, name="unknown_reason"),
         Index(
             "ix_segments_unfinished",
             "id",

@@ -16,7 +16,7 @@ faults. The same contract suite (``tests/storage/test_contract.py``) runs agains
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, runtime_checkable
@@ -86,8 +86,12 @@ class Storage(Protocol):
         """
         ...
 
-    def start_upload(self, key: str) -> str:
-        """Begin a multipart upload for ``key``; return its upload id."""
+    def start_upload(self, key: str, metadata: Mapping[str, str] | None = None) -> str:
+        """Begin a multipart upload for ``key``; return its upload id.
+
+        ``metadata`` (see :mod:`uploader.objectmeta`) is published with the completed object:
+        S3 user metadata; staged backends keep it beside the bytes, published with them.
+        """
         ...
 
     def upload_part(self, key: str, upload_id: str, number: int, payload: Payload) -> PartRef:
@@ -117,8 +121,11 @@ class Storage(Protocol):
         """Drop an unfinished upload and its parts. Aborting an unknown upload is not an error."""
         ...
 
-    def put(self, key: str, payload: Payload) -> ObjectInfo:
-        """Publish a small object in one atomic write (refuses to overwrite, like complete())."""
+    def put(
+        self, key: str, payload: Payload, metadata: Mapping[str, str] | None = None
+    ) -> ObjectInfo:
+        """Publish a small object in one atomic write (refuses to overwrite, like complete()),
+        with ``metadata`` like :meth:`start_upload`."""
         ...
 
     def head(self, key: str) -> ObjectInfo | None:
@@ -127,6 +134,23 @@ class Storage(Protocol):
 
     def read(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of the object at ``key``."""
+        ...
+
+    def head_metadata(self, key: str) -> tuple[ObjectInfo, dict[str, str]] | None:
+        """What :meth:`head` says, and the metadata published with the object ({} if none)."""
+        ...
+
+    def list_objects(self, prefix: str = "") -> list[str]:
+        """Keys of the objects under the root whose key starts with ``prefix``, sorted; the
+        hidden prefix ``.uploader/`` is never listed."""
+        ...
+
+    def write_hidden(self, name: str, data: bytes) -> None:
+        """Write (or replace) the small object ``.uploader/<name>`` (record sidecars)."""
+        ...
+
+    def read_hidden(self, name: str) -> bytes | None:
+        """The small object ``.uploader/<name>``, or None if there is none."""
         ...
 
     def list_uploads(self, prefix: str = "") -> list[UploadRef]:

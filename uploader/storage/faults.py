@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -202,8 +202,8 @@ class FaultyStorage:
         self._strike(op, "after")
         return result
 
-    def start_upload(self, key: str) -> str:
-        out: str = self._call("start_upload", lambda: self.inner.start_upload(key))
+    def start_upload(self, key: str, metadata: Mapping[str, str] | None = None) -> str:
+        out: str = self._call("start_upload", lambda: self.inner.start_upload(key, metadata))
         return out
 
     def upload_part(self, key: str, upload_id: str, number: int, payload: Payload) -> PartRef:
@@ -231,8 +231,27 @@ class FaultyStorage:
     def abort(self, key: str, upload_id: str) -> None:
         self._call("abort", lambda: self.inner.abort(key, upload_id))
 
-    def put(self, key: str, payload: Payload) -> ObjectInfo:
-        out: ObjectInfo = self._call("put", lambda: self.inner.put(key, payload))
+    def put(
+        self, key: str, payload: Payload, metadata: Mapping[str, str] | None = None
+    ) -> ObjectInfo:
+        out: ObjectInfo = self._call("put", lambda: self.inner.put(key, payload, metadata))
+        return out
+
+    def head_metadata(self, key: str) -> tuple[ObjectInfo, dict[str, str]] | None:
+        out: tuple[ObjectInfo, dict[str, str]] | None = self._call(
+            "head_metadata", lambda: self.inner.head_metadata(key)
+        )
+        return out
+
+    def list_objects(self, prefix: str = "") -> list[str]:
+        out: list[str] = self._call("list_objects", lambda: self.inner.list_objects(prefix))
+        return out
+
+    def write_hidden(self, name: str, data: bytes) -> None:
+        self._call("write_hidden", lambda: self.inner.write_hidden(name, data))
+
+    def read_hidden(self, name: str) -> bytes | None:
+        out: bytes | None = self._call("read_hidden", lambda: self.inner.read_hidden(name))
         return out
 
     def head(self, key: str) -> ObjectInfo | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -76,8 +76,8 @@ class RetryingStorage:
                     self.retries += 1
                 time.sleep(self.policy.backoff(attempt - 1))
 
-    def start_upload(self, key: str) -> str:
-        return self._run("start_upload", lambda: self.inner.start_upload(key))
+    def start_upload(self, key: str, metadata: Mapping[str, str] | None = None) -> str:
+        return self._run("start_upload", lambda: self.inner.start_upload(key, metadata))
 
     def upload_part(self, key: str, upload_id: str, number: int, payload: Payload) -> PartRef:
         return self._run(
@@ -99,8 +99,22 @@ class RetryingStorage:
     def abort(self, key: str, upload_id: str) -> None:
         self._run("abort", lambda: self.inner.abort(key, upload_id))
 
-    def put(self, key: str, payload: Payload) -> ObjectInfo:
-        return self._run("put", lambda: self.inner.put(key, payload))
+    def put(
+        self, key: str, payload: Payload, metadata: Mapping[str, str] | None = None
+    ) -> ObjectInfo:
+        return self._run("put", lambda: self.inner.put(key, payload, metadata))
+
+    def head_metadata(self, key: str) -> tuple[ObjectInfo, dict[str, str]] | None:
+        return self._run("head_metadata", lambda: self.inner.head_metadata(key))
+
+    def list_objects(self, prefix: str = "") -> list[str]:
+        return self._run("list_objects", lambda: self.inner.list_objects(prefix))
+
+    def write_hidden(self, name: str, data: bytes) -> None:
+        self._run("write_hidden", lambda: self.inner.write_hidden(name, data))
+
+    def read_hidden(self, name: str) -> bytes | None:
+        return self._run("read_hidden", lambda: self.inner.read_hidden(name))
 
     def head(self, key: str) -> ObjectInfo | None:
         return self._run("head", lambda: self.inner.head(key))

@@ -38,7 +38,7 @@ import hashlib
 import io
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC
 from typing import Any, NoReturn, TypeVar
 
@@ -63,6 +63,8 @@ T = TypeVar("T")
 
 #: Where the conditional-delete probe puts its object (the hidden prefix no key can reach).
 PROBE_PREFIX = ".uploader/probe"
+#: The hidden prefix (no key can reach it): probes, record sidecars.
+HIDDEN_PREFIX = ".uploader/"
 
 
 def _client_error(exc: BaseException) -> BaseException:
@@ -231,8 +233,14 @@ class S3Storage:
 
     # --- the Storage protocol -------------------------------------------------------------------------
 
-    def start_upload(self, key: str) -> str:
-        out = self._call("create_multipart_upload", key, Bucket=self.bucket, Key=self._key(key))
+    def start_upload(self, key: str, metadata: Mapping[str, str] | None = None) -> str:
+        out = self._call(
+            "create_multipart_upload",
+            key,
+            Bucket=self.bucket,
+            Key=self._key(key),
+            Metadata=dict(metadata or {}),
+        )
         return str(out["UploadId"])
 
     def upload_part(self, key: str, upload_id: str, number: int, payload: Payload) -> PartRef:
@@ -348,7 +356,9 @@ class S3Storage:
         except NoSuchUploadError:
             return
 
-    def put(self, key: str, payload: Payload) -> ObjectInfo:
+    def put(
+        self, key: str, payload: Payload, metadata: Mapping[str, str] | None = None
+    ) -> ObjectInfo:
         expected = Expected(size=payload.size, etag=payload.md5)
         try:
             out = self._call(
@@ -358,6 +368,7 @@ class S3Storage:
                 Key=self._key(key),
                 Body=_PartBody(payload.data),
                 ContentMD5=_b64md5(payload.md5),
+                Metadata=dict(metadata or {}),
                 IfNoneMatch="*",
             )
         except ObjectExistsError:
@@ -375,6 +386,10 @@ class S3Storage:
         return ObjectInfo(key=key, size=payload.size, etag=etag)
 
     def head(self, key: str) -> ObjectInfo | None:
+        found = self.head_metadata(key)
+        return None if found is None else found[0]
+
+    def head_metadata(self, key: str) -> tuple[ObjectInfo, dict[str, str]] | None:
         try:
             out = self._request("head_object", Bucket=self.bucket, Key=self._key(key))
         except Exception as exc:
@@ -386,9 +401,44 @@ class S3Storage:
             if isinstance(exc, FileNotFoundError) and not code:
                 return None
             self._raise(exc, "head_object", key)
-        return ObjectInfo(
+        info = ObjectInfo(
             key=key, size=int(out["ContentLength"]), etag=normalize_etag(out.get("ETag"))
         )
+        return info, {str(k).lower(): str(v) for k, v in (out.get("Metadata") or {}).items()}
+
+    def list_objects(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        keys: list[str] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full}
+        while True:
+            out = self._call("list_objects_v2", None, **kwargs)
+            for item in out.get("Contents", []):
+                rel = self._rel(str(item["Key"]))
+                if rel.startswith(HIDDEN_PREFIX) or (self.prefix and rel == item["Key"]):
+                    continue
+                keys.append(rel)
+            token = out.get("NextContinuationToken")
+            if not out.get("IsTruncated") or not token:
+                break
+            kwargs["ContinuationToken"] = token
+        return sorted(keys)
+
+    def write_hidden(self, name: str, data: bytes) -> None:
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        key = f"{HIDDEN_PREFIX}{name}"
+        self._call(
+            "put_object",
+            key,
+            Bucket=self.bucket,
+            Key=self._key(key),
+            Body=data,
+            ContentMD5=_b64md5(md5),
+        )
+
+    def read_hidden(self, name: str) -> bytes | None:
+        key = f"{HIDDEN_PREFIX}{name}"
+        info = self.head(key)
+        return None if info is None else self.read(key, 0, info.size)
 
     def read(self, key: str, start: int, end: int) -> bytes:
         if end <= start:

@@ -61,7 +61,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -313,19 +313,33 @@ class StagedStorage:
             return _local_identity(os.stat(path))
         return _content_identity(md5, size)
 
-    def _write_sidecar(self, key: str, identity: str, size: int, etag: str) -> str:
-        """Record ``etag`` for the object file ``identity``; return the sidecar's path."""
+    def _write_sidecar(
+        self, key: str, identity: str, size: int, etag: str, metadata: Mapping[str, str]
+    ) -> str:
+        """Record ``etag`` and the object's ``metadata`` for the object file ``identity``;
+        return the sidecar's path. Named by the file's identity, both are published with it."""
         path = self._sidecar(key, identity)
         tmp = self._tmp()
-        self._write_new(tmp, [json.dumps({"key": key, "size": size, "etag": etag}).encode()])
+        doc = {"key": key, "size": size, "etag": etag, "meta": dict(metadata)}
+        self._write_new(tmp, [json.dumps(doc).encode()])
         self._rename(tmp, path)
         return path
 
     def _publish_new(
-        self, op: str, key: str, tmp: str, size: int, md5: str, etag: str, expected: Expected
+        self,
+        op: str,
+        key: str,
+        tmp: str,
+        size: int,
+        md5: str,
+        etag: str,
+        expected: Expected,
+        metadata: Mapping[str, str],
     ) -> ObjectInfo:
         """Sidecar for the assembled ``tmp``, then the exclusive publish; judge a lost race."""
-        sidecar = self._write_sidecar(key, self._identity_of_new(tmp, size, md5), size, etag)
+        sidecar = self._write_sidecar(
+            key, self._identity_of_new(tmp, size, md5), size, etag, metadata
+        )
         if self._publish(tmp, key):
             return ObjectInfo(key=key, size=size, etag=etag)
         # Lost the race: our file is gone; so must be its sidecar. The object at the key is
@@ -343,9 +357,13 @@ class StagedStorage:
 
     # --- the Storage protocol -------------------------------------------------------------------------
 
-    def start_upload(self, key: str) -> str:
+    def start_upload(self, key: str, metadata: Mapping[str, str] | None = None) -> str:
         upload_id = f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex}"
-        meta = {"key": key, "initiated": datetime.now(UTC).replace(tzinfo=None).isoformat()}
+        meta = {
+            "key": key,
+            "initiated": datetime.now(UTC).replace(tzinfo=None).isoformat(),
+            "metadata": dict(metadata or {}),
+        }
         try:
             tmp = self._tmp()
             self._write_new(tmp, [json.dumps(meta).encode()])
@@ -461,7 +479,8 @@ class StagedStorage:
         expected: Expected | None = None,
     ) -> ObjectInfo:
         check_parts(key, parts, self._min_part_size)
-        if self._meta(upload_id) is None:
+        upload_meta = self._meta(upload_id)
+        if upload_meta is None:
             info = self.head(key)
             if matches(info, expected):
                 assert info is not None
@@ -500,7 +519,14 @@ class StagedStorage:
                     raise PartRuleError(f"complete of {key!r}: part {p.number} has another size")
             ours = Expected(size=size, etag=etag)
             info = self._publish_new(
-                "complete", key, tmp, size, md5, etag, expected if expected else ours
+                "complete",
+                key,
+                tmp,
+                size,
+                md5,
+                etag,
+                expected if expected else ours,
+                dict(upload_meta.get("metadata") or {}),
             )
             self._drop_upload(upload_id)
         except OSError as exc:
@@ -539,7 +565,9 @@ class StagedStorage:
         except OSError as exc:
             raise self._fail(exc, "abort", key) from exc
 
-    def put(self, key: str, payload: Payload) -> ObjectInfo:
+    def put(
+        self, key: str, payload: Payload, metadata: Mapping[str, str] | None = None
+    ) -> ObjectInfo:
         md5 = hashlib.md5(payload.data, usedforsecurity=False).hexdigest()
         if md5 != payload.md5:
             raise StorageError(
@@ -557,7 +585,9 @@ class StagedStorage:
         try:
             tmp = self._tmp()
             self._write_new(tmp, [payload.data])
-            return self._publish_new("put", key, tmp, payload.size, md5, md5, expected)
+            return self._publish_new(
+                "put", key, tmp, payload.size, md5, md5, expected, dict(metadata or {})
+            )
         except OSError as exc:
             raise self._fail(exc, "put", key) from exc
 
@@ -596,15 +626,80 @@ class StagedStorage:
         etag = self._sidecar_etag(key, sidecar, size)
         return ObjectInfo(key=key, size=size, etag=etag or md5), sidecar
 
-    def _sidecar_etag(self, key: str, sidecar: str, size: int) -> str | None:
+    def _sidecar_doc(self, key: str, sidecar: str, size: int) -> dict[str, Any] | None:
         try:
             with self.fs.open(sidecar, "rb") as f:
                 side = json.loads(f.read())
-            if side.get("key") == key and int(side["size"]) == size:
-                return str(side["etag"])
+            if side.get("key") == key and int(side["size"]) == size and "etag" in side:
+                return dict(side)
         except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
             pass
         return None
+
+    def _sidecar_etag(self, key: str, sidecar: str, size: int) -> str | None:
+        side = self._sidecar_doc(key, sidecar, size)
+        return None if side is None else str(side["etag"])
+
+    def head_metadata(self, key: str) -> tuple[ObjectInfo, dict[str, str]] | None:
+        """The metadata lives in the ETag sidecar of the object file's identity: an object
+        whose file is not the one we published (a foreign writer) has none."""
+        try:
+            judged = self._judge(key, self._obj(key))
+            if judged is None:
+                return None
+            info, sidecar = judged
+            side = self._sidecar_doc(key, sidecar, info.size)
+        except OSError as exc:
+            raise self._fail(exc, "head_metadata", key) from exc
+        meta = side.get("meta") if side is not None else None
+        if not isinstance(meta, dict):
+            return info, {}
+        return info, {str(k): str(v) for k, v in meta.items()}
+
+    def list_objects(self, prefix: str = "") -> list[str]:
+        root = self.root.rstrip("/")
+        keys: list[str] = []
+        try:
+            if self.local:
+                for dirpath, dirnames, filenames in os.walk(self.root):
+                    if os.path.samefile(dirpath, self.root) and HIDDEN in dirnames:
+                        dirnames.remove(HIDDEN)
+                    rel_dir = os.path.relpath(dirpath, self.root)
+                    for name in filenames:
+                        rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+                        keys.append(rel.replace(os.sep, "/"))
+            else:
+                self.fs.invalidate_cache()
+                for path in self.fs.find(root):
+                    rel = str(path)[len(root) + 1 :] if root != "/" else str(path).lstrip("/")
+                    keys.append(rel)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise self._fail(exc, "list_objects", None) from exc
+        hidden = HIDDEN + "/"
+        return sorted(k for k in keys if not k.startswith(hidden) and k.startswith(prefix))
+
+    def _hidden(self, name: str) -> str:
+        return self._p(HIDDEN, *name.split("/"))
+
+    def write_hidden(self, name: str, data: bytes) -> None:
+        try:
+            tmp = self._tmp()
+            self._write_new(tmp, [data])
+            self._rename(tmp, self._hidden(name))
+        except OSError as exc:
+            raise self._fail(exc, "write_hidden", name) from exc
+
+    def read_hidden(self, name: str) -> bytes | None:
+        try:
+            with self.fs.open(self._hidden(name), "rb") as f:
+                data: bytes = f.read()
+                return data
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._fail(exc, "read_hidden", name) from exc
 
     def head(self, key: str) -> ObjectInfo | None:
         try:

@@ -1,0 +1,243 @@
+"""What an object says about itself: the metadata written with its upload, and the record sidecar.
+
+A lost manifest must be rebuildable from the remote alone (``store.rebuild()``), so every object
+carries what the manifest knows of it, written with the upload itself:
+
+* **Object metadata** (S3 user metadata ``x-amz-meta-uploader-*``; staged backends: inside the
+  ETag sidecar named by the object file's identity, published with the bytes), set where the upload
+  starts: ``create_multipart_upload`` or the single PUT. It always holds the format version, the
+  part size and the node and path of origin. The size, whole-file CRC32C, expected ETag and the
+  per-part list (``md5:crc32c`` per part, with its SHA-256) are added when they are known at that
+  moment: always for a PUT, and for a multipart upload started after the seal was recorded. The
+  parts of a multipart upload started by an earlier ``commit()`` are sent before the file's final
+  size exists, so its metadata cannot hold them (S3 cannot change an object's metadata without
+  rewriting it: ``CopyObject`` replaces the object, which we never do).
+* **The record sidecar** ``.uploader/records/<h[:2]>/<h>.<etag>.json`` (``h``: SHA-256 of the key,
+  ``etag``: the ETag the completed object must have): the segment's full manifest record (size,
+  part size, CRC32C, mode, node, path, and every part's range, MD5 and CRC32C). The driver writes
+  it right before every ``complete``, and before a PUT whose metadata did not fit S3's 2 KB. Named
+  by the ETag, it describes exactly the bytes that ETag stands for; a stale one (a completion that
+  never happened) names an ETag no object has, and is never read.
+
+Rebuild trusts neither blindly: a record is used only if the object's size and ETag (as the
+remote reports them) equal what the record says, the parts cover ``[0, size)`` without gaps, their
+MD5s give that ETag, and their CRC32Cs combine to the whole-file CRC32C. Anything else is an object
+of unknown origin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+from uploader.digest import combine_crcs, multipart_etag, normalize_etag
+from uploader.records import CommitRecord, SegmentRecord
+from uploader.storage.base import ObjectInfo
+
+FORMAT = 1
+#: S3 limits user-defined metadata (names and values, UTF-8) to 2 KB per object.
+METADATA_LIMIT = 2048
+P = "uploader-"
+
+
+@dataclass(frozen=True, slots=True)
+class PartInfo:
+    number: int
+    start: int
+    end: int
+    md5: str
+    crc32c: int
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRecord:
+    """What an object's metadata or record sidecar says about it (validated against the object)."""
+
+    key: str
+    size: int
+    part_size: int
+    crc32c: int
+    etag: str
+    mode: str  # 'put' or 'multipart'
+    node: str
+    path: str
+    parts: tuple[PartInfo, ...]
+    source: str  # 'metadata' or 'record'
+
+
+def record_name(key: str, etag: str) -> str:
+    """The record sidecar's name under the hidden prefix ``.uploader/``."""
+    h = hashlib.sha256(key.encode("utf-8")).hexdigest()
+    return f"records/{h[:2]}/{h}.{etag}.json"
+
+
+def _parts_text(parts: Sequence[tuple[str, int]]) -> str:
+    return ";".join(f"{md5}:{crc:08x}" for md5, crc in parts)
+
+
+def _size(md: Mapping[str, str]) -> int:
+    return sum(len(k.encode()) + len(v.encode()) for k, v in md.items())
+
+
+def sealed_parts(seg: SegmentRecord, commits: Sequence[CommitRecord]) -> bool:
+    """Whether the seal is recorded and ``commits`` are all of its parts."""
+    return (
+        seg.size is not None
+        and seg.crc32c is not None
+        and seg.expected_etag is not None
+        and bool(commits)
+        and commits[0].start == 0
+        and commits[-1].end == seg.size
+    )
+
+
+def object_metadata(seg: SegmentRecord, commits: Sequence[CommitRecord]) -> dict[str, str]:
+    """The metadata to write where the upload starts: what is known of the segment now."""
+    md = {
+        P + "format": str(FORMAT),
+        P + "part-size": str(seg.part_size),
+        P + "node": quote(seg.node, safe=""),
+        P + "path": quote(seg.path, safe="/"),
+    }
+    if sealed_parts(seg, commits):
+        assert seg.size is not None and seg.crc32c is not None and seg.expected_etag is not None
+        text = _parts_text([(c.md5, c.crc32c) for c in commits])
+        md[P + "size"] = str(seg.size)
+        md[P + "crc32c"] = f"{seg.crc32c:08x}"
+        md[P + "etag"] = seg.expected_etag
+        md[P + "mode"] = seg.upload_mode or "multipart"
+        md[P + "parts-sha256"] = hashlib.sha256(text.encode()).hexdigest()
+        md[P + "parts"] = text
+        if _size(md) > METADATA_LIMIT:
+            del md[P + "parts"]  # the record sidecar holds them
+    if _size(md) > METADATA_LIMIT:
+        del md[P + "path"]  # a very long path: the record sidecar holds it
+    return md
+
+
+def metadata_complete(md: Mapping[str, str]) -> bool:
+    """Whether the metadata alone is enough to rebuild the segment (no sidecar needed)."""
+    return all(P + k in md for k in ("size", "parts", "path", "node"))
+
+
+def record_json(seg: SegmentRecord, commits: Sequence[CommitRecord]) -> bytes:
+    """The full manifest record of a sealed segment, for the record sidecar."""
+    return json.dumps(
+        {
+            "format": FORMAT,
+            "key": seg.key,
+            "size": seg.size,
+            "part_size": seg.part_size,
+            "crc32c": seg.crc32c,
+            "etag": seg.expected_etag,
+            "mode": seg.upload_mode,
+            "node": seg.node,
+            "path": seg.path,
+            "parts": [[c.part_number, c.start, c.end, c.md5, c.crc32c] for c in commits],
+        },
+        sort_keys=True,
+    ).encode()
+
+
+class Unusable(Exception):
+    """The metadata or record cannot vouch for the object (the message says why)."""
+
+
+def _from_metadata(key: str, md: Mapping[str, str]) -> ObjectRecord:
+    try:
+        size = int(md[P + "size"])
+        part_size = int(md[P + "part-size"])
+        parts: list[PartInfo] = []
+        for i, item in enumerate(md[P + "parts"].split(";")):
+            md5, crc = item.split(":")
+            start = i * part_size
+            parts.append(PartInfo(i + 1, start, min(start + part_size, size), md5, int(crc, 16)))
+        return ObjectRecord(
+            key=key,
+            size=size,
+            part_size=part_size,
+            crc32c=int(md[P + "crc32c"], 16),
+            etag=md[P + "etag"],
+            mode=md[P + "mode"],
+            node=unquote(md[P + "node"]),
+            path=unquote(md[P + "path"]),
+            parts=tuple(parts),
+            source="metadata",
+        )
+    except (KeyError, ValueError) as exc:
+        raise Unusable(f"object metadata is malformed ({exc!r})") from None
+
+
+def _from_record(key: str, body: bytes) -> ObjectRecord:
+    try:
+        doc = json.loads(body)
+        if doc["format"] != FORMAT:
+            raise Unusable(f"record sidecar has format {doc['format']!r}, this code reads {FORMAT}")
+        if doc["key"] != key:
+            raise Unusable(f"record sidecar names key {doc['key']!r}")
+        return ObjectRecord(
+            key=key,
+            size=int(doc["size"]),
+            part_size=int(doc["part_size"]),
+            crc32c=int(doc["crc32c"]),
+            etag=str(doc["etag"]),
+            mode=str(doc["mode"]),
+            node=str(doc["node"]),
+            path=str(doc["path"]),
+            parts=tuple(
+                PartInfo(int(n), int(s), int(e), str(m), int(c)) for n, s, e, m, c in doc["parts"]
+            ),
+            source="record",
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise Unusable(f"record sidecar is malformed ({exc!r})") from None
+
+
+def check(rec: ObjectRecord, info: ObjectInfo, md: Mapping[str, str]) -> ObjectRecord:
+    """``rec`` if it provably describes the object ``info``; else Unusable naming the difference."""
+    etag = normalize_etag(info.etag)
+    if etag is None:
+        raise Unusable("the remote reports no ETag: the object's bytes cannot be tied to a record")
+    if rec.size != info.size:
+        raise Unusable(f"the object has {info.size} bytes, its record says {rec.size}")
+    if rec.mode not in ("put", "multipart") or not rec.parts:
+        raise Unusable(f"record has mode {rec.mode!r} and {len(rec.parts)} parts")
+    pos = 0
+    for i, p in enumerate(rec.parts):
+        if p.number != i + 1 or p.start != pos or p.end < p.start:
+            raise Unusable(f"record part {p.number} [{p.start}, {p.end}) leaves a gap or overlaps")
+        pos = p.end
+    if pos != rec.size:
+        raise Unusable(f"record parts end at {pos}, the object has {rec.size} bytes")
+    want = rec.parts[0].md5 if rec.mode == "put" else multipart_etag([p.md5 for p in rec.parts])
+    if want != rec.etag or etag != want:
+        raise Unusable(
+            f"the object's ETag {etag} is not the one its record's parts give ({want}); it is "
+            "not the object the record describes"
+        )
+    if combine_crcs([(p.crc32c, p.end - p.start) for p in rec.parts]) != rec.crc32c:
+        raise Unusable("record parts' CRC32Cs do not combine to its whole-file CRC32C")
+    digest = md.get(P + "parts-sha256")
+    text = _parts_text([(p.md5, p.crc32c) for p in rec.parts])
+    if digest is not None and digest != hashlib.sha256(text.encode()).hexdigest():
+        raise Unusable("record parts differ from the digest in the object's metadata")
+    for field, value in (("size", str(rec.size)), ("crc32c", f"{rec.crc32c:08x}")):
+        if P + field in md and md[P + field] != value:
+            raise Unusable(f"record {field} differs from the object's metadata")
+    return rec
+
+
+def parse_metadata(key: str, md: Mapping[str, str]) -> ObjectRecord | None:
+    """The record held by the metadata alone, or None if it needs the record sidecar."""
+    if md.get(P + "format") is None:
+        raise Unusable("no uploader metadata")
+    if md[P + "format"] != str(FORMAT):
+        raise Unusable(f"metadata format {md[P + 'format']!r}, this code reads {FORMAT}")
+    return _from_metadata(key, md) if metadata_complete(md) else None
+
+
+def parse_record(key: str, body: bytes) -> ObjectRecord:
+    return _from_record(key, body)

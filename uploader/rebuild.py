@@ -1,0 +1,226 @@
+"""Rebuild: recreate the manifest's rows from the objects under the remote root.
+
+For the disaster every operator plans for: the manifest database is lost (or a new one must learn
+what a bucket holds). Each object under the prefix (the hidden ``.uploader/`` excluded) is looked
+at with one HEAD (its size, ETag and metadata) and, when its metadata does not hold every part,
+one GET of its record sidecar (see :mod:`uploader.objectmeta`). Then:
+
+* **a record that provably describes the object** (size and ETag as the remote reports them, the
+  parts' MD5s giving that ETag, their CRC32Cs combining to the whole-file CRC32C): a ``verified``
+  segment row with its parts, node and path of origin, in one transaction with its audit event;
+* **anything else** (a foreign object, metadata missing or malformed, a record that does not
+  match the object): a row in state ``unknown`` (unknown origin) whose reason says why. Never
+  deletable, never touched by recovery, counted by ``status``;
+* **a key the manifest already has**: compared, never overwritten. A difference is reported and
+  audited on that row (an event from its state to the same state); a match writes nothing, so a
+  second rebuild changes nothing.
+
+Rebuild never writes, rewrites or deletes a remote object.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from uploader import objectmeta
+from uploader.errors import InvalidKeyError, StorageError
+from uploader.keys import validate_key
+from uploader.manifest.repo import Manifest
+from uploader.objectmeta import ObjectRecord, Unusable
+from uploader.records import NewCommit, SegmentRecord
+from uploader.states import SegmentState
+from uploader.storage.base import ObjectInfo, Storage
+
+log = logging.getLogger("uploader")
+
+#: Outcomes of one object.
+CREATED = "created"  # a verified row was created from the object's record
+UNKNOWN = "unknown"  # a row of unknown origin was created
+MATCHED = "matched"  # the manifest already had the key, and it agrees with the object
+DIFFERS = "differs"  # the manifest already had the key, and it does not agree (reported)
+SKIPPED = "skipped"  # gone meanwhile, or a name no segment key can have
+
+
+@dataclass(frozen=True, slots=True)
+class RebuiltObject:
+    key: str
+    outcome: str
+    detail: str
+
+
+@dataclass
+class RebuildReport:
+    objects: list[RebuiltObject] = field(default_factory=list)
+
+    def count(self, outcome: str) -> int:
+        return sum(1 for o in self.objects if o.outcome == outcome)
+
+    @property
+    def ok(self) -> bool:
+        """No object of unknown origin and no row that disagrees with its object."""
+        return self.count(UNKNOWN) == 0 and self.count(DIFFERS) == 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "created": self.count(CREATED),
+            "unknown": self.count(UNKNOWN),
+            "matched": self.count(MATCHED),
+            "differs": self.count(DIFFERS),
+            "skipped": self.count(SKIPPED),
+            "objects": [
+                {"key": o.key, "outcome": o.outcome, "detail": o.detail} for o in self.objects
+            ],
+        }
+
+
+def read_record(storage: Storage, key: str, info: ObjectInfo, md: dict[str, str]) -> ObjectRecord:
+    """The record that provably describes the object, or Unusable saying why there is none."""
+    reasons: list[str] = []
+    try:
+        inline = objectmeta.parse_metadata(key, md)
+        if inline is not None:
+            return objectmeta.check(inline, info, md)
+    except Unusable as exc:
+        if not md:
+            raise Unusable("the object has no uploader metadata") from None
+        reasons.append(str(exc))
+    if info.etag is None:
+        reasons.append("the remote reports no ETag")
+        raise Unusable("; ".join(reasons))
+    body = storage.read_hidden(objectmeta.record_name(key, info.etag))
+    if body is None:
+        reasons.append(f"no record sidecar for ETag {info.etag}")
+        raise Unusable("; ".join(reasons))
+    try:
+        return objectmeta.check(objectmeta.parse_record(key, body), info, md)
+    except Unusable as exc:
+        reasons.append(str(exc))
+        raise Unusable("; ".join(reasons)) from None
+
+
+def _compare(manifest: Manifest, seg: SegmentRecord, rec: ObjectRecord | None, why: str) -> str:
+    """'' if the row agrees with the object's record, else what differs."""
+    if rec is None:
+        if seg.state is SegmentState.UNKNOWN:
+            return ""
+        return f"the manifest has it {seg.state.value}, the object cannot be vouched for ({why})"
+    if seg.state is SegmentState.UNKNOWN:
+        return f"the manifest has it of unknown origin, the object's {rec.source} vouches for it"
+    diffs = []
+    for name, ours, theirs in (
+        ("size", seg.size, rec.size),
+        ("crc32c", seg.crc32c, rec.crc32c),
+        ("etag", seg.expected_etag, rec.etag),
+    ):
+        if ours is not None and ours != theirs:
+            diffs.append(f"{name} {ours} in the manifest, {theirs} in the object's {rec.source}")
+    if seg.state is SegmentState.VERIFIED and not diffs:
+        commits = [
+            (c.part_number, c.start, c.end, c.md5, c.crc32c) for c in manifest.commits(seg.id)
+        ]
+        held = [(p.number, p.start, p.end, p.md5, p.crc32c) for p in rec.parts]
+        if commits != held:
+            diffs.append("the parts differ")
+    return "; ".join(diffs)
+
+
+def rebuild_one(
+    manifest: Manifest, storage: Storage, key: str, *, worker: str, part_size: int
+) -> RebuiltObject:
+    try:
+        validate_key(key)
+    except InvalidKeyError as exc:
+        return RebuiltObject(key, SKIPPED, f"not a segment key: {exc}")
+    found = storage.head_metadata(key)
+    if found is None:
+        return RebuiltObject(key, SKIPPED, "gone meanwhile")
+    info, md = found
+    rec: ObjectRecord | None
+    try:
+        rec, why = read_record(storage, key, info, md), ""
+    except Unusable as exc:
+        rec, why = None, str(exc)
+    existing = manifest.segment(key)
+    if existing is None:
+        if rec is not None:
+            detail = (
+                f"rebuilt from the object's {rec.source}: {rec.size} bytes, etag {rec.etag}, "
+                f"crc32c {rec.crc32c:08x}, {len(rec.parts)} parts, from {rec.node}:{rec.path}"
+            )
+            row = manifest.rebuilt(
+                key,
+                state=SegmentState.VERIFIED,
+                path=rec.path,
+                node=rec.node,
+                part_size=rec.part_size,
+                size=rec.size,
+                crc32c=rec.crc32c,
+                etag=rec.etag,
+                upload_mode=rec.mode,
+                parts=[NewCommit(p.number, p.start, p.end, p.md5, p.crc32c) for p in rec.parts],
+                worker=worker,
+                detail=detail,
+            )
+            outcome = CREATED
+        else:
+            detail = (
+                f"unknown origin (found by rebuild, {info.size} bytes, etag {info.etag}): {why}"
+            )
+            row = manifest.rebuilt(
+                key,
+                state=SegmentState.UNKNOWN,
+                path="",
+                node="",
+                part_size=part_size,
+                size=info.size,
+                crc32c=None,
+                etag=info.etag,
+                upload_mode=None,
+                parts=[],
+                worker=worker,
+                detail=detail,
+            )
+            outcome = UNKNOWN
+        if row is not None:
+            return RebuiltObject(key, outcome, detail)
+        existing = manifest.segment(key)  # registered meanwhile: compare with it instead
+        if existing is None:
+            return RebuiltObject(key, SKIPPED, "row inserted and removed meanwhile")
+    diff = _compare(manifest, existing, rec, why)
+    if not diff:
+        return RebuiltObject(key, MATCHED, f"already in the manifest ({existing.state.value})")
+    detail = f"rebuild: the manifest row ({existing.state.value}) differs from the object: {diff}"
+    manifest.rebuild_compared(existing.id, worker, detail)
+    log.warning("segment %r: %s", key, detail)
+    return RebuiltObject(key, DIFFERS, detail)
+
+
+def rebuild(
+    manifest: Manifest,
+    storage: Storage,
+    *,
+    prefix: str = "",
+    worker: str,
+    part_size: int,
+    concurrency: int = 4,
+    on_object: Callable[[RebuiltObject], None] | None = None,
+) -> RebuildReport:
+    """Rebuild rows for every object under ``prefix`` (see the module's docstring)."""
+    keys = storage.list_objects(prefix)
+    report = RebuildReport()
+
+    def one(key: str) -> RebuiltObject:
+        try:
+            out = rebuild_one(manifest, storage, key, worker=worker, part_size=part_size)
+        except StorageError as exc:
+            out = RebuiltObject(key, SKIPPED, f"remote error, not rebuilt: {exc}")
+        if on_object is not None:
+            on_object(out)
+        return out
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        report.objects.extend(pool.map(one, keys))
+    return report
