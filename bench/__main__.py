@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench.common import MiB, Result, moto_server, save
 
-NAMES = ("seal", "small", "appends", "rss", "recovery", "resume", "kill", "check", "watchkill")
+NAMES = ("seal", "small", "appends", "rss", "recovery", "resume", "kill", "check", "watchkill", "readback")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", str(5 * MiB))
     from bench.local_check import bench_local_check
     from bench.memory import bench_rss
+    from bench.readback import bench_readback
     from bench.recovery_scale import bench_recovery_scale
     from bench.resume import bench_kill, bench_resume
     from bench.throughput import bench_appends, bench_seal, bench_small
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = bench_resume(endpoint)
             elif name == "check":
                 r = bench_local_check(size=(128 if quick else 1024) * MiB)
+            elif name == "readback":
+                r = bench_readback(endpoint, size=(64 if quick else 1024) * MiB)
             elif name == "watchkill":
                 r = bench_watch_kill(kills=5 if quick else 60, files=6 if quick else 40)
             else:

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -26,6 +27,21 @@ def _ship(run: Run, tmp_path: Path, n: int, size: int = 50_000) -> dict[str, byt
     return blobs
 
 
+def _rows(db: Path) -> dict[str, tuple[object, ...]]:
+    """Each segment's size, whole-file CRC32C, expected ETag and its parts' ranges and checksums."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        segs = conn.execute("SELECT id, key, size, crc32c, expected_etag FROM segments").fetchall()
+        out: dict[str, tuple[object, ...]] = {}
+        for seg_id, key, size, crc, etag in segs:
+            parts = conn.execute(
+                "SELECT part_number, start_offset, end_offset, md5, crc32c FROM commits "
+                "WHERE segment_id = ? ORDER BY part_number",
+                (seg_id,),
+            ).fetchall()
+            out[key] = (size, crc, etag, tuple(parts))
+    return out
+
+
 def test_get_to_a_file_and_to_stdout(run: Run, tmp_path: Path) -> None:
     blobs = _ship(run, tmp_path, 2)
     key, data = sorted(blobs.items())[0]
@@ -43,7 +59,7 @@ def test_get_to_a_file_and_to_stdout(run: Run, tmp_path: Path) -> None:
 
 
 def test_restore_is_resumable_after_sigkill(run: Run, home: Path, tmp_path: Path) -> None:
-    blobs = _ship(run, tmp_path, 60)
+    blobs = _ship(run, tmp_path, 100, size=5_000)
     out_dir = tmp_path / "restored"
     proc = subprocess.Popen(
         uploader_cmd("--concurrency", "1", "restore", str(out_dir)),
@@ -78,8 +94,9 @@ def test_restore_is_resumable_after_sigkill(run: Run, home: Path, tmp_path: Path
 
 
 def test_rebuild_after_the_manifest_is_lost(run: Run, home: Path, tmp_path: Path) -> None:
-    blobs = _ship(run, tmp_path, 5)
+    blobs = _ship(run, tmp_path, 100, size=5_000)
     before = json.loads(run("status", "--json").stdout)
+    rows_before = _rows(home / "manifest.db")
     (home / "manifest.db").unlink()
     for extra in ("manifest.db-wal", "manifest.db-shm"):
         (home / extra).unlink(missing_ok=True)
@@ -92,6 +109,9 @@ def test_rebuild_after_the_manifest_is_lost(run: Run, home: Path, tmp_path: Path
     assert (report["created"], report["unknown"]) == (len(blobs), 1)
     after = json.loads(run("status", "--json").stdout)
     assert after["segments"]["verified"] == before["segments"]["verified"] == len(blobs)
+    assert after["commits"]["verified"] == before["commits"]["verified"]
+    rows_after = _rows(home / "manifest.db")
+    assert {k: v for k, v in rows_after.items() if k in blobs} == rows_before
     assert after["segments"]["unknown"] == 1
     assert run("status").returncode == 1
 
