@@ -517,10 +517,8 @@ class Manifest:
             .order_by(S.c.id)
             .limit(limit)
         )
-        if self.is_postgres:
-            q = q.with_for_update(skip_locked=True)
-        else:
-            q = q.where(RARE_UNFINISHED)
+        # PostgreSQL: skip rows another claimer holds; SQLite: the rarity hint (see above).
+        q = q.with_for_update(skip_locked=True) if self.is_postgres else q.where(RARE_UNFINISHED)
         expires = now + timedelta(seconds=ttl)
         with self._begin() as conn:
             ids = list(conn.execute(q).scalars())
