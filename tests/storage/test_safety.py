@@ -424,10 +424,12 @@ def test_the_s3_deadline_cancels_a_request_that_never_answers() -> None:
         # Three attempts of about the deadline each: not cut short, and not hung (the upper
         # bound is loose: a loaded machine is slow, a hang is forever).
         assert 1.4 <= took < 30.0, took
-        for _ in range(3):
-            assert hole.accepted.acquire(timeout=10)
-        assert not hole.accepted.acquire(timeout=0.5)  # and no fourth
-        assert len(hole.closed) == 3
+        # Each attempt that reached the server came after the previous one's connection was
+        # closed (no overlap, checked by the server); on a loaded machine an attempt can be cut
+        # at its deadline before it even connects, so between one and three reached it.
+        reached = sum(1 for _ in range(3) if hole.accepted.acquire(timeout=5))
+        assert 1 <= reached <= 3 and not hole.accepted.acquire(timeout=0.5)  # never a fourth
+        assert len(hole.closed) == reached
         assert not hole.overlapped
         # The last attempt's connection was closed before the error reached us.
         assert hole.closed[-1].wait(2.0)
