@@ -22,6 +22,7 @@ import crc32c as _crc32c
 from uploader.errors import UploaderError, VerificationError
 from uploader.records import SegmentRecord
 from uploader.states import SegmentState
+from uploader.storage.staged import fsync_dir as _fsync_dir
 
 if TYPE_CHECKING:
     from uploader.store import Store
@@ -74,14 +75,6 @@ def file_crc(path: str) -> int:
         while block := f.read(CHUNK):
             crc = int(_crc32c.crc32c(block, crc))
     return crc
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def copy_checked(store: Store, seg: SegmentRecord, out: BinaryIO) -> int:

@@ -48,3 +48,17 @@ def run(home: Path) -> Run:
         )
 
     return _run
+
+
+def metrics_port(proc: subprocess.Popen[str], timeout: float = 60.0) -> int:
+    """The port a command started with ``--metrics-port 0`` announced on its stderr."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline() if proc.stderr else ""
+        if "metrics on http://127.0.0.1:" in line:
+            return int(line.rsplit(":", 1)[1].split("/")[0])
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError("the command never announced its metrics port")

@@ -9,7 +9,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-from tests.cli.conftest import Run, uploader_cmd, uploader_env
+from tests.cli.conftest import Run, metrics_port, uploader_cmd, uploader_env
 from tests.cli.test_watch import _wait_for
 
 PART = 5 * 1024 * 1024
@@ -40,17 +40,7 @@ def test_scrub_loop_repairs_drift_and_counts_it(run: Run, home: Path, tmp_path: 
         text=True,
     )
     try:
-        port = 0
-
-        def announced() -> bool:
-            nonlocal port
-            line = proc.stderr.readline() if proc.stderr else ""
-            if "metrics on http://127.0.0.1:" in line:
-                port = int(line.rsplit(":", 1)[1].split("/")[0])
-                return True
-            return False
-
-        _wait_for(announced)
+        port = metrics_port(proc)
 
         def scrubbed() -> bool:
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()

@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.cli.conftest import Run, uploader_cmd, uploader_env
+from tests.cli.conftest import Run, metrics_port, uploader_cmd, uploader_env
 
 PART = 5 * 1024 * 1024
 
@@ -94,17 +94,7 @@ def test_metrics_endpoint_serves_the_series(home: Path, tmp_path: Path) -> None:
     (d / "00000000000000001000").write_bytes(b"b" * 10)
     proc = _start(home, d, "--metrics-port", "0")
     try:
-        port = 0
-
-        def announced() -> bool:
-            nonlocal port
-            line = proc.stderr.readline() if proc.stderr else ""
-            if "metrics on http://127.0.0.1:" in line:
-                port = int(line.rsplit(":", 1)[1].split("/")[0])
-                return True
-            return False
-
-        _wait_for(announced)
+        port = metrics_port(proc)
         _wait_for(lambda: (home / "remote" / "logs" / "00000000000000000000").exists())
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
         text = body.decode()

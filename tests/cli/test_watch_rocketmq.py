@@ -26,6 +26,7 @@ from uploader.watch import Watcher
 PART = TEST_MIN_PART_SIZE  # 64 KiB
 FILE = 4 * PART
 
+
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[uploader.Store]:
     (tmp_path / "remote").mkdir()

@@ -100,7 +100,8 @@ OBJECT_NAME_BYTES = 1024
 _PROCESS_LOCK = threading.RLock()
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries durable (a rename or link in it survives a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -269,7 +270,7 @@ class StagedStorage:
         if self.local:
             os.makedirs(os.path.dirname(final), exist_ok=True)
             os.replace(tmp, final)
-            _fsync_dir(os.path.dirname(final))
+            fsync_dir(os.path.dirname(final))
         else:
             self.fs.makedirs(self.fs._parent(final), exist_ok=True)
             self.fs.mv(tmp, final)
@@ -293,7 +294,7 @@ class StagedStorage:
                     os.unlink(tmp)
                     return False
             os.unlink(tmp)
-            _fsync_dir(os.path.dirname(dest))
+            fsync_dir(os.path.dirname(dest))
             return True
         with self._key_lock(key):
             self.fs.invalidate_cache()
@@ -437,7 +438,7 @@ class StagedStorage:
                     self.fs.rmdir(self._upload_dir(upload_id))
             raise gone
         if self.local:
-            _fsync_dir(self._upload_dir(upload_id))
+            fsync_dir(self._upload_dir(upload_id))
 
     def upload_part(self, key: str, upload_id: str, number: int, payload: Payload) -> PartRef:
         check_part_number(key, number)
@@ -764,7 +765,7 @@ class StagedStorage:
             info, sidecar = judged
             if info.etag == want:
                 os.unlink(aside)
-                _fsync_dir(os.path.dirname(dest))
+                fsync_dir(os.path.dirname(dest))
                 self._remove(sidecar)
                 self._remove(note)
                 return
@@ -786,7 +787,7 @@ class StagedStorage:
                     ),
                 ) from None
             os.unlink(aside)
-            _fsync_dir(os.path.dirname(dest))
+            fsync_dir(os.path.dirname(dest))
             self._remove(note)
             raise PreconditionFailedError(key, want, info.etag, where="delete")
 
