@@ -982,7 +982,7 @@ def _print_verify(report: verify_mod.VerifyReport, json_output: bool) -> None:
         _emit_json(report.as_dict())
         return
     for c in report.checks:
-        line = f"{'ok' if c.ok else 'DRIFT'} {c.key}"
+        line = f"{'ok' if c.ok else 'DRIFT' if c.drift else 'NOT VERIFIED'} {c.key}"
         if c.problem:
             line += f": {c.problem}"
         if c.action:

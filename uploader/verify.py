@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("uploader.verify")
 
+NOT_VERIFIED = "not verified yet"
+
 
 @dataclass(frozen=True, slots=True)
 class Check:
@@ -45,6 +47,11 @@ class Check:
     action: str = ""  # what was done about a problem
     state: str = SegmentState.VERIFIED.value  # the segment's state afterwards
 
+    @property
+    def drift(self) -> bool:
+        """The object of a verified segment was found missing or different."""
+        return not self.ok and not (self.problem or "").startswith(NOT_VERIFIED)
+
     def as_dict(self) -> dict[str, object]:
         return {
             "key": self.key,
@@ -52,6 +59,7 @@ class Check:
             "problem": self.problem,
             "action": self.action,
             "state": self.state,
+            "drift": self.drift,
         }
 
 
@@ -66,7 +74,7 @@ class VerifyReport:
 
     @property
     def drifted(self) -> tuple[str, ...]:
-        return tuple(c.key for c in self.checks if not c.ok)
+        return tuple(c.key for c in self.checks if c.drift)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -80,7 +88,13 @@ class VerifyReport:
 def check_one(crew: Crew, rec: SegmentRecord, *, deep: bool, repair: bool) -> Check:
     """Check one segment's object; on drift, record it and (``repair``, this node) upload again."""
     if rec.state is not SegmentState.VERIFIED:
-        return Check(rec.key, False, f"state is {rec.state.value}", state=rec.state.value)
+        return Check(
+            rec.key,
+            False,
+            f"{NOT_VERIFIED} ({rec.state.value}): nothing to compare with yet; the writer's seal "
+            "or `uploader recover` finishes it",
+            state=rec.state.value,
+        )
     commits = crew.manifest.commits(rec.id)
     problem = crew.driver.check_object(rec, commits, deep=deep)
     if problem is None:

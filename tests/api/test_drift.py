@@ -147,3 +147,17 @@ def test_scrub_of_a_thousand_checks_each_once_finds_drift_and_counts_it(
     assert deep.ok and len(deep.checks) == 5
     assert len(stop.waits) == 5 and all(0.0 < w <= 0.2 for w in stop.waits)
     assert sum(stop.waits) > 0.5  # the reads themselves are far faster than the rate
+
+
+def test_verify_of_a_segment_not_yet_verified_says_so_and_is_not_drift(
+    make_store: StoreFactory, tmp_path: Path
+) -> None:
+    p = tmp_path / "open"
+    p.write_bytes(b"x" * 100)
+    store = make_store()
+    store.segment("open/0", p).commit().result(timeout=60)
+    report = store.verify(["open/0"])
+    [check] = report.checks
+    assert not check.ok and not check.drift and report.drifted == ()
+    assert check.problem is not None and check.problem.startswith("not verified yet (open)")
+    assert store.manifest.segment("open/0").state is uploader.SegmentState.OPEN  # type: ignore[union-attr]
