@@ -779,6 +779,7 @@ def retry(
     who = _who()
     results: list[dict[str, object]] = []
     bad = 0
+    refused = 0  # the highest exit code of a refusal
     with ctx_store(ctx) as store:
         todo = store.manifest.failed_keys() if all_failed else list(keys or [])
         if all_failed and not todo:
@@ -810,12 +811,14 @@ def retry(
                     out.print(f"retried {key}: {verb} ({outcome.detail})", markup=False)
             except UploaderError as exc:
                 bad += 1
+                refused = max(refused, exc.exit_code)
                 entry.update(error=str(exc))
                 if not json_output:
                     err.print(f"retry of {key} refused: {exc}", markup=False)
     if json_output:
         _emit_json({"retried": results, "not_verified": bad, "who": who, "reason": reason})
-    raise typer.Exit(1 if bad else 0)
+    # An unknown key or one that is not failed is bad input (2); anything else unfinished, 1.
+    raise typer.Exit(refused if refused == 2 else (1 if bad else 0))
 
 
 # --- status ---------------------------------------------------------------------------------------

@@ -108,7 +108,9 @@ def test_retry_after_the_cause_is_fixed(run: Run, home: Path, tmp_path: Path) ->
     assert "file restored from backup" in (event.detail or "")  # why (when: event.at)
 
     again = run("retry", "seg")
-    assert again.returncode == 1 and "not failed" in again.stderr
+    assert again.returncode == 2 and "not failed" in again.stderr  # bad input: nothing changed
+    unknown = run("retry", "no/such/key")
+    assert unknown.returncode == 2 and "not in the manifest" in unknown.stderr
     assert run("retry").returncode == 2  # neither keys nor --all-failed
     none = run("retry", "--all-failed", "--json")
     assert none.returncode == 0 and json.loads(none.stdout)["retried"] == []
