@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "readback":
                 r = bench_readback(endpoint, size=(64 if quick else 1024) * MiB)
             elif name == "watchkill":
-                r = bench_watch_kill(kills=5 if quick else 60, files=6 if quick else 40)
+                r = bench_watch_kill(kills=5 if quick else 40, files=8 if quick else 150)
             else:
                 r = bench_kill(kills=20 if quick else args.kills)
             r.show()
