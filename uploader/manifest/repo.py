@@ -34,6 +34,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal_column,
     or_,
     select,
     text,
@@ -179,9 +180,18 @@ class Manifest:
         engine: Engine,
         *,
         clock: Callable[[], datetime] = utcnow,
+        lease_clock: str | None = None,
     ) -> None:
         self.engine = engine
         self.clock = clock
+        #: Whose clock judges leases (invariant 11): "database" (PostgreSQL's ``now()`` inside
+        #: the statements that register, claim, renew, guard and report leases, so skew between
+        #: clients changes nothing) or "client" (``clock``). Default: the database's on
+        #: PostgreSQL with the real clock; SQLite (one host) and injected test clocks: the
+        #: client's (see :meth:`_db_leases`).
+        if lease_clock not in (None, "database", "client"):
+            raise ValueError(f"lease_clock must be 'database' or 'client', not {lease_clock!r}")
+        self.lease_clock = lease_clock
         # SQLite has one writer at a time; threads of one process that collide would each sleep
         # in SQLite's busy handler (1 ms, 2 ms, ... 100 ms). A lock per database file queues them
         # without sleeping; other processes still meet in SQLite's own lock (busy_timeout).
@@ -212,6 +222,7 @@ class Manifest:
         *,
         auto_upgrade: bool | None = None,
         clock: Callable[[], datetime] = utcnow,
+        lease_clock: str | None = None,
     ) -> Manifest:
         """Connect, and bring an embedded SQLite file to head (a server database must be at head)."""
         engine = db.create_manifest_engine(url)
@@ -220,7 +231,7 @@ class Manifest:
         except BaseException:
             engine.dispose()
             raise
-        return cls(engine, clock=clock)
+        return cls(engine, clock=clock, lease_clock=lease_clock)
 
     @property
     def url(self) -> str:
@@ -232,6 +243,29 @@ class Manifest:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # --- the lease clock ------------------------------------------------------------------------
+
+    def _db_leases(self) -> bool:
+        if self.lease_clock is not None:
+            return self.lease_clock == "database" and self.is_postgres
+        # A clock a test injected (time travel) keeps judging leases itself.
+        return self.is_postgres and self.clock is utcnow
+
+    def _lease_now(self) -> Any:
+        """Now, for lease comparisons: an SQL expression of the database's clock (UTC, naive,
+        like every stored time), or the client's clock."""
+        if self._db_leases():
+            return func.timezone("UTC", func.now())
+        return self.clock()
+
+    def _lease_until(self, ttl: float) -> Any:
+        """Now + ``ttl`` seconds, on the same clock as :meth:`_lease_now`."""
+        if self._db_leases():
+            return func.timezone("UTC", func.now()) + literal_column(
+                f"interval '{float(ttl)!r} seconds'"
+            )
+        return self.clock() + timedelta(seconds=ttl)
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -359,12 +393,12 @@ class Manifest:
         # registered before is left alone by ON CONFLICT DO NOTHING (no unique-violation error
         # in the server's log for every re-open) and read back below.
         now = self.clock()
-        expires = None if lease_ttl is None else now + timedelta(seconds=lease_ttl)
+        expires = None if lease_ttl is None else self._lease_until(lease_ttl)
         fence = 0 if lease_ttl is None else 1
         owner = None if lease_ttl is None else worker
         insert_new = pg_insert if self.is_postgres else sqlite_insert
         with self._begin() as conn:
-            seg_id = conn.execute(
+            inserted = conn.execute(
                 insert_new(S)
                 .values(
                     key=key,
@@ -382,9 +416,12 @@ class Manifest:
                     file_inode=None if identity is None else identity[1],
                 )
                 .on_conflict_do_nothing(index_elements=[S.c.key])
-                .returning(S.c.id)
-            ).scalar_one_or_none()
+                .returning(S.c.id, S.c.lease_expires)
+            ).first()
+            seg_id: int | None = None if inserted is None else int(inserted.id)
             if seg_id is not None:
+                assert inserted is not None
+                expires = inserted.lease_expires  # as the lease clock set it
                 self._event(
                     conn,
                     seg_id,
@@ -444,14 +481,17 @@ class Manifest:
     def acquire(self, key: str, owner: str, ttl: float = DEFAULT_LEASE_SECONDS) -> Lease:
         """Take the lease on ``key``: free, expired, or already ours. Increments the fence."""
         now = self.clock()
-        expires = now + timedelta(seconds=ttl)
+        lease_now = self._lease_now()
+        expires = self._lease_until(ttl)
         with self._begin() as conn:
             res = conn.execute(
                 update(S)
                 .where(
                     S.c.key == key,
                     or_(
-                        S.c.lease_owner.is_(None), S.c.lease_expires < now, S.c.lease_owner == owner
+                        S.c.lease_owner.is_(None),
+                        S.c.lease_expires < lease_now,
+                        S.c.lease_owner == owner,
                     ),
                 )
                 .values(
@@ -468,7 +508,9 @@ class Manifest:
                 f"segment {key!r} is leased by {row.lease_owner} until {row.lease_expires:%Y-%m-%d %H:%M:%S} UTC; "
                 "wait for it to finish or for the lease to expire"
             )
-        return Lease(segment_id=row.id, key=key, owner=owner, fence=row.fence, expires=expires)
+        return Lease(
+            segment_id=row.id, key=key, owner=owner, fence=row.fence, expires=row.lease_expires
+        )
 
     def claim_next(
         self,
@@ -508,7 +550,7 @@ class Manifest:
             .where(
                 text(UNFINISHED_SEGMENTS_SQL),  # the partial index's own predicate
                 S.c.id > after_id,
-                or_(S.c.lease_owner.is_(None), S.c.lease_expires < now),
+                or_(S.c.lease_owner.is_(None), S.c.lease_expires < self._lease_now()),
                 # Another node's segment only to complete it (all parts uploaded): verifying
                 # reads every local byte again, which only a worker on its node can.
                 or_(S.c.node == node, and_(S.c.state == SegmentState.SEALED.value, ~pending)),
@@ -519,7 +561,7 @@ class Manifest:
         )
         # PostgreSQL: skip rows another claimer holds; SQLite: the rarity hint (see above).
         q = q.with_for_update(skip_locked=True) if self.is_postgres else q.where(RARE_UNFINISHED)
-        expires = now + timedelta(seconds=ttl)
+        expires = self._lease_until(ttl)
         with self._begin() as conn:
             ids = list(conn.execute(q).scalars())
             if not ids:
@@ -536,7 +578,11 @@ class Manifest:
         return [
             (
                 Lease(
-                    segment_id=seg.id, key=seg.key, owner=owner, fence=seg.fence, expires=expires
+                    segment_id=seg.id,
+                    key=seg.key,
+                    owner=owner,
+                    fence=seg.fence,
+                    expires=seg.lease_expires or self.clock(),
                 ),
                 seg,
             )
@@ -546,9 +592,11 @@ class Manifest:
     def renew(self, lease: Lease, ttl: float = DEFAULT_LEASE_SECONDS) -> Lease:
         """Extend a lease we still hold; LeaseLostError if it expired or was taken over."""
         now = self.clock()
-        expires = now + timedelta(seconds=ttl)
         with self._begin() as conn:
-            self._guard(conn, lease, now, values={"lease_expires": expires})
+            self._guard(conn, lease, now, values={"lease_expires": self._lease_until(ttl)})
+            expires = conn.execute(
+                select(S.c.lease_expires).where(S.c.id == lease.segment_id)
+            ).scalar_one()
         return Lease(lease.segment_id, lease.key, lease.owner, lease.fence, expires)
 
     def renew_many(
@@ -564,36 +612,38 @@ class Manifest:
         owner = leases[0].owner
         if any(lease.owner != owner for lease in leases):
             raise ValueError("renew_many: every lease must have the same owner")
-        now = self.clock()
-        expires = now + timedelta(seconds=ttl)
         by_id = {lease.segment_id: lease for lease in leases}
-        renewed_ids: set[int] = set()
+        renewed_until: dict[int, datetime] = {}
         ids = list(by_id)
         with self._begin() as conn:
             for i in range(0, len(ids), 500):  # bounded IN lists
                 chunk = ids[i : i + 500]
-                conn.execute(
+                for seg_id, fence, until in conn.execute(
                     update(S)
                     .where(
                         S.c.id.in_(chunk),
                         S.c.lease_owner == owner,
-                        S.c.lease_expires > now,
+                        S.c.lease_expires > self._lease_now(),
                     )
-                    .values(lease_expires=expires)
-                )
-                for seg_id, fence, until in conn.execute(
-                    select(S.c.id, S.c.fence, S.c.lease_expires).where(
-                        S.c.id.in_(chunk), S.c.lease_owner == owner
-                    )
+                    .values(lease_expires=self._lease_until(ttl))
+                    .returning(S.c.id, S.c.fence, S.c.lease_expires)
                 ):
-                    if fence == by_id[seg_id].fence and until == expires:
-                        renewed_ids.add(seg_id)
+                    # Renewed only with our fence: a row taken over (and by chance given to the
+                    # same owner name) is not ours.
+                    if fence == by_id[seg_id].fence:
+                        renewed_until[seg_id] = until
         renewed = [
-            Lease(lease.segment_id, lease.key, lease.owner, lease.fence, expires)
+            Lease(
+                lease.segment_id,
+                lease.key,
+                lease.owner,
+                lease.fence,
+                renewed_until[lease.segment_id],
+            )
             for lease in leases
-            if lease.segment_id in renewed_ids
+            if lease.segment_id in renewed_until
         ]
-        lost = [lease for lease in leases if lease.segment_id not in renewed_ids]
+        lost = [lease for lease in leases if lease.segment_id not in renewed_until]
         return renewed, lost
 
     def release(self, lease: Lease) -> bool:
@@ -613,22 +663,30 @@ class Manifest:
     # --- guarded writes -----------------------------------------------------------------------
 
     def _guard_clause(self, lease: Lease, now: datetime) -> Any:
+        # ``now`` stamps the row (updated_at); the lease is judged by the lease clock.
+        del now
         return and_(
             S.c.id == lease.segment_id,
             S.c.fence == lease.fence,
             S.c.lease_owner == lease.owner,
-            S.c.lease_expires > now,
+            S.c.lease_expires > self._lease_now(),
         )
 
     def _lease_error(self, conn: Connection, lease: Lease, now: datetime) -> LeaseLostError | None:
+        del now  # judged by the lease clock, in the statement
         row = conn.execute(
-            select(S.c.fence, S.c.lease_owner, S.c.lease_expires).where(S.c.id == lease.segment_id)
+            select(
+                S.c.fence,
+                S.c.lease_owner,
+                S.c.lease_expires,
+                (S.c.lease_expires > self._lease_now()).label("live"),
+            ).where(S.c.id == lease.segment_id)
         ).first()
         if row is None:
             return LeaseLostError(lease.key, lease.fence, None)
         if row.fence != lease.fence or row.lease_owner != lease.owner:
             return LeaseLostError(lease.key, lease.fence, row.fence)
-        if row.lease_expires is None or row.lease_expires <= now:
+        if row.lease_expires is None or not row.live:
             err = LeaseLostError(lease.key, lease.fence, row.fence)
             err.args = (
                 f"segment {lease.key!r}: our lease expired at {row.lease_expires}; write refused",
@@ -1631,11 +1689,10 @@ class Manifest:
         self, *, exclude_owner: str | None = None
     ) -> list[tuple[str, str, datetime]]:
         """(key, lease owner, lease expiry) of unfinished segments another process holds now."""
-        now = self.clock()
         q = select(S.c.key, S.c.lease_owner, S.c.lease_expires).where(
             text(UNFINISHED_SEGMENTS_SQL),
             S.c.lease_owner.is_not(None),
-            S.c.lease_expires > now,
+            S.c.lease_expires > self._lease_now(),
         )
         if exclude_owner is not None:
             q = q.where(S.c.lease_owner != exclude_owner)
