@@ -472,21 +472,30 @@ class Driver:
         learned.obj = self._remote(lease, "head", lambda: self.storage.head(seg.key))
         learned.object_known = True
 
-    def _deep_read(self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord]) -> None:
-        """Read the object back part by part: every part's MD5 and CRC32C as recorded."""
+    def _differing_part(
+        self, seg: SegmentRecord, commits: Sequence[CommitRecord]
+    ) -> CommitRecord | None:
+        """Read the object back part by part: the first part whose MD5 or CRC32C is not the
+        recorded one, or None."""
         for c in commits:
-            try:
-                data = self.storage.read(seg.key, c.start, c.end)
-            except StorageError as exc:
-                self._record_error(lease, f"deep read: {exc}")
-                raise
-            md5, crc = checksum(data)
+            md5, crc = checksum(self.storage.read(seg.key, c.start, c.end))
             if md5 != c.md5 or crc != c.crc32c:
-                raise _Fail(
-                    f"object at key {seg.key!r}: bytes [{c.start}, {c.end}) (part "
-                    f"{c.part_number}) differ from the local bytes although its ETag matches; "
-                    "it cannot be named exactly for removal and is left alone"
-                )
+                return c
+        return None
+
+    def _deep_read(self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord]) -> None:
+        """Every part's bytes at the remote as recorded, or the segment fails."""
+        try:
+            c = self._differing_part(seg, commits)
+        except StorageError as exc:
+            self._record_error(lease, f"deep read: {exc}")
+            raise
+        if c is not None:
+            raise _Fail(
+                f"object at key {seg.key!r}: bytes [{c.start}, {c.end}) (part "
+                f"{c.part_number}) differ from the local bytes although its ETag matches; "
+                "it cannot be named exactly for removal and is left alone"
+            )
 
     def _remove(self, lease: Lease, seg: SegmentRecord, etag: str, learned: _Learned) -> None:
         # The lease is proven current right before the call (a guarded write), on top of the
@@ -518,13 +527,9 @@ class Driver:
             return f"object {seg.key!r} has ETag {etag}, expected {seg.expected_etag}"
         if not deep and etag is not None:
             return None
-        for c in commits:
-            md5, crc = checksum(self.storage.read(seg.key, c.start, c.end))
-            if md5 != c.md5 or crc != c.crc32c:
-                return (
-                    f"object {seg.key!r} bytes [{c.start}, {c.end}) differ from part "
-                    f"{c.part_number}"
-                )
+        c = self._differing_part(seg, commits)
+        if c is not None:
+            return f"object {seg.key!r} bytes [{c.start}, {c.end}) differ from part {c.part_number}"
         return None
 
     # --- outcomes ------------------------------------------------------------------------------

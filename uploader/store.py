@@ -24,7 +24,14 @@ from typing import Any, TypeVar
 from uploader import readback, recovery
 from uploader import rebuild as rebuild_mod
 from uploader import verify as verify_mod
-from uploader.digest import Payload, combine_crcs, file_size, multipart_etag, read_range
+from uploader.digest import (
+    Payload,
+    combine_crcs,
+    file_size,
+    multipart_etag,
+    read_range,
+    stat_file,
+)
 from uploader.driver import DEFAULT_MAX_REUPLOADS, Driver, DriveResult
 from uploader.errors import (
     KeyConflictError,
@@ -249,19 +256,32 @@ class Segment:
             )
         return parts
 
-    def _check_identity(self, lease: Lease, seg: SegmentRecord) -> None:
-        """A local file replaced by another inode holds other bytes: the segment fails."""
-        if seg.file_inode is None:
-            return
-        device, inode = file_identity(self.path)
-        if (device, inode) != (seg.file_device, seg.file_inode):
+    def _valid_end(
+        self, lease: Lease, seg: SegmentRecord, committed: int, end: int | None, what: str
+    ) -> int:
+        """The end a job ships up to (``end``, default the file size), checked against one
+        ``stat`` of the file: replaced by another inode, the segment fails (its bytes are not the
+        ones committed); shorter than what the job needs, LocalFileError."""
+        st = stat_file(self.path)
+        if seg.file_inode is not None and (st.st_dev, st.st_ino) != (
+            seg.file_device,
+            seg.file_inode,
+        ):
             reason = (
                 f"local bytes unusable: {self.path} was replaced by another file (inode "
-                f"{seg.file_inode} registered, {inode} now); its bytes are not the ones committed"
+                f"{seg.file_inode} registered, {st.st_ino} now); its bytes are not the ones "
+                "committed"
             )
             self._store.manifest.fail_segment(lease, reason)
             self._store.keeper.release(seg.id)
             raise SegmentFailedError(f"segment {self.key!r} failed: {reason}")
+        end = st.st_size if end is None else end
+        if st.st_size < committed or end > st.st_size:
+            raise LocalFileError(
+                f"{self.path}: local file of segment {self.key!r} has {st.st_size} bytes; the "
+                f"{what} needs [{committed}, {end}); it was truncated"
+            )
+        return end
 
     def _do_commit(self, recorded: threading.Event, upto: int | None) -> CommitResult:
         store = self._store
@@ -274,14 +294,7 @@ class Segment:
         # so reading every part of a long segment on each commit would grow quadratically.
         progress = store.manifest.progress(self._id)
         seg, committed = progress.segment, progress.committed
-        self._check_identity(lease, seg)
-        size = file_size(self.path)
-        end = size if upto is None else upto
-        if size < committed or end > size:
-            raise LocalFileError(
-                f"{self.path}: local file of segment {self.key!r} has {size} bytes; the commit "
-                f"needs [{committed}, {end}); it was truncated"
-            )
+        end = self._valid_end(lease, seg, committed, upto, "commit")
         counters = Counters()
         new = self._new_parts(committed, end, seg.part_size, progress.parts, final=False)
         pending = store.manifest.pending_commits(seg.id)
@@ -356,14 +369,7 @@ class Segment:
         progress = store.manifest.progress(self._id)
         seg, committed = progress.segment, progress.committed
         try:
-            self._check_identity(lease, seg)
-            file_end = file_size(self.path)
-            end = file_end if size is None else size
-            if file_end < committed or end > file_end:
-                raise LocalFileError(
-                    f"{self.path}: local file of segment {self.key!r} has {file_end} bytes; the "
-                    f"seal needs [{committed}, {end}); it was truncated"
-                )
+            end = self._valid_end(lease, seg, committed, size, "seal")
             # A segment no bigger than a part, with nothing sent yet, goes as one atomic PUT.
             if not committed and seg.upload_id is None and end <= seg.part_size:
                 return self._seal_single(lease, seg, end)
