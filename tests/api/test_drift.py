@@ -161,3 +161,33 @@ def test_verify_of_a_segment_not_yet_verified_says_so_and_is_not_drift(
     assert not check.ok and not check.drift and report.drifted == ()
     assert check.problem is not None and check.problem.startswith("not verified yet (open)")
     assert store.manifest.segment("open/0").state is uploader.SegmentState.OPEN  # type: ignore[union-attr]
+
+
+def test_deep_verification_reads_every_part_back_before_verified(
+    make_store: StoreFactory, remote: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    from uploader.storage import open_storage
+
+    url, options = remote
+
+    class CountingReads:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+            self.reads: list[tuple[int, int]] = []
+
+        def read(self, key: str, start: int, end: int) -> bytes:
+            self.reads.append((start, end))
+            data: bytes = self.inner.read(key, start, end)
+            return data
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+    storage = CountingReads(open_storage(url, dict(options), min_part_size=PART))
+    store = make_store(storage=storage, verify="deep")
+    p = tmp_path / "deep"
+    data = random.Random(3).randbytes(2 * PART + 11)
+    p.write_bytes(data)
+    assert store.segment("deep/0", p).seal().result(timeout=60).verified
+    assert storage.reads == [(0, PART), (PART, 2 * PART), (2 * PART, 2 * PART + 11)]
+    assert remote_bytes(remote, "deep/0") == data
