@@ -508,12 +508,12 @@ class Driver:
         self.manifest.object_removed(lease, etag)
         learned.object_changed()
 
-    def check_object(
-        self, seg: SegmentRecord, commits: Sequence[CommitRecord], *, deep: bool
-    ) -> str | None:
+    def check_object(self, seg: SegmentRecord, *, deep: bool) -> str | None:
         """None if the object at the key matches what the seal recorded, else what differs.
 
-        Changes nothing: ``uploader verify`` and ``Store.check_object`` use it.
+        One HEAD; the parts are read from the manifest (and the object read back) only when
+        ``deep`` or when the remote reports no ETag. Changes nothing: ``uploader verify``, the
+        scrub and the deletion gate use it.
         """
         if seg.size is None or seg.expected_etag is None:
             return f"segment {seg.key!r} is {seg.state.value}: nothing sealed to compare with"
@@ -527,7 +527,7 @@ class Driver:
             return f"object {seg.key!r} has ETag {etag}, expected {seg.expected_etag}"
         if not deep and etag is not None:
             return None
-        c = self._differing_part(seg, commits)
+        c = self._differing_part(seg, self.manifest.commits(seg.id))
         if c is not None:
             return f"object {seg.key!r} bytes [{c.start}, {c.end}) differ from part {c.part_number}"
         return None

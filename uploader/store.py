@@ -630,7 +630,7 @@ class Store:
                 continue
             # The object itself, at the time of the question (one HEAD): a verified object
             # that vanished or changed since is drift, recorded, and the file is not offered.
-            remote = self.driver.check_object(rec, (), deep=False)
+            remote = self.driver.check_object(rec, deep=False)
             if remote is not None:
                 log.error("segment %r is not deletable: %s", rec.key, remote)
                 verify_mod.drift(self.crew, rec, remote, repair=False)
@@ -719,7 +719,7 @@ class Store:
         seg = self.manifest.segment(key)
         if seg is None:
             raise UsageError(f"segment {key!r} is not in the manifest")
-        return self.driver.check_object(seg, self.manifest.commits(seg.id), deep=deep)
+        return self.driver.check_object(seg, deep=deep)
 
     # --- reading back and rebuilding -------------------------------------------------------
 

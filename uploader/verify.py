@@ -95,8 +95,7 @@ def check_one(crew: Crew, rec: SegmentRecord, *, deep: bool, repair: bool) -> Ch
             "or `uploader recover` finishes it",
             state=rec.state.value,
         )
-    commits = crew.manifest.commits(rec.id)
-    problem = crew.driver.check_object(rec, commits, deep=deep)
+    problem = crew.driver.check_object(rec, deep=deep)
     if problem is None:
         crew.manifest.checked(rec.id)
         return Check(rec.key, True)
