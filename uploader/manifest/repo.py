@@ -1081,11 +1081,9 @@ class Manifest:
         return _segment(row)
 
     def commit_uploaded(self, lease: Lease, commit: CommitRecord, etag: str) -> None:
-        """``pending -> uploaded``: only with the ETag the remote acknowledged, equal to our MD5."""
-        _check_acknowledged(lease, commit, etag)
-        self.transition_commit(
-            lease, commit.id, CommitState.PENDING, CommitState.UPLOADED, etag=etag
-        )
+        """``pending -> uploaded``: only with the ETag the remote acknowledged, equal to our MD5
+        (one part of :meth:`parts_uploaded`)."""
+        self.parts_uploaded(lease, [(commit, etag)])
 
     def put_done(self, lease: Lease, commit: CommitRecord, etag: str) -> None:
         """A single PUT was acknowledged: its part and the segment become ``uploaded`` at once.
