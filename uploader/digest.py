@@ -60,7 +60,7 @@ def read_bytes(path: str, start: int, end: int) -> bytes:
         ) from None
     except OSError as exc:
         raise LocalFileError(
-            f"{path}: cannot read local file: {exc.strerror or exc}", terminal=False
+            f"{path}: cannot read local file: {exc.strerror or exc}", retryable=True
         ) from None
     if len(data) != end - start:
         raise LocalFileError(
@@ -87,7 +87,7 @@ def stat_file(path: str) -> os.stat_result:
         ) from None
     except OSError as exc:
         raise LocalFileError(
-            f"{path}: cannot stat local file: {exc.strerror or exc}", terminal=False
+            f"{path}: cannot stat local file: {exc.strerror or exc}", retryable=True
         ) from None
 
 

@@ -183,7 +183,7 @@ class Driver:
             except _Fail as exc:
                 return self._fail(lease, seg, str(exc))
             except LocalFileError as exc:
-                if not exc.terminal:
+                if exc.retryable:
                     self._record_error(lease, str(exc))
                     raise
                 # Invariant 8: the local bytes were the source of truth and they are gone or
