@@ -250,7 +250,7 @@ def bench_appends(endpoint: str, *, total: int = 256 * MiB, chunk: int = 1 * MiB
                     fut.result()
                 assert sealed.result().verified
                 res.measurements["manifest rows (commits)"] = len(
-                    store.manifest.commits(store.manifest.segment("appends/0").id)  # type: ignore[union-attr]
+                    store.manifest.commits(store.manifest.segment("appends/0").id)
                 )
 
         t_boto = timed(boto)
