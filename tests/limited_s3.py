@@ -74,6 +74,7 @@ class LimitedS3:
         self.ignore_if_none_match = ignore_if_none_match
         self.etags = etags
         self.calls: list[str] = []
+        self.paths: list[str] = []
         self._lock = threading.Lock()
         proxy = self
 
@@ -102,9 +103,14 @@ class LimitedS3:
         self._server.shutdown()
         self._server.server_close()
 
-    def count(self, op: str) -> int:
+    def count(self, op: str, key: str | None = None) -> int:
+        """How many ``op`` requests reached the proxy (for an object path ending in ``/key``)."""
         with self._lock:
-            return self.calls.count(op)
+            return sum(
+                1
+                for o, path in zip(self.calls, self.paths, strict=True)
+                if o == op and (key is None or path.endswith("/" + key))
+            )
 
     # --- one request ------------------------------------------------------------------------------
 
@@ -140,6 +146,7 @@ class LimitedS3:
         op = operation(h.command, split.path, query)
         with self._lock:
             self.calls.append(op)
+            self.paths.append(split.path)
         body = _read_body(h)
         status = self.refuse.get(op)
         if status is not None:

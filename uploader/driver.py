@@ -316,8 +316,15 @@ class Driver:
         elif act is Act.VERIFY_PUT:
             [commit] = step.commits
             assert learned.obj is not None and learned.obj.etag is not None
+            # The part's ETag is its MD5 (proven: by the object's ETag, or by reading the
+            # bytes back where the remote's ETag is another string); the object's is as said.
             self.manifest.put_verified(
-                lease, commit, learned.obj.etag, self._verified_detail(seg, learned), release=release
+                lease,
+                commit,
+                commit.md5,
+                self._verified_detail(seg, learned),
+                release=release,
+                object_etag=learned.obj.etag,
             )
             if release:
                 self.keeper.drop(seg.id)
@@ -562,6 +569,10 @@ class Driver:
     def _record_error(self, lease: Lease, error: str) -> None:
         with contextlib.suppress(UploaderError):  # a lost lease: the new holder records
             self.manifest.record_error(lease, error)
+
+    def fail(self, lease: Lease, reason: str) -> DriveResult:
+        """Declare the leased segment ``failed`` with ``reason`` (recovery: stuck too long)."""
+        return self._fail(lease, self.manifest.segment_by_id(lease.segment_id), reason)
 
     def _fail(self, lease: Lease, seg: SegmentRecord, reason: str) -> DriveResult:
         try:
