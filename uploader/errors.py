@@ -164,6 +164,21 @@ class NoSuchUploadError(StorageError):
     """The remote does not know this upload id (never started, aborted or completed)."""
 
 
+class UnsupportedOperationError(StorageError):
+    """The remote does not implement an operation (HTTP 405 or 501): asking again cannot help.
+
+    ``op`` names the S3 operation (``ListParts``, ``ListMultipartUploads``, ...). Never retried;
+    the caller takes another way where there is one (a fresh upload instead of listing parts) or
+    says which capability is missing.
+    """
+
+    retryable = False
+
+    def __init__(self, message: str, *, op: str) -> None:
+        super().__init__(message, retryable=False)
+        self.op = op
+
+
 class ObjectExistsError(StorageError):
     """A conditional write found an object already at the key."""
 
