@@ -189,7 +189,7 @@ class LimitedS3:
 
 def _read_body(h: BaseHTTPRequestHandler) -> bytes | None:
     if h.headers.get("Transfer-Encoding", "").lower() == "chunked":
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             size = int(h.rfile.readline().split(b";")[0].strip() or b"0", 16)
             if size == 0:
