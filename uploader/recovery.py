@@ -60,6 +60,7 @@ from uploader.errors import (
 )
 from uploader.leases import LeaseKeeper
 from uploader.manifest.repo import Manifest
+from uploader.outage import Backoff, OutageGuard
 from uploader.records import Lease, SegmentRecord
 from uploader.stalled import find_stalled
 from uploader.states import SegmentState
@@ -394,14 +395,29 @@ def recover_loop(
     interval: float,
     stop: threading.Event,
     on_report: Callable[[RecoveryReport], None] | None = None,
+    on_segment: Callable[[SegmentOutcome], None] | None = None,
     max_reuploads: int = DEFAULT_MAX_REUPLOADS,
+    backoff: Backoff | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> RecoveryReport:
-    """Run passes every ``interval`` seconds until ``stop`` is set; return the last report."""
+    """Run a pass every ``interval`` seconds until ``stop`` is set; return the last report.
+
+    A pass the manifest's outage cut short (:mod:`uploader.outage`) is logged and run again after
+    a bounded, jittered backoff; its claims were released or expire, and a later pass takes them
+    again. Any other error ends the loop.
+    """
+    guard = OutageGuard("recover", backoff=backoff, clock=clock)
     report = RecoveryReport()
     while not stop.is_set():
-        started = time.monotonic()
-        report = recover(crew, stop=stop, max_reuploads=max_reuploads)
+        started = clock()
+        try:
+            report = recover(crew, stop=stop, max_reuploads=max_reuploads, on_segment=on_segment)
+        except Exception as exc:
+            if not guard.survive(exc, stop):
+                raise
+            continue
+        guard.ok()
         if on_report is not None:
             on_report(report)
-        stop.wait(max(0.0, interval - (time.monotonic() - started)))
+        stop.wait(max(0.0, interval - (clock() - started)))
     return report
