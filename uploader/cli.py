@@ -281,7 +281,11 @@ def _stop_on_signals() -> Iterator[threading.Event]:
     stop = threading.Event()
 
     def handler(signum: int, _frame: FrameType | None) -> None:
-        err.print(f"{signal.Signals(signum).name}: finishing the work in hand, then stopping")
+        # A plain write, not rich: the handler runs between any two bytecodes of the main thread,
+        # possibly in the middle of rich importing the module its print would need (seen as
+        # "cannot import name 'EMOJI' from partially initialized module").
+        name = signal.Signals(signum).name
+        os.write(2, f"{name}: finishing the work in hand, then stopping\n".encode())
         stop.set()
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
