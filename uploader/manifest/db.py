@@ -329,7 +329,7 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(orig, sqlite3.Error):
         code = getattr(orig, "sqlite_errorcode", None)
         if code is not None:
-            return code & 0xFF in _SQLITE_TRANSIENT
+            return (code & 0xFF) in _SQLITE_TRANSIENT
         text_ = str(orig).lower()
         return "locked" in text_ or "busy" in text_
     sqlstate = getattr(orig, "sqlstate", None)
