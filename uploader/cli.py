@@ -42,7 +42,6 @@ import json
 import logging
 import shlex
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -282,7 +281,11 @@ def _stop_on_signals() -> Iterator[threading.Event]:
     stop = threading.Event()
 
     def handler(signum: int, _frame: FrameType | None) -> None:
-        err.print(f"{signal.Signals(signum).name}: finishing the work in hand, then stopping")
+        # A plain write, not rich: the handler runs between any two bytecodes of the main thread,
+        # possibly in the middle of rich importing the module its print would need (seen as
+        # "cannot import name 'EMOJI' from partially initialized module").
+        name = signal.Signals(signum).name
+        os.write(2, f"{name}: finishing the work in hand, then stopping\n".encode())
         stop.set()
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -642,19 +645,25 @@ def watch(
             on_problem=on_problem,
         )
         err.print(f"watching {watcher.directory} (keys {watcher.key_prefix}*, format {fmt.name})")
-        last_recovery = time.monotonic()
+
+        def on_recovery(report: RecoveryReport) -> None:
+            if metrics is not None:
+                metrics.uploaded(report.bytes_sent)
+                metrics.failed("recovery", len(report.failed))
+
         try:
-            while not stop.is_set():
-                watcher.tick()
-                if once:
-                    break
-                if time.monotonic() - last_recovery >= recover_every:
-                    report = store.recover(stop=stop)
-                    if metrics is not None:
-                        metrics.uploaded(report.bytes_sent)
-                        metrics.failed("recovery", len(report.failed))
-                    last_recovery = time.monotonic()
-                stop.wait(interval)
+            if once:
+                if not stop.is_set():
+                    watcher.tick()
+            else:
+                # The library's loop: ticks, a recovery pass every --recover-every seconds, and
+                # manifest outages ridden out (logged, backed off, retried).
+                watcher.run(
+                    interval=interval,
+                    stop=stop,
+                    recover_every=recover_every,
+                    on_recovery=on_recovery,
+                )
         finally:
             if server is not None:
                 server.shutdown()
@@ -695,11 +704,26 @@ def recover(
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
-    """Finish interrupted segments; exit 0 when everything seen is verified."""
+    """Finish interrupted segments; exit 0 when everything seen is verified.
+
+    With --loop, a manifest outage (a lost connection, a server restart, a locked SQLite file) is
+    logged and ridden out: the loop backs off and tries again."""
+    from uploader.recovery import recover_loop
+
     with ctx_store(ctx, worker=worker) as store, _stop_on_signals() as stop:
         metrics, server = _metrics(store, metrics_port)
+
+        def on_report(report: RecoveryReport) -> None:
+            if metrics is not None:
+                metrics.uploaded(report.bytes_sent)
+                metrics.failed("recovery", len(report.failed))
+            if json_output:
+                _emit_json(report.as_dict())
+            elif report.resumed or not loop:
+                _print_report(report)
+
         try:
-            while True:
+            if not loop:
                 unfinished = sum(
                     n for state, n in store.status().segments.items() if state in UNFINISHED
                 )
@@ -709,15 +733,17 @@ def recover(
                         stop=stop,
                         on_segment=functools.partial(_advance, progress, task),
                     )
-                if metrics is not None:
-                    metrics.uploaded(report.bytes_sent)
-                    metrics.failed("recovery", len(report.failed))
-                if json_output:
-                    _emit_json(report.as_dict())
-                elif report.resumed or not loop:
-                    _print_report(report)
-                if not loop or stop.wait(interval):
-                    break
+                on_report(report)
+            else:
+                with _progress() as progress:  # segments recovered so far, over every pass
+                    task = progress.add_task("recovering", total=None)
+                    report = recover_loop(
+                        store.crew,
+                        interval=interval,
+                        stop=stop,
+                        on_report=on_report,
+                        on_segment=functools.partial(_advance, progress, task),
+                    )
         finally:
             if server is not None:
                 server.shutdown()
@@ -964,15 +990,24 @@ def verify(
                 bad = not report.ok
             else:
                 bad = False
-                while True:
-                    report = store.scrub(
-                        limit=batch, deep=deep, rate=rate, stop=stop, on_check=count
-                    )
+
+                def on_report(report: verify_mod.VerifyReport) -> None:
+                    nonlocal bad
                     if report.checks and (json_output or not report.ok):
                         _print_verify(report, json_output)
                     bad = bad or not report.ok
-                    if stop.wait(interval):
-                        break
+
+                # The library's scrub loop (manifest outages ridden out: logged, retried).
+                verify_mod.scrub_loop(
+                    store.crew,
+                    interval=interval,
+                    stop=stop,
+                    limit=batch,
+                    deep=deep,
+                    rate=rate,
+                    on_check=count,
+                    on_report=on_report,
+                )
         finally:
             if server is not None:
                 server.shutdown()
@@ -1189,6 +1224,18 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if debug:
             raise
+        from uploader.manifest import db
+
+        if db.is_outage(exc):
+            # The daemons ride these out; a one-shot command (or a daemon stopping, or starting)
+            # met the manifest unavailable: nothing half-done is lost, run it again later.
+            err.print(
+                f"error: the manifest is unavailable ({db.describe(exc)}); every write is one "
+                "transaction, so nothing half-done was recorded: run the command again once it "
+                "answers",
+                markup=False,
+            )
+            sys.exit(1)
         err.print(
             f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)",
             markup=False,

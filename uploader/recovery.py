@@ -62,7 +62,9 @@ from uploader.errors import (
     WorkInterruptedError,
 )
 from uploader.leases import LeaseKeeper
+from uploader.manifest import db
 from uploader.manifest.repo import Manifest
+from uploader.outage import Backoff, OutageGuard
 from uploader.records import Lease, SegmentRecord
 from uploader.stalled import find_stalled
 from uploader.states import SegmentState
@@ -188,12 +190,15 @@ def recover(
     stop: threading.Event | None = None,
     on_segment: Callable[[SegmentOutcome], None] | None = None,
     stuck_passes: int = DEFAULT_STUCK_PASSES,
+    unreleased: list[Lease] | None = None,
 ) -> RecoveryReport:
     """One pass over the unfinished segments this worker can act on.
 
     Claims them in batches in id order (others are claimed by other workers meanwhile), drives
     each, releases it. ``limit`` bounds the number of claims; ``stop`` ends the pass after the
-    batch in hand (graceful shutdown).
+    batch in hand (graceful shutdown). A lease that could not be given back because the manifest
+    was unavailable is added to ``unreleased`` (:func:`recover_loop` gives it back once the
+    manifest answers again, instead of leaving the segment idle until the lease expires).
     """
     totals = _Totals()
     after_id = 0
@@ -218,8 +223,7 @@ def recover(
             try:
                 return _resume(crew, lease, seg, max_reuploads, totals.counters, stuck_passes)
             finally:
-                with contextlib.suppress(UploaderError):
-                    crew.keeper.release(seg.id)
+                _release(crew, lease, unreleased)
 
         if len(claimed) == 1:
             outcomes = [work(claimed[0])]
@@ -243,6 +247,19 @@ def recover(
         parts_sent=c.parts_sent,
         parts_reused=c.parts_reused,
     )
+
+
+def _release(crew: Crew, lease: Lease, unreleased: list[Lease] | None) -> None:
+    """Give a claimed lease back; one the manifest's outage kept is remembered in ``unreleased``
+    (the outage still ends the pass: the caller sees the error)."""
+    try:
+        crew.keeper.release(lease.segment_id)
+    except UploaderError:
+        pass  # lost meanwhile: nothing of ours to give back
+    except Exception as exc:
+        if unreleased is not None and db.is_outage(exc):
+            unreleased.append(lease)
+        raise
 
 
 def _fail_stalled(crew: Crew) -> list[SegmentOutcome]:
@@ -459,14 +476,41 @@ def recover_loop(
     interval: float,
     stop: threading.Event,
     on_report: Callable[[RecoveryReport], None] | None = None,
+    on_segment: Callable[[SegmentOutcome], None] | None = None,
     max_reuploads: int = DEFAULT_MAX_REUPLOADS,
+    backoff: Backoff | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> RecoveryReport:
-    """Run passes every ``interval`` seconds until ``stop`` is set; return the last report."""
+    """Run a pass every ``interval`` seconds until ``stop`` is set; return the last report.
+
+    A pass the manifest's outage cut short (:mod:`uploader.outage`) is logged and run again after
+    a bounded, jittered backoff. Claims the outage kept us from giving back are given back first
+    (a segment is not left idle until its lease expires); a later pass takes them again. Any other
+    error ends the loop.
+    """
+    guard = OutageGuard("recover", backoff=backoff, clock=clock)
     report = RecoveryReport()
+    unreleased: list[Lease] = []  # claims an outage kept us from giving back
     while not stop.is_set():
-        started = time.monotonic()
-        report = recover(crew, stop=stop, max_reuploads=max_reuploads)
+        started = clock()
+        try:
+            while unreleased:
+                # Fenced: a no-op if the lease expired and another worker took the segment.
+                crew.manifest.release(unreleased[0])
+                unreleased.pop(0)
+            report = recover(
+                crew,
+                stop=stop,
+                max_reuploads=max_reuploads,
+                on_segment=on_segment,
+                unreleased=unreleased,
+            )
+        except Exception as exc:
+            if not guard.survive(exc, stop):
+                raise
+            continue
+        guard.ok()
         if on_report is not None:
             on_report(report)
-        stop.wait(max(0.0, interval - (time.monotonic() - started)))
+        stop.wait(max(0.0, interval - (clock() - started)))
     return report
