@@ -107,13 +107,20 @@ class Context:
     min_part_size: int | None = None
 
     def settings(self, *, create: bool = True) -> settings.Settings:
-        return settings.resolve(
-            manifest=self.manifest,
-            remote=self.remote,
-            storage_options=self.storage_options,
-            home=self.home,
-            create=create,
-        )
+        from uploader.manifest import db
+
+        def resolve(create: bool) -> settings.Settings:
+            return settings.resolve(
+                manifest=self.manifest,
+                remote=self.remote,
+                storage_options=self.storage_options,
+                home=self.home,
+                create=create,
+            )
+
+        s = resolve(False)
+        db.parse_url(s.manifest)  # a typo'd URL is refused before anything is created
+        return resolve(True) if create else s
 
     def open(self, **kwargs: Any) -> Store:
         require_manifest(self.settings(create=False))  # before creating anything

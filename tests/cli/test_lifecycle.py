@@ -293,3 +293,33 @@ def test_ship_json_is_printed_when_a_file_is_refused(run: Run, tmp_path: Path) -
     assert [s["verified"] for s in data["segments"]] == [False, True]
     assert "already registered" in data["segments"][0]["error"]
     assert os.path.exists(a)
+
+
+@pytest.mark.parametrize(
+    ("url", "hint"),
+    [
+        ("postgress://postgres:pw-x7@127.0.0.1/m", "did you mean postgresql://"),
+        ("postgresql+psycopg2://postgres@127.0.0.1/m", "psycopg 3"),
+        ("sqlite3:///m.db", "did you mean sqlite:///"),
+        ("sqlite:/m.db", "three slashes"),
+        ("sqlite://m.db", "no host"),
+        ("mysql://u@db/m", "mysql:// is not a manifest database"),
+    ],
+)
+def test_misspelt_manifest_schemes_name_the_accepted_forms(
+    run: Run, home: Path, tmp_path: Path, url: str, hint: str
+) -> None:
+    commands: list[tuple[str, ...]] = [("status",)]
+    if url.startswith("postgress"):  # the commands that write, once (each run costs seconds)
+        commands += [("db", "upgrade"), ("ship", str(tmp_path / "f"))]
+    _file(tmp_path / "f", 10)
+    for args in commands:
+        res = run("--manifest", url, *args, cwd=tmp_path)
+        assert res.returncode == 2, res.stdout + res.stderr
+        line = res.stderr.strip().splitlines()[-1]
+        assert hint in line and "Traceback" not in res.stderr, line
+        assert "accepted forms: sqlite:////absolute/path.db" in line
+        assert "postgresql://user[:password]@host[:port]/database" in line
+        assert "pw-x7" not in res.stderr
+        assert list(home.iterdir()) == []  # nothing created: no remote directory, no database
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "home"]
