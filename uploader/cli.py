@@ -79,6 +79,17 @@ UNFINISHED = {s.value for s in UNFINISHED_SEGMENT_STATES}
 
 log = logging.getLogger("uploader")
 
+_argument_type = typer.core.TyperArgument.display_type_rich
+
+
+def _argument_metavar_only(self: typer.core.TyperArgument, ctx: Any) -> str | None:
+    """An argument with a metavar (FILE, DIR, KEY) is shown by it alone: typer would add its
+    Python type (``FILE <list[Path]>``), which says nothing to an operator."""
+    return None if self.metavar is not None else _argument_type(self, ctx)
+
+
+setattr(typer.core.TyperArgument, "display_type_rich", _argument_metavar_only)  # noqa: B010
+
 app = typer.Typer(
     name="uploader",
     help="Ship append-only segment files to object storage without ever losing the tail.",
@@ -173,32 +184,43 @@ def main_options(
     manifest: Annotated[
         str | None,
         typer.Option(
-            help="Manifest SQLAlchemy URL [env UPLOADER_MANIFEST; default: embedded SQLite]"
+            metavar="URL",
+            help="Manifest SQLAlchemy URL [env UPLOADER_MANIFEST; default: embedded SQLite]",
         ),
     ] = None,
     remote: Annotated[
         str | None,
-        typer.Option(help="Remote root fsspec URL [env UPLOADER_REMOTE; default: local directory]"),
+        typer.Option(
+            metavar="URL",
+            help="Remote root fsspec URL [env UPLOADER_REMOTE; default: local directory]",
+        ),
     ] = None,
     storage_options: Annotated[
         str | None,
         typer.Option(
             "--storage-options",
+            metavar="JSON",
             help="JSON object for fsspec [env UPLOADER_STORAGE_OPTIONS]; never printed",
         ),
     ] = None,
     home: Annotated[
         str | None,
         typer.Option(
-            help="Data directory of the embedded defaults [env UPLOADER_HOME; ./.uploader]"
+            metavar="DIR",
+            help="Data directory of the embedded defaults [env UPLOADER_HOME; ./.uploader]",
         ),
     ] = None,
-    part_size: Annotated[int, typer.Option(help="Part size in bytes")] = DEFAULT_PART_SIZE,
-    concurrency: Annotated[int, typer.Option(help="Parts in flight at once")] = 4,
+    part_size: Annotated[
+        int, typer.Option(metavar="BYTES", help="Part size in bytes")
+    ] = DEFAULT_PART_SIZE,
+    concurrency: Annotated[
+        int, typer.Option(metavar="N", min=1, help="Parts in flight at once")
+    ] = 4,
     debug: Annotated[bool, typer.Option(help="Show tracebacks and debug logs")] = False,
     lease_seconds: Annotated[
         float,
         typer.Option(
+            metavar="SECONDS",
             min=1.0,
             help="Lease length: how long a dead process's segments wait before another takes them",
         ),
@@ -206,7 +228,8 @@ def main_options(
     min_part_size: Annotated[
         int | None,
         typer.Option(
-            help="Smallest part the remote accepts (S3: 5 MiB; lower only for test servers)"
+            metavar="BYTES",
+            help="Smallest part the remote accepts (S3: 5 MiB; lower only for test servers)",
         ),
     ] = None,
 ) -> None:
@@ -323,9 +346,11 @@ def _emit_json(data: object) -> None:
 @app.command()
 def ship(
     ctx: typer.Context,
-    paths: Annotated[list[Path], typer.Argument(help="Segment files to commit and seal")],
+    paths: Annotated[
+        list[Path], typer.Argument(metavar="FILE", help="Segment files to commit and seal")
+    ],
     key_prefix: Annotated[
-        str, typer.Option(help="Prefix of the keys (key = prefix + file name)")
+        str, typer.Option(metavar="PREFIX", help="Prefix of the keys (key = prefix + file name)")
     ] = "",
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
@@ -582,24 +607,41 @@ def ctx_store(ctx: typer.Context, **kwargs: Any) -> Iterator[Store]:
 @app.command()
 def watch(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(help="Directory of rolling segment files")],
-    interval: Annotated[float, typer.Option(min=0.01, help="Seconds between passes")] = 1.0,
+    directory: Annotated[
+        Path, typer.Argument(metavar="DIR", help="Directory of rolling segment files")
+    ],
+    interval: Annotated[
+        float, typer.Option(metavar="SECONDS", min=0.01, help="Seconds between passes")
+    ] = 1.0,
     segment_size: Annotated[
-        int | None, typer.Option(help="Seal a segment once it reaches this many bytes")
+        int | None,
+        typer.Option(metavar="BYTES", help="Seal a segment once it reaches this many bytes"),
     ] = None,
-    pattern: Annotated[str, typer.Option(help="Glob of segment file names")] = "[0-9]*",
+    pattern: Annotated[
+        str, typer.Option(metavar="GLOB", help="Glob of segment file names")
+    ] = "[0-9]*",
     key_prefix: Annotated[
-        str | None, typer.Option(help="Key prefix (default: the directory's name and '/')")
+        str | None,
+        typer.Option(metavar="PREFIX", help="Key prefix (default: the directory's name and '/')"),
     ] = None,
     recover_every: Annotated[
-        float, typer.Option(min=0.01, help="Seconds between recovery passes for unfinished seals")
+        float,
+        typer.Option(
+            metavar="SECONDS", min=0.01, help="Seconds between recovery passes for unfinished seals"
+        ),
     ] = 30.0,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            metavar="PORT", min=0, max=65535, help="Serve Prometheus metrics (0: any free port)"
+        ),
+    ] = None,
     once: Annotated[bool, typer.Option(help="One pass, then exit")] = False,
     segment_format: Annotated[
         str,
         typer.Option(
             "--format",
+            metavar="FORMAT",
             help="How a file's valid end is found: append (the file size), rocketmq (the commit "
             "log's record chain; files preallocated and written in place), whole (only rolled "
             "files, whole)",
@@ -694,12 +736,17 @@ def recover(
     ctx: typer.Context,
     loop: Annotated[bool, typer.Option(help="Keep running passes until SIGTERM/SIGINT")] = False,
     interval: Annotated[
-        float, typer.Option(min=0.01, help="Seconds between passes with --loop")
+        float, typer.Option(metavar="SECONDS", min=0.01, help="Seconds between passes with --loop")
     ] = 10.0,
     worker: Annotated[
-        str | None, typer.Option(help="Worker name (default host:pid:random)")
+        str | None, typer.Option(metavar="NAME", help="Worker name (default host:pid:random)")
     ] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            metavar="PORT", min=0, max=65535, help="Serve Prometheus metrics (0: any free port)"
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Finish interrupted segments; exit 0 when everything seen is verified."""
@@ -765,12 +812,14 @@ def _who() -> str:
 @app.command()
 def retry(
     ctx: typer.Context,
-    keys: Annotated[list[str] | None, typer.Argument(help="Failed segments to retry")] = None,
+    keys: Annotated[
+        list[str] | None, typer.Argument(metavar="KEY", help="Failed segments to retry")
+    ] = None,
     all_failed: Annotated[
         bool, typer.Option("--all-failed", help="Retry every failed segment")
     ] = False,
     reason: Annotated[
-        str, typer.Option(help="Why (what was fixed); recorded in the audit trail")
+        str, typer.Option(metavar="TEXT", help="Why (what was fixed); recorded in the audit trail")
     ] = "the cause was fixed",
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
@@ -932,7 +981,8 @@ def status(
 def verify(
     ctx: typer.Context,
     keys: Annotated[
-        list[str] | None, typer.Argument(help="Keys to check (default: all verified)")
+        list[str] | None,
+        typer.Argument(metavar="KEY", help="Keys to check (default: all verified)"),
     ] = None,
     deep: Annotated[bool, typer.Option(help="Read the objects back and compare checksums")] = False,
     repair: Annotated[
@@ -942,12 +992,20 @@ def verify(
     loop: Annotated[
         bool, typer.Option(help="Scrub: keep checking, the longest unchecked first")
     ] = False,
-    interval: Annotated[float, typer.Option(min=0.01, help="Seconds between scrub passes")] = 60.0,
-    batch: Annotated[int, typer.Option(help="Segments per scrub pass")] = 1000,
+    interval: Annotated[
+        float, typer.Option(metavar="SECONDS", min=0.01, help="Seconds between scrub passes")
+    ] = 60.0,
+    batch: Annotated[int, typer.Option(metavar="N", min=1, help="Segments per scrub pass")] = 1000,
     rate: Annotated[
-        float | None, typer.Option(help="Bytes per second at most for --deep reads")
+        float | None,
+        typer.Option(metavar="BYTES/S", help="Bytes per second at most for --deep reads"),
     ] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            metavar="PORT", min=0, max=65535, help="Serve Prometheus metrics (0: any free port)"
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Check the remote objects of verified segments again (exit 1 on any drift).
@@ -1009,7 +1067,10 @@ def sweep(
     ctx: typer.Context,
     dry_run: Annotated[bool, typer.Option(help="Only say what would be aborted")] = False,
     older_than: Annotated[
-        float, typer.Option(min=0.0, help="Leave orphans younger than this many seconds alone")
+        float,
+        typer.Option(
+            metavar="SECONDS", min=0.0, help="Leave orphans younger than this many seconds alone"
+        ),
     ] = DEFAULT_SWEEP_AGE,
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
@@ -1040,7 +1101,8 @@ def sweep(
 @app.command()
 def demo(
     directory: Annotated[
-        Path | None, typer.Option("--dir", help="Work here instead of a temporary directory")
+        Path | None,
+        typer.Option("--dir", metavar="DIR", help="Work here instead of a temporary directory"),
     ] = None,
 ) -> None:
     """The whole story offline: ship, lose the final commit as RocketMQ did, recover, prove."""
@@ -1058,9 +1120,12 @@ READ_CHUNK = 4 * 1024 * 1024
 @app.command()
 def get(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Segment key to read back")],
+    key: Annotated[str, typer.Argument(metavar="KEY", help="Segment key to read back")],
     dest: Annotated[
-        str | None, typer.Argument(help="Where to write it; '-' for stdout (default: its name)")
+        str | None,
+        typer.Argument(
+            metavar="DEST", help="Where to write it; '-' for stdout (default: its name)"
+        ),
     ] = None,
     allow_unverified: Annotated[
         bool, typer.Option(help="Read a segment that is not verified (nothing vouches for it)")
@@ -1110,8 +1175,12 @@ def get(
 @app.command()
 def restore(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(help="Directory to restore into (DIR/<key>)")],
-    prefix: Annotated[str, typer.Option(help="Only keys starting with this")] = "",
+    directory: Annotated[
+        Path, typer.Argument(metavar="DIR", help="Directory to restore into (DIR/<key>)")
+    ],
+    prefix: Annotated[
+        str, typer.Option(metavar="PREFIX", help="Only keys starting with this")
+    ] = "",
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Restore verified segments into DIR: parallel, checked, resumable (present files skipped)."""
@@ -1146,7 +1215,9 @@ def restore(
 @app.command()
 def rebuild(
     ctx: typer.Context,
-    prefix: Annotated[str, typer.Option(help="Only objects whose key starts with this")] = "",
+    prefix: Annotated[
+        str, typer.Option(metavar="PREFIX", help="Only objects whose key starts with this")
+    ] = "",
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Recreate manifest rows from the objects' metadata (the manifest was lost).
