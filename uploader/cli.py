@@ -887,6 +887,7 @@ def _status_dict(status: Status) -> dict[str, object]:
         "commit_bytes": status.commit_bytes,
         "unverified_bytes": status.unverified_bytes,
         "oldest_unverified_age": status.oldest_unverified_age,
+        "oldest_sealed_age": status.oldest_sealed_age,
         "failed": [{"key": k, "reason": r} for k, r in status.failed],
         "stalled": [{"key": k, "why": w} for k, w in status.stalled],
         "errors": [{"key": k, "last_error": e} for k, e in status.errors],
@@ -909,10 +910,11 @@ def print_status(status: Status, console: Console = out) -> None:
             str(status.commit_bytes.get(state, "")),
         )
     console.print(table)
-    age = status.oldest_unverified_age
+    age, sealed = status.oldest_unverified_age, status.oldest_sealed_age
     console.print(
         f"unverified bytes: {status.unverified_bytes}; oldest unverified: "
-        f"{'none' if age is None else f'{age:.0f} s'}"
+        f"{'none' if age is None else f'{age:.0f} s'}; oldest sealed and not verified: "
+        f"{'none' if sealed is None else f'{sealed:.0f} s since its seal'}"
     )
     for key, reason in status.failed:
         console.print(f"failed {key}: {reason}")
