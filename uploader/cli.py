@@ -72,6 +72,7 @@ from uploader.rebuild import RebuiltObject
 from uploader.records import Status
 from uploader.recovery import DEFAULT_SWEEP_AGE, RecoveryReport
 from uploader.states import UNFINISHED_SEGMENT_STATES
+from uploader.storage import RetryingStorage, RetryNotice
 from uploader.store import DEFAULT_PART_SIZE, Store
 from uploader.store import open as open_store
 
@@ -141,7 +142,15 @@ class Context:
         kwargs.setdefault("lease_seconds", self.lease_seconds)
         if self.min_part_size is not None:
             kwargs.setdefault("min_part_size", self.min_part_size)
-        return open_store(s.manifest, s.remote, storage_options=s.storage_options, **kwargs)
+        store = open_store(s.manifest, s.remote, storage_options=s.storage_options, **kwargs)
+        if isinstance(store.storage, RetryingStorage):
+            # An endpoint that does not answer is never silent: one line per retry.
+            store.storage.on_retry = _print_retry
+        return store
+
+
+def _print_retry(notice: RetryNotice) -> None:
+    err.print(str(notice), markup=False)
 
 
 def _sqlite_file(url: str) -> Path | None:

@@ -323,3 +323,24 @@ def test_misspelt_manifest_schemes_name_the_accepted_forms(
         assert "pw-x7" not in res.stderr
         assert list(home.iterdir()) == []  # nothing created: no remote directory, no database
         assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "home"]
+
+
+def test_an_unreachable_s3_endpoint_is_not_silent(run: Run, tmp_path: Path) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]  # closed when the block ends: nothing listens there
+    f = _file(tmp_path / "0001", 100)
+    options = json.dumps({"endpoint_url": f"http://127.0.0.1:{port}"})
+    res = run("--remote", "s3://bucket/p", "--storage-options", options, "ship", str(f))
+    assert res.returncode == 1, res.stdout + res.stderr
+    notices = [line for line in res.stderr.splitlines() if line.startswith("retrying ")]
+    # One line per retry: the operation, the endpoint, the attempt and the wait.
+    assert len(notices) == 4, res.stderr
+    for n, line in enumerate(notices, start=1):
+        assert re.match(
+            rf"retrying put on http://127\.0\.0\.1:{port} \(s3://bucket/p\) in \d+\.\d s "
+            rf"\(attempt {n} of 5 failed: .*connect",
+            line,
+        ), line
+    assert "not verified 0001" in res.stderr
