@@ -37,7 +37,6 @@ def install_early_handlers() -> None:
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "uploader":
     install_early_handlers()
 
-import functools
 import json
 import logging
 import shlex
@@ -57,7 +56,6 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
-    TaskID,
     TextColumn,
     TransferSpeedColumn,
 )
@@ -315,6 +313,16 @@ def _progress(*, transfer: bool = False) -> Progress:
     return Progress(*columns, console=err, transient=True, disable=not err.is_terminal)
 
 
+def _say(progress: Progress, text: str) -> None:
+    """A line of output while a bar may be live: above the bar (through its console) when the
+    bar and stdout share a terminal, where a plain stdout write would be glued onto the bar;
+    on stdout otherwise."""
+    if progress.live.is_started and not progress.disable and out.is_terminal:
+        progress.console.print(text, markup=False)
+    else:
+        out.print(text, markup=False)
+
+
 @contextmanager
 def _stop_on_signals() -> Iterator[threading.Event]:
     """An event set by SIGTERM/SIGINT: long commands finish the work in hand, then stop."""
@@ -472,14 +480,36 @@ def _ship(
         if signals.count:
             store.stop_sending()
         task = progress.add_task("shipping", total=sum(p.stat().st_size for p in paths))
+        # Bytes advance as the remote acknowledges parts (or they are found there already);
+        # a verified file tops its own up to its size (parts an earlier run sent).
+        moved: dict[str, int] = {}
+        moved_lock = threading.Lock()
+
+        def on_bytes(key: str, nbytes: int) -> None:
+            with moved_lock:
+                moved[key] = moved.get(key, 0) + nbytes
+            progress.advance(task, nbytes)
+
+        def done(e: _Shipped) -> None:  # a file verified: its bar topped up, a line said
+            with moved_lock:
+                rest = max(0, (e.bytes or 0) - moved.get(e.key, 0))
+                moved[e.key] = moved.get(e.key, 0) + rest
+            progress.advance(task, rest)
+            if not json_output:
+                _say(progress, f"verified {e.key} ({e.bytes} bytes, {e.note})")
+
+        store.on_bytes = on_bytes
         for e in entries:
             if signals.count:
                 break
             try:
-                _ship_start(store, ex, e, started, json_output)
+                _ship_start(store, ex, e, started)
             except UploaderError as exc:
                 e.error = str(exc)
                 _ship_failed(store, e, json_output)
+            else:
+                if e.verified:  # already verified: skipped
+                    done(e)
         pending = set(started)
         while pending:
             if signals.count and not interrupted:
@@ -487,8 +517,8 @@ def _ship(
                 store.interrupt()
                 for f in pending:
                     f.cancel()
-            done, pending = wait_futures(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            for fut in done:
+            finished, pending = wait_futures(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            for fut in finished:
                 e = started[fut]
                 try:
                     res = fut.result()
@@ -510,9 +540,7 @@ def _ship(
                 if e.verified:
                     rec = store.manifest.segment(e.key)
                     e.bytes = rec.size if rec is not None else e.bytes
-                    progress.advance(task, e.bytes or 0)
-                    if not json_output:
-                        out.print(f"verified {e.key} ({e.bytes} bytes, {e.note})")
+                    done(e)
                 else:
                     _ship_failed(store, e, json_output)
         if signals.count:
@@ -562,9 +590,7 @@ def _print_interrupted(entries: list[_Shipped]) -> None:
     err.print(line, markup=False)
 
 
-def _ship_start(
-    store: Store, ex: Any, e: _Shipped, started: dict[Any, _Shipped], json_output: bool
-) -> None:
+def _ship_start(store: Store, ex: Any, e: _Shipped, started: dict[Any, _Shipped]) -> None:
     """Start driving one file to verified, from wherever the manifest says it stands."""
     from uploader.errors import KeyConflictError, SegmentFailedError
     from uploader.states import SegmentState
@@ -588,8 +614,6 @@ def _ship_start(
                 f"{size}: a sealed segment takes no more bytes; ship them as a new segment"
             )
         e.verified, e.bytes, e.note = True, rec.size, "already verified; skipped"
-        if not json_output:
-            out.print(f"verified {e.key} ({rec.size} bytes, {e.note})")
     elif rec.state is SegmentState.FAILED:
         e.state = rec.state.value
         raise SegmentFailedError(
@@ -726,8 +750,26 @@ def watch(
 # --- recover --------------------------------------------------------------------------------------
 
 
-def _advance(progress: Progress, task: TaskID, _outcome: object) -> None:
-    progress.advance(task, 1)
+def _recover_pass(store: Store, progress: Progress, stop: threading.Event) -> RecoveryReport:
+    """One recovery pass under a bar of bytes: the pending bytes to send, advanced as the remote
+    acknowledges parts (or they are found there already); segments counted in its label."""
+    st = store.status()
+    unfinished = sum(n for state, n in st.segments.items() if state in UNFINISHED)
+    label = "recovering {} of " + f"{unfinished} segment(s)"
+    task = progress.add_task(label.format(0), total=st.commit_bytes.get("pending", 0) or None)
+    seen = [0]
+    lock = threading.Lock()
+
+    def on_segment(_outcome: object) -> None:  # from the recovery job's threads
+        with lock:
+            seen[0] += 1
+            progress.update(task, description=label.format(seen[0]))
+
+    store.on_bytes = lambda _key, nbytes: progress.advance(task, nbytes)
+    try:
+        return store.recover(stop=stop, on_segment=on_segment)
+    finally:
+        store.on_bytes = None
 
 
 def _print_report(report: RecoveryReport) -> None:
@@ -763,15 +805,8 @@ def recover(
         metrics, server = _metrics(store, metrics_port)
         try:
             while True:
-                unfinished = sum(
-                    n for state, n in store.status().segments.items() if state in UNFINISHED
-                )
-                with _progress() as progress:
-                    task = progress.add_task("recovering", total=unfinished or None)
-                    report = store.recover(
-                        stop=stop,
-                        on_segment=functools.partial(_advance, progress, task),
-                    )
+                with _progress(transfer=True) as progress:
+                    report = _recover_pass(store, progress, stop)
                 if metrics is not None:
                     metrics.uploaded(report.bytes_sent)
                     metrics.failed("recovery", len(report.failed))
@@ -1208,7 +1243,7 @@ def restore(
                 if f.outcome == restore_mod.FAILED:
                     err.print(f"[red]failed[/red] {f.key}: {f.detail}")
                 elif not json_output:
-                    out.print(f"{f.outcome} {f.key} ({f.size} bytes)")
+                    _say(progress, f"{f.outcome} {f.key} ({f.size} bytes)")
 
         report = restore_mod.restore(
             store, str(directory), prefix=prefix, concurrency=store.concurrency, on_file=on_file
@@ -1243,7 +1278,7 @@ def rebuild(
             with lock:
                 progress.advance(task)
                 if not json_output and o.outcome != "matched":
-                    out.print(f"{o.outcome} {o.key}: {o.detail}")
+                    _say(progress, f"{o.outcome} {o.key}: {o.detail}")
 
         report = store.rebuild(prefix=prefix, on_object=on_object)
     if json_output:
