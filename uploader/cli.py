@@ -803,6 +803,12 @@ def recover(
     """Finish interrupted segments; exit 0 when everything seen is verified."""
     with ctx_store(ctx, worker=worker) as store, _stop_on_signals() as stop:
         metrics, server = _metrics(store, metrics_port)
+        if loop:  # the daemon's readiness line: its signal handlers are in place
+            err.print(
+                f"recovering every {interval:g} s as worker {store.worker}; SIGTERM or SIGINT "
+                "stops it after the work in hand",
+                markup=False,
+            )
         try:
             while True:
                 with _progress(transfer=True) as progress:

@@ -6,11 +6,10 @@ import json
 import random
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import uploader
-from tests.cli.conftest import Run, uploader_env
+from tests.cli.conftest import Run, uploader_env, wait_until_no_lease
 from uploader.storage import Fault, FaultyStorage, open_storage
 
 PART = 5 * 1024 * 1024  # the CLI uses S3's real minimum part size
@@ -82,7 +81,7 @@ def test_recover_exit_codes(run: Run, home: Path, tmp_path: Path) -> None:
     assert seg.commit().exception(timeout=60) is not None
     store.abandon()
     lost.unlink()
-    time.sleep(0.5)  # the dead writer's lease expires
+    wait_until_no_lease(f"sqlite:///{home}/manifest.db")  # the dead writer's lease runs out
 
     failed = run("recover", "--json")
     assert failed.returncode == 1, failed.stdout + failed.stderr
@@ -168,7 +167,10 @@ def test_recover_loop_stops_cleanly_on_sigterm(home: Path, tmp_path: Path) -> No
         text=True,
     )
     try:
-        time.sleep(2.0)  # a few passes with nothing to do
+        # The readiness line comes once the loop's own signal handlers are installed.
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert line.startswith("recovering every 0.2 s as worker looper"), line
         assert proc.poll() is None, "the loop must keep running"
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=30)
@@ -177,3 +179,24 @@ def test_recover_loop_stops_cleanly_on_sigterm(home: Path, tmp_path: Path) -> No
             proc.kill()
     assert proc.returncode == 0, err
     assert "SIGTERM" in err
+
+
+def test_signal_handlers_come_before_the_slow_imports() -> None:
+    """``python -m uploader.cli`` and the ``uploader`` script import the package first: it must
+    load nothing slow, so the CLI's first lines (its early SIGTERM/SIGINT handlers) run at once."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, signal\n"
+        "import uploader\n"
+        "slow = [m for m in ('sqlalchemy', 'fsspec', 's3fs', 'typer', 'rich', 'alembic') "
+        "if m in sys.modules]\n"
+        "sys.argv[0] = 'uploader'\n"
+        "import uploader.cli as cli\n"
+        "print(slow, signal.getsignal(signal.SIGTERM) is cli._early_handler)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert res.stdout.strip() == "[] True", res.stdout + res.stderr
