@@ -6,12 +6,23 @@ import json
 import random
 import signal
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
 from tests.cli.conftest import Run, metrics_port, uploader_cmd, uploader_env
 
 PART = 5 * 1024 * 1024
+
+
+def _wait_for(predicate: object, timeout: float = 60.0) -> None:
+    """Poll a condition no line announces (test_scrub, test_watch_rocketmq_kill use it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
 
 
 def _wait_line(proc: subprocess.Popen[str], text: str) -> None:
