@@ -58,7 +58,7 @@ def setup(manifest_url: str, tmp_path: Path) -> Iterator[tuple[Store, ListingFai
     manifest = Manifest(base.engine, clock=clock)
     (tmp_path / "remote").mkdir()
     storage = ListingFails(open_storage(f"file://{tmp_path}/remote", {}))
-    store = Store(manifest, storage, part_size=8 * 2**20)  # type: ignore[arg-type]
+    store = Store(manifest, storage, part_size=8 * 2**20)
     server = serve(Metrics(store, listing_ttl=0), 0)
     try:
         yield store, storage, clock, f"http://127.0.0.1:{server.server_port}/metrics"
