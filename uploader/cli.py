@@ -37,7 +37,6 @@ def install_early_handlers() -> None:
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "uploader":
     install_early_handlers()
 
-import functools
 import json
 import logging
 import shlex
@@ -56,7 +55,6 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
-    TaskID,
     TextColumn,
     TransferSpeedColumn,
 )
@@ -71,12 +69,24 @@ from uploader.rebuild import RebuiltObject
 from uploader.records import Status
 from uploader.recovery import DEFAULT_SWEEP_AGE, RecoveryReport
 from uploader.states import UNFINISHED_SEGMENT_STATES
+from uploader.storage import RetryingStorage, RetryNotice
 from uploader.store import DEFAULT_PART_SIZE, Store
 from uploader.store import open as open_store
 
 UNFINISHED = {s.value for s in UNFINISHED_SEGMENT_STATES}
 
 log = logging.getLogger("uploader")
+
+_argument_type = typer.core.TyperArgument.display_type_rich
+
+
+def _argument_metavar_only(self: typer.core.TyperArgument, ctx: Any) -> str | None:
+    """An argument with a metavar (FILE, DIR, KEY) is shown by it alone: typer would add its
+    Python type (``FILE <list[Path]>``), which says nothing to an operator."""
+    return None if self.metavar is not None else _argument_type(self, ctx)
+
+
+setattr(typer.core.TyperArgument, "display_type_rich", _argument_metavar_only)  # noqa: B010
 
 app = typer.Typer(
     name="uploader",
@@ -106,13 +116,20 @@ class Context:
     min_part_size: int | None = None
 
     def settings(self, *, create: bool = True) -> settings.Settings:
-        return settings.resolve(
-            manifest=self.manifest,
-            remote=self.remote,
-            storage_options=self.storage_options,
-            home=self.home,
-            create=create,
-        )
+        from uploader.manifest import db
+
+        def resolve(create: bool) -> settings.Settings:
+            return settings.resolve(
+                manifest=self.manifest,
+                remote=self.remote,
+                storage_options=self.storage_options,
+                home=self.home,
+                create=create,
+            )
+
+        s = resolve(False)
+        db.parse_url(s.manifest)  # a typo'd URL is refused before anything is created
+        return resolve(True) if create else s
 
     def open(self, **kwargs: Any) -> Store:
         require_manifest(self.settings(create=False))  # before creating anything
@@ -122,7 +139,15 @@ class Context:
         kwargs.setdefault("lease_seconds", self.lease_seconds)
         if self.min_part_size is not None:
             kwargs.setdefault("min_part_size", self.min_part_size)
-        return open_store(s.manifest, s.remote, storage_options=s.storage_options, **kwargs)
+        store = open_store(s.manifest, s.remote, storage_options=s.storage_options, **kwargs)
+        if isinstance(store.storage, RetryingStorage):
+            # An endpoint that does not answer is never silent: one line per retry.
+            store.storage.on_retry = _print_retry
+        return store
+
+
+def _print_retry(notice: RetryNotice) -> None:
+    err.print(str(notice), markup=False)
 
 
 def _sqlite_file(url: str) -> Path | None:
@@ -165,32 +190,43 @@ def main_options(
     manifest: Annotated[
         str | None,
         typer.Option(
-            help="Manifest SQLAlchemy URL [env UPLOADER_MANIFEST; default: embedded SQLite]"
+            metavar="URL",
+            help="Manifest SQLAlchemy URL [env UPLOADER_MANIFEST; default: embedded SQLite]",
         ),
     ] = None,
     remote: Annotated[
         str | None,
-        typer.Option(help="Remote root fsspec URL [env UPLOADER_REMOTE; default: local directory]"),
+        typer.Option(
+            metavar="URL",
+            help="Remote root fsspec URL [env UPLOADER_REMOTE; default: local directory]",
+        ),
     ] = None,
     storage_options: Annotated[
         str | None,
         typer.Option(
             "--storage-options",
+            metavar="JSON",
             help="JSON object for fsspec [env UPLOADER_STORAGE_OPTIONS]; never printed",
         ),
     ] = None,
     home: Annotated[
         str | None,
         typer.Option(
-            help="Data directory of the embedded defaults [env UPLOADER_HOME; ./.uploader]"
+            metavar="DIR",
+            help="Data directory of the embedded defaults [env UPLOADER_HOME; ./.uploader]",
         ),
     ] = None,
-    part_size: Annotated[int, typer.Option(help="Part size in bytes")] = DEFAULT_PART_SIZE,
-    concurrency: Annotated[int, typer.Option(help="Parts in flight at once")] = 4,
+    part_size: Annotated[
+        int, typer.Option(metavar="BYTES", help="Part size in bytes")
+    ] = DEFAULT_PART_SIZE,
+    concurrency: Annotated[
+        int, typer.Option(metavar="N", min=1, help="Parts in flight at once")
+    ] = 4,
     debug: Annotated[bool, typer.Option(help="Show tracebacks and debug logs")] = False,
     lease_seconds: Annotated[
         float,
         typer.Option(
+            metavar="SECONDS",
             min=1.0,
             help="Lease length: how long a dead process's segments wait before another takes them",
         ),
@@ -198,7 +234,8 @@ def main_options(
     min_part_size: Annotated[
         int | None,
         typer.Option(
-            help="Smallest part the remote accepts (S3: 5 MiB; lower only for test servers)"
+            metavar="BYTES",
+            help="Smallest part the remote accepts (S3: 5 MiB; lower only for test servers)",
         ),
     ] = None,
 ) -> None:
@@ -275,6 +312,16 @@ def _progress(*, transfer: bool = False) -> Progress:
     return Progress(*columns, console=err, transient=True, disable=not err.is_terminal)
 
 
+def _say(progress: Progress, text: str) -> None:
+    """A line of output while a bar may be live: above the bar (through its console) when the
+    bar and stdout share a terminal, where a plain stdout write would be glued onto the bar;
+    on stdout otherwise."""
+    if progress.live.is_started and not progress.disable and out.is_terminal:
+        progress.console.print(text, markup=False)
+    else:
+        out.print(text, markup=False)
+
+
 @contextmanager
 def _stop_on_signals() -> Iterator[threading.Event]:
     """An event set by SIGTERM/SIGINT: long commands finish the work in hand, then stop."""
@@ -319,9 +366,11 @@ def _emit_json(data: object) -> None:
 @app.command()
 def ship(
     ctx: typer.Context,
-    paths: Annotated[list[Path], typer.Argument(help="Segment files to commit and seal")],
+    paths: Annotated[
+        list[Path], typer.Argument(metavar="FILE", help="Segment files to commit and seal")
+    ],
     key_prefix: Annotated[
-        str, typer.Option(help="Prefix of the keys (key = prefix + file name)")
+        str, typer.Option(metavar="PREFIX", help="Prefix of the keys (key = prefix + file name)")
     ] = "",
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
@@ -434,14 +483,36 @@ def _ship(
         if signals.count:
             store.stop_sending()
         task = progress.add_task("shipping", total=sum(p.stat().st_size for p in paths))
+        # Bytes advance as the remote acknowledges parts (or they are found there already);
+        # a verified file tops its own up to its size (parts an earlier run sent).
+        moved: dict[str, int] = {}
+        moved_lock = threading.Lock()
+
+        def on_bytes(key: str, nbytes: int) -> None:
+            with moved_lock:
+                moved[key] = moved.get(key, 0) + nbytes
+            progress.advance(task, nbytes)
+
+        def done(e: _Shipped) -> None:  # a file verified: its bar topped up, a line said
+            with moved_lock:
+                rest = max(0, (e.bytes or 0) - moved.get(e.key, 0))
+                moved[e.key] = moved.get(e.key, 0) + rest
+            progress.advance(task, rest)
+            if not json_output:
+                _say(progress, f"verified {e.key} ({e.bytes} bytes, {e.note})")
+
+        store.on_bytes = on_bytes
         for e in entries:
             if signals.count:
                 break
             try:
-                _ship_start(store, ex, e, started, json_output)
+                _ship_start(store, ex, e, started)
             except UploaderError as exc:
                 e.error = str(exc)
                 _ship_failed(store, e, json_output)
+            else:
+                if e.verified:  # already verified: skipped
+                    done(e)
         pending = set(started)
         while pending:
             if signals.count and not interrupted:
@@ -449,8 +520,8 @@ def _ship(
                 store.interrupt()
                 for f in pending:
                     f.cancel()
-            done, pending = wait_futures(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            for fut in done:
+            finished, pending = wait_futures(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            for fut in finished:
                 e = started[fut]
                 try:
                     res = fut.result()
@@ -472,9 +543,7 @@ def _ship(
                 if e.verified:
                     rec = store.manifest.segment(e.key)
                     e.bytes = rec.size if rec is not None else e.bytes
-                    progress.advance(task, e.bytes or 0)
-                    if not json_output:
-                        out.print(f"verified {e.key} ({e.bytes} bytes, {e.note})")
+                    done(e)
                 else:
                     _ship_failed(store, e, json_output)
         if signals.count:
@@ -524,9 +593,7 @@ def _print_interrupted(entries: list[_Shipped]) -> None:
     err.print(line, markup=False)
 
 
-def _ship_start(
-    store: Store, ex: Any, e: _Shipped, started: dict[Any, _Shipped], json_output: bool
-) -> None:
+def _ship_start(store: Store, ex: Any, e: _Shipped, started: dict[Any, _Shipped]) -> None:
     """Start driving one file to verified, from wherever the manifest says it stands."""
     from uploader.errors import KeyConflictError, SegmentFailedError
     from uploader.states import SegmentState
@@ -550,8 +617,6 @@ def _ship_start(
                 f"{size}: a sealed segment takes no more bytes; ship them as a new segment"
             )
         e.verified, e.bytes, e.note = True, rec.size, "already verified; skipped"
-        if not json_output:
-            out.print(f"verified {e.key} ({rec.size} bytes, {e.note})")
     elif rec.state is SegmentState.FAILED:
         e.state = rec.state.value
         raise SegmentFailedError(
@@ -578,24 +643,41 @@ def ctx_store(ctx: typer.Context, **kwargs: Any) -> Iterator[Store]:
 @app.command()
 def watch(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(help="Directory of rolling segment files")],
-    interval: Annotated[float, typer.Option(min=0.01, help="Seconds between passes")] = 1.0,
+    directory: Annotated[
+        Path, typer.Argument(metavar="DIR", help="Directory of rolling segment files")
+    ],
+    interval: Annotated[
+        float, typer.Option(metavar="SECONDS", min=0.01, help="Seconds between passes")
+    ] = 1.0,
     segment_size: Annotated[
-        int | None, typer.Option(help="Seal a segment once it reaches this many bytes")
+        int | None,
+        typer.Option(metavar="BYTES", help="Seal a segment once it reaches this many bytes"),
     ] = None,
-    pattern: Annotated[str, typer.Option(help="Glob of segment file names")] = "[0-9]*",
+    pattern: Annotated[
+        str, typer.Option(metavar="GLOB", help="Glob of segment file names")
+    ] = "[0-9]*",
     key_prefix: Annotated[
-        str | None, typer.Option(help="Key prefix (default: the directory's name and '/')")
+        str | None,
+        typer.Option(metavar="PREFIX", help="Key prefix (default: the directory's name and '/')"),
     ] = None,
     recover_every: Annotated[
-        float, typer.Option(min=0.01, help="Seconds between recovery passes for unfinished seals")
+        float,
+        typer.Option(
+            metavar="SECONDS", min=0.01, help="Seconds between recovery passes for unfinished seals"
+        ),
     ] = 30.0,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            metavar="PORT", min=0, max=65535, help="Serve Prometheus metrics (0: any free port)"
+        ),
+    ] = None,
     once: Annotated[bool, typer.Option(help="One pass, then exit")] = False,
     segment_format: Annotated[
         str,
         typer.Option(
             "--format",
+            metavar="FORMAT",
             help="How a file's valid end is found: append (the file size), rocketmq (the commit "
             "log's record chain; files preallocated and written in place), whole (only rolled "
             "files, whole)",
@@ -677,8 +759,26 @@ def watch(
 # --- recover --------------------------------------------------------------------------------------
 
 
-def _advance(progress: Progress, task: TaskID, _outcome: object) -> None:
-    progress.advance(task, 1)
+def _recover_pass(store: Store, progress: Progress, stop: threading.Event) -> RecoveryReport:
+    """One recovery pass under a bar of bytes: the pending bytes to send, advanced as the remote
+    acknowledges parts (or they are found there already); segments counted in its label."""
+    st = store.status()
+    unfinished = sum(n for state, n in st.segments.items() if state in UNFINISHED)
+    label = "recovering {} of " + f"{unfinished} segment(s)"
+    task = progress.add_task(label.format(0), total=st.commit_bytes.get("pending", 0) or None)
+    seen = [0]
+    lock = threading.Lock()
+
+    def on_segment(_outcome: object) -> None:  # from the recovery job's threads
+        with lock:
+            seen[0] += 1
+            progress.update(task, description=label.format(seen[0]))
+
+    store.on_bytes = lambda _key, nbytes: progress.advance(task, nbytes)
+    try:
+        return store.recover(stop=stop, on_segment=on_segment)
+    finally:
+        store.on_bytes = None
 
 
 def _print_report(report: RecoveryReport) -> None:
@@ -696,12 +796,17 @@ def recover(
     ctx: typer.Context,
     loop: Annotated[bool, typer.Option(help="Keep running passes until SIGTERM/SIGINT")] = False,
     interval: Annotated[
-        float, typer.Option(min=0.01, help="Seconds between passes with --loop")
+        float, typer.Option(metavar="SECONDS", min=0.01, help="Seconds between passes with --loop")
     ] = 10.0,
     worker: Annotated[
-        str | None, typer.Option(help="Worker name (default host:pid:random)")
+        str | None, typer.Option(metavar="NAME", help="Worker name (default host:pid:random)")
     ] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            metavar="PORT", min=0, max=65535, help="Serve Prometheus metrics (0: any free port)"
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Finish interrupted segments; exit 0 when everything seen is verified.
@@ -722,28 +827,27 @@ def recover(
             elif report.resumed or not loop:
                 _print_report(report)
 
+        if loop:  # the daemon's readiness line: its signal handlers are in place
+            err.print(
+                f"recovering every {interval:g} s as worker {store.worker}; SIGTERM or SIGINT "
+                "stops it after the work in hand",
+                markup=False,
+            )
         try:
             if not loop:
-                unfinished = sum(
-                    n for state, n in store.status().segments.items() if state in UNFINISHED
-                )
-                with _progress() as progress:
-                    task = progress.add_task("recovering", total=unfinished or None)
-                    report = store.recover(
-                        stop=stop,
-                        on_segment=functools.partial(_advance, progress, task),
-                    )
+                with _progress(transfer=True) as progress:
+                    report = _recover_pass(store, progress, stop)
                 on_report(report)
             else:
-                with _progress() as progress:  # segments recovered so far, over every pass
+                with _progress(transfer=True) as progress:  # bytes sent, over every pass
                     task = progress.add_task("recovering", total=None)
-                    report = recover_loop(
-                        store.crew,
-                        interval=interval,
-                        stop=stop,
-                        on_report=on_report,
-                        on_segment=functools.partial(_advance, progress, task),
-                    )
+                    store.on_bytes = lambda _key, nbytes: progress.advance(task, nbytes)
+                    try:
+                        report = recover_loop(
+                            store.crew, interval=interval, stop=stop, on_report=on_report
+                        )
+                    finally:
+                        store.on_bytes = None
         finally:
             if server is not None:
                 server.shutdown()
@@ -784,12 +888,14 @@ def _who() -> str:
 @app.command()
 def retry(
     ctx: typer.Context,
-    keys: Annotated[list[str] | None, typer.Argument(help="Failed segments to retry")] = None,
+    keys: Annotated[
+        list[str] | None, typer.Argument(metavar="KEY", help="Failed segments to retry")
+    ] = None,
     all_failed: Annotated[
         bool, typer.Option("--all-failed", help="Retry every failed segment")
     ] = False,
     reason: Annotated[
-        str, typer.Option(help="Why (what was fixed); recorded in the audit trail")
+        str, typer.Option(metavar="TEXT", help="Why (what was fixed); recorded in the audit trail")
     ] = "the cause was fixed",
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
@@ -857,6 +963,7 @@ def _status_dict(status: Status) -> dict[str, object]:
         "commit_bytes": status.commit_bytes,
         "unverified_bytes": status.unverified_bytes,
         "oldest_unverified_age": status.oldest_unverified_age,
+        "oldest_sealed_age": status.oldest_sealed_age,
         "failed": [{"key": k, "reason": r} for k, r in status.failed],
         "stalled": [{"key": k, "why": w} for k, w in status.stalled],
         "errors": [{"key": k, "last_error": e} for k, e in status.errors],
@@ -879,10 +986,11 @@ def print_status(status: Status, console: Console = out) -> None:
             str(status.commit_bytes.get(state, "")),
         )
     console.print(table)
-    age = status.oldest_unverified_age
+    age, sealed = status.oldest_unverified_age, status.oldest_sealed_age
     console.print(
         f"unverified bytes: {status.unverified_bytes}; oldest unverified: "
-        f"{'none' if age is None else f'{age:.0f} s'}"
+        f"{'none' if age is None else f'{age:.0f} s'}; oldest sealed and not verified: "
+        f"{'none' if sealed is None else f'{sealed:.0f} s since its seal'}"
     )
     for key, reason in status.failed:
         console.print(f"failed {key}: {reason}")
@@ -951,7 +1059,8 @@ def status(
 def verify(
     ctx: typer.Context,
     keys: Annotated[
-        list[str] | None, typer.Argument(help="Keys to check (default: all verified)")
+        list[str] | None,
+        typer.Argument(metavar="KEY", help="Keys to check (default: all verified)"),
     ] = None,
     deep: Annotated[bool, typer.Option(help="Read the objects back and compare checksums")] = False,
     repair: Annotated[
@@ -961,12 +1070,20 @@ def verify(
     loop: Annotated[
         bool, typer.Option(help="Scrub: keep checking, the longest unchecked first")
     ] = False,
-    interval: Annotated[float, typer.Option(min=0.01, help="Seconds between scrub passes")] = 60.0,
-    batch: Annotated[int, typer.Option(help="Segments per scrub pass")] = 1000,
+    interval: Annotated[
+        float, typer.Option(metavar="SECONDS", min=0.01, help="Seconds between scrub passes")
+    ] = 60.0,
+    batch: Annotated[int, typer.Option(metavar="N", min=1, help="Segments per scrub pass")] = 1000,
     rate: Annotated[
-        float | None, typer.Option(help="Bytes per second at most for --deep reads")
+        float | None,
+        typer.Option(metavar="BYTES/S", help="Bytes per second at most for --deep reads"),
     ] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            metavar="PORT", min=0, max=65535, help="Serve Prometheus metrics (0: any free port)"
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Check the remote objects of verified segments again (exit 1 on any drift).
@@ -1037,7 +1154,10 @@ def sweep(
     ctx: typer.Context,
     dry_run: Annotated[bool, typer.Option(help="Only say what would be aborted")] = False,
     older_than: Annotated[
-        float, typer.Option(min=0.0, help="Leave orphans younger than this many seconds alone")
+        float,
+        typer.Option(
+            metavar="SECONDS", min=0.0, help="Leave orphans younger than this many seconds alone"
+        ),
     ] = DEFAULT_SWEEP_AGE,
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
@@ -1068,7 +1188,8 @@ def sweep(
 @app.command()
 def demo(
     directory: Annotated[
-        Path | None, typer.Option("--dir", help="Work here instead of a temporary directory")
+        Path | None,
+        typer.Option("--dir", metavar="DIR", help="Work here instead of a temporary directory"),
     ] = None,
 ) -> None:
     """The whole story offline: ship, lose the final commit as RocketMQ did, recover, prove."""
@@ -1086,9 +1207,12 @@ READ_CHUNK = 4 * 1024 * 1024
 @app.command()
 def get(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Segment key to read back")],
+    key: Annotated[str, typer.Argument(metavar="KEY", help="Segment key to read back")],
     dest: Annotated[
-        str | None, typer.Argument(help="Where to write it; '-' for stdout (default: its name)")
+        str | None,
+        typer.Argument(
+            metavar="DEST", help="Where to write it; '-' for stdout (default: its name)"
+        ),
     ] = None,
     allow_unverified: Annotated[
         bool, typer.Option(help="Read a segment that is not verified (nothing vouches for it)")
@@ -1138,8 +1262,12 @@ def get(
 @app.command()
 def restore(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(help="Directory to restore into (DIR/<key>)")],
-    prefix: Annotated[str, typer.Option(help="Only keys starting with this")] = "",
+    directory: Annotated[
+        Path, typer.Argument(metavar="DIR", help="Directory to restore into (DIR/<key>)")
+    ],
+    prefix: Annotated[
+        str, typer.Option(metavar="PREFIX", help="Only keys starting with this")
+    ] = "",
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Restore verified segments into DIR: parallel, checked, resumable (present files skipped)."""
@@ -1156,7 +1284,7 @@ def restore(
                 if f.outcome == restore_mod.FAILED:
                     err.print(f"[red]failed[/red] {f.key}: {f.detail}")
                 elif not json_output:
-                    out.print(f"{f.outcome} {f.key} ({f.size} bytes)")
+                    _say(progress, f"{f.outcome} {f.key} ({f.size} bytes)")
 
         report = restore_mod.restore(
             store, str(directory), prefix=prefix, concurrency=store.concurrency, on_file=on_file
@@ -1174,7 +1302,9 @@ def restore(
 @app.command()
 def rebuild(
     ctx: typer.Context,
-    prefix: Annotated[str, typer.Option(help="Only objects whose key starts with this")] = "",
+    prefix: Annotated[
+        str, typer.Option(metavar="PREFIX", help="Only objects whose key starts with this")
+    ] = "",
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Recreate manifest rows from the objects' metadata (the manifest was lost).
@@ -1189,7 +1319,7 @@ def rebuild(
             with lock:
                 progress.advance(task)
                 if not json_output and o.outcome != "matched":
-                    out.print(f"{o.outcome} {o.key}: {o.detail}")
+                    _say(progress, f"{o.outcome} {o.key}: {o.detail}")
 
         report = store.rebuild(prefix=prefix, on_object=on_object)
     if json_output:

@@ -118,6 +118,18 @@ class Driver:
         self.verify_mode = verify
         self.max_reuploads = max_reuploads
         self._conditional_delete: bool | None = None
+        #: Progress: called with (key, bytes) each time the remote acknowledged a part or an
+        #: object (sent), or parts already there were adopted (reused), as it happens.
+        self.on_bytes: Callable[[str, int], None] | None = None
+
+    def _moved(self, key: str, nbytes: int) -> None:
+        hook = self.on_bytes
+        if hook is None or not nbytes:
+            return
+        try:
+            hook(key, nbytes)
+        except Exception:  # progress reporting must never change what the upload does
+            log.exception("progress hook failed for %s", key)
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -276,6 +288,7 @@ class Driver:
             self.manifest.parts_uploaded(lease, [(c, c.md5) for c in step.commits], step.reason)
             for c in step.commits:
                 counters.reused(c.size)
+            self._moved(seg.key, sum(c.size for c in step.commits))
         elif act is Act.UNSEND_PARTS:
             self.manifest.parts_unsent(lease, step.commits, step.reason)
         elif act is Act.START_UPLOAD:
@@ -303,6 +316,7 @@ class Driver:
             for c in step.commits:
                 if c.state is CommitState.PENDING:
                     counters.reused(c.size)
+                    self._moved(seg.key, c.size)
         elif act is Act.DEEP_READ:
             differs = self._deep_read(lease, seg, commits)
             learned.deep_checked = differs is None
@@ -383,6 +397,7 @@ class Driver:
         payload = None  # let the part's bytes go before the manifest round trip
         self.manifest.parts_uploaded(lease, [(commit, normalize_etag(ref.etag) or "")])
         counters.sent(commit.size)
+        self._moved(seg.key, commit.size)
         if checked is not None:
             checked.add(commit.part_number)
 
@@ -449,6 +464,7 @@ class Driver:
         learned.put_ack = (commit, normalize_etag(info.etag) or commit.md5)
         learned.checked.add(commit.part_number)
         counters.sent(commit.size)
+        self._moved(seg.key, commit.size)
         # The object is checked with a HEAD of its own: what the PUT's response said is not
         # proof that the object is at the key now.
         learned.object_changed()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sqlite3
 from importlib import resources
 from pathlib import Path
@@ -65,17 +66,68 @@ def redact(url: str | URL) -> str:
         return "<unparseable manifest URL>"
 
 
+#: The manifest URL forms accepted, as named in every error about a manifest URL.
+ACCEPTED_FORMS = (
+    "sqlite:////absolute/path.db, sqlite:///relative/path.db, or "
+    "postgresql://user[:password]@host[:port]/database (psycopg 3)"
+)
+
+#: Driver names (the URL's scheme) of the two databases we support and the drivers we ship.
+_DRIVERS = {
+    "sqlite": "sqlite",
+    "sqlite+pysqlite": "sqlite+pysqlite",
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+    "postgresql+psycopg": "postgresql+psycopg",
+}
+
+
+def _scheme_hint(scheme: str) -> str:
+    """`` (did you mean X?)`` for a misspelt scheme (postgress, postgresql+psycopg2, sqlite3)."""
+    import difflib
+
+    base = scheme.split("+", 1)[0]
+    if base in ("postgresql", "postgres"):
+        return " (did you mean postgresql://? the uploader ships the psycopg 3 driver)"
+    close = difflib.get_close_matches(base, ["postgresql", "postgres", "sqlite"], n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {'postgresql://' if close[0] != 'sqlite' else 'sqlite:///'}?)"
+    return ""
+
+
 def parse_url(url: str | URL) -> URL:
+    """The manifest URL, parsed; UsageError (naming the accepted forms, never a password) when it
+    is malformed or names a database or driver the uploader does not ship."""
+    text = url if isinstance(url, str) else None
+    if text is not None and re.match(r"(?i)sqlite(\+\w+)?:(?!//)", text):
+        # sqlite:/x or sqlite:x: SQLAlchemy's message would not say that three slashes are needed.
+        raise UsageError(
+            f"manifest URL {text!r} is not a SQLite URL (it needs three slashes before a relative "
+            f"path, four before an absolute one); accepted forms: {ACCEPTED_FORMS}"
+        )
     try:
         parsed = make_url(url)
     except ArgumentError:
         raise UsageError(
             f"manifest URL {url if isinstance(url, URL) else '<given>'!s} is not a SQLAlchemy URL; "
-            "use e.g. sqlite:///uploader.db or postgresql+psycopg://user@host/db"
+            f"accepted forms: {ACCEPTED_FORMS}"
         ) from None
-    if parsed.drivername in ("postgresql", "postgres"):
+    driver = _DRIVERS.get(parsed.drivername.lower())
+    if driver is None:
+        raise UsageError(
+            f"manifest {redact(parsed)}: {parsed.drivername}:// is not a manifest database this "
+            f"uploader supports{_scheme_hint(parsed.drivername.lower())}; accepted forms: "
+            f"{ACCEPTED_FORMS}"
+        )
+    if driver == "sqlite" and parsed.host:
+        # sqlite://relative.db: the file name parsed as a host; SQLAlchemy would refuse it later.
+        raise UsageError(
+            f"manifest {redact(parsed)}: a SQLite URL has no host ({parsed.host!r}); accepted "
+            f"forms: {ACCEPTED_FORMS}"
+        )
+    if driver != parsed.drivername:
         # psycopg 3 is the driver we ship; SQLAlchemy would default to psycopg2.
-        parsed = parsed.set(drivername="postgresql+psycopg")
+        parsed = parsed.set(drivername=driver)
     return parsed
 
 
@@ -159,6 +211,11 @@ def create_manifest_engine(url: str | URL) -> Engine:
             engine = create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
     except (NoSuchModuleError, ImportError) as exc:
         raise UsageError(f"manifest {redact(parsed)}: no database driver for it ({exc})") from None
+    except ArgumentError as exc:  # a form parse_url let through; SQLAlchemy's words, one line
+        raise UsageError(
+            f"manifest {redact(parsed)}: {' '.join(str(exc).split())}; accepted forms: "
+            f"{ACCEPTED_FORMS}"
+        ) from None
     return engine
 
 

@@ -1850,6 +1850,13 @@ class Manifest:
             oldest = conn.execute(
                 select(func.min(S.c.created_at)).where(text(UNFINISHED_SEGMENTS_SQL))
             ).scalar()
+            # Sealed and not verified yet: what "stuck" means (an open segment of a quiet
+            # writer is only waiting for bytes). Measured from the seal, not the creation.
+            oldest_sealed = conn.execute(
+                select(func.min(S.c.sealed_at)).where(
+                    text(UNFINISHED_SEGMENTS_SQL), S.c.state != SegmentState.OPEN.value
+                )
+            ).scalar()
             failed = conn.execute(
                 select(S.c.key, S.c.reason)
                 .where(S.c.state == SegmentState.FAILED.value)
@@ -1881,6 +1888,9 @@ class Manifest:
             oldest_unverified_age=None
             if oldest is None
             else max(0.0, (now - oldest).total_seconds()),
+            oldest_sealed_age=None
+            if oldest_sealed is None
+            else max(0.0, (now - oldest_sealed).total_seconds()),
             failed=tuple((k, r or "") for k, r in failed),
             errors=tuple((k, e) for k, e in troubled),
             unknown=tuple((k, r or "") for k, r in unknown),
