@@ -8,6 +8,7 @@ Two kinds of crash are injected:
   it (the response is lost), then the process dies.
 
 A new store (another worker, its clock past the dead writer's lease) recovers; nothing else.
+Run on every backend, Ceph RGW included (with the SQLite manifest there: see tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 
 import uploader
 from tests.api.conftest import PART, migrate, remote_bytes, visible_keys
+from tests.conftest import REMOTES_WITH_RGW, make_remote
 from uploader.manifest.repo import Manifest, utcnow
 from uploader.storage import Fault, FaultyStorage, open_storage
 
@@ -44,6 +46,12 @@ WRITES = (
 )
 #: Remote calls a seal makes.
 REMOTE_OPS = ("start_upload", "upload_part", "list_parts", "complete", "put", "head")
+
+
+@pytest.fixture(params=REMOTES_WITH_RGW)
+def remote(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
+    """Every backend, Ceph RGW included: a real S3 implementation that answers differently."""
+    return make_remote(request, request.param, tmp_path)
 
 
 class Crash(BaseException):
