@@ -237,9 +237,22 @@ def _lower_rgw_part_minimum() -> str | None:
     if ceph is None or not os.path.exists(RGW_CEPH_CONF):
         return f"no ceph CLI or no {RGW_CEPH_CONF}"
     done = subprocess.run(
-        [ceph, "-c", RGW_CEPH_CONF, "--connect-timeout", "10", "config", "set", "client.rgw.x",
-         "rgw_multipart_min_part_size", str(TEST_MIN_PART_SIZE)],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            ceph,
+            "-c",
+            RGW_CEPH_CONF,
+            "--connect-timeout",
+            "10",
+            "config",
+            "set",
+            "client.rgw.x",
+            "rgw_multipart_min_part_size",
+            str(TEST_MIN_PART_SIZE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     if done.returncode != 0:
         return f"ceph config set failed: {done.stderr.strip()[:300]}"
