@@ -48,12 +48,15 @@ from datetime import timedelta
 
 from uploader.driver import DEFAULT_MAX_REUPLOADS, Driver
 from uploader.errors import (
+    AccessDeniedError,
     LeaseLostError,
     LocalFileError,
     ManifestError,
+    NoSuchBucketError,
     SegmentBusyError,
     StaleStateError,
     StorageError,
+    UnsupportedOperationError,
     UploaderError,
     VerificationError,
     WorkInterruptedError,
@@ -68,7 +71,12 @@ from uploader.transport import Counters
 
 log = logging.getLogger("uploader.recovery")
 
-__all__ = ["DEFAULT_MAX_REUPLOADS", "Crew", "RecoveryReport", "SegmentOutcome", "SweepReport"]
+#: A segment whose recovery passes end on the same error retrying cannot cure (a call the
+#: remote does not support, a refused request) this many times in a row becomes ``failed`` with
+#: that error: `uploader status` shows it and `uploader retry` takes it up once the cause is fixed.
+DEFAULT_STUCK_PASSES = 3
+
+__all__ = ["DEFAULT_MAX_REUPLOADS", "DEFAULT_STUCK_PASSES", "Crew", "RecoveryReport", "SegmentOutcome", "SweepReport"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +187,7 @@ def recover(
     max_reuploads: int = DEFAULT_MAX_REUPLOADS,
     stop: threading.Event | None = None,
     on_segment: Callable[[SegmentOutcome], None] | None = None,
+    stuck_passes: int = DEFAULT_STUCK_PASSES,
 ) -> RecoveryReport:
     """One pass over the unfinished segments this worker can act on.
 
@@ -207,7 +216,7 @@ def recover(
         def work(item: tuple[Lease, SegmentRecord]) -> SegmentOutcome:
             lease, seg = item
             try:
-                return _resume(crew, lease, seg, max_reuploads, totals.counters)
+                return _resume(crew, lease, seg, max_reuploads, totals.counters, stuck_passes)
             finally:
                 with contextlib.suppress(UploaderError):
                     crew.keeper.release(seg.id)
@@ -261,7 +270,11 @@ def _fail_stalled(crew: Crew) -> list[SegmentOutcome]:
 
 
 def resume_key(
-    crew: Crew, key: str, *, max_reuploads: int = DEFAULT_MAX_REUPLOADS
+    crew: Crew,
+    key: str,
+    *,
+    max_reuploads: int = DEFAULT_MAX_REUPLOADS,
+    stuck_passes: int = DEFAULT_STUCK_PASSES,
 ) -> SegmentOutcome:
     """Claim one segment by key (free or expired lease, else :class:`SegmentBusyError`) and
     drive it as a recovery pass would: ``uploader ship`` of a sealed, unfinished segment and
@@ -270,14 +283,19 @@ def resume_key(
     crew.keeper.hold(lease)
     try:
         seg = crew.manifest.segment_by_id(lease.segment_id)
-        return _resume(crew, lease, seg, max_reuploads, Counters())
+        return _resume(crew, lease, seg, max_reuploads, Counters(), stuck_passes)
     finally:
         with contextlib.suppress(UploaderError):
             crew.keeper.release(lease.segment_id)
 
 
 def _resume(
-    crew: Crew, lease: Lease, seg: SegmentRecord, max_reuploads: int, totals: Counters
+    crew: Crew,
+    lease: Lease,
+    seg: SegmentRecord,
+    max_reuploads: int,
+    totals: Counters,
+    stuck_passes: int = DEFAULT_STUCK_PASSES,
 ) -> SegmentOutcome:
     counters = Counters()
     before = seg.state.value
@@ -297,7 +315,10 @@ def _resume(
     except (StorageError, VerificationError, ManifestError, LocalFileError) as exc:
         # Recorded on the segment by the driver (attempts, last error); a later pass retries.
         detail = str(exc)
-        log.warning("segment %r stays unfinished: %s", seg.key, exc)
+        if _incurable(exc):
+            detail = _stuck(crew, lease, seg, str(exc), stuck_passes) or detail
+        else:
+            log.warning("segment %r stays unfinished: %s", seg.key, exc)
     after = crew.manifest.segment_by_id(seg.id)
     if not lost and after.fence != lease.fence:
         # Claimed by someone else meanwhile (we were paused): whatever state it reached is theirs.
@@ -321,6 +342,41 @@ def _resume(
         detail=detail,
         lost=lost,
     )
+
+
+def _incurable(exc: Exception) -> bool:
+    """An error of this segment's calls that retrying cannot cure. Credentials and a missing
+    bucket are the whole remote's configuration, not a segment's: they never fail segments."""
+    return (
+        isinstance(exc, StorageError)
+        and not exc.retryable
+        and not isinstance(exc, AccessDeniedError | NoSuchBucketError)
+    )
+
+
+def _stuck(crew: Crew, lease: Lease, seg: SegmentRecord, error: str, limit: int) -> str | None:
+    """Count this pass as one more ending on ``error``; at ``limit`` in a row, ``failed`` with it.
+    Returns the failure's reason, or None while the segment is left for another pass."""
+    try:
+        run = crew.manifest.record_stuck(lease, error)
+    except UploaderError as exc:  # lost the lease meanwhile: the new holder decides
+        log.warning("segment %r: %s", seg.key, exc)
+        return None
+    if run < limit:
+        log.warning(
+            "segment %r stays unfinished (pass %d of %d ending on this error): %s",
+            seg.key,
+            run,
+            limit,
+            error,
+        )
+        return None
+    reason = f"stuck on the same error for {run} recovery passes: {error}"
+    try:
+        crew.driver.fail(lease, reason)
+    except UploaderError:
+        return None
+    return reason
 
 
 # --- sweep ----------------------------------------------------------------------------------------
@@ -361,7 +417,16 @@ def sweep(
     cutoff = crew.manifest.clock() - timedelta(seconds=older_than)
     aborted: list[tuple[str, str]] = []
     kept_live = kept_young = 0
-    for up in crew.storage.list_uploads(prefix):
+    try:
+        uploads = crew.storage.list_uploads(prefix)
+    except UnsupportedOperationError as exc:
+        raise UnsupportedOperationError(
+            f"sweep: the remote {crew.storage.url} cannot list unfinished multipart uploads "
+            f"({exc}); orphaned uploads cannot be found from here: abort them with a lifecycle "
+            "rule on the bucket (AbortIncompleteMultipartUpload)",
+            op=exc.op,
+        ) from exc
+    for up in uploads:
         if up.upload_id in live:
             kept_live += 1
             continue

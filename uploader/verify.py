@@ -116,7 +116,7 @@ def drift(crew: Crew, rec: SegmentRecord, problem: str, *, repair: bool) -> Chec
             try:
                 check_local(rec, commits, set())
             except LocalFileError as exc:
-                if exc.terminal:
+                if not exc.retryable:
                     reason = f"remote object lost and local file gone or changed: {problem}; {exc}"
                     crew.manifest.fail_segment(lease, reason)
                     return Check(rec.key, False, problem, f"failed: {reason}", "failed")

@@ -76,6 +76,9 @@ from uploader.states import (
 from uploader.storage.base import MAX_PARTS
 
 DEFAULT_LEASE_SECONDS = 30.0
+#: The detail of the audit event a pass that ended on a non-retryable error leaves (see
+#: :meth:`Manifest.record_stuck`).
+STUCK_PREFIX = "stuck: "
 #: Unfinished segments are few among millions of verified ones. SQLite's planner, choosing
 #: between the partial index of unfinished ids and a walk of the table in id order (an ORDER BY
 #: id with a LIMIT), sometimes took the walk; this term (always true where it is used, next to
@@ -1122,14 +1125,23 @@ class Manifest:
             self._events(conn, events)
 
     def put_verified(
-        self, lease: Lease, commit: CommitRecord, etag: str, detail: str, *, release: bool = False
+        self,
+        lease: Lease,
+        commit: CommitRecord,
+        etag: str,
+        detail: str,
+        *,
+        release: bool = False,
+        object_etag: str | None = None,
     ) -> None:
         """A single PUT acknowledged *and* its object checked: ``put_done`` then
-        ``segment_verified`` in one transaction (both facts are known when it starts)."""
+        ``segment_verified`` in one transaction (both facts are known when it starts).
+        ``object_etag``: what the remote reports for the object when it is not the part's MD5
+        (SSE-KMS; the bytes were read back)."""
         _check_acknowledged(lease, commit, etag)
         now = self.clock()
         values: dict[str, Any] = {
-            "object_etag": etag,
+            "object_etag": object_etag or etag,
             "upload_id": None,
             "verified_at": now,
             "last_error": None,
@@ -1220,6 +1232,32 @@ class Manifest:
             self._guard(
                 conn, lease, now, values={"attempts": S.c.attempts + 1, "last_error": _clip(error)}
             )
+
+    def record_stuck(self, lease: Lease, error: str) -> int:
+        """A pass ended on an error retrying cannot cure: recorded like :meth:`record_error`, plus
+        an audit event (state unchanged, detail ``stuck: <error>``). Returns how many passes in a
+        row ended on this same error: the trailing run of such events, counted from the trail
+        (a transition of the segment, or another error, ends the run)."""
+        now = self.clock()
+        detail = _clip(f"{STUCK_PREFIX}{error}")
+        with self._begin() as conn:
+            self._guard(
+                conn, lease, now, values={"attempts": S.c.attempts + 1, "last_error": _clip(error)}
+            )
+            state = conn.execute(select(S.c.state).where(S.c.id == lease.segment_id)).scalar_one()
+            self._event(conn, lease.segment_id, None, state, state, lease.owner, lease.fence, detail)
+            trail = conn.execute(
+                select(E.c.from_state, E.c.to_state, E.c.detail)
+                .where(E.c.segment_id == lease.segment_id, E.c.commit_id.is_(None))
+                .order_by(E.c.id.desc())
+                .limit(64)
+            ).all()
+        run = 0
+        for row in trail:
+            if row.from_state != row.to_state or row.detail != detail:
+                break
+            run += 1
+        return run
 
     def segment_uploaded(self, lease: Lease, object_etag: str | None) -> None:
         """``sealed -> uploaded``: the object is complete at its key; what the remote said is kept."""
