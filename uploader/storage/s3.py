@@ -11,8 +11,18 @@ What we check ourselves because S3-compatible servers (moto among them) may not:
 * ``complete`` and ``put`` are conditional (``If-None-Match: *``): an existing object is never
   overwritten; an object that matches what we expected (a lost response) is accepted.
 
-Some servers answer HTTP 500 for an unknown or finished upload id instead of ``NoSuchUpload``:
-before treating a 5xx as transient we ask ``ListMultipartUploads`` whether the id still exists.
+Servers name an unknown (aborted or completed) upload id differently; on a call that names an
+upload id each of these means "the upload is unknown" (:class:`NoSuchUploadError`):
+
+* ``NoSuchUpload`` (AWS, moto);
+* ``404 NoSuchKey`` (Ceph RGW's ListParts: its upload is an object the server no longer finds);
+* a 5xx that ``ListMultipartUploads`` confirms: the id is not listed (Ceph RGW answers Complete of
+  an aborted upload with ``500 InternalError`` "This multipart completion is already in
+  progress"). A 5xx for an id that is still listed, or from a remote that cannot list uploads,
+  stays a server error.
+
+Ceph RGW also answers Complete with an empty ETag (the HEAD that follows every complete is what we
+record) and ignores ``If-None-Match`` on Complete (hence the HEAD before it) but honours it on PUT.
 
 Retries and deadlines. :mod:`uploader.storage.retry` alone decides about retries: s3fs's own
 retries are off (``retries = 1``) and so are botocore's (``total_max_attempts = 1``, whatever a
@@ -66,6 +76,10 @@ T = TypeVar("T")
 PROBE_PREFIX = ".uploader/probe"
 #: The hidden prefix (no key can reach it): probes, record sidecars.
 HIDDEN_PREFIX = ".uploader/"
+#: Error codes that, on a call naming an upload id (the bucket exists: that is NoSuchBucket), mean
+#: the upload is unknown. Ceph RGW's ListParts says NoSuchKey: without it, recovery would retry
+#: ListParts of a lost upload forever instead of starting a fresh one.
+UNKNOWN_UPLOAD_CODES = frozenset({"NoSuchUpload", "NoSuchKey"})
 
 
 def _client_error(exc: BaseException) -> BaseException:
@@ -226,14 +240,15 @@ class S3Storage:
             return True
 
     def _call_upload(self, op: str, key: str, upload_id: str, **kwargs: Any) -> Any:
-        """A call naming an upload id: an unknown id becomes NoSuchUploadError whatever the status."""
+        """A call naming an upload id: an unknown id becomes NoSuchUploadError whatever the status
+        (see the module's docstring for how servers say it)."""
         try:
             return self._request(op, **kwargs)
         except Exception as exc:
             code, status = client_error_code(_client_error(exc))
             if is_unsupported(code, status):
                 self._raise(exc, op, key)  # 405/501: not implemented, whatever the upload is
-            if code == "NoSuchUpload" or (
+            if code in UNKNOWN_UPLOAD_CODES or (
                 status is not None and status >= 500 and not self._maybe_known(key, upload_id)
             ):
                 raise NoSuchUploadError(
