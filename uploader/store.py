@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -535,6 +536,11 @@ class Store:
     ) -> None:
         if concurrency < 1:
             raise UsageError(f"concurrency must be at least 1, got {concurrency}")
+        if not (isinstance(lease_seconds, int | float) and 0 < lease_seconds < math.inf):
+            raise UsageError(
+                f"lease_seconds must be a positive number of seconds (default "
+                f"{DEFAULT_LEASE_SECONDS:g}; the CLI's --lease-seconds), got {lease_seconds!r}"
+            )
         if part_size < storage.min_part_size or part_size > MAX_PART_SIZE:
             raise UsageError(
                 f"part_size {part_size} is outside [{storage.min_part_size}, {MAX_PART_SIZE}] for "

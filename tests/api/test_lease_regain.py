@@ -153,3 +153,12 @@ def test_watch_retries_a_seal_refused_for_a_lost_lease(
     report = w.tick()  # the seal's write is refused, the lease taken again, the seal retried
     assert report.sealed == ["log/00000000000000000000"], report
     assert report.errors == []
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "30"])
+def test_lease_seconds_must_be_a_positive_number(tmp_path: Path, bad: object) -> None:
+    import uploader
+    from uploader.errors import UsageError
+
+    with pytest.raises(UsageError, match="lease_seconds must be a positive number"):
+        uploader.open(f"sqlite:///{tmp_path}/m.db", f"file://{tmp_path}", lease_seconds=bad)  # type: ignore[arg-type]

@@ -74,6 +74,9 @@ def test_watch_frozen_past_its_lease_seals_once_the_file_rolled(home: Path, tmp_
     try:
         _wait_for(lambda: (row(home, key) or {}).get("committed") == PART)
         fence = row(home, key)["fence"]  # type: ignore[index]
+        # --lease-seconds reached the store: the lease runs about 1 s, not the default 30.
+        expires = datetime.fromisoformat(str(row(home, key)["lease_expires"]))  # type: ignore[index]
+        assert (expires.replace(tzinfo=UTC) - datetime.now(UTC)).total_seconds() < 5
         proc.send_signal(signal.SIGSTOP)
         # Frozen until its lease ran out (the manifest says so), then the broker rolls the file.
         _wait_for(lambda: lease_expired(home, key), timeout=30)
