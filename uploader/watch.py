@@ -52,6 +52,8 @@ class TickReport:
     sealed: list[str] = field(default_factory=list)
     #: Files a previous watcher sealed but did not finish, driven to verified by this tick.
     finished: list[str] = field(default_factory=list)
+    #: Files another live process holds the lease of (tried again next tick).
+    busy: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
     problems: dict[str, str] = field(default_factory=dict)  # key -> why it cannot go further
 
@@ -126,6 +128,7 @@ class Watcher:
         self._boundary: dict[str, int] = {}
         #: Files that cannot go further (key -> the format's problem), as of the last tick.
         self.problems: dict[str, str] = {}
+        self._busy: set[str] = set()  # keys found held by another live process, until free
 
     def _segment(self, path: Path, report: TickReport) -> Segment | None:
         key = self.key_prefix + path.name
@@ -146,9 +149,10 @@ class Watcher:
         except SegmentBusyError as exc:
             # Another live process holds it (a recovery worker driving its parts, a second
             # watcher); a dead predecessor's lease on this node was taken over already. Again
-            # next tick.
-            log.info("%s", exc)
+            # next tick; said once per stretch, not every tick.
+            self._report_busy(key, exc, report)
             return None
+        self._busy.discard(key)
         state = seg.state
         if state is SegmentState.OPEN:
             return seg
@@ -163,7 +167,7 @@ class Watcher:
         try:
             outcome = self.store.finish(key)
         except SegmentBusyError as exc:
-            log.info("%s", exc)
+            self._report_busy(key, exc, report)
             return True
         except UploaderError as exc:  # recorded on the segment; `uploader recover` retries
             log.warning("%s: finishing its seal failed: %s", key, exc)
@@ -171,6 +175,12 @@ class Watcher:
         if outcome.after == SegmentState.VERIFIED.value:
             report.finished.append(key)
         return False
+
+    def _report_busy(self, key: str, exc: SegmentBusyError, report: TickReport) -> None:
+        report.busy.append(key)
+        if key not in self._busy:
+            self._busy.add(key)
+            log.warning("%s; tried again every tick until it is free", exc)
 
     def _wait(
         self, key: str, what: str, fut: UploadFuture[CommitResult], report: TickReport

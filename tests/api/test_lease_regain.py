@@ -129,7 +129,9 @@ def test_watch_seals_a_rolled_file_after_a_pause_past_its_lease(
     thief = other.acquire("log/00000000000000000000", "recovery", LEASE)
     second.write_bytes(b"x")  # ... and meanwhile the file rolled
     busy = w.tick()  # another process holds it: reported, tried again next tick
-    assert busy.sealed == []
+    # The seal's write was refused, taking the lease back found the thief: the seal failed.
+    assert busy.sealed == [] and [k for k, _ in busy.errors] == ["log/00000000000000000000"]
+    assert w.tick().busy == ["log/00000000000000000000"]  # the store will not hand it out
     assert other.segment_by_id(thief.segment_id).state is SegmentState.OPEN
     other.release(thief)
     report = w.tick()
