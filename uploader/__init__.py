@@ -16,6 +16,7 @@ from uploader.errors import (
     ManifestError,
     SegmentFailedError,
     SegmentSealedError,
+    StateError,
     StorageError,
     StoreClosedError,
     UnverifiedObjectError,
@@ -23,20 +24,24 @@ from uploader.errors import (
     UsageError,
     VerificationError,
 )
-from uploader.readback import ObjectReader, RangeRead
-from uploader.rebuild import RebuildReport
 from uploader.records import CommitRecord, Event, SegmentRecord, Status
 from uploader.states import CommitState, SegmentState
 
 if TYPE_CHECKING:
+    from uploader.readback import ObjectReader, RangeRead
+    from uploader.rebuild import RebuildReport
     from uploader.recovery import RecoveryReport, SegmentOutcome, SweepReport
     from uploader.store import CommitResult, Segment, Store, UploadFuture, open
 
 __version__ = "0.1.0"
 
-# The store and recovery (SQLAlchemy, fsspec) are imported on first use, so that importing a
-# submodule (the CLI, which installs its signal handlers first) does not pay for them up front.
+# The store, recovery and rebuild (SQLAlchemy, fsspec) are imported on first use, so that
+# importing a submodule (the CLI, which installs its signal handlers first) does not pay for them
+# up front: ``python -m uploader.cli`` imports this package before the CLI's first line runs.
 _LAZY = {
+    "ObjectReader": "uploader.readback",
+    "RangeRead": "uploader.readback",
+    "RebuildReport": "uploader.rebuild",
     "RecoveryReport": "uploader.recovery",
     "SegmentOutcome": "uploader.recovery",
     "SweepReport": "uploader.recovery",
@@ -77,6 +82,7 @@ __all__ = [
     "SegmentRecord",
     "SegmentSealedError",
     "SegmentState",
+    "StateError",
     "Status",
     "StorageError",
     "Store",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from uploader.manifest.db import describe
 from uploader.manifest.repo import Manifest
 from uploader.records import Lease
 
@@ -73,7 +74,7 @@ class LeaseKeeper:
             try:
                 self.manifest.release(lease)
             except Exception as exc:  # the lease simply expires
-                log.warning("could not release the lease on %r: %s", lease.key, exc)
+                log.warning("could not release the lease on %r: %s", lease.key, describe(exc))
 
     def _beat(self) -> None:
         interval = max(0.05, self.lease_seconds / 3)
@@ -89,7 +90,8 @@ class LeaseKeeper:
         try:
             renewed, lost = self.manifest.renew_many(leases, self.lease_seconds)
         except Exception as exc:  # a transient database error: try again next beat
-            log.warning("lease renewal failed: %s", exc)
+            # One line (a database error's text carries its SQL and parameters).
+            log.warning("lease renewal failed: %s", describe(exc))
             return
         gone = []
         with self._lock:

@@ -569,6 +569,17 @@ class Store:
         self._closed = False
 
     @property
+    def on_bytes(self) -> Callable[[str, int], None] | None:
+        """Progress hook: ``fn(key, nbytes)`` each time the remote acknowledges a part or an
+        object of this store's work (commits, seals, recovery), or parts already at the remote
+        are adopted; called from part threads, as it happens. Must be quick and thread-safe."""
+        return self.driver.on_bytes
+
+    @on_bytes.setter
+    def on_bytes(self, fn: Callable[[str, int], None] | None) -> None:
+        self.driver.on_bytes = fn
+
+    @property
     def crew(self) -> recovery.Crew:
         """What the recovery job works with: this store's manifest, driver and leases."""
         return recovery.Crew(

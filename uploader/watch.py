@@ -30,13 +30,16 @@ import fnmatch
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from uploader.errors import SegmentBusyError, UploaderError, UsageError
 from uploader.formats import Format, Scan, get_format
+from uploader.outage import Backoff, OutageGuard
 from uploader.records import FORMAT_PROBLEM
+from uploader.recovery import RecoveryReport
 from uploader.states import SegmentState
 from uploader.store import CommitResult, Segment, Store, UploadFuture
 
@@ -297,8 +300,36 @@ class Watcher:
             )
         return self.tick(seal_all=True)
 
-    def run(self, *, interval: float, stop: threading.Event) -> None:
-        """Tick every ``interval`` seconds until ``stop`` is set (SIGTERM/SIGINT in the CLI)."""
+    def run(
+        self,
+        *,
+        interval: float,
+        stop: threading.Event,
+        recover_every: float | None = None,
+        on_recovery: Callable[[RecoveryReport], None] | None = None,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Tick every ``interval`` seconds until ``stop`` is set (SIGTERM/SIGINT in the CLI).
+
+        ``recover_every``: also run a recovery pass of this store that often (it finishes seals
+        that did not, e.g. after a remote error), reported to ``on_recovery``. A manifest outage
+        (:mod:`uploader.outage`) does not end the loop: it is logged, the loop backs off and
+        ticks again; any other error ends it.
+        """
+        guard = OutageGuard("watch", backoff=backoff, clock=clock)
+        last_recovery = clock()
         while not stop.is_set():
-            self.tick()
+            try:
+                self.tick()
+                if recover_every is not None and clock() - last_recovery >= recover_every:
+                    report = self.store.recover(stop=stop)
+                    last_recovery = clock()
+                    if on_recovery is not None:
+                        on_recovery(report)
+            except Exception as exc:
+                if not guard.survive(exc, stop):
+                    raise
+                continue
+            guard.ok()
             stop.wait(interval)

@@ -189,6 +189,9 @@ def test_second_sigint_exits_at_once_and_the_manifest_is_consistent(
     leased = run(*SMALL_PARTS, "recover", env=elsewhere)
     assert leased.returncode == 1, leased.stdout + leased.stderr
     assert re.search(r"\d unfinished, leased by [^:]+:\d+ until \d\d:\d\d:\d\d", leased.stderr)
+    m = Manifest.open(f"sqlite:///{home}/manifest.db")
+    assert m.status().segments["failed"] == 0  # consistent: nothing failed by the exit
+    m.close()
     # On its own node the holder process is gone: recover takes its leases over at once.
     rec = run(*SMALL_PARTS, "recover")
     assert rec.returncode == 0, rec.stdout + rec.stderr
@@ -289,3 +292,54 @@ def test_ship_json_is_printed_when_a_file_is_refused(run: Run, tmp_path: Path) -
     assert [s["verified"] for s in data["segments"]] == [False, True]
     assert "already registered" in data["segments"][0]["error"]
     assert os.path.exists(a)
+
+
+@pytest.mark.parametrize(
+    ("url", "hint"),
+    [
+        ("postgress://postgres:pw-x7@127.0.0.1/m", "did you mean postgresql://"),
+        ("postgresql+psycopg2://postgres@127.0.0.1/m", "psycopg 3"),
+        ("sqlite3:///m.db", "did you mean sqlite:///"),
+        ("sqlite:/m.db", "three slashes"),
+        ("sqlite://m.db", "no host"),
+        ("mysql://u@db/m", "mysql:// is not a manifest database"),
+    ],
+)
+def test_misspelt_manifest_schemes_name_the_accepted_forms(
+    run: Run, home: Path, tmp_path: Path, url: str, hint: str
+) -> None:
+    commands: list[tuple[str, ...]] = [("status",)]
+    if url.startswith("postgress"):  # the commands that write, once (each run costs seconds)
+        commands += [("db", "upgrade"), ("ship", str(tmp_path / "f"))]
+    _file(tmp_path / "f", 10)
+    for args in commands:
+        res = run("--manifest", url, *args, cwd=tmp_path)
+        assert res.returncode == 2, res.stdout + res.stderr
+        line = res.stderr.strip().splitlines()[-1]
+        assert hint in line and "Traceback" not in res.stderr, line
+        assert "accepted forms: sqlite:////absolute/path.db" in line
+        assert "postgresql://user[:password]@host[:port]/database" in line
+        assert "pw-x7" not in res.stderr
+        assert list(home.iterdir()) == []  # nothing created: no remote directory, no database
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "home"]
+
+
+def test_an_unreachable_s3_endpoint_is_not_silent(run: Run, tmp_path: Path) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]  # closed when the block ends: nothing listens there
+    f = _file(tmp_path / "0001", 100)
+    options = json.dumps({"endpoint_url": f"http://127.0.0.1:{port}"})
+    res = run("--remote", "s3://bucket/p", "--storage-options", options, "ship", str(f))
+    assert res.returncode == 1, res.stdout + res.stderr
+    notices = [line for line in res.stderr.splitlines() if line.startswith("retrying ")]
+    # One line per retry: the operation, the endpoint, the attempt and the wait.
+    assert len(notices) == 4, res.stderr
+    for n, line in enumerate(notices, start=1):
+        assert re.match(
+            rf"retrying put on http://127\.0\.0\.1:{port} \(s3://bucket/p\) in \d+\.\d s "
+            rf"\(attempt {n} of 5 failed: .*connect",
+            line,
+        ), line
+    assert "not verified 0001" in res.stderr

@@ -11,6 +11,7 @@ import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,7 +23,7 @@ PART = TEST_MIN_PART_SIZE
 SIZES = ("--part-size", str(PART), "--min-part-size", str(PART))
 
 
-def row(home: Path, key: str) -> dict[str, object] | None:
+def row(home: Path, key: str) -> dict[str, Any] | None:
     db = home / "manifest.db"
     if not db.exists():
         return None
@@ -38,6 +39,12 @@ def row(home: Path, key: str) -> dict[str, object] | None:
     except sqlite3.OperationalError:  # not created yet
         return None
     return None if r is None else dict(r)
+
+
+def must(home: Path, key: str) -> dict[str, Any]:
+    r = row(home, key)
+    assert r is not None, f"{key} is not in the manifest"
+    return r
 
 
 def lease_expired(home: Path, key: str) -> bool:
@@ -73,9 +80,9 @@ def test_watch_frozen_past_its_lease_seals_once_the_file_rolled(home: Path, tmp_
     )
     try:
         _wait_for(lambda: (row(home, key) or {}).get("committed") == PART)
-        fence = row(home, key)["fence"]  # type: ignore[index]
+        fence = must(home, key)["fence"]
         # --lease-seconds reached the store: the lease runs about 1 s, not the default 30.
-        expires = datetime.fromisoformat(str(row(home, key)["lease_expires"]))  # type: ignore[index]
+        expires = datetime.fromisoformat(str(must(home, key)["lease_expires"]))
         assert (expires.replace(tzinfo=UTC) - datetime.now(UTC)).total_seconds() < 5
         proc.send_signal(signal.SIGSTOP)
         # Frozen until its lease ran out (the manifest says so), then the broker rolls the file.
@@ -83,7 +90,7 @@ def test_watch_frozen_past_its_lease_seals_once_the_file_rolled(home: Path, tmp_
         second.write_bytes(b"next")
         proc.send_signal(signal.SIGCONT)
         resumed = time.monotonic()
-        _wait_for(lambda: row(home, key)["state"] == "verified", timeout=60)  # type: ignore[index]
+        _wait_for(lambda: must(home, key)["state"] == "verified", timeout=60)
         lag = time.monotonic() - resumed
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=60)
@@ -96,7 +103,7 @@ def test_watch_frozen_past_its_lease_seals_once_the_file_rolled(home: Path, tmp_
     # Within a few intervals (loosely: two loaded cores), not never.
     assert lag < 20, lag
     after = row(home, key)
-    assert after is not None and int(after["fence"]) > int(fence)  # type: ignore[call-overload]
+    assert after is not None and int(after["fence"]) > int(fence)
     assert (home / "remote" / "commitlog" / first.name).read_bytes() == data
 
 
@@ -114,7 +121,7 @@ def test_seal_on_exit_seals_the_newest_file_and_waits_for_verified(
     try:
         _wait_for(lambda: (row(home, "logs/" + first.name) or {}).get("state") == "verified")
         _wait_for(lambda: (row(home, "logs/" + newest.name) or {}).get("committed") == 2 * PART)
-        assert row(home, "logs/" + newest.name)["state"] == "open"  # type: ignore[index]
+        assert must(home, "logs/" + newest.name)["state"] == "open"
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
     finally:
@@ -124,7 +131,7 @@ def test_seal_on_exit_seals_the_newest_file_and_waits_for_verified(
     assert proc.returncode == 0, err
     assert "sealing the open files" in err
     assert f"sealed and verified logs/{newest.name}" in out
-    assert row(home, "logs/" + newest.name)["state"] == "verified"  # type: ignore[index]
+    assert must(home, "logs/" + newest.name)["state"] == "verified"
     assert (home / "remote" / "logs" / newest.name).read_bytes() == newest.read_bytes()
 
 
@@ -153,5 +160,5 @@ def test_once_exits_1_when_a_seal_failed(run: Run, home: Path, tmp_path: Path) -
     blocker.unlink()
     ok = run(*SIZES, "watch", str(d), "--once")
     assert ok.returncode == 0, ok.stderr
-    assert row(home, "logs/" + first.name)["state"] == "verified"  # type: ignore[index]
+    assert must(home, "logs/" + first.name)["state"] == "verified"
     assert (home / "remote" / "logs" / first.name).read_bytes() == first.read_bytes()

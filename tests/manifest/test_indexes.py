@@ -252,6 +252,7 @@ def test_status_counts_bytes_and_oldest_age(manifest: Manifest) -> None:
     only_verified = m.status()
     assert only_verified.all_verified
     assert only_verified.oldest_unverified_age is None
+    assert only_verified.oldest_sealed_age is None
     assert only_verified.commit_bytes["verified"] == 6
 
     clock.at(10)
@@ -290,11 +291,13 @@ def test_status_counts_bytes_and_oldest_age(manifest: Manifest) -> None:
     assert st.commit_bytes == {"pending": 10, "uploaded": 4, "verified": 6, "failed": 4}
     assert st.unverified_bytes == 14
     assert st.oldest_unverified_age == pytest.approx(240.0)  # b/sealed, created at 60 s
+    assert st.oldest_sealed_age == pytest.approx(240.0)  # b/sealed, sealed at 60 s
     assert st.failed == (("d/failed", "local file vanished"),)
     assert not st.all_verified
 
     clock.at(1000)
     assert m.status().oldest_unverified_age == pytest.approx(940.0)
+    assert m.status().oldest_sealed_age == pytest.approx(940.0)
 
 
 def test_deletable_returns_only_verified_segments(manifest: Manifest) -> None:

@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -73,8 +73,9 @@ def crash_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], li
         wrap(name)
 
     def arm(n: int) -> list[str]:
-        state["armed"], state["count"], state["log"] = n, 0, []
-        return state["log"]
+        log: list[str] = []
+        state["armed"], state["count"], state["log"] = n, 0, log
+        return log
 
     yield arm
 
@@ -197,7 +198,7 @@ def test_fault_at_every_remote_call_then_crash(
     remote: tuple[str, dict[str, Any]],
     tmp_path: Path,
     op: str,
-    when: str,
+    when: Literal["before", "after"],
     size: int,
 ) -> None:
     migrate(manifest_url)

@@ -80,6 +80,9 @@ from uploader.storage.base import MAX_PARTS
 log = logging.getLogger("uploader")
 
 DEFAULT_LEASE_SECONDS = 30.0
+#: The detail of the audit event a pass that ended on a non-retryable error leaves (see
+#: :meth:`Manifest.record_stuck`).
+STUCK_PREFIX = "stuck: "
 #: Unfinished segments are few among millions of verified ones. SQLite's planner, choosing
 #: between the partial index of unfinished ids and a walk of the table in id order (an ORDER BY
 #: id with a LIMIT), sometimes took the walk; this term (always true where it is used, next to
@@ -1233,14 +1236,23 @@ class Manifest:
             self._events(conn, events)
 
     def put_verified(
-        self, lease: Lease, commit: CommitRecord, etag: str, detail: str, *, release: bool = False
+        self,
+        lease: Lease,
+        commit: CommitRecord,
+        etag: str,
+        detail: str,
+        *,
+        release: bool = False,
+        object_etag: str | None = None,
     ) -> None:
         """A single PUT acknowledged *and* its object checked: ``put_done`` then
-        ``segment_verified`` in one transaction (both facts are known when it starts)."""
+        ``segment_verified`` in one transaction (both facts are known when it starts).
+        ``object_etag``: what the remote reports for the object when it is not the part's MD5
+        (SSE-KMS; the bytes were read back)."""
         _check_acknowledged(lease, commit, etag)
         now = self.clock()
         values: dict[str, Any] = {
-            "object_etag": etag,
+            "object_etag": object_etag or etag,
             "upload_id": None,
             "verified_at": now,
             "last_error": None,
@@ -1331,6 +1343,32 @@ class Manifest:
             self._guard(
                 conn, lease, now, values={"attempts": S.c.attempts + 1, "last_error": _clip(error)}
             )
+
+    def record_stuck(self, lease: Lease, error: str) -> int:
+        """A pass ended on an error retrying cannot cure: recorded like :meth:`record_error`, plus
+        an audit event (state unchanged, detail ``stuck: <error>``). Returns how many passes in a
+        row ended on this same error: the trailing run of such events, counted from the trail
+        (a transition of the segment, or another error, ends the run)."""
+        now = self.clock()
+        detail = _clip(f"{STUCK_PREFIX}{error}")
+        with self._begin() as conn:
+            self._guard(
+                conn, lease, now, values={"attempts": S.c.attempts + 1, "last_error": _clip(error)}
+            )
+            state = conn.execute(select(S.c.state).where(S.c.id == lease.segment_id)).scalar_one()
+            self._event(conn, lease.segment_id, None, state, state, lease.owner, lease.fence, detail)
+            trail = conn.execute(
+                select(E.c.from_state, E.c.to_state, E.c.detail)
+                .where(E.c.segment_id == lease.segment_id, E.c.commit_id.is_(None))
+                .order_by(E.c.id.desc())
+                .limit(64)
+            ).all()
+        run = 0
+        for row in trail:
+            if row.from_state != row.to_state or row.detail != detail:
+                break
+            run += 1
+        return run
 
     def segment_uploaded(self, lease: Lease, object_etag: str | None) -> None:
         """``sealed -> uploaded``: the object is complete at its key; what the remote said is kept."""
@@ -1923,6 +1961,13 @@ class Manifest:
             oldest = conn.execute(
                 select(func.min(S.c.created_at)).where(text(UNFINISHED_SEGMENTS_SQL))
             ).scalar()
+            # Sealed and not verified yet: what "stuck" means (an open segment of a quiet
+            # writer is only waiting for bytes). Measured from the seal, not the creation.
+            oldest_sealed = conn.execute(
+                select(func.min(S.c.sealed_at)).where(
+                    text(UNFINISHED_SEGMENTS_SQL), S.c.state != SegmentState.OPEN.value
+                )
+            ).scalar()
             failed = conn.execute(
                 select(S.c.key, S.c.reason)
                 .where(S.c.state == SegmentState.FAILED.value)
@@ -1954,6 +1999,9 @@ class Manifest:
             oldest_unverified_age=None
             if oldest is None
             else max(0.0, (now - oldest).total_seconds()),
+            oldest_sealed_age=None
+            if oldest_sealed is None
+            else max(0.0, (now - oldest_sealed).total_seconds()),
             failed=tuple((k, r or "") for k, r in failed),
             errors=tuple((k, e) for k, e in troubled),
             unknown=tuple((k, r or "") for k, r in unknown),

@@ -52,11 +52,12 @@ from uploader.errors import (
     PreconditionFailedError,
     StorageError,
     StorageTimeoutError,
+    UnsupportedOperationError,
     UsageError,
 )
 from uploader.keys import check_full_length
 from uploader.storage.base import MIN_PART_SIZE, Expected, ObjectInfo, PartRef, UploadRef
-from uploader.storage.errors_map import client_error_code, translate
+from uploader.storage.errors_map import client_error_code, is_unsupported, translate
 from uploader.storage.rules import check_part_number, check_part_size, check_parts, matches
 
 T = TypeVar("T")
@@ -216,14 +217,24 @@ class S3Storage:
         """Whether the remote still lists ``upload_id`` for ``key``."""
         return any(u.upload_id == upload_id for u in self._list_uploads(self._key(key)))
 
+    def _maybe_known(self, key: str, upload_id: str) -> bool:
+        """Whether ``upload_id`` may still exist: listed, or the listing cannot be made (a
+        remote without ListMultipartUploads proves nothing: the 5xx stays a server error)."""
+        try:
+            return self._upload_known(key, upload_id)
+        except UnsupportedOperationError:
+            return True
+
     def _call_upload(self, op: str, key: str, upload_id: str, **kwargs: Any) -> Any:
         """A call naming an upload id: an unknown id becomes NoSuchUploadError whatever the status."""
         try:
             return self._request(op, **kwargs)
         except Exception as exc:
             code, status = client_error_code(_client_error(exc))
+            if is_unsupported(code, status):
+                self._raise(exc, op, key)  # 405/501: not implemented, whatever the upload is
             if code == "NoSuchUpload" or (
-                status is not None and status >= 500 and not self._upload_known(key, upload_id)
+                status is not None and status >= 500 and not self._maybe_known(key, upload_id)
             ):
                 raise NoSuchUploadError(
                     f"{op} of {key!r} in {self.bucket!r}: upload {upload_id} is unknown "
@@ -360,6 +371,16 @@ class S3Storage:
         self, key: str, payload: Payload, metadata: Mapping[str, str] | None = None
     ) -> ObjectInfo:
         expected = Expected(size=payload.size, etag=payload.md5)
+        existing = self.head(key)
+        if existing is not None:
+            # Checked first, as complete() does: not every server honours If-None-Match on PUT,
+            # and one that ignores it would replace the object there with ours.
+            if matches(existing, expected):
+                return existing
+            raise ObjectExistsError(
+                f"put of {key!r} in {self.bucket!r}: an object already exists at the key "
+                f"({existing.size} bytes, etag {existing.etag}); refusing to overwrite it"
+            )
         try:
             out = self._call(
                 "put_object",
@@ -377,12 +398,10 @@ class S3Storage:
                 assert info is not None
                 return info
             raise
+        # The server checked the body against Content-MD5. Its ETag may still not be the MD5
+        # (SSE-KMS, SSE-C): returned as said; the caller proves the object by reading it back
+        # when the ETag does not prove it (see uploader.plan).
         etag = normalize_etag(out.get("ETag"))
-        if etag != payload.md5:
-            raise StorageError(
-                f"put of {key!r}: the remote acknowledged ETag {etag}, expected MD5 {payload.md5}",
-                retryable=True,
-            )
         return ObjectInfo(key=key, size=payload.size, etag=etag)
 
     def head(self, key: str) -> ObjectInfo | None:
