@@ -31,7 +31,7 @@ def row(home: Path, key: str) -> dict[str, Any] | None:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
             conn.row_factory = sqlite3.Row
             r = conn.execute(
-                "SELECT s.state, s.fence, s.lease_expires, "
+                "SELECT s.state, s.fence, s.lease_expires, s.lease_pid, "
                 "(SELECT max(end_offset) FROM commits c WHERE c.segment_id = s.id) AS committed "
                 "FROM segments s WHERE key = ?",
                 (key,),
@@ -105,6 +105,46 @@ def test_watch_frozen_past_its_lease_seals_once_the_file_rolled(home: Path, tmp_
     after = row(home, key)
     assert after is not None and int(after["fence"]) > int(fence)
     assert (home / "remote" / "commitlog" / first.name).read_bytes() == data
+
+
+def test_a_restarted_watcher_takes_its_killed_predecessors_segment_at_once(
+    home: Path, tmp_path: Path
+) -> None:
+    d = tmp_path / "commitlog"
+    d.mkdir()
+    f = d / "00000000000000000000"
+    rng = random.Random(3)
+    f.write_bytes(rng.randbytes(PART + 10))
+    key = "commitlog/" + f.name
+    first = _start(home, *SIZES, "watch", str(d), "--interval", "0.1")  # the default 30 s lease
+    try:
+        _wait_for(lambda: (row(home, key) or {}).get("committed") == PART)
+        before = must(home, key)
+        first.kill()
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    held_until = datetime.fromisoformat(str(before["lease_expires"])).replace(tzinfo=UTC)
+    assert before["lease_pid"] == first.pid
+    with f.open("ab") as out:
+        out.write(rng.randbytes(PART))
+    second = _start(home, *SIZES, "watch", str(d), "--interval", "0.1")
+    try:
+        # It commits the new part: it holds the lease, long before the dead one's ran out.
+        _wait_for(lambda: (row(home, key) or {}).get("committed") == 2 * PART)
+        taken_at = datetime.now(UTC)
+        after = must(home, key)
+        second.send_signal(signal.SIGTERM)
+        _out, err = second.communicate(timeout=60)
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.wait()
+    assert second.returncode == 0, err
+    assert taken_at < held_until, (taken_at, held_until)
+    assert after["lease_pid"] == second.pid and after["fence"] > before["fence"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
