@@ -66,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "readback":
             r = bench_readback(endpoint, size=(64 if quick else 1024) * MiB)
         elif name == "watchkill":
-            r = bench_watch_kill(kills=5 if quick else 40, files=8 if quick else 150)
+            r = (
+                bench_watch_kill(kills=3, files=20, life=(2.0, 5.0))
+                if quick
+                else bench_watch_kill(kills=12, files=400)
+            )
         else:
             r = bench_kill(kills=20 if quick else args.kills)
         if name in REMOTE:

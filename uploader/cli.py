@@ -672,7 +672,17 @@ def watch(
             metavar="PORT", min=0, max=65535, help="Serve Prometheus metrics (0: any free port)"
         ),
     ] = None,
-    once: Annotated[bool, typer.Option(help="One pass, then exit")] = False,
+    once: Annotated[
+        bool, typer.Option(help="One pass, then exit (1 if a commit or seal failed in it)")
+    ] = False,
+    seal_on_exit: Annotated[
+        bool,
+        typer.Option(
+            help="On SIGTERM/SIGINT, seal every file, the newest (open) one included, and wait "
+            "until it is verified before exiting (the writer stopped for good; not with "
+            "--format rocketmq)",
+        ),
+    ] = False,
     segment_format: Annotated[
         str,
         typer.Option(
@@ -686,7 +696,8 @@ def watch(
 ) -> None:
     """Tail a directory of rolling segments: commit new bytes, seal finished segments.
 
-    Exits 1 if a file is left that cannot be read further (its format reported a problem)."""
+    Exits 1 if a file is left that cannot be read further (its format reported a problem), if a
+    commit or seal of the --once pass failed, or if a --seal-on-exit seal did not verify."""
     from uploader.formats import get_format
     from uploader.watch import Watcher, check_directory
 
@@ -696,7 +707,14 @@ def watch(
             f"--segment-size means nothing with --format {fmt.name}: its files are created at "
             "full size and the format says when one is complete"
         )
+    if seal_on_exit and fmt.preallocated:
+        raise UsageError(
+            f"--seal-on-exit cannot be used with --format {fmt.name}: its newest file is "
+            "preallocated and the broker continues it when it starts again; it is sealed when "
+            "the broker rolls it"
+        )
     check_directory(directory, pattern)
+    failed_at_exit: list[tuple[str, str]] = []
     with ctx_store(ctx) as store, _stop_on_signals() as stop:
         metrics, server = _metrics(store, metrics_port)
 
@@ -736,7 +754,7 @@ def watch(
         try:
             if once:
                 if not stop.is_set():
-                    watcher.tick()
+                    failed_at_exit = list(watcher.tick().errors)
             else:
                 # The library's loop: ticks, a recovery pass every --recover-every seconds, and
                 # manifest outages ridden out (logged, backed off, retried).
@@ -746,13 +764,21 @@ def watch(
                     recover_every=recover_every,
                     on_recovery=on_recovery,
                 )
+            if seal_on_exit and stop.is_set():
+                err.print("sealing the open files, waiting until they are verified")
+                failed_at_exit = list(watcher.seal_open().errors)
         finally:
             if server is not None:
                 server.shutdown()
     err.print("stopped")
+    # Format problems are listed once, as unresolved; the other failures of the last pass here.
+    failures = [(key, why) for key, why in failed_at_exit if key not in watcher.problems]
+    for key, why in failures:
+        err.print(f"failed: {key}: {why}")
     if watcher.problems:
         for key, problem in sorted(watcher.problems.items()):
             err.print(f"unresolved: {key}: {problem}")
+    if failures or watcher.problems:
         raise typer.Exit(1)
 
 

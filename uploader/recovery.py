@@ -269,7 +269,7 @@ def _fail_stalled(crew: Crew) -> list[SegmentOutcome]:
     outcomes = []
     for key, why in find_stalled(crew.manifest, crew.node):
         try:
-            lease = crew.manifest.acquire(key, crew.worker, crew.lease_seconds)
+            lease = crew.manifest.acquire(key, crew.worker, crew.lease_seconds, node=crew.node)
         except (SegmentBusyError, UploaderError):
             continue
         crew.keeper.hold(lease)
@@ -296,7 +296,7 @@ def resume_key(
     """Claim one segment by key (free or expired lease, else :class:`SegmentBusyError`) and
     drive it as a recovery pass would: ``uploader ship`` of a sealed, unfinished segment and
     ``uploader retry`` use it."""
-    lease = crew.manifest.acquire(key, crew.worker, crew.lease_seconds)
+    lease = crew.manifest.acquire(key, crew.worker, crew.lease_seconds, node=crew.node)
     crew.keeper.hold(lease)
     try:
         seg = crew.manifest.segment_by_id(lease.segment_id)

@@ -17,6 +17,7 @@ IMMEDIATE``, which makes the same read-then-claim exclusive across processes.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -43,6 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from uploader import holders
 from uploader.errors import (
     InvalidRangeError,
     InvalidStateError,
@@ -74,6 +76,8 @@ from uploader.states import (
     parse_segment_state,
 )
 from uploader.storage.base import MAX_PARTS
+
+log = logging.getLogger("uploader")
 
 DEFAULT_LEASE_SECONDS = 30.0
 #: The detail of the audit event a pass that ended on a non-retryable error leaves (see
@@ -169,10 +173,40 @@ S = cast(Table, SegmentRow.__table__)
 EventRow_ = tuple[int, int | None, str | None, str, str, int, str | None]
 C = cast(Table, CommitRow.__table__)
 E = cast(Table, EventRow.__table__)
+#: What a takeover looks at: the lease and its holder process.
+_HOLDER_COLUMNS = (
+    S.c.id,
+    S.c.key,
+    S.c.fence,
+    S.c.lease_owner,
+    S.c.lease_node,
+    S.c.lease_pid,
+    S.c.lease_started,
+    S.c.lease_pid_space,
+)
 
 
 _SQLITE_LOCKS: dict[str, threading.Lock] = {}
 _SQLITE_LOCKS_GUARD = threading.Lock()
+
+
+def _holder_gone(row: Any, node: str) -> bool:
+    """Is the live lease of ``row`` held by a process on ``node`` that is certainly gone?"""
+    return row.lease_node == node and holders.gone(
+        row.lease_pid, row.lease_started, row.lease_pid_space
+    )
+
+
+def _log_takeover(key: str, held: Any, owner: str) -> None:
+    log.info(
+        "segment %r: its lease holder %s (pid %s on %s) is gone; %s takes the lease over now "
+        "instead of waiting for it to expire",
+        key,
+        held.lease_owner,
+        held.lease_pid,
+        held.lease_node,
+        owner,
+    )
 
 
 class Manifest:
@@ -269,6 +303,45 @@ class Manifest:
                 f"interval '{float(ttl)!r} seconds'"
             )
         return self.clock() + timedelta(seconds=ttl)
+
+    # --- the lease holder as a process ------------------------------------------------------------
+
+    @staticmethod
+    def _holder_values(node: str | None) -> dict[str, Any]:
+        """The columns naming this process as a lease's holder on ``node`` (NULL when the caller
+        names no node, or the process cannot be identified: then only expiry frees the lease)."""
+        me = holders.this_process() if node is not None else None
+        if me is None:
+            return {
+                "lease_node": None,
+                "lease_pid": None,
+                "lease_started": None,
+                "lease_pid_space": None,
+            }
+        return {
+            "lease_node": node,
+            "lease_pid": me.pid,
+            "lease_started": me.started,
+            "lease_pid_space": me.space,
+        }
+
+    def _dead_holders(self, node: str, after_id: int) -> list[Any]:
+        """Unfinished segments (ids > ``after_id``) under a live lease whose holder process on
+        ``node`` is gone. Few rows: what this node's processes hold right now."""
+        if holders.this_process() is None:
+            return []
+        q = select(*_HOLDER_COLUMNS).where(
+            text(UNFINISHED_SEGMENTS_SQL),
+            S.c.id > after_id,
+            S.c.lease_node == node,
+            S.c.lease_owner.is_not(None),
+            S.c.lease_expires >= self._lease_now(),
+        )
+        if not self.is_postgres:
+            q = q.where(RARE_UNFINISHED)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        return [r for r in rows if _holder_gone(r, node)]
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -412,6 +485,7 @@ class Manifest:
                     fence=fence,
                     lease_owner=owner,
                     lease_expires=expires,
+                    **self._holder_values(None if lease_ttl is None else node),
                     attempts=0,
                     created_at=now,
                     updated_at=now,
@@ -481,11 +555,26 @@ class Manifest:
 
     # --- leases -------------------------------------------------------------------------------
 
-    def acquire(self, key: str, owner: str, ttl: float = DEFAULT_LEASE_SECONDS) -> Lease:
-        """Take the lease on ``key``: free, expired, or already ours. Increments the fence."""
+    def acquire(
+        self, key: str, owner: str, ttl: float = DEFAULT_LEASE_SECONDS, *, node: str | None = None
+    ) -> Lease:
+        """Take the lease on ``key``: free, expired, or already ours. Increments the fence.
+
+        With ``node`` (the caller's node), the lease records this process as its holder, and a
+        live lease whose holder process on this node is gone (:func:`uploader.holders.gone`) is
+        taken at once instead of after it expires (logged at INFO).
+        """
         now = self.clock()
         lease_now = self._lease_now()
         expires = self._lease_until(ttl)
+        values = {
+            "fence": S.c.fence + 1,
+            "lease_owner": owner,
+            "lease_expires": expires,
+            "updated_at": now,
+            **self._holder_values(node),
+        }
+        taken_from = None
         with self._begin() as conn:
             res = conn.execute(
                 update(S)
@@ -497,10 +586,16 @@ class Manifest:
                         S.c.lease_owner == owner,
                     ),
                 )
-                .values(
-                    fence=S.c.fence + 1, lease_owner=owner, lease_expires=expires, updated_at=now
-                )
+                .values(**values)
             )
+            if res.rowcount != 1 and node is not None:
+                held = conn.execute(select(*_HOLDER_COLUMNS).where(S.c.key == key)).first()
+                if held is not None and _holder_gone(held, node):
+                    # Compare-and-set on the fence: only the dead holder's lease is taken.
+                    res = conn.execute(
+                        update(S).where(S.c.id == held.id, S.c.fence == held.fence).values(**values)
+                    )
+                    taken_from = held if res.rowcount == 1 else None
             row = conn.execute(
                 select(S.c.id, S.c.fence, S.c.lease_owner, S.c.lease_expires).where(S.c.key == key)
             ).first()
@@ -511,6 +606,8 @@ class Manifest:
                 f"segment {key!r} is leased by {row.lease_owner} until {row.lease_expires:%Y-%m-%d %H:%M:%S} UTC; "
                 "wait for it to finish or for the lease to expire"
             )
+        if taken_from is not None:
+            _log_takeover(key, taken_from, owner)
         return Lease(
             segment_id=row.id, key=key, owner=owner, fence=row.fence, expires=row.lease_expires
         )
@@ -547,13 +644,19 @@ class Manifest:
         if limit < 1:
             return []
         now = self.clock()
+        dead = self._dead_holders(node, after_id)
         pending = exists().where(C.c.segment_id == S.c.id, C.c.state == CommitState.PENDING.value)
         q = (
             select(S.c.id)
             .where(
                 text(UNFINISHED_SEGMENTS_SQL),  # the partial index's own predicate
                 S.c.id > after_id,
-                or_(S.c.lease_owner.is_(None), S.c.lease_expires < self._lease_now()),
+                or_(
+                    S.c.lease_owner.is_(None),
+                    S.c.lease_expires < self._lease_now(),
+                    # Live leases whose holder process on this node is gone (same fence).
+                    *(and_(S.c.id == d.id, S.c.fence == d.fence) for d in dead),
+                ),
                 # Another node's segment only to complete it (all parts uploaded): verifying
                 # reads every local byte again, which only a worker on its node can.
                 or_(S.c.node == node, and_(S.c.state == SegmentState.SEALED.value, ~pending)),
@@ -573,11 +676,19 @@ class Manifest:
                 update(S)
                 .where(S.c.id.in_(ids))
                 .values(
-                    fence=S.c.fence + 1, lease_owner=owner, lease_expires=expires, updated_at=now
+                    fence=S.c.fence + 1,
+                    lease_owner=owner,
+                    lease_expires=expires,
+                    updated_at=now,
+                    **self._holder_values(node),
                 )
                 .returning(*S.c)
             ).all()
         segs = sorted((_segment(r) for r in rows), key=lambda seg: seg.id)
+        claimed_ids = {seg.id for seg in segs}
+        for d in dead:
+            if d.id in claimed_ids:
+                _log_takeover(d.key, d, owner)
         return [
             (
                 Lease(
