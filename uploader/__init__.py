@@ -28,6 +28,7 @@ from uploader.records import CommitRecord, Event, SegmentRecord, Status
 from uploader.states import CommitState, SegmentState
 
 if TYPE_CHECKING:
+    from uploader.config import StoreConfig, UploadMode, VerifyMode
     from uploader.readback import ObjectReader, RangeRead
     from uploader.rebuild import RebuildReport
     from uploader.recovery import RecoveryReport, SegmentOutcome, SweepReport
@@ -39,6 +40,9 @@ __version__ = "0.1.0"
 # importing a submodule (the CLI, which installs its signal handlers first) does not pay for them
 # up front: ``python -m uploader.cli`` imports this package before the CLI's first line runs.
 _LAZY = {
+    "StoreConfig": "uploader.config",
+    "UploadMode": "uploader.config",
+    "VerifyMode": "uploader.config",
     "ObjectReader": "uploader.readback",
     "RangeRead": "uploader.readback",
     "RebuildReport": "uploader.rebuild",
@@ -87,12 +91,15 @@ __all__ = [
     "StorageError",
     "Store",
     "StoreClosedError",
+    "StoreConfig",
     "SweepReport",
     "UnverifiedObjectError",
     "UploadFuture",
+    "UploadMode",
     "UploaderError",
     "UsageError",
     "VerificationError",
+    "VerifyMode",
     "__version__",
     "open",
 ]

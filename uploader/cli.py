@@ -63,14 +63,14 @@ from rich.table import Table
 from uploader import restore as restore_mod
 from uploader import settings
 from uploader import verify as verify_mod
+from uploader.config import DEFAULT_LEASE_SECONDS, DEFAULT_PART_SIZE, StoreConfig
 from uploader.errors import UploaderError, UsageError
-from uploader.manifest.repo import DEFAULT_LEASE_SECONDS
 from uploader.rebuild import RebuiltObject
 from uploader.records import Status
 from uploader.recovery import DEFAULT_SWEEP_AGE, RecoveryReport
 from uploader.states import UNFINISHED_SEGMENT_STATES
 from uploader.storage import RetryingStorage, RetryNotice
-from uploader.store import DEFAULT_PART_SIZE, Store
+from uploader.store import Store
 from uploader.store import open as open_store
 
 UNFINISHED = {s.value for s in UNFINISHED_SEGMENT_STATES}
@@ -131,15 +131,23 @@ class Context:
         db.parse_url(s.manifest)  # a typo'd URL is refused before anything is created
         return resolve(True) if create else s
 
+    def config(self) -> StoreConfig:
+        """The store settings the global options give (the library's one configuration)."""
+        return StoreConfig(
+            part_size=self.part_size,
+            concurrency=self.concurrency,
+            lease_seconds=self.lease_seconds,
+            min_part_size=self.min_part_size,
+        ).check()
+
     def open(self, **kwargs: Any) -> Store:
+        """Open the store; ``kwargs`` (a command's own options: worker, verify, ...) override."""
+        config = self.config()  # bad values refused before anything is created
         require_manifest(self.settings(create=False))  # before creating anything
         s = self.settings()
-        kwargs.setdefault("part_size", self.part_size)
-        kwargs.setdefault("concurrency", self.concurrency)
-        kwargs.setdefault("lease_seconds", self.lease_seconds)
-        if self.min_part_size is not None:
-            kwargs.setdefault("min_part_size", self.min_part_size)
-        store = open_store(s.manifest, s.remote, storage_options=s.storage_options, **kwargs)
+        store = open_store(
+            s.manifest, s.remote, storage_options=s.storage_options, config=config, **kwargs
+        )
         if isinstance(store.storage, RetryingStorage):
             # An endpoint that does not answer is never silent: one line per retry.
             store.storage.on_retry = _print_retry

@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from uploader.config import UploadMode
 from uploader.digest import normalize_etag
 from uploader.records import CommitRecord, SegmentRecord
 from uploader.states import CommitState, SegmentState
@@ -156,7 +157,7 @@ def next_step(p: Position) -> Step:
     if seg.state is SegmentState.SEALED:
         if seg.remove_etag is not None:
             return _remove(p, seg.remove_etag)
-        if seg.upload_mode == "put":
+        if seg.upload_mode == UploadMode.PUT:
             return _sealed_put(p)
         return _sealed_multipart(p, pending)
     return _uploaded(p)

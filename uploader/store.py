@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -22,9 +21,12 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
+from uploader import config as config_mod
 from uploader import readback, recovery
 from uploader import rebuild as rebuild_mod
 from uploader import verify as verify_mod
+from uploader.config import StoreConfig, UploadMode, VerifyMode
+from uploader.config import resolve as resolve_config
 from uploader.digest import (
     Payload,
     combine_crcs,
@@ -48,7 +50,7 @@ from uploader.errors import (
 )
 from uploader.keys import validate_key
 from uploader.leases import LeaseKeeper
-from uploader.manifest.repo import DEFAULT_LEASE_SECONDS, Manifest, default_node, default_worker
+from uploader.manifest.repo import Manifest, default_node, default_worker
 from uploader.records import Lease, NewCommit, SegmentRecord, Status
 from uploader.stalled import find_stalled
 from uploader.states import SegmentState
@@ -59,7 +61,7 @@ from uploader.transport import Counters, Transport, file_identity, wait_all
 log = logging.getLogger("uploader")
 
 MiB = 1024 * 1024
-DEFAULT_PART_SIZE = 8 * MiB
+DEFAULT_PART_SIZE = config_mod.DEFAULT_PART_SIZE
 
 T = TypeVar("T")
 
@@ -455,7 +457,7 @@ class Segment:
             size=size,
             crc32c=payload.crc32c,
             expected_etag=payload.md5,
-            upload_mode="put",
+            upload_mode=UploadMode.PUT,
         )
         counters = Counters()
         result = store.driver.drive(
@@ -490,7 +492,7 @@ class Segment:
                 [(c.crc32c, c.size) for c in commits] + [(c.crc32c, c.end - c.start) for c in final]
             ),
             expected_etag=multipart_etag([c.md5 for c in commits] + [c.md5 for c in final]),
-            upload_mode="multipart",
+            upload_mode=UploadMode.MULTIPART,
         )
         counters = Counters()
         fresh: dict[int, Payload | None] = {
@@ -526,47 +528,76 @@ class Store:
         self,
         manifest: Manifest,
         storage: Storage,
+        config: StoreConfig | None = None,
         *,
-        part_size: int = DEFAULT_PART_SIZE,
-        concurrency: int = 4,
-        verify: str = "etag",
+        part_size: int | None = None,
+        concurrency: int | None = None,
+        verify: str | VerifyMode | None = None,
         node: str | None = None,
         worker: str | None = None,
-        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        lease_seconds: float | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise UsageError(f"concurrency must be at least 1, got {concurrency}")
-        if not (isinstance(lease_seconds, int | float) and 0 < lease_seconds < math.inf):
+        """``config`` holds the settings (:class:`~uploader.config.StoreConfig`); a keyword
+        argument given here overrides its field of the same name."""
+        cfg = resolve_config(
+            config,
+            part_size=part_size,
+            concurrency=concurrency,
+            verify=verify,
+            node=node,
+            worker=worker,
+            lease_seconds=lease_seconds,
+        )
+        if cfg.part_size < storage.min_part_size or cfg.part_size > MAX_PART_SIZE:
             raise UsageError(
-                f"lease_seconds must be a positive number of seconds (default "
-                f"{DEFAULT_LEASE_SECONDS:g}; the CLI's --lease-seconds), got {lease_seconds!r}"
+                f"part_size {cfg.part_size} is outside [{storage.min_part_size}, {MAX_PART_SIZE}] "
+                f"for {storage.url}"
             )
-        if part_size < storage.min_part_size or part_size > MAX_PART_SIZE:
-            raise UsageError(
-                f"part_size {part_size} is outside [{storage.min_part_size}, {MAX_PART_SIZE}] for "
-                f"{storage.url}"
-            )
+        # Names resolved once: the config a store reports is the one it runs with.
+        self.config = cfg.with_(node=cfg.node or default_node(), worker=cfg.worker or default_worker())
         self.manifest = manifest
         self.storage = storage
-        self.part_size = part_size
-        self.concurrency = concurrency
-        self.node = node or default_node()
-        self.worker = worker or default_worker()
-        self.lease_seconds = lease_seconds
-        self.verify_mode = verify
-        self.transport = Transport(storage, concurrency=concurrency)
-        self.keeper = LeaseKeeper(manifest, lease_seconds)
+        self.transport = Transport(storage, concurrency=cfg.concurrency)
+        self.keeper = LeaseKeeper(manifest, cfg.lease_seconds)
         self.driver = Driver(
-            manifest, storage, self.transport, self.keeper, node=self.node, verify=verify
+            manifest, storage, self.transport, self.keeper, node=self.node, verify=cfg.verify
         )
         # Segment jobs wait on part futures: a pool of their own so they cannot starve the parts.
         self._jobs = ThreadPoolExecutor(
-            max_workers=max(2, concurrency), thread_name_prefix="uploader-job"
+            max_workers=max(2, cfg.concurrency), thread_name_prefix="uploader-job"
         )
         self._pending: set[Future[Any]] = set()
         self._segments: dict[str, Segment] = {}
         self._state_lock = threading.Lock()
         self._closed = False
+
+    # The settings, read from the one config (frozen: they do not change under running jobs).
+
+    @property
+    def part_size(self) -> int:
+        return self.config.part_size
+
+    @property
+    def concurrency(self) -> int:
+        return self.config.concurrency
+
+    @property
+    def lease_seconds(self) -> float:
+        return self.config.lease_seconds
+
+    @property
+    def verify_mode(self) -> VerifyMode:
+        return self.config.verify
+
+    @property
+    def node(self) -> str:
+        assert self.config.node is not None  # resolved in __init__
+        return self.config.node
+
+    @property
+    def worker(self) -> str:
+        assert self.config.worker is not None  # resolved in __init__
+        return self.config.worker
 
     @property
     def on_bytes(self) -> Callable[[str, int], None] | None:
@@ -933,39 +964,44 @@ def open(
     remote: str,
     *,
     storage_options: dict[str, Any] | None = None,
-    part_size: int = DEFAULT_PART_SIZE,
-    concurrency: int = 4,
-    verify: str = "etag",
+    config: StoreConfig | None = None,
+    part_size: int | None = None,
+    concurrency: int | None = None,
+    verify: str | VerifyMode | None = None,
     node: str | None = None,
     worker: str | None = None,
-    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    lease_seconds: float | None = None,
     storage: Storage | None = None,
     min_part_size: int | None = None,
 ) -> Store:
     """Open a store: a manifest (SQLAlchemy URL) and a remote root (fsspec URL).
 
+    The settings are ``config`` (:class:`~uploader.config.StoreConfig`, defaults if None) with
+    any keyword argument given here in place of its field: part size, concurrency, verify mode,
+    node and worker names, lease length. They are checked before the manifest is opened.
     ``storage`` replaces the backend built from ``remote`` (e.g. a fault-injecting wrapper);
     ``min_part_size`` lowers S3's 5 MiB part minimum for test servers.
     """
-    if verify not in ("etag", "deep"):
-        raise UsageError(f"verify must be 'etag' or 'deep', not {verify!r}")
+    cfg = resolve_config(
+        config,
+        part_size=part_size,
+        concurrency=concurrency,
+        verify=verify,
+        node=node,
+        worker=worker,
+        lease_seconds=lease_seconds,
+        min_part_size=min_part_size,
+    )
     m = Manifest.open(manifest)
     try:
         st = (
             storage
             if storage is not None
-            else open_storage(remote, storage_options, min_part_size=min_part_size)
+            else open_storage(
+                remote, storage_options, min_part_size=cfg.min_part_size, retry=cfg.retry
+            )
         )
-        return Store(
-            m,
-            st,
-            part_size=part_size,
-            concurrency=concurrency,
-            verify=verify,
-            node=node,
-            worker=worker,
-            lease_seconds=lease_seconds,
-        )
+        return Store(m, st, cfg)
     except BaseException:
         m.close()
         raise

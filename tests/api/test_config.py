@@ -1,0 +1,95 @@
+"""One typed configuration: uploader.open, Store and the CLI build the same StoreConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+import uploader
+from uploader.config import StoreConfig, UploadMode, VerifyMode, resolve
+from uploader.errors import UsageError
+
+PART = 64 * 1024
+
+
+def test_config_is_frozen_and_checked() -> None:
+    cfg = StoreConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.part_size = 1  # type: ignore[misc]
+    assert cfg.verify is VerifyMode.ETAG
+    for bad, word in (
+        (StoreConfig(concurrency=0), "concurrency"),
+        (StoreConfig(part_size=0), "part_size"),
+        (StoreConfig(lease_seconds=0), "lease_seconds"),
+        (StoreConfig(lease_seconds=float("inf")), "lease_seconds"),
+        (StoreConfig(min_part_size=-1), "min_part_size"),
+    ):
+        with pytest.raises(UsageError, match=word):
+            bad.check()
+    with pytest.raises(UsageError, match="verify must be one of 'etag', 'deep'"):
+        StoreConfig(verify="sha1")  # type: ignore[arg-type]
+    # The CLI's plain strings become the enum; enums compare equal to their strings.
+    assert StoreConfig(verify="deep").verify is VerifyMode.DEEP  # type: ignore[arg-type]
+    recorded: str = "put"  # as a manifest row holds it
+    assert recorded == UploadMode.PUT
+
+
+def test_keyword_arguments_override_the_config_and_none_means_not_given() -> None:
+    base = StoreConfig(part_size=PART, concurrency=3)
+    cfg = resolve(base, concurrency=7, lease_seconds=None)
+    assert (cfg.part_size, cfg.concurrency, cfg.lease_seconds) == (PART, 7, base.lease_seconds)
+    assert resolve(base) is base
+
+
+def test_open_and_store_run_with_one_config(tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    cfg = StoreConfig(part_size=PART, concurrency=2, lease_seconds=12.5, min_part_size=PART)
+    with uploader.open(
+        f"sqlite:///{tmp_path / 'm.db'}", f"file://{remote}", config=cfg, verify="deep", node="n1"
+    ) as store:
+        # The config a store reports is the one it runs with (names resolved, overrides applied).
+        assert store.config.part_size == PART and store.part_size == PART
+        assert store.config.verify is VerifyMode.DEEP and store.verify_mode is VerifyMode.DEEP
+        assert store.config.node == "n1" == store.node
+        assert store.config.worker == store.worker and store.worker
+        assert store.keeper.lease_seconds == 12.5
+        assert store.transport is not None
+        path = tmp_path / "seg"
+        path.write_bytes(b"x" * (PART + 5))
+        assert store.segment("k", path).seal().result().verified
+
+
+def test_bad_config_is_refused_before_the_manifest_is_created(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    with pytest.raises(UsageError, match="concurrency"):
+        uploader.open(f"sqlite:///{db}", f"file://{tmp_path}", concurrency=0)
+    assert not db.exists()
+
+
+def test_cli_global_options_become_the_store_config(tmp_path: Path) -> None:
+    """The CLI's global options build the library's StoreConfig, and the store it opens runs
+    with it; a command's own option (here the worker name) overrides its field."""
+    from uploader.cli import Context
+
+    ctx = Context(
+        manifest=None,
+        remote=None,
+        storage_options=None,
+        home=str(tmp_path / "home"),
+        part_size=PART,
+        concurrency=3,
+        debug=False,
+        lease_seconds=9.0,
+        min_part_size=PART,
+    )
+    assert ctx.config() == StoreConfig(
+        part_size=PART, concurrency=3, lease_seconds=9.0, min_part_size=PART
+    )
+    with ctx.open(worker="w1") as store:
+        assert store.config == ctx.config().with_(node=store.node, worker="w1")
+    bad = dataclasses.replace(ctx, lease_seconds=0.0)
+    with pytest.raises(UsageError, match="lease_seconds"):
+        bad.open()

@@ -1,0 +1,108 @@
+"""One typed configuration for a store: what ``uploader.open``, :class:`~uploader.store.Store` and
+the CLI's options all build, checked once.
+
+:class:`StoreConfig` is frozen: a store's settings do not change under its running jobs. Its
+:meth:`StoreConfig.check` refuses bad values with a :class:`~uploader.errors.UsageError` naming the
+setting, before a manifest is opened or a remote is touched. The part-size bounds that depend on
+the remote (S3's 5 MiB minimum, or a test server's lower one) are checked by the store, which knows
+the remote.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from uploader.errors import UsageError
+from uploader.storage.retry import RetryPolicy
+
+MiB = 1024 * 1024
+
+#: Default part size: 8 MiB, the size boto3 and the AWS CLI use.
+DEFAULT_PART_SIZE = 8 * MiB
+#: Default lease length: a writer or worker that stops renewing loses its segments after this.
+DEFAULT_LEASE_SECONDS = 30.0
+#: Default number of parts in flight (and of part-sized memory slots).
+DEFAULT_CONCURRENCY = 4
+
+
+class VerifyMode(StrEnum):
+    """How a seal proves the remote object before ``verified``.
+
+    * ``etag``: one HEAD; the object's ETag (or checksum) must be what the recorded part digests
+      give;
+    * ``deep``: also read every byte back and compare each part's CRC32C.
+    """
+
+    ETAG = "etag"
+    DEEP = "deep"
+
+
+class UploadMode(StrEnum):
+    """How a sealed segment's bytes are sent: one PUT (small segments) or a multipart upload."""
+
+    PUT = "put"
+    MULTIPART = "multipart"
+
+
+def parse_verify(value: str | VerifyMode) -> VerifyMode:
+    try:
+        return VerifyMode(value)
+    except ValueError:
+        known = ", ".join(repr(m.value) for m in VerifyMode)
+        raise UsageError(f"verify must be one of {known}, not {value!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """A store's settings. Build it with keywords; :meth:`check` is called by the store.
+
+    ``min_part_size`` lowers S3's 5 MiB part minimum, for test servers only. ``node`` and
+    ``worker`` default to this host's name and ``host:pid`` (see :mod:`uploader.leases`).
+    """
+
+    part_size: int = DEFAULT_PART_SIZE
+    concurrency: int = DEFAULT_CONCURRENCY
+    verify: VerifyMode = VerifyMode.ETAG
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    min_part_size: int | None = None
+    node: str | None = None
+    worker: str | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def __post_init__(self) -> None:
+        # Accept the plain strings of the CLI and of older callers; store the enum.
+        if not isinstance(self.verify, VerifyMode):
+            object.__setattr__(self, "verify", parse_verify(self.verify))
+
+    def check(self) -> StoreConfig:
+        """Refuse values that cannot work; return ``self`` for chaining."""
+        if self.concurrency < 1:
+            raise UsageError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.part_size <= 0:
+            raise UsageError(f"part_size must be positive, got {self.part_size}")
+        if not (
+            isinstance(self.lease_seconds, int | float) and 0 < self.lease_seconds < math.inf
+        ):
+            raise UsageError(
+                f"lease_seconds must be a positive number of seconds (default "
+                f"{DEFAULT_LEASE_SECONDS:g}; the CLI's --lease-seconds), got {self.lease_seconds!r}"
+            )
+        if self.min_part_size is not None and self.min_part_size <= 0:
+            raise UsageError(f"min_part_size must be positive, got {self.min_part_size}")
+        if self.retry.attempts < 1:
+            raise UsageError(f"retry attempts must be at least 1, got {self.retry.attempts}")
+        return self
+
+    def with_(self, **changes: Any) -> StoreConfig:
+        """A copy with ``changes`` applied (a frozen record's update); None values are ignored,
+        so callers can pass their optional keyword arguments straight through."""
+        given = {k: v for k, v in changes.items() if v is not None}
+        return replace(self, **given) if given else self
+
+
+def resolve(config: StoreConfig | None = None, **overrides: Any) -> StoreConfig:
+    """``config`` (or the defaults) with the keyword arguments a caller gave, checked."""
+    return (config or StoreConfig()).with_(**overrides).check()
