@@ -118,6 +118,15 @@ def held(*numbers: int) -> dict[int, PartRef]:
             Position(seg(SegmentState.SEALED), commits(U, P, P), True, None, True, None),
             Act.RESET_UPLOAD,
         ),
+        # On another node the lost upload is left as it is: resetting it would only lead to a
+        # re-send from a file that is not there (the owning node's worker does it).
+        (
+            Position(
+                seg(SegmentState.SEALED), commits(U, P, P), True, None, True, None, local_here=False
+            ),
+            Act.BLOCK,
+        ),
+        (Position(seg(SegmentState.OPEN), commits(U, P), True, {}, local_here=False), Act.BLOCK),
         # Every part uploaded: the local bytes are checked before anything is published.
         (Position(seg(SegmentState.SEALED), commits(U, U, U)), Act.CHECK_LOCAL),
         (Position(seg(SegmentState.SEALED), commits(U, U, U), local_checked=True), Act.COMPLETE),

@@ -142,8 +142,39 @@ def _read_back(p: Position) -> Step:
     )
 
 
+#: Steps that read the local file, or prepare to send its bytes again (a part put back to
+#: pending can only be sent from the file). Only a worker on the segment's node takes them:
+#: elsewhere the file is not there to read, and a reset it could not follow up would only
+#: undo what the manifest knows.
+NEEDS_LOCAL = frozenset(
+    {
+        Act.RESET_UPLOAD,
+        Act.UNSEND_PARTS,
+        Act.START_UPLOAD,
+        Act.SEND,
+        Act.PUT,
+        Act.CHECK_LOCAL,
+        Act.REUPLOAD,
+    }
+)
+
+
 def next_step(p: Position) -> Step:
     """The one place that decides a segment's next step."""
+    step = _next_step(p)
+    if step.act in NEEDS_LOCAL and not p.local_here:
+        return Step(
+            Act.BLOCK,
+            reason=(
+                f"next: {step.act.value}{' (' + step.reason + ')' if step.reason else ''}; "
+                f"that needs the local file, which is on node {p.seg.node!r}: left as it is "
+                "for a worker there"
+            ),
+        )
+    return step
+
+
+def _next_step(p: Position) -> Step:
     seg = p.seg
     if seg.state in (SegmentState.VERIFIED, SegmentState.FAILED):
         return Step(Act.DONE, reason=seg.state.value)
