@@ -79,4 +79,4 @@ def test_recovery_on_a_node_without_the_file_releases_it_and_the_owner_verifies(
     final = a.manifest.segment("log/0")
     assert final is not None and final.state is SegmentState.VERIFIED
     assert remote_bytes(remote, "log/0") == data
-    assert uploader.SegmentState.VERIFIED == final.state
+    assert final.state == uploader.SegmentState.VERIFIED
