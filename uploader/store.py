@@ -111,6 +111,22 @@ class UploadFuture(Future[T]):
                 )
 
 
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """An open segment as its writer last recorded it, under the lease with ``fence``.
+
+    While that lease is live nobody else can add a part, seal, fail or move the segment (every
+    such write is fenced), so a commit that finds no whole part to add can answer from this
+    without a manifest read. A part whose send failed makes it stale (its re-send needs the
+    driver, which reads what is recorded).
+    """
+
+    fence: int
+    segment: SegmentRecord
+    committed: int
+    parts: int
+
+
 class Segment:
     """A local append-only file shipped to ``key``. Obtain it from :meth:`Store.segment`."""
 
@@ -128,6 +144,10 @@ class Segment:
         self._outstanding: set[Future[Any]] = set()
         self._inflight: set[int] = set()  # commit ids being sent by a job of this segment
         self._lease_lock = threading.Lock()  # one re-acquisition at a time
+        # What this writer knows of its open segment while it holds the lease (see _known).
+        self._known: _Known | None = None
+        self._failed_sends = 0  # sends of this segment that failed, ever (under self._lock)
+        self._sealing = False
 
     # --- public -----------------------------------------------------------------------------------
 
@@ -154,6 +174,7 @@ class Segment:
         """The final commit: send the rest up to ``size`` (the file size by default), complete
         the object, check every local byte again, verify the object."""
         self._check_open("seal", size)
+        self._sealing = True  # commits after this read the manifest (and are refused there)
         return self._submit("seal", lambda _recorded: self._do_seal(size), True)
 
     def __repr__(self) -> str:
@@ -168,8 +189,12 @@ class Segment:
             raise UsageError(
                 f"segment {self.key!r}: {what} end must be a non-negative int, got {end!r}"
             )
-        progress = self._store.manifest.progress(self._id)
-        seg, committed = progress.segment, progress.committed
+        known = self._known_now() if what == "commit" else None
+        if known is not None:
+            seg, committed = known.segment, known.committed
+        else:
+            progress = self._store.manifest.progress(self._id)
+            seg, committed = progress.segment, progress.committed
         if seg.state is not SegmentState.OPEN:
             if seg.state is SegmentState.FAILED:
                 raise SegmentFailedError(f"segment {self.key!r} failed: {seg.reason}")
@@ -235,6 +260,17 @@ class Segment:
 
         self._store._submit_job(run, fut)
         return fut
+
+    def _known_now(self) -> _Known | None:
+        """What the last commit recorded, if it still holds: the same live lease, no seal
+        asked for, no failed send since."""
+        known = self._known
+        if known is None or self._sealing:
+            return None
+        lease = self._store.keeper.get(self._id)
+        if lease is None or lease.fence != known.fence:
+            return None
+        return known
 
     @property
     def lease(self) -> Lease:
@@ -354,6 +390,22 @@ class Segment:
         # between then shows its final state instead of looking like a failed, pending one.
         with self._lock:
             inflight = frozenset(self._inflight)
+            failed_sends = self._failed_sends
+        known = self._known_now()
+        if known is not None and known.fence == lease.fence:
+            # A broker commits after every append, and most appends add no whole part: answer
+            # from what this writer recorded under the same lease, with one stat and no
+            # manifest read (see _Known).
+            end = self._valid_end(lease, known.segment, known.committed, upto, "commit")
+            if end - known.committed < known.segment.part_size:
+                recorded.set()
+                return CommitResult(
+                    key=self.key,
+                    sent_bytes=0,
+                    sent_parts=0,
+                    committed=known.committed,
+                    carried_bytes=end - known.committed,
+                )
         # Two indexed reads whatever the segment's length: a broker commits after every append,
         # so reading every part of a long segment on each commit would grow quadratically.
         progress = store.manifest.progress(self._id)
@@ -371,6 +423,11 @@ class Segment:
                 seg = store.driver.start_upload(lease, seg)
             assert seg.upload_id is not None
             committed = self._record_and_send(lease, seg, seg.upload_id, new, counters, recorded)
+        with self._lock:
+            # Only if no send failed since this job began (its re-send needs the driver); one
+            # that fails from now on clears it again (_sent).
+            if seg.state is SegmentState.OPEN and self._failed_sends == failed_sends:
+                self._known = _Known(lease.fence, seg, committed, progress.parts + len(new))
         recorded.set()
         return CommitResult(
             key=self.key,
@@ -423,9 +480,12 @@ class Segment:
             wait_all(futures)
         return committed
 
-    def _sent(self, commit_id: int, _done: Future[None]) -> None:
+    def _sent(self, commit_id: int, done: Future[None]) -> None:
         with self._lock:
             self._inflight.discard(commit_id)
+            if done.cancelled() or done.exception() is not None:
+                self._failed_sends += 1
+                self._known = None  # the next commit drives the re-send
 
     def _do_seal(self, size: int | None) -> CommitResult:
         try:
