@@ -1,0 +1,201 @@
+"""Leases: acquire, claim (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), renew, release."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import and_, exists, or_, select, text, update
+
+from uploader.errors import SegmentBusyError, UsageError
+from uploader.manifest.guard import DEFAULT_LEASE_SECONDS, ManifestCore
+from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL
+from uploader.manifest.rowmap import RARE_UNFINISHED, C, S, _segment
+from uploader.records import Lease, SegmentRecord
+from uploader.states import CommitState, SegmentState
+
+
+class Leases(ManifestCore):
+    """Taking, keeping and giving back leases; every claim increments the fence."""
+
+    def acquire(self, key: str, owner: str, ttl: float = DEFAULT_LEASE_SECONDS) -> Lease:
+        """Take the lease on ``key``: free, expired, or already ours. Increments the fence."""
+        now = self.clock()
+        lease_now = self._lease_now()
+        expires = self._lease_until(ttl)
+        with self._begin() as conn:
+            res = conn.execute(
+                update(S)
+                .where(
+                    S.c.key == key,
+                    or_(
+                        S.c.lease_owner.is_(None),
+                        S.c.lease_expires < lease_now,
+                        S.c.lease_owner == owner,
+                    ),
+                )
+                .values(
+                    fence=S.c.fence + 1, lease_owner=owner, lease_expires=expires, updated_at=now
+                )
+            )
+            row = conn.execute(
+                select(S.c.id, S.c.fence, S.c.lease_owner, S.c.lease_expires).where(S.c.key == key)
+            ).first()
+        if row is None:
+            raise UsageError(f"segment {key!r} is not registered")
+        if res.rowcount != 1:
+            raise SegmentBusyError(
+                f"segment {key!r} is leased by {row.lease_owner} until {row.lease_expires:%Y-%m-%d %H:%M:%S} UTC; "
+                "wait for it to finish or for the lease to expire"
+            )
+        return Lease(
+            segment_id=row.id, key=key, owner=owner, fence=row.fence, expires=row.lease_expires
+        )
+
+    def claim_next(
+        self,
+        owner: str,
+        *,
+        node: str,
+        ttl: float = DEFAULT_LEASE_SECONDS,
+        after_id: int = 0,
+    ) -> tuple[Lease, SegmentRecord] | None:
+        """Claim the next unfinished segment (id > ``after_id``) that this worker can act on."""
+        claimed = self.claim(owner, node=node, ttl=ttl, after_id=after_id, limit=1)
+        return claimed[0] if claimed else None
+
+    def claim(
+        self,
+        owner: str,
+        *,
+        node: str,
+        ttl: float = DEFAULT_LEASE_SECONDS,
+        after_id: int = 0,
+        limit: int = 1,
+    ) -> list[tuple[Lease, SegmentRecord]]:
+        """Claim up to ``limit`` unfinished segments (ids > ``after_id``, ascending), in one transaction.
+
+        A worker claims segments whose local file is on its ``node``, and, from any node, sealed
+        segments whose parts are all uploaded (completing needs no local bytes; verifying does: the
+        bytes). Open segments are claimed only when they have pending whole parts to upload.
+        Rows locked by another claimer are skipped (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; on
+        SQLite the immediate transaction serialises claimers).
+        """
+        if limit < 1:
+            return []
+        now = self.clock()
+        pending = exists().where(C.c.segment_id == S.c.id, C.c.state == CommitState.PENDING.value)
+        q = (
+            select(S.c.id)
+            .where(
+                text(UNFINISHED_SEGMENTS_SQL),  # the partial index's own predicate
+                S.c.id > after_id,
+                or_(S.c.lease_owner.is_(None), S.c.lease_expires < self._lease_now()),
+                # Another node's segment only to complete it (all parts uploaded): verifying
+                # reads every local byte again, which only a worker on its node can.
+                or_(S.c.node == node, and_(S.c.state == SegmentState.SEALED.value, ~pending)),
+                or_(S.c.state != SegmentState.OPEN.value, pending),
+            )
+            .order_by(S.c.id)
+            .limit(limit)
+        )
+        # PostgreSQL: skip rows another claimer holds; SQLite: the rarity hint (see above).
+        q = q.with_for_update(skip_locked=True) if self.is_postgres else q.where(RARE_UNFINISHED)
+        expires = self._lease_until(ttl)
+        with self._begin() as conn:
+            ids = list(conn.execute(q).scalars())
+            if not ids:
+                return []
+            rows = conn.execute(
+                update(S)
+                .where(S.c.id.in_(ids))
+                .values(
+                    fence=S.c.fence + 1, lease_owner=owner, lease_expires=expires, updated_at=now
+                )
+                .returning(*S.c)
+            ).all()
+        segs = sorted((_segment(r) for r in rows), key=lambda seg: seg.id)
+        return [
+            (
+                Lease(
+                    segment_id=seg.id,
+                    key=seg.key,
+                    owner=owner,
+                    fence=seg.fence,
+                    expires=seg.lease_expires or self.clock(),
+                ),
+                seg,
+            )
+            for seg in segs
+        ]
+
+    def renew(self, lease: Lease, ttl: float = DEFAULT_LEASE_SECONDS) -> Lease:
+        """Extend a lease we still hold; LeaseLostError if it expired or was taken over."""
+        now = self.clock()
+        with self._begin() as conn:
+            self._guard(conn, lease, now, values={"lease_expires": self._lease_until(ttl)})
+            expires = conn.execute(
+                select(S.c.lease_expires).where(S.c.id == lease.segment_id)
+            ).scalar_one()
+        return Lease(lease.segment_id, lease.key, lease.owner, lease.fence, expires)
+
+    def renew_many(
+        self, leases: Sequence[Lease], ttl: float = DEFAULT_LEASE_SECONDS
+    ) -> tuple[list[Lease], list[Lease]]:
+        """Extend many leases of one owner in one transaction: ``(renewed, lost)``.
+
+        A store may hold thousands of leases (small segments queued for sealing); renewing them
+        one transaction each would let the last ones expire before the heartbeat reaches them.
+        """
+        if not leases:
+            return [], []
+        owner = leases[0].owner
+        if any(lease.owner != owner for lease in leases):
+            raise ValueError("renew_many: every lease must have the same owner")
+        by_id = {lease.segment_id: lease for lease in leases}
+        renewed_until: dict[int, datetime] = {}
+        ids = list(by_id)
+        with self._begin() as conn:
+            for i in range(0, len(ids), 500):  # bounded IN lists
+                chunk = ids[i : i + 500]
+                for seg_id, fence, until in conn.execute(
+                    update(S)
+                    .where(
+                        S.c.id.in_(chunk),
+                        S.c.lease_owner == owner,
+                        S.c.lease_expires > self._lease_now(),
+                    )
+                    .values(lease_expires=self._lease_until(ttl))
+                    .returning(S.c.id, S.c.fence, S.c.lease_expires)
+                ):
+                    # Renewed only with our fence: a row taken over (and by chance given to the
+                    # same owner name) is not ours.
+                    if fence == by_id[seg_id].fence:
+                        renewed_until[seg_id] = until
+        renewed = [
+            Lease(
+                lease.segment_id,
+                lease.key,
+                lease.owner,
+                lease.fence,
+                renewed_until[lease.segment_id],
+            )
+            for lease in leases
+            if lease.segment_id in renewed_until
+        ]
+        lost = [lease for lease in leases if lease.segment_id not in renewed_until]
+        return renewed, lost
+
+    def release(self, lease: Lease) -> bool:
+        """Give a lease back (no error if it was already lost). True if it was still ours."""
+        with self._begin() as conn:
+            res = conn.execute(
+                update(S)
+                .where(
+                    S.c.id == lease.segment_id,
+                    S.c.fence == lease.fence,
+                    S.c.lease_owner == lease.owner,
+                )
+                .values(lease_owner=None, lease_expires=None)
+            )
+        return res.rowcount == 1

@@ -1,0 +1,93 @@
+"""The overview: counts per state, unverified bytes, failed and troubled keys, live leases."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import func, select, text
+
+from uploader.manifest.guard import ManifestCore
+from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL
+from uploader.manifest.rowmap import RARE_UNFINISHED, C, S
+from uploader.records import Status
+from uploader.states import CommitState, SegmentState
+
+
+class Overview(ManifestCore):
+    """What ``uploader status`` and the CLI's listings show."""
+
+    def status(self) -> Status:
+        now = self.clock()
+        with self.engine.connect() as conn:
+            segs = {
+                r[0]: r[1]
+                for r in conn.execute(select(S.c.state, func.count()).group_by(S.c.state))
+            }
+            commit_rows = conn.execute(
+                select(
+                    C.c.state,
+                    func.count(),
+                    func.coalesce(func.sum(C.c.end_offset - C.c.start_offset), 0),
+                ).group_by(C.c.state)
+            ).all()
+            oldest = conn.execute(
+                select(func.min(S.c.created_at)).where(text(UNFINISHED_SEGMENTS_SQL))
+            ).scalar()
+            failed = conn.execute(
+                select(S.c.key, S.c.reason)
+                .where(S.c.state == SegmentState.FAILED.value)
+                .order_by(S.c.id)
+                .limit(100)
+            ).all()
+            troubled_q = (
+                select(S.c.key, S.c.last_error)
+                .where(text(UNFINISHED_SEGMENTS_SQL), S.c.last_error.is_not(None))
+                .order_by(S.c.id)
+                .limit(100)
+            )
+            if not self.is_postgres:
+                troubled_q = troubled_q.where(RARE_UNFINISHED)
+            troubled = conn.execute(troubled_q).all()
+            unknown = conn.execute(
+                select(S.c.key, S.c.reason)
+                .where(S.c.state == SegmentState.UNKNOWN.value)
+                .order_by(S.c.id)
+                .limit(100)
+            ).all()
+        commits = {r[0]: int(r[1]) for r in commit_rows}
+        commit_bytes = {r[0]: int(r[2]) for r in commit_rows}
+        return Status(
+            segments={s.value: int(segs.get(s.value, 0)) for s in SegmentState},
+            commits={s.value: commits.get(s.value, 0) for s in CommitState},
+            commit_bytes={s.value: commit_bytes.get(s.value, 0) for s in CommitState},
+            unverified_bytes=commit_bytes.get("pending", 0) + commit_bytes.get("uploaded", 0),
+            oldest_unverified_age=None
+            if oldest is None
+            else max(0.0, (now - oldest).total_seconds()),
+            failed=tuple((k, r or "") for k, r in failed),
+            errors=tuple((k, e) for k, e in troubled),
+            unknown=tuple((k, r or "") for k, r in unknown),
+        )
+
+    def failed_keys(self) -> list[str]:
+        """Every failed segment's key, in id order (``uploader retry --all-failed``)."""
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(S.c.key).where(S.c.state == SegmentState.FAILED.value).order_by(S.c.id)
+                ).scalars()
+            )
+
+    def leased_unfinished(
+        self, *, exclude_owner: str | None = None
+    ) -> list[tuple[str, str, datetime]]:
+        """(key, lease owner, lease expiry) of unfinished segments another process holds now."""
+        q = select(S.c.key, S.c.lease_owner, S.c.lease_expires).where(
+            text(UNFINISHED_SEGMENTS_SQL),
+            S.c.lease_owner.is_not(None),
+            S.c.lease_expires > self._lease_now(),
+        )
+        if exclude_owner is not None:
+            q = q.where(S.c.lease_owner != exclude_owner)
+        with self.engine.connect() as conn:
+            return [(k, o, e) for k, o, e in conn.execute(q.order_by(S.c.id))]
