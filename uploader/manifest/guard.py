@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Engine, and_, func, insert, literal_column, s
 
 from uploader.errors import InvalidStateError, LeaseLostError, StaleStateError
 from uploader.manifest import db
-from uploader.manifest.rowmap import C, E, S
+from uploader.manifest.rowmap import COMMITS, EVENTS, SEGMENTS
 from uploader.records import CommitRecord, Lease
 from uploader.states import CommitState, SegmentState
 
@@ -37,7 +37,7 @@ def default_worker() -> str:
     return f"{default_node()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _check_acknowledged(lease: Lease, commit: CommitRecord, etag: str) -> None:
+def check_acknowledged(lease: Lease, commit: CommitRecord, etag: str) -> None:
     """A part counts as uploaded only with the ETag the remote acknowledged equal to our MD5."""
     if etag != commit.md5:
         raise StaleStateError(
@@ -48,7 +48,7 @@ def _check_acknowledged(lease: Lease, commit: CommitRecord, etag: str) -> None:
         )
 
 
-def _clip(message: str, limit: int = 2000) -> str:
+def clip(message: str, limit: int = 2000) -> str:
     return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
@@ -139,21 +139,21 @@ class ManifestCore:
         # ``now`` stamps the row (updated_at); the lease is judged by the lease clock.
         del now
         return and_(
-            S.c.id == lease.segment_id,
-            S.c.fence == lease.fence,
-            S.c.lease_owner == lease.owner,
-            S.c.lease_expires > self._lease_now(),
+            SEGMENTS.c.id == lease.segment_id,
+            SEGMENTS.c.fence == lease.fence,
+            SEGMENTS.c.lease_owner == lease.owner,
+            SEGMENTS.c.lease_expires > self._lease_now(),
         )
 
     def _lease_error(self, conn: Connection, lease: Lease, now: datetime) -> LeaseLostError | None:
         del now  # judged by the lease clock, in the statement
         row = conn.execute(
             select(
-                S.c.fence,
-                S.c.lease_owner,
-                S.c.lease_expires,
-                (S.c.lease_expires > self._lease_now()).label("live"),
-            ).where(S.c.id == lease.segment_id)
+                SEGMENTS.c.fence,
+                SEGMENTS.c.lease_owner,
+                SEGMENTS.c.lease_expires,
+                (SEGMENTS.c.lease_expires > self._lease_now()).label("live"),
+            ).where(SEGMENTS.c.id == lease.segment_id)
         ).first()
         if row is None:
             return LeaseLostError(lease.key, lease.fence, None)
@@ -172,7 +172,9 @@ class ManifestCore:
     ) -> None:
         """Check (and lock, on PostgreSQL) the segment row for ``lease``; raise if not ours."""
         res = conn.execute(
-            update(S).where(self._guard_clause(lease, now)).values(updated_at=now, **(values or {}))
+            update(SEGMENTS)
+            .where(self._guard_clause(lease, now))
+            .values(updated_at=now, **(values or {}))
         )
         if res.rowcount != 1:
             err = self._lease_error(conn, lease, now)
@@ -201,7 +203,7 @@ class ManifestCore:
             return
         at = self.clock()
         conn.execute(
-            insert(E),
+            insert(EVENTS),
             [
                 {
                     "at": at,
@@ -211,7 +213,7 @@ class ManifestCore:
                     "to_state": dst,
                     "worker": worker,
                     "fence": fence,
-                    "detail": None if detail is None else _clip(detail),
+                    "detail": None if detail is None else clip(detail),
                 }
                 for seg, cid, src, dst, worker, fence, detail in rows
             ],
@@ -233,15 +235,17 @@ class ManifestCore:
         """Guarded ``expected -> new``. With ``events``, the audit row is appended there for the
         caller to write with its others in one statement."""
         res = conn.execute(
-            update(S)
-            .where(self._guard_clause(lease, now), S.c.state == expected.value)
+            update(SEGMENTS)
+            .where(self._guard_clause(lease, now), SEGMENTS.c.state == expected.value)
             .values(state=new.value, updated_at=now, **values)
         )
         if res.rowcount != 1:
             err = self._lease_error(conn, lease, now)
             if err is not None:
                 raise err
-            actual = conn.execute(select(S.c.state).where(S.c.id == lease.segment_id)).scalar()
+            actual = conn.execute(
+                select(SEGMENTS.c.state).where(SEGMENTS.c.id == lease.segment_id)
+            ).scalar()
             raise StaleStateError(lease.key, expected.value, actual)
         if check_unsent and new in (SegmentState.UPLOADED, SegmentState.VERIFIED):
             # Checked after the guarded update so a stale caller hears "stale" first; raising
@@ -257,12 +261,14 @@ class ManifestCore:
         """An object complete or verified speaks for every part: none may still be unsent."""
         unsent = (
             conn.execute(
-                select(C.c.part_number)
+                select(COMMITS.c.part_number)
                 .where(
-                    C.c.segment_id == lease.segment_id,
-                    C.c.state.not_in([CommitState.UPLOADED.value, CommitState.VERIFIED.value]),
+                    COMMITS.c.segment_id == lease.segment_id,
+                    COMMITS.c.state.not_in(
+                        [CommitState.UPLOADED.value, CommitState.VERIFIED.value]
+                    ),
                 )
-                .order_by(C.c.part_number)
+                .order_by(COMMITS.c.part_number)
             )
             .scalars()
             .all()
@@ -286,15 +292,17 @@ class ManifestCore:
     ) -> None:
         self._guard(conn, lease, now)
         res = conn.execute(
-            update(C)
+            update(COMMITS)
             .where(
-                C.c.id == commit_id, C.c.segment_id == lease.segment_id, C.c.state == expected.value
+                COMMITS.c.id == commit_id,
+                COMMITS.c.segment_id == lease.segment_id,
+                COMMITS.c.state == expected.value,
             )
             .values(state=new.value, updated_at=now, **values)
         )
         if res.rowcount != 1:
             row = conn.execute(
-                select(C.c.state, C.c.part_number).where(C.c.id == commit_id)
+                select(COMMITS.c.state, COMMITS.c.part_number).where(COMMITS.c.id == commit_id)
             ).first()
             what = (
                 f"{lease.key} part {row.part_number}"
@@ -326,16 +334,16 @@ class ManifestCore:
         now: datetime,
     ) -> None:
         res = conn.execute(
-            update(C)
+            update(COMMITS)
             .where(
-                C.c.id == commit.id,
-                C.c.segment_id == lease.segment_id,
-                C.c.state == expected.value,
+                COMMITS.c.id == commit.id,
+                COMMITS.c.segment_id == lease.segment_id,
+                COMMITS.c.state == expected.value,
             )
             .values(state=new.value, updated_at=now, **values)
         )
         if res.rowcount != 1:
-            actual = conn.execute(select(C.c.state).where(C.c.id == commit.id)).scalar()
+            actual = conn.execute(select(COMMITS.c.state).where(COMMITS.c.id == commit.id)).scalar()
             raise StaleStateError(
                 f"{lease.key} part {commit.part_number}", expected.value, actual, what="commit"
             )

@@ -23,7 +23,7 @@ from uploader.errors import (
 from uploader.keys import validate_key
 from uploader.manifest.guard import EventRow_
 from uploader.manifest.queries import Queries
-from uploader.manifest.rowmap import C, S, _segment
+from uploader.manifest.rowmap import COMMITS, SEGMENTS, segment_record
 from uploader.records import CommitRecord, Lease, NewCommit, SegmentRecord
 from uploader.states import CommitState, SegmentState, check_segment_transition
 from uploader.storage.base import MAX_PARTS
@@ -77,7 +77,7 @@ class Intents(Queries):
         insert_new = pg_insert if self.is_postgres else sqlite_insert
         with self._begin() as conn:
             inserted = conn.execute(
-                insert_new(S)
+                insert_new(SEGMENTS)
                 .values(
                     key=key,
                     path=path,
@@ -93,8 +93,8 @@ class Intents(Queries):
                     file_device=None if identity is None else identity[0],
                     file_inode=None if identity is None else identity[1],
                 )
-                .on_conflict_do_nothing(index_elements=[S.c.key])
-                .returning(S.c.id, S.c.lease_expires)
+                .on_conflict_do_nothing(index_elements=[SEGMENTS.c.key])
+                .returning(SEGMENTS.c.id, SEGMENTS.c.lease_expires)
             ).first()
             seg_id: int | None = None if inserted is None else int(inserted.id)
             if seg_id is not None:
@@ -159,7 +159,9 @@ class Intents(Queries):
         now = self.clock()
         with self._begin() as conn:
             self._guard(conn, lease, now)
-            state = conn.execute(select(S.c.state).where(S.c.id == lease.segment_id)).scalar_one()
+            state = conn.execute(
+                select(SEGMENTS.c.state).where(SEGMENTS.c.id == lease.segment_id)
+            ).scalar_one()
             if state != SegmentState.OPEN.value:
                 raise SegmentSealedError(
                     f"segment {lease.key!r} is {state}; commits are accepted only while it is open"
@@ -183,9 +185,9 @@ class Intents(Queries):
         rows as records (built from what was inserted: no read back).
         """
         last = conn.execute(
-            select(C.c.part_number, C.c.end_offset)
-            .where(C.c.segment_id == lease.segment_id)
-            .order_by(C.c.part_number.desc())
+            select(COMMITS.c.part_number, COMMITS.c.end_offset)
+            .where(COMMITS.c.segment_id == lease.segment_id)
+            .order_by(COMMITS.c.part_number.desc())
             .limit(1)
         ).first()
         number, end = (0, 0) if last is None else (last.part_number, last.end_offset)
@@ -214,7 +216,7 @@ class Intents(Queries):
             return end, before, []
         ids = (
             conn.execute(
-                insert(C).returning(C.c.id, sort_by_parameter_order=True),
+                insert(COMMITS).returning(COMMITS.c.id, sort_by_parameter_order=True),
                 [
                     {
                         "segment_id": lease.segment_id,
@@ -325,12 +327,12 @@ class Intents(Queries):
         now = self.clock()
         with self._begin() as conn:
             row = conn.execute(
-                update(S)
+                update(SEGMENTS)
                 .where(self._guard_clause(lease, now))
                 .values(updated_at=now, **values)
-                .returning(*S.c)
+                .returning(*SEGMENTS.c)
             ).first()
             if row is None:
                 err = self._lease_error(conn, lease, now)
                 raise err or LeaseLostError(lease.key, lease.fence, None)
-        return _segment(row)
+        return segment_record(row)

@@ -10,7 +10,7 @@ from sqlalchemy import and_, exists, or_, select, text, update
 from uploader.errors import SegmentBusyError, UsageError
 from uploader.manifest.guard import DEFAULT_LEASE_SECONDS, ManifestCore
 from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL
-from uploader.manifest.rowmap import RARE_UNFINISHED, C, S, _segment
+from uploader.manifest.rowmap import COMMITS, RARE_UNFINISHED, SEGMENTS, segment_record
 from uploader.records import Lease, SegmentRecord
 from uploader.states import CommitState, SegmentState
 
@@ -25,21 +25,29 @@ class Leases(ManifestCore):
         expires = self._lease_until(ttl)
         with self._begin() as conn:
             res = conn.execute(
-                update(S)
+                update(SEGMENTS)
                 .where(
-                    S.c.key == key,
+                    SEGMENTS.c.key == key,
                     or_(
-                        S.c.lease_owner.is_(None),
-                        S.c.lease_expires < lease_now,
-                        S.c.lease_owner == owner,
+                        SEGMENTS.c.lease_owner.is_(None),
+                        SEGMENTS.c.lease_expires < lease_now,
+                        SEGMENTS.c.lease_owner == owner,
                     ),
                 )
                 .values(
-                    fence=S.c.fence + 1, lease_owner=owner, lease_expires=expires, updated_at=now
+                    fence=SEGMENTS.c.fence + 1,
+                    lease_owner=owner,
+                    lease_expires=expires,
+                    updated_at=now,
                 )
             )
             row = conn.execute(
-                select(S.c.id, S.c.fence, S.c.lease_owner, S.c.lease_expires).where(S.c.key == key)
+                select(
+                    SEGMENTS.c.id,
+                    SEGMENTS.c.fence,
+                    SEGMENTS.c.lease_owner,
+                    SEGMENTS.c.lease_expires,
+                ).where(SEGMENTS.c.key == key)
             ).first()
         if row is None:
             raise UsageError(f"segment {key!r} is not registered")
@@ -84,19 +92,24 @@ class Leases(ManifestCore):
         if limit < 1:
             return []
         now = self.clock()
-        pending = exists().where(C.c.segment_id == S.c.id, C.c.state == CommitState.PENDING.value)
+        pending = exists().where(
+            COMMITS.c.segment_id == SEGMENTS.c.id, COMMITS.c.state == CommitState.PENDING.value
+        )
         q = (
-            select(S.c.id)
+            select(SEGMENTS.c.id)
             .where(
                 text(UNFINISHED_SEGMENTS_SQL),  # the partial index's own predicate
-                S.c.id > after_id,
-                or_(S.c.lease_owner.is_(None), S.c.lease_expires < self._lease_now()),
+                SEGMENTS.c.id > after_id,
+                or_(SEGMENTS.c.lease_owner.is_(None), SEGMENTS.c.lease_expires < self._lease_now()),
                 # Another node's segment only to complete it (all parts uploaded): verifying
                 # reads every local byte again, which only a worker on its node can.
-                or_(S.c.node == node, and_(S.c.state == SegmentState.SEALED.value, ~pending)),
-                or_(S.c.state != SegmentState.OPEN.value, pending),
+                or_(
+                    SEGMENTS.c.node == node,
+                    and_(SEGMENTS.c.state == SegmentState.SEALED.value, ~pending),
+                ),
+                or_(SEGMENTS.c.state != SegmentState.OPEN.value, pending),
             )
-            .order_by(S.c.id)
+            .order_by(SEGMENTS.c.id)
             .limit(limit)
         )
         # PostgreSQL: skip rows another claimer holds; SQLite: the rarity hint (see above).
@@ -107,14 +120,17 @@ class Leases(ManifestCore):
             if not ids:
                 return []
             rows = conn.execute(
-                update(S)
-                .where(S.c.id.in_(ids))
+                update(SEGMENTS)
+                .where(SEGMENTS.c.id.in_(ids))
                 .values(
-                    fence=S.c.fence + 1, lease_owner=owner, lease_expires=expires, updated_at=now
+                    fence=SEGMENTS.c.fence + 1,
+                    lease_owner=owner,
+                    lease_expires=expires,
+                    updated_at=now,
                 )
-                .returning(*S.c)
+                .returning(*SEGMENTS.c)
             ).all()
-        segs = sorted((_segment(r) for r in rows), key=lambda seg: seg.id)
+        segs = sorted((segment_record(r) for r in rows), key=lambda seg: seg.id)
         return [
             (
                 Lease(
@@ -135,7 +151,7 @@ class Leases(ManifestCore):
         with self._begin() as conn:
             self._guard(conn, lease, now, values={"lease_expires": self._lease_until(ttl)})
             expires = conn.execute(
-                select(S.c.lease_expires).where(S.c.id == lease.segment_id)
+                select(SEGMENTS.c.lease_expires).where(SEGMENTS.c.id == lease.segment_id)
             ).scalar_one()
         return Lease(lease.segment_id, lease.key, lease.owner, lease.fence, expires)
 
@@ -159,14 +175,14 @@ class Leases(ManifestCore):
             for i in range(0, len(ids), 500):  # bounded IN lists
                 chunk = ids[i : i + 500]
                 for seg_id, fence, until in conn.execute(
-                    update(S)
+                    update(SEGMENTS)
                     .where(
-                        S.c.id.in_(chunk),
-                        S.c.lease_owner == owner,
-                        S.c.lease_expires > self._lease_now(),
+                        SEGMENTS.c.id.in_(chunk),
+                        SEGMENTS.c.lease_owner == owner,
+                        SEGMENTS.c.lease_expires > self._lease_now(),
                     )
                     .values(lease_expires=self._lease_until(ttl))
-                    .returning(S.c.id, S.c.fence, S.c.lease_expires)
+                    .returning(SEGMENTS.c.id, SEGMENTS.c.fence, SEGMENTS.c.lease_expires)
                 ):
                     # Renewed only with our fence: a row taken over (and by chance given to the
                     # same owner name) is not ours.
@@ -190,11 +206,11 @@ class Leases(ManifestCore):
         """Give a lease back (no error if it was already lost). True if it was still ours."""
         with self._begin() as conn:
             res = conn.execute(
-                update(S)
+                update(SEGMENTS)
                 .where(
-                    S.c.id == lease.segment_id,
-                    S.c.fence == lease.fence,
-                    S.c.lease_owner == lease.owner,
+                    SEGMENTS.c.id == lease.segment_id,
+                    SEGMENTS.c.fence == lease.fence,
+                    SEGMENTS.c.lease_owner == lease.owner,
                 )
                 .values(lease_owner=None, lease_expires=None)
             )

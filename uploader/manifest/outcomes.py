@@ -11,8 +11,8 @@ from typing import Any
 from sqlalchemy import Connection, select, update
 
 from uploader.errors import StaleStateError
-from uploader.manifest.guard import EventRow_, ManifestCore, _check_acknowledged, _clip
-from uploader.manifest.rowmap import C, S
+from uploader.manifest.guard import EventRow_, ManifestCore, check_acknowledged, clip
+from uploader.manifest.rowmap import COMMITS, SEGMENTS
 from uploader.records import CommitRecord, Lease
 from uploader.states import CommitState, SegmentState, check_commit_transition
 
@@ -30,7 +30,7 @@ class Outcomes(ManifestCore):
 
         Both facts come from the same response, so one transaction records them.
         """
-        _check_acknowledged(lease, commit, etag)
+        check_acknowledged(lease, commit, etag)
         now = self.clock()
         with self._begin() as conn:
             # The part's audit row first, as the part moves first in the story; in SQL the
@@ -66,7 +66,7 @@ class Outcomes(ManifestCore):
     ) -> None:
         """A single PUT acknowledged *and* its object checked: ``put_done`` then
         ``segment_verified`` in one transaction (both facts are known when it starts)."""
-        _check_acknowledged(lease, commit, etag)
+        check_acknowledged(lease, commit, etag)
         now = self.clock()
         values: dict[str, Any] = {
             "object_etag": etag,
@@ -122,16 +122,16 @@ class Outcomes(ManifestCore):
         """A single-PUT segment's one part leaves ``pending`` with the PUT's ETag (after the
         segment row moved, so the segment lock is taken first); then no part may be unsent."""
         res = conn.execute(
-            update(C)
+            update(COMMITS)
             .where(
-                C.c.id == commit.id,
-                C.c.segment_id == lease.segment_id,
-                C.c.state == CommitState.PENDING.value,
+                COMMITS.c.id == commit.id,
+                COMMITS.c.segment_id == lease.segment_id,
+                COMMITS.c.state == CommitState.PENDING.value,
             )
             .values(state=new.value, etag=etag, updated_at=now)
         )
         if res.rowcount != 1:
-            actual = conn.execute(select(C.c.state).where(C.c.id == commit.id)).scalar()
+            actual = conn.execute(select(COMMITS.c.state).where(COMMITS.c.id == commit.id)).scalar()
             raise StaleStateError(
                 f"{lease.key} part {commit.part_number}", "pending", actual, what="commit"
             )
@@ -145,12 +145,15 @@ class Outcomes(ManifestCore):
         now = self.clock()
         with self._begin() as conn:
             self._guard(
-                conn, lease, now, values={"attempts": S.c.attempts + 1, "last_error": _clip(error)}
+                conn,
+                lease,
+                now,
+                values={"attempts": SEGMENTS.c.attempts + 1, "last_error": clip(error)},
             )
             conn.execute(
-                update(C)
-                .where(C.c.id == commit.id, C.c.segment_id == lease.segment_id)
-                .values(attempts=C.c.attempts + 1, last_error=_clip(error), updated_at=now)
+                update(COMMITS)
+                .where(COMMITS.c.id == commit.id, COMMITS.c.segment_id == lease.segment_id)
+                .values(attempts=COMMITS.c.attempts + 1, last_error=clip(error), updated_at=now)
             )
 
     def record_error(self, lease: Lease, error: str) -> None:
@@ -158,7 +161,10 @@ class Outcomes(ManifestCore):
         now = self.clock()
         with self._begin() as conn:
             self._guard(
-                conn, lease, now, values={"attempts": S.c.attempts + 1, "last_error": _clip(error)}
+                conn,
+                lease,
+                now,
+                values={"attempts": SEGMENTS.c.attempts + 1, "last_error": clip(error)},
             )
 
     def segment_verified(self, lease: Lease, detail: str, *, release: bool = False) -> None:
@@ -169,9 +175,9 @@ class Outcomes(ManifestCore):
         now = self.clock()
         with self._begin() as conn:
             commits = conn.execute(
-                select(C.c.id, C.c.state, C.c.part_number, C.c.etag)
-                .where(C.c.segment_id == lease.segment_id)
-                .order_by(C.c.part_number)
+                select(COMMITS.c.id, COMMITS.c.state, COMMITS.c.part_number, COMMITS.c.etag)
+                .where(COMMITS.c.segment_id == lease.segment_id)
+                .order_by(COMMITS.c.part_number)
             ).all()
             for c in commits:
                 check_commit_transition(c.state, CommitState.VERIFIED, has_etag=c.etag is not None)
@@ -193,22 +199,22 @@ class Outcomes(ManifestCore):
                 events=events,
             )
             res = conn.execute(
-                update(C)
+                update(COMMITS)
                 .where(
-                    C.c.segment_id == lease.segment_id,
-                    C.c.state == CommitState.UPLOADED.value,
+                    COMMITS.c.segment_id == lease.segment_id,
+                    COMMITS.c.state == CommitState.UPLOADED.value,
                 )
                 .values(state=CommitState.VERIFIED.value, updated_at=now)
             )
             if res.rowcount != len(commits):
                 moved = (
                     conn.execute(
-                        select(C.c.part_number)
+                        select(COMMITS.c.part_number)
                         .where(
-                            C.c.segment_id == lease.segment_id,
-                            C.c.state != CommitState.VERIFIED.value,
+                            COMMITS.c.segment_id == lease.segment_id,
+                            COMMITS.c.state != CommitState.VERIFIED.value,
                         )
-                        .order_by(C.c.part_number)
+                        .order_by(COMMITS.c.part_number)
                     )
                     .scalars()
                     .all()
@@ -234,7 +240,7 @@ class Outcomes(ManifestCore):
         """``pending -> uploaded`` for parts the remote acknowledged or lists, each with the ETag
         it gave (equal to the recorded MD5), in one transaction."""
         for commit, etag in acks:
-            _check_acknowledged(lease, commit, etag)
+            check_acknowledged(lease, commit, etag)
         if not acks:
             return
         now = self.clock()
@@ -292,8 +298,8 @@ class Outcomes(ManifestCore):
         """The verified object was just found matching: remember when (the scrub's order)."""
         with self._begin() as conn:
             conn.execute(
-                update(S)
-                .where(S.c.id == segment_id, S.c.state == SegmentState.VERIFIED.value)
+                update(SEGMENTS)
+                .where(SEGMENTS.c.id == segment_id, SEGMENTS.c.state == SegmentState.VERIFIED.value)
                 .values(checked_at=self.clock())
             )
 
@@ -303,7 +309,7 @@ class Outcomes(ManifestCore):
         with self._begin() as conn:
             self._guard(conn, lease, now)
             conn.execute(
-                update(S)
-                .where(S.c.id == lease.segment_id, S.c.remove_etag == etag)
+                update(SEGMENTS)
+                .where(SEGMENTS.c.id == lease.segment_id, SEGMENTS.c.remove_etag == etag)
                 .values(remove_etag=None)
             )

@@ -11,7 +11,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from uploader.errors import InvalidStateError
 from uploader.keys import validate_key
 from uploader.manifest.queries import Queries
-from uploader.manifest.rowmap import C, S
+from uploader.manifest.rowmap import COMMITS, SEGMENTS
 from uploader.records import NewCommit, SegmentRecord
 from uploader.states import CommitState, SegmentState
 
@@ -49,7 +49,7 @@ class Rebuilds(Queries):
         verified = state is SegmentState.VERIFIED
         with self._begin() as conn:
             seg_id = conn.execute(
-                insert_new(S)
+                insert_new(SEGMENTS)
                 .values(
                     key=key,
                     path=path,
@@ -70,14 +70,14 @@ class Rebuilds(Queries):
                     verified_at=now if verified else None,
                     checked_at=now,
                 )
-                .on_conflict_do_nothing(index_elements=[S.c.key])
-                .returning(S.c.id)
+                .on_conflict_do_nothing(index_elements=[SEGMENTS.c.key])
+                .returning(SEGMENTS.c.id)
             ).scalar_one_or_none()
             if seg_id is None:
                 return None
             if parts:
                 conn.execute(
-                    insert(C),
+                    insert(COMMITS),
                     [
                         {
                             "segment_id": seg_id,
@@ -101,5 +101,7 @@ class Rebuilds(Queries):
     def rebuild_compared(self, segment_id: int, worker: str, detail: str) -> None:
         """Audit a rebuild's comparison of an existing row with its object (nothing changes)."""
         with self._begin() as conn:
-            row = conn.execute(select(S.c.state, S.c.fence).where(S.c.id == segment_id)).one()
+            row = conn.execute(
+                select(SEGMENTS.c.state, SEGMENTS.c.fence).where(SEGMENTS.c.id == segment_id)
+            ).one()
             self._event(conn, segment_id, None, row.state, row.state, worker, row.fence, detail)

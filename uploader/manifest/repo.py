@@ -26,20 +26,10 @@ from uploader.manifest.intents import Intents
 from uploader.manifest.leases import Leases
 from uploader.manifest.rebuilds import Rebuilds
 from uploader.manifest.resets import Resets
-from uploader.manifest.rowmap import C, E, S
 from uploader.manifest.status import Overview
 from uploader.manifest.transitions import Transitions
 
-__all__ = [
-    "DEFAULT_LEASE_SECONDS",
-    "C",
-    "E",
-    "Manifest",
-    "S",
-    "default_node",
-    "default_worker",
-    "utcnow",
-]
+__all__ = ["DEFAULT_LEASE_SECONDS", "Manifest", "default_node", "default_worker", "utcnow"]
 
 
 class Manifest(Leases, Intents, Transitions, Resets, Rebuilds, Overview):

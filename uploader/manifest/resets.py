@@ -11,9 +11,9 @@ from sqlalchemy import Connection, select, update
 
 from uploader.errors import InvalidStateError, SegmentBusyError, StaleStateError, UsageError
 from uploader.keys import validate_key
-from uploader.manifest.guard import EventRow_, _clip
+from uploader.manifest.guard import EventRow_, clip
 from uploader.manifest.queries import Queries
-from uploader.manifest.rowmap import C, S, _segment
+from uploader.manifest.rowmap import COMMITS, SEGMENTS, segment_record
 from uploader.records import CommitRecord, Lease, SegmentRecord
 from uploader.states import (
     CommitState,
@@ -44,8 +44,8 @@ class Resets(Queries):
                     "upload_id": None,
                     "object_etag": None,
                     "remove_etag": remove_etag,
-                    "attempts": S.c.attempts + 1,
-                    "last_error": _clip(reason),
+                    "attempts": SEGMENTS.c.attempts + 1,
+                    "last_error": clip(reason),
                 },
                 reason,
                 now,
@@ -70,8 +70,8 @@ class Resets(Queries):
                     "remove_etag": remove_etag,
                     "verified_at": None,
                     "checked_at": now,
-                    "attempts": S.c.attempts + 1,
-                    "last_error": _clip(reason),
+                    "attempts": SEGMENTS.c.attempts + 1,
+                    "last_error": clip(reason),
                 },
                 reason,
                 now,
@@ -80,13 +80,13 @@ class Resets(Queries):
             )
             ids = (
                 conn.execute(
-                    update(C)
+                    update(COMMITS)
                     .where(
-                        C.c.segment_id == lease.segment_id,
-                        C.c.state == CommitState.VERIFIED.value,
+                        COMMITS.c.segment_id == lease.segment_id,
+                        COMMITS.c.state == CommitState.VERIFIED.value,
                     )
                     .values(state=CommitState.PENDING.value, etag=None, updated_at=now)
-                    .returning(C.c.id)
+                    .returning(COMMITS.c.id)
                 )
                 .scalars()
                 .all()
@@ -128,8 +128,9 @@ class Resets(Queries):
     def _reset_commits(self, conn: Connection, lease: Lease, reason: str) -> None:
         ids = (
             conn.execute(
-                select(C.c.id).where(
-                    C.c.segment_id == lease.segment_id, C.c.state == CommitState.UPLOADED.value
+                select(COMMITS.c.id).where(
+                    COMMITS.c.segment_id == lease.segment_id,
+                    COMMITS.c.state == CommitState.UPLOADED.value,
                 )
             )
             .scalars()
@@ -137,8 +138,8 @@ class Resets(Queries):
         )
         for cid in ids:
             conn.execute(
-                update(C)
-                .where(C.c.id == cid)
+                update(COMMITS)
+                .where(COMMITS.c.id == cid)
                 .values(state=CommitState.PENDING.value, etag=None, updated_at=self.clock())
             )
             self._event(
@@ -149,16 +150,18 @@ class Resets(Queries):
         """Terminal ``failed`` with a reason, for the segment and its unfinished commits."""
         now = self.clock()
         with self._begin() as conn:
-            state = conn.execute(select(S.c.state).where(S.c.id == lease.segment_id)).scalar_one()
+            state = conn.execute(
+                select(SEGMENTS.c.state).where(SEGMENTS.c.id == lease.segment_id)
+            ).scalar_one()
             src = parse_segment_state(state)
             check_segment_transition(src, SegmentState.FAILED, reason=reason)
             self._segment_cas(
-                conn, lease, src, SegmentState.FAILED, {"reason": _clip(reason)}, reason, now
+                conn, lease, src, SegmentState.FAILED, {"reason": clip(reason)}, reason, now
             )
             for c in conn.execute(
-                select(C.c.id, C.c.state).where(
-                    C.c.segment_id == lease.segment_id,
-                    C.c.state.in_(
+                select(COMMITS.c.id, COMMITS.c.state).where(
+                    COMMITS.c.segment_id == lease.segment_id,
+                    COMMITS.c.state.in_(
                         [
                             CommitState.PENDING.value,
                             CommitState.UPLOADED.value,
@@ -168,9 +171,9 @@ class Resets(Queries):
                 )
             ).all():
                 conn.execute(
-                    update(C)
-                    .where(C.c.id == c.id)
-                    .values(state=CommitState.FAILED.value, reason=_clip(reason), updated_at=now)
+                    update(COMMITS)
+                    .where(COMMITS.c.id == c.id)
+                    .values(state=CommitState.FAILED.value, reason=clip(reason), updated_at=now)
                 )
                 self._event(
                     conn,
@@ -207,10 +210,10 @@ class Resets(Queries):
             raise UsageError("a retry needs a reason (who fixed what)")
         now = self.clock()
         with self._begin() as conn:
-            row = conn.execute(select(S).where(S.c.key == key)).first()
+            row = conn.execute(select(SEGMENTS).where(SEGMENTS.c.key == key)).first()
             if row is None:
                 raise UsageError(f"segment {key!r} is not in the manifest")
-            seg = _segment(row)
+            seg = segment_record(row)
             if seg.state is not SegmentState.FAILED:
                 raise InvalidStateError(
                     f"segment {key!r} is {seg.state.value}, not failed: nothing to retry"
@@ -231,9 +234,9 @@ class Resets(Queries):
             values: dict[str, Any] = {
                 "state": dst.value,
                 "reason": None,
-                "last_error": _clip(f"retried after failure: {seg.reason or ''}"),
+                "last_error": clip(f"retried after failure: {seg.reason or ''}"),
                 "object_etag": None,
-                "fence": S.c.fence + 1,
+                "fence": SEGMENTS.c.fence + 1,
                 "lease_owner": None,
                 "lease_expires": None,
                 "updated_at": now,
@@ -245,25 +248,29 @@ class Resets(Queries):
                     f"; local file identity re-recorded (inode {seg.file_inode} -> {identity[1]})"
                 )
             res = conn.execute(
-                update(S)
+                update(SEGMENTS)
                 .where(
-                    S.c.id == seg.id,
-                    S.c.state == SegmentState.FAILED.value,
-                    S.c.fence == seg.fence,
+                    SEGMENTS.c.id == seg.id,
+                    SEGMENTS.c.state == SegmentState.FAILED.value,
+                    SEGMENTS.c.fence == seg.fence,
                 )
                 .values(**values)
             )
             if res.rowcount != 1:
-                actual = conn.execute(select(S.c.state).where(S.c.id == seg.id)).scalar()
+                actual = conn.execute(
+                    select(SEGMENTS.c.state).where(SEGMENTS.c.id == seg.id)
+                ).scalar()
                 raise StaleStateError(key, SegmentState.FAILED.value, actual)
             fence = seg.fence + 1
             events: list[EventRow_] = [(seg.id, None, "failed", dst.value, who, fence, detail)]
             ids = (
                 conn.execute(
-                    update(C)
-                    .where(C.c.segment_id == seg.id, C.c.state == CommitState.FAILED.value)
+                    update(COMMITS)
+                    .where(
+                        COMMITS.c.segment_id == seg.id, COMMITS.c.state == CommitState.FAILED.value
+                    )
                     .values(state=CommitState.PENDING.value, etag=None, reason=None, updated_at=now)
-                    .returning(C.c.id)
+                    .returning(COMMITS.c.id)
                 )
                 .scalars()
                 .all()

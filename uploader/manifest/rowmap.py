@@ -10,6 +10,13 @@ from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL, CommitRow, EventRo
 from uploader.records import CommitRecord, SegmentRecord
 from uploader.states import CommitState, SegmentState
 
+# The tables as SQLAlchemy Core: transitions are single guarded UPDATE statements, not ORM
+# unit-of-work flushes.
+SEGMENTS = cast(Table, SegmentRow.__table__)
+COMMITS = cast(Table, CommitRow.__table__)
+#: The audit trail: one row per successful transition.
+EVENTS = cast(Table, EventRow.__table__)
+
 #: Unfinished segments are few among millions of verified ones. SQLite's planner, choosing
 #: between the partial index of unfinished ids and a walk of the table in id order (an ORDER BY
 #: id with a LIMIT), sometimes took the walk; this term (always true where it is used, next to
@@ -17,7 +24,7 @@ from uploader.states import CommitState, SegmentState
 RARE_UNFINISHED = text(f"likelihood({UNFINISHED_SEGMENTS_SQL}, 0.0001)")
 
 
-def _segment(row: Any) -> SegmentRecord:
+def segment_record(row: Any) -> SegmentRecord:
     return SegmentRecord(
         id=row.id,
         key=row.key,
@@ -48,7 +55,7 @@ def _segment(row: Any) -> SegmentRecord:
     )
 
 
-def _commit(row: Any) -> CommitRecord:
+def commit_record(row: Any) -> CommitRecord:
     return CommitRecord(
         id=row.id,
         segment_id=row.segment_id,
@@ -63,9 +70,3 @@ def _commit(row: Any) -> CommitRecord:
         last_error=row.last_error,
         reason=row.reason,
     )
-
-
-# Core tables: transitions are single guarded UPDATE statements, not ORM unit-of-work flushes.
-S = cast(Table, SegmentRow.__table__)
-C = cast(Table, CommitRow.__table__)
-E = cast(Table, EventRow.__table__)

@@ -8,7 +8,7 @@ from sqlalchemy import func, select, text
 
 from uploader.manifest.guard import ManifestCore
 from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL
-from uploader.manifest.rowmap import RARE_UNFINISHED, C, S
+from uploader.manifest.rowmap import COMMITS, RARE_UNFINISHED, SEGMENTS
 from uploader.records import Status
 from uploader.states import CommitState, SegmentState
 
@@ -21,37 +21,39 @@ class Overview(ManifestCore):
         with self.engine.connect() as conn:
             segs = {
                 r[0]: r[1]
-                for r in conn.execute(select(S.c.state, func.count()).group_by(S.c.state))
+                for r in conn.execute(
+                    select(SEGMENTS.c.state, func.count()).group_by(SEGMENTS.c.state)
+                )
             }
             commit_rows = conn.execute(
                 select(
-                    C.c.state,
+                    COMMITS.c.state,
                     func.count(),
-                    func.coalesce(func.sum(C.c.end_offset - C.c.start_offset), 0),
-                ).group_by(C.c.state)
+                    func.coalesce(func.sum(COMMITS.c.end_offset - COMMITS.c.start_offset), 0),
+                ).group_by(COMMITS.c.state)
             ).all()
             oldest = conn.execute(
-                select(func.min(S.c.created_at)).where(text(UNFINISHED_SEGMENTS_SQL))
+                select(func.min(SEGMENTS.c.created_at)).where(text(UNFINISHED_SEGMENTS_SQL))
             ).scalar()
             failed = conn.execute(
-                select(S.c.key, S.c.reason)
-                .where(S.c.state == SegmentState.FAILED.value)
-                .order_by(S.c.id)
+                select(SEGMENTS.c.key, SEGMENTS.c.reason)
+                .where(SEGMENTS.c.state == SegmentState.FAILED.value)
+                .order_by(SEGMENTS.c.id)
                 .limit(100)
             ).all()
             troubled_q = (
-                select(S.c.key, S.c.last_error)
-                .where(text(UNFINISHED_SEGMENTS_SQL), S.c.last_error.is_not(None))
-                .order_by(S.c.id)
+                select(SEGMENTS.c.key, SEGMENTS.c.last_error)
+                .where(text(UNFINISHED_SEGMENTS_SQL), SEGMENTS.c.last_error.is_not(None))
+                .order_by(SEGMENTS.c.id)
                 .limit(100)
             )
             if not self.is_postgres:
                 troubled_q = troubled_q.where(RARE_UNFINISHED)
             troubled = conn.execute(troubled_q).all()
             unknown = conn.execute(
-                select(S.c.key, S.c.reason)
-                .where(S.c.state == SegmentState.UNKNOWN.value)
-                .order_by(S.c.id)
+                select(SEGMENTS.c.key, SEGMENTS.c.reason)
+                .where(SEGMENTS.c.state == SegmentState.UNKNOWN.value)
+                .order_by(SEGMENTS.c.id)
                 .limit(100)
             ).all()
         commits = {r[0]: int(r[1]) for r in commit_rows}
@@ -74,7 +76,9 @@ class Overview(ManifestCore):
         with self.engine.connect() as conn:
             return list(
                 conn.execute(
-                    select(S.c.key).where(S.c.state == SegmentState.FAILED.value).order_by(S.c.id)
+                    select(SEGMENTS.c.key)
+                    .where(SEGMENTS.c.state == SegmentState.FAILED.value)
+                    .order_by(SEGMENTS.c.id)
                 ).scalars()
             )
 
@@ -82,12 +86,12 @@ class Overview(ManifestCore):
         self, *, exclude_owner: str | None = None
     ) -> list[tuple[str, str, datetime]]:
         """(key, lease owner, lease expiry) of unfinished segments another process holds now."""
-        q = select(S.c.key, S.c.lease_owner, S.c.lease_expires).where(
+        q = select(SEGMENTS.c.key, SEGMENTS.c.lease_owner, SEGMENTS.c.lease_expires).where(
             text(UNFINISHED_SEGMENTS_SQL),
-            S.c.lease_owner.is_not(None),
-            S.c.lease_expires > self._lease_now(),
+            SEGMENTS.c.lease_owner.is_not(None),
+            SEGMENTS.c.lease_expires > self._lease_now(),
         )
         if exclude_owner is not None:
-            q = q.where(S.c.lease_owner != exclude_owner)
+            q = q.where(SEGMENTS.c.lease_owner != exclude_owner)
         with self.engine.connect() as conn:
-            return [(k, o, e) for k, o, e in conn.execute(q.order_by(S.c.id))]
+            return [(k, o, e) for k, o, e in conn.execute(q.order_by(SEGMENTS.c.id))]

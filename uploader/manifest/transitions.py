@@ -8,9 +8,9 @@ from typing import Any
 
 from sqlalchemy import select
 
-from uploader.manifest.guard import _clip
+from uploader.manifest.guard import clip
 from uploader.manifest.outcomes import Outcomes
-from uploader.manifest.rowmap import S
+from uploader.manifest.rowmap import SEGMENTS
 from uploader.records import Lease
 from uploader.states import (
     CommitState,
@@ -41,16 +41,20 @@ class Transitions(Outcomes):
         if dst is SegmentState.VERIFIED:
             # Verifying moves every commit with the segment: one path for it, not two.
             with self.engine.connect() as conn:
-                recorded = conn.execute(select(S.c.size).where(S.c.id == lease.segment_id)).scalar()
+                recorded = conn.execute(
+                    select(SEGMENTS.c.size).where(SEGMENTS.c.id == lease.segment_id)
+                ).scalar()
             check_segment_transition(src, dst, has_checksum=recorded is not None)
             self.segment_verified(lease, detail or reason or "verified")
             return
         if reason is not None:
-            values["reason"] = _clip(reason)
+            values["reason"] = clip(reason)
         now = self.clock()
         with self._begin() as conn:
             if dst in (SegmentState.SEALED, SegmentState.VERIFIED) and "size" not in values:
-                recorded = conn.execute(select(S.c.size).where(S.c.id == lease.segment_id)).scalar()
+                recorded = conn.execute(
+                    select(SEGMENTS.c.size).where(SEGMENTS.c.id == lease.segment_id)
+                ).scalar()
                 check_segment_transition(src, dst, has_checksum=recorded is not None)
             self._segment_cas(conn, lease, src, dst, values, detail or reason, now)
 
@@ -75,7 +79,7 @@ class Transitions(Outcomes):
         if dst is CommitState.PENDING:
             values["etag"] = None
         if reason is not None:
-            values["reason"] = _clip(reason)
+            values["reason"] = clip(reason)
         now = self.clock()
         with self._begin() as conn:
             self._commit_cas(conn, lease, commit_id, src, dst, values, detail or reason, now)
