@@ -1,40 +1,32 @@
-"""The guarded-transaction unit every write uses: the engine and its write lock, the lease clock,
-the fence guard, compare-and-set, and the audit rows.
+"""The guarded-transaction unit every write of the manifest goes through (:class:`Tx`): the
+fence guard, one compare-and-set with a typed error naming the key, the expected and the actual
+state, set-based moves of a segment's parts, and the audit rows (:class:`Audit`) collected and
+written in one multi-row ``INSERT``; writes return the row as written (``RETURNING``).
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import threading
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, insert, literal_column, select, update
+from sqlalchemy import (
+    Connection,
+    Row,
+    Table,
+    and_,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from uploader.errors import InvalidStateError, LeaseLostError, StaleStateError
-from uploader.manifest import db
-from uploader.manifest.rowmap import COMMITS, EVENTS, SEGMENTS
-from uploader.records import CommitRecord, Lease
+from uploader.manifest.rowmap import COMMITS, EVENTS, SEGMENTS, segment_record
+from uploader.records import CommitRecord, Lease, SegmentRecord
 from uploader.states import CommitState, SegmentState
-
-DEFAULT_LEASE_SECONDS = 30.0
-
-
-def utcnow() -> datetime:
-    """Naive UTC: what the manifest stores everywhere."""
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-def default_node() -> str:
-    return os.environ.get("UPLOADER_NODE") or socket.gethostname()
-
-
-def default_worker() -> str:
-    return f"{default_node()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def check_acknowledged(lease: Lease, commit: CommitRecord, etag: str) -> None:
@@ -52,92 +44,56 @@ def clip(message: str, limit: int = 2000) -> str:
     return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
-#: An audit row waiting to be written: segment id, commit id, from, to, worker, fence, detail.
-EventRow_ = tuple[int, int | None, str | None, str, str, int, str | None]
+@dataclass(frozen=True, slots=True)
+class Audit:
+    """One row of the audit trail (``events``), waiting to be written with the others of its
+    transaction: which row moved, from which state to which, by whom under which fence, and why."""
 
+    segment_id: int
+    to_state: str
+    worker: str
+    fence: int
+    from_state: str | None = None
+    commit_id: int | None = None
+    detail: str | None = None
 
-_SQLITE_LOCKS: dict[str, threading.Lock] = {}
-_SQLITE_LOCKS_GUARD = threading.Lock()
-
-
-class ManifestCore:
-    """The engine, the clocks and the guarded transaction shared by every part of the manifest."""
-
-    def __init__(
-        self,
-        engine: Engine,
+    @classmethod
+    def by(
+        cls,
+        lease: Lease,
+        from_state: str | None,
+        to_state: str,
         *,
-        clock: Callable[[], datetime] = utcnow,
-        lease_clock: str | None = None,
-    ) -> None:
-        self.engine = engine
-        self.clock = clock
-        #: Whose clock judges leases (invariant 11): "database" (PostgreSQL's ``now()`` inside
-        #: the statements that register, claim, renew, guard and report leases, so skew between
-        #: clients changes nothing) or "client" (``clock``). Default: the database's on
-        #: PostgreSQL with the real clock; SQLite (one host) and injected test clocks: the
-        #: client's (see :meth:`_db_leases`).
-        if lease_clock not in (None, "database", "client"):
-            raise ValueError(f"lease_clock must be 'database' or 'client', not {lease_clock!r}")
-        self.lease_clock = lease_clock
-        # SQLite has one writer at a time; threads of one process that collide would each sleep
-        # in SQLite's busy handler (1 ms, 2 ms, ... 100 ms). A lock per database file queues them
-        # without sleeping; other processes still meet in SQLite's own lock (busy_timeout).
-        self._write_lock: threading.Lock | None = None
-        if engine.dialect.name == "sqlite":
-            path = os.path.abspath(engine.url.database or ":memory:")
-            with _SQLITE_LOCKS_GUARD:
-                self._write_lock = _SQLITE_LOCKS.setdefault(path, threading.Lock())
+        commit_id: int | None = None,
+        detail: str | None = None,
+    ) -> Audit:
+        """A move made by the holder of ``lease`` (its owner and fence are recorded)."""
+        return cls(
+            segment_id=lease.segment_id,
+            to_state=str(to_state),
+            worker=lease.owner,
+            fence=lease.fence,
+            from_state=None if from_state is None else str(from_state),
+            commit_id=commit_id,
+            detail=detail,
+        )
 
-    @contextmanager
-    def _begin(self) -> Iterator[Connection]:
-        """One write transaction (on SQLite: ``BEGIN IMMEDIATE``, queued behind our other threads)."""
-        if self._write_lock is None:
-            with self.engine.begin() as conn:
-                yield conn
-            return
-        with (
-            self._write_lock,
-            self.engine.connect().execution_options(**{db.WRITE: True}) as conn,
-            conn.begin(),
-        ):
-            yield conn
 
-    @property
-    def url(self) -> str:
-        return db.redact(self.engine.url)
+class Tx:
+    """One write transaction: its connection, its time (``now`` stamps ``updated_at``), the
+    guard and compare-and-set every write goes through, and the audit rows it collects; they
+    are written in one multi-row ``INSERT`` when the transaction ends well (see
+    :meth:`ManifestCore._write`)."""
 
-    @property
-    def is_postgres(self) -> bool:
-        return self.engine.dialect.name == "postgresql"
+    def __init__(self, conn: Connection, now: datetime, lease_now: Callable[[], Any]) -> None:
+        self.conn = conn
+        self.now = now
+        #: Now on the lease clock (an SQL expression of the database's clock, or the client's).
+        self._lease_now = lease_now
+        self.audit: list[Audit] = []
 
-    def close(self) -> None:
-        self.engine.dispose()
-
-    def _db_leases(self) -> bool:
-        if self.lease_clock is not None:
-            return self.lease_clock == "database" and self.is_postgres
-        # A clock a test injected (time travel) keeps judging leases itself.
-        return self.is_postgres and self.clock is utcnow
-
-    def _lease_now(self) -> Any:
-        """Now, for lease comparisons: an SQL expression of the database's clock (UTC, naive,
-        like every stored time), or the client's clock."""
-        if self._db_leases():
-            return func.timezone("UTC", func.now())
-        return self.clock()
-
-    def _lease_until(self, ttl: float) -> Any:
-        """Now + ``ttl`` seconds, on the same clock as :meth:`_lease_now`."""
-        if self._db_leases():
-            return func.timezone("UTC", func.now()) + literal_column(
-                f"interval '{float(ttl)!r} seconds'"
-            )
-        return self.clock() + timedelta(seconds=ttl)
-
-    def _guard_clause(self, lease: Lease, now: datetime) -> Any:
-        # ``now`` stamps the row (updated_at); the lease is judged by the lease clock.
-        del now
+    def guard_clause(self, lease: Lease) -> Any:
+        """The segment row is ours: our fence, our name, and our lease not yet expired."""
         return and_(
             SEGMENTS.c.id == lease.segment_id,
             SEGMENTS.c.fence == lease.fence,
@@ -145,9 +101,10 @@ class ManifestCore:
             SEGMENTS.c.lease_expires > self._lease_now(),
         )
 
-    def _lease_error(self, conn: Connection, lease: Lease, now: datetime) -> LeaseLostError | None:
-        del now  # judged by the lease clock, in the statement
-        row = conn.execute(
+    def lease_error(self, lease: Lease) -> LeaseLostError | None:
+        """Why a guarded write found nothing: our fence is stale, the row is someone else's, or
+        our lease expired (judged by the lease clock, in the statement). None: it is ours."""
+        row = self.conn.execute(
             select(
                 SEGMENTS.c.fence,
                 SEGMENTS.c.lease_owner,
@@ -167,100 +124,149 @@ class ManifestCore:
             return err
         return None
 
-    def _guard(
-        self, conn: Connection, lease: Lease, now: datetime, values: dict[str, Any] | None = None
-    ) -> None:
-        """Check (and lock, on PostgreSQL) the segment row for ``lease``; raise if not ours."""
-        res = conn.execute(
+    def guard(self, lease: Lease, **values: Any) -> Row[Any]:
+        """Check (and lock, on PostgreSQL) the segment row for ``lease``, writing ``values``;
+        returns the row as written. Not ours: :class:`LeaseLostError`."""
+        row = self.conn.execute(
             update(SEGMENTS)
-            .where(self._guard_clause(lease, now))
-            .values(updated_at=now, **(values or {}))
-        )
-        if res.rowcount != 1:
-            err = self._lease_error(conn, lease, now)
-            raise err or LeaseLostError(lease.key, lease.fence, None)
+            .where(self.guard_clause(lease))
+            .values(updated_at=self.now, **values)
+            .returning(*SEGMENTS.c)
+        ).first()
+        if row is None:
+            raise self.lease_error(lease) or LeaseLostError(lease.key, lease.fence, None)
+        return row
 
-    def _event(
+    def compare_and_set(
         self,
-        conn: Connection,
-        segment_id: int,
-        commit_id: int | None,
-        src: str | None,
-        dst: str,
-        worker: str,
-        fence: int,
-        detail: str | None,
-    ) -> None:
-        self._events(conn, [(segment_id, commit_id, src, dst, worker, fence, detail)])
+        table: Table,
+        row_id: int,
+        expected: str,
+        values: dict[str, Any],
+        *,
+        key: str,
+        where: Sequence[Any] = (),
+        lease: Lease | None = None,
+    ) -> Row[Any]:
+        """``UPDATE table SET values WHERE id = :row_id AND state = :expected AND where``,
+        returning the row as written. Zero rows never overwrite silently: with ``lease`` (whose
+        guard is among ``where``) a lost lease is said first; else :class:`StaleStateError`
+        names the key (and part), the expected and the actual state."""
+        row = self.conn.execute(
+            update(table)
+            .where(table.c.id == row_id, table.c.state == str(expected), *where)
+            .values({"updated_at": self.now, **values})
+            .returning(*table.c)
+        ).first()
+        if row is not None:
+            return row
+        if lease is not None and (err := self.lease_error(lease)) is not None:
+            raise err
+        actual = self.conn.execute(select(table).where(table.c.id == row_id)).first()
+        state = None if actual is None else actual.state
+        if table is COMMITS:
+            part = f"commit #{row_id}" if actual is None else f"part {actual.part_number}"
+            raise StaleStateError(f"{key} {part}", str(expected), state, what="commit")
+        raise StaleStateError(key, str(expected), state)
 
-    def _events(
+    def move_segment(
         self,
-        conn: Connection,
-        rows: Sequence[EventRow_],
-    ) -> None:
-        """Audit rows, one statement for all of them (executemany)."""
-        if not rows:
-            return
-        at = self.clock()
-        conn.execute(
-            insert(EVENTS),
-            [
-                {
-                    "at": at,
-                    "segment_id": seg,
-                    "commit_id": cid,
-                    "from_state": src,
-                    "to_state": dst,
-                    "worker": worker,
-                    "fence": fence,
-                    "detail": None if detail is None else clip(detail),
-                }
-                for seg, cid, src, dst, worker, fence, detail in rows
-            ],
-        )
-
-    def _segment_cas(
-        self,
-        conn: Connection,
         lease: Lease,
         expected: SegmentState,
         new: SegmentState,
         values: dict[str, Any],
         detail: str | None,
-        now: datetime,
         *,
         check_unsent: bool = True,
-        events: list[EventRow_] | None = None,
-    ) -> None:
-        """Guarded ``expected -> new``. With ``events``, the audit row is appended there for the
-        caller to write with its others in one statement."""
-        res = conn.execute(
-            update(SEGMENTS)
-            .where(self._guard_clause(lease, now), SEGMENTS.c.state == expected.value)
-            .values(state=new.value, updated_at=now, **values)
+        audit: bool = True,
+    ) -> SegmentRecord:
+        """Guarded ``expected -> new`` of the leased segment, audited (unless the caller writes
+        its own audit rows); returns the row as written."""
+        row = self.compare_and_set(
+            SEGMENTS,
+            lease.segment_id,
+            expected,
+            {"state": new.value, **values},
+            key=lease.key,
+            where=[self.guard_clause(lease)],
+            lease=lease,
         )
-        if res.rowcount != 1:
-            err = self._lease_error(conn, lease, now)
-            if err is not None:
-                raise err
-            actual = conn.execute(
-                select(SEGMENTS.c.state).where(SEGMENTS.c.id == lease.segment_id)
-            ).scalar()
-            raise StaleStateError(lease.key, expected.value, actual)
         if check_unsent and new in (SegmentState.UPLOADED, SegmentState.VERIFIED):
             # Checked after the guarded update so a stale caller hears "stale" first; raising
             # here rolls the update back.
-            self._check_all_sent(conn, lease, new)
-        row = (lease.segment_id, None, expected.value, new.value, lease.owner, lease.fence, detail)
-        if events is None:
-            self._events(conn, [row])
-        else:
-            events.append(row)
+            self.check_all_sent(lease, new)
+        if audit:
+            self.audit.append(Audit.by(lease, expected, new, detail=detail))
+        return segment_record(row)
 
-    def _check_all_sent(self, conn: Connection, lease: Lease, new: SegmentState) -> None:
+    def move_commit(
+        self,
+        lease: Lease,
+        commit_id: int,
+        expected: CommitState,
+        new: CommitState,
+        values: dict[str, Any],
+        detail: str | None = None,
+        *,
+        audit: bool = True,
+    ) -> None:
+        """``expected -> new`` of one part of the leased segment (the caller guarded the segment
+        row first: the lock every writer takes first on PostgreSQL), audited unless told not."""
+        self.compare_and_set(
+            COMMITS,
+            commit_id,
+            expected,
+            {"state": new.value, **values},
+            key=lease.key,
+            where=[COMMITS.c.segment_id == lease.segment_id],
+        )
+        if audit:
+            self.audit.append(Audit.by(lease, expected, new, commit_id=commit_id, detail=detail))
+
+    def move_parts(
+        self,
+        segment_id: int,
+        expected: Sequence[CommitState],
+        new: CommitState,
+        values: dict[str, Any],
+        *,
+        worker: str,
+        fence: int,
+        detail: str | None,
+    ) -> None:
+        """Every part of the segment in one of the ``expected`` states to ``new``: set-based,
+        one ``UPDATE ... RETURNING id`` per expected state (so each audit row knows where its
+        part came from), audited in part id order."""
+        moved: list[tuple[int, CommitState]] = []
+        for src in expected:
+            ids = self.conn.execute(
+                update(COMMITS)
+                .where(COMMITS.c.segment_id == segment_id, COMMITS.c.state == src.value)
+                .values({"state": new.value, "updated_at": self.now, **values})
+                .returning(COMMITS.c.id)
+            ).scalars()
+            moved += [(cid, src) for cid in ids]
+        self.audit.extend(
+            Audit(segment_id, new.value, worker, fence, src.value, cid, detail)
+            for cid, src in sorted(moved)
+        )
+
+    def insert_segment(self, **values: Any) -> Row[Any] | None:
+        """Insert a segment row, returned as written; None if its key is already there (ON
+        CONFLICT DO NOTHING: the existing row is left alone, and no unique-violation error
+        lands in the server's log)."""
+        insert_new = pg_insert if self.conn.dialect.name == "postgresql" else sqlite_insert
+        return self.conn.execute(
+            insert_new(SEGMENTS)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=[SEGMENTS.c.key])
+            .returning(*SEGMENTS.c)
+        ).first()
+
+    def check_all_sent(self, lease: Lease, new: SegmentState) -> None:
         """An object complete or verified speaks for every part: none may still be unsent."""
         unsent = (
-            conn.execute(
+            self.conn.execute(
                 select(COMMITS.c.part_number)
                 .where(
                     COMMITS.c.segment_id == lease.segment_id,
@@ -279,77 +285,24 @@ class ManifestCore:
                 f"{', '.join(map(str, unsent))} are not uploaded"
             )
 
-    def _commit_cas(
-        self,
-        conn: Connection,
-        lease: Lease,
-        commit_id: int,
-        expected: CommitState,
-        new: CommitState,
-        values: dict[str, Any],
-        detail: str | None,
-        now: datetime,
-    ) -> None:
-        self._guard(conn, lease, now)
-        res = conn.execute(
-            update(COMMITS)
-            .where(
-                COMMITS.c.id == commit_id,
-                COMMITS.c.segment_id == lease.segment_id,
-                COMMITS.c.state == expected.value,
-            )
-            .values(state=new.value, updated_at=now, **values)
+    def write_audit(self, at: datetime) -> None:
+        """The collected audit rows, one multi-row ``INSERT`` for all of them."""
+        if not self.audit:
+            return
+        self.conn.execute(
+            insert(EVENTS),
+            [
+                {
+                    "at": at,
+                    "segment_id": a.segment_id,
+                    "commit_id": a.commit_id,
+                    "from_state": a.from_state,
+                    "to_state": a.to_state,
+                    "worker": a.worker,
+                    "fence": a.fence,
+                    "detail": None if a.detail is None else clip(a.detail),
+                }
+                for a in self.audit
+            ],
         )
-        if res.rowcount != 1:
-            row = conn.execute(
-                select(COMMITS.c.state, COMMITS.c.part_number).where(COMMITS.c.id == commit_id)
-            ).first()
-            what = (
-                f"{lease.key} part {row.part_number}"
-                if row is not None
-                else f"{lease.key} commit #{commit_id}"
-            )
-            raise StaleStateError(
-                what, expected.value, None if row is None else row.state, what="commit"
-            )
-        self._event(
-            conn,
-            lease.segment_id,
-            commit_id,
-            expected.value,
-            new.value,
-            lease.owner,
-            lease.fence,
-            detail,
-        )
-
-    def _commit_move(
-        self,
-        conn: Connection,
-        lease: Lease,
-        commit: CommitRecord,
-        expected: CommitState,
-        new: CommitState,
-        values: dict[str, Any],
-        now: datetime,
-    ) -> None:
-        res = conn.execute(
-            update(COMMITS)
-            .where(
-                COMMITS.c.id == commit.id,
-                COMMITS.c.segment_id == lease.segment_id,
-                COMMITS.c.state == expected.value,
-            )
-            .values(state=new.value, updated_at=now, **values)
-        )
-        if res.rowcount != 1:
-            actual = conn.execute(select(COMMITS.c.state).where(COMMITS.c.id == commit.id)).scalar()
-            raise StaleStateError(
-                f"{lease.key} part {commit.part_number}", expected.value, actual, what="commit"
-            )
-
-    @staticmethod
-    def _commit_event(
-        lease: Lease, commit: CommitRecord, src: str, dst: str, detail: str | None
-    ) -> EventRow_:
-        return (lease.segment_id, commit.id, src, dst, lease.owner, lease.fence, detail)
+        self.audit.clear()

@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import and_, exists, or_, select, text, update
 
 from uploader.errors import SegmentBusyError, UsageError
-from uploader.manifest.guard import DEFAULT_LEASE_SECONDS, ManifestCore
+from uploader.manifest.core import DEFAULT_LEASE_SECONDS, ManifestCore
 from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL
 from uploader.manifest.rowmap import COMMITS, RARE_UNFINISHED, SEGMENTS, segment_record
 from uploader.records import Lease, SegmentRecord
@@ -147,13 +147,9 @@ class Leases(ManifestCore):
 
     def renew(self, lease: Lease, ttl: float = DEFAULT_LEASE_SECONDS) -> Lease:
         """Extend a lease we still hold; LeaseLostError if it expired or was taken over."""
-        now = self.clock()
-        with self._begin() as conn:
-            self._guard(conn, lease, now, values={"lease_expires": self._lease_until(ttl)})
-            expires = conn.execute(
-                select(SEGMENTS.c.lease_expires).where(SEGMENTS.c.id == lease.segment_id)
-            ).scalar_one()
-        return Lease(lease.segment_id, lease.key, lease.owner, lease.fence, expires)
+        with self._write() as tx:
+            row = tx.guard(lease, lease_expires=self._lease_until(ttl))
+        return Lease(lease.segment_id, lease.key, lease.owner, lease.fence, row.lease_expires)
 
     def renew_many(
         self, leases: Sequence[Lease], ttl: float = DEFAULT_LEASE_SECONDS

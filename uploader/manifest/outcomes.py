@@ -5,13 +5,13 @@ verified objects, failed attempts).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import select, update
 
 from uploader.errors import StaleStateError
-from uploader.manifest.guard import EventRow_, ManifestCore, check_acknowledged, clip
+from uploader.manifest.core import ManifestCore
+from uploader.manifest.guard import Audit, Tx, check_acknowledged, clip
 from uploader.manifest.rowmap import COMMITS, SEGMENTS
 from uploader.records import CommitRecord, Lease
 from uploader.states import CommitState, SegmentState, check_commit_transition
@@ -31,35 +31,22 @@ class Outcomes(ManifestCore):
         Both facts come from the same response, so one transaction records them.
         """
         check_acknowledged(lease, commit, etag)
-        now = self.clock()
-        with self._begin() as conn:
+        with self._write() as tx:
             # The part's audit row first, as the part moves first in the story; in SQL the
             # segment row moves first (guarded; it is also the lock every writer takes first on
             # PostgreSQL), then the part; "no unsent part" is checked once the part has moved.
-            events: list[EventRow_] = [
-                (
-                    lease.segment_id,
-                    commit.id,
-                    CommitState.PENDING.value,
-                    CommitState.UPLOADED.value,
-                    lease.owner,
-                    lease.fence,
-                    None,
-                )
-            ]
-            self._segment_cas(
-                conn,
+            tx.audit.append(
+                Audit.by(lease, CommitState.PENDING, CommitState.UPLOADED, commit_id=commit.id)
+            )
+            tx.move_segment(
                 lease,
                 SegmentState.SEALED,
                 SegmentState.UPLOADED,
                 {"object_etag": etag, "upload_id": None},
                 f"object complete (single PUT), etag {etag}",
-                now,
                 check_unsent=False,
-                events=events,
             )
-            self._pending_part_to(conn, lease, commit, CommitState.UPLOADED, etag, now)
-            self._events(conn, events)
+            self._put_part(tx, lease, commit, CommitState.UPLOADED, etag)
 
     def put_verified(
         self, lease: Lease, commit: CommitRecord, etag: str, detail: str, *, release: bool = False
@@ -67,148 +54,101 @@ class Outcomes(ManifestCore):
         """A single PUT acknowledged *and* its object checked: ``put_done`` then
         ``segment_verified`` in one transaction (both facts are known when it starts)."""
         check_acknowledged(lease, commit, etag)
-        now = self.clock()
-        values: dict[str, Any] = {
-            "object_etag": etag,
-            "upload_id": None,
-            "verified_at": now,
-            "last_error": None,
-        }
-        if release:
-            values.update(lease_owner=None, lease_expires=None)
-        with self._begin() as conn:
+        with self._write() as tx:
+            values = self._verified(tx, release, object_etag=etag, upload_id=None)
             # sealed -> uploaded -> verified in one guarded update (both steps are proven when
             # the transaction starts); the audit trail still shows each step.
-            self._segment_cas(
-                conn,
+            tx.move_segment(
                 lease,
                 SegmentState.SEALED,
                 SegmentState.VERIFIED,
                 values,
                 None,
-                now,
                 check_unsent=False,
-                events=[],
+                audit=False,
             )
-            self._pending_part_to(conn, lease, commit, CommitState.VERIFIED, etag, now)
-            seg, cid, owner, fence = lease.segment_id, commit.id, lease.owner, lease.fence
-            self._events(
-                conn,
-                [
-                    (seg, cid, "pending", "uploaded", owner, fence, None),
-                    (
-                        seg,
-                        None,
-                        "sealed",
-                        "uploaded",
-                        owner,
-                        fence,
-                        f"object complete (single PUT), etag {etag}",
-                    ),
-                    (seg, None, "uploaded", "verified", owner, fence, detail),
-                    (seg, cid, "uploaded", "verified", owner, fence, None),
-                ],
-            )
+            self._put_part(tx, lease, commit, CommitState.VERIFIED, etag)
+            pending, uploaded = CommitState.PENDING, CommitState.UPLOADED
+            tx.audit += [
+                Audit.by(lease, pending, uploaded, commit_id=commit.id),
+                Audit.by(
+                    lease,
+                    SegmentState.SEALED,
+                    SegmentState.UPLOADED,
+                    detail=f"object complete (single PUT), etag {etag}",
+                ),
+                Audit.by(lease, SegmentState.UPLOADED, SegmentState.VERIFIED, detail=detail),
+                Audit.by(lease, uploaded, CommitState.VERIFIED, commit_id=commit.id),
+            ]
 
-    def _pending_part_to(
-        self,
-        conn: Connection,
-        lease: Lease,
-        commit: CommitRecord,
-        new: CommitState,
-        etag: str,
-        now: datetime,
-    ) -> None:
+    @staticmethod
+    def _put_part(tx: Tx, lease: Lease, commit: CommitRecord, new: CommitState, etag: str) -> None:
         """A single-PUT segment's one part leaves ``pending`` with the PUT's ETag (after the
-        segment row moved, so the segment lock is taken first); then no part may be unsent."""
-        res = conn.execute(
-            update(COMMITS)
-            .where(
-                COMMITS.c.id == commit.id,
-                COMMITS.c.segment_id == lease.segment_id,
-                COMMITS.c.state == CommitState.PENDING.value,
-            )
-            .values(state=new.value, etag=etag, updated_at=now)
-        )
-        if res.rowcount != 1:
-            actual = conn.execute(select(COMMITS.c.state).where(COMMITS.c.id == commit.id)).scalar()
-            raise StaleStateError(
-                f"{lease.key} part {commit.part_number}", "pending", actual, what="commit"
-            )
-        segment_state = (
-            SegmentState.VERIFIED if new is CommitState.VERIFIED else SegmentState.UPLOADED
-        )
-        self._check_all_sent(conn, lease, segment_state)
+        segment row moved, so the segment lock is taken first); then no part may be unsent.
+        Audited by the caller."""
+        tx.move_commit(lease, commit.id, CommitState.PENDING, new, {"etag": etag}, audit=False)
+        verified = new is CommitState.VERIFIED
+        tx.check_all_sent(lease, SegmentState.VERIFIED if verified else SegmentState.UPLOADED)
+
+    @staticmethod
+    def _verified(tx: Tx, release: bool, **values: Any) -> dict[str, Any]:
+        """What a segment row becomes with ``verified`` (and ``release``: the lease given back
+        in the same transaction, as nothing is left to do)."""
+        values.update(verified_at=tx.now, last_error=None)
+        if release:
+            values.update(lease_owner=None, lease_expires=None)
+        return values
 
     def commit_attempt_failed(self, lease: Lease, commit: CommitRecord, error: str) -> None:
         """A send failed: the row stays ``pending``, with attempts and the last error recorded."""
-        now = self.clock()
-        with self._begin() as conn:
-            self._guard(
-                conn,
-                lease,
-                now,
-                values={"attempts": SEGMENTS.c.attempts + 1, "last_error": clip(error)},
-            )
-            conn.execute(
+        with self._write() as tx:
+            tx.guard(lease, attempts=SEGMENTS.c.attempts + 1, last_error=clip(error))
+            tx.conn.execute(
                 update(COMMITS)
                 .where(COMMITS.c.id == commit.id, COMMITS.c.segment_id == lease.segment_id)
-                .values(attempts=COMMITS.c.attempts + 1, last_error=clip(error), updated_at=now)
+                .values(attempts=COMMITS.c.attempts + 1, last_error=clip(error), updated_at=tx.now)
             )
 
     def record_error(self, lease: Lease, error: str) -> None:
         """A failed attempt on the segment (complete, verify): attempts and last error."""
-        now = self.clock()
-        with self._begin() as conn:
-            self._guard(
-                conn,
-                lease,
-                now,
-                values={"attempts": SEGMENTS.c.attempts + 1, "last_error": clip(error)},
-            )
+        with self._write() as tx:
+            tx.guard(lease, attempts=SEGMENTS.c.attempts + 1, last_error=clip(error))
 
     def segment_verified(self, lease: Lease, detail: str, *, release: bool = False) -> None:
         """``uploaded -> verified`` for the segment and every one of its commits, in one transaction.
 
         With ``release`` the lease is given back in the same transaction (nothing is left to do).
         """
-        now = self.clock()
-        with self._begin() as conn:
-            commits = conn.execute(
+        with self._write() as tx:
+            commits = tx.conn.execute(
                 select(COMMITS.c.id, COMMITS.c.state, COMMITS.c.part_number, COMMITS.c.etag)
                 .where(COMMITS.c.segment_id == lease.segment_id)
                 .order_by(COMMITS.c.part_number)
             ).all()
             for c in commits:
                 check_commit_transition(c.state, CommitState.VERIFIED, has_etag=c.etag is not None)
-            values: dict[str, Any] = {"verified_at": now, "last_error": None}
-            if release:
-                values.update(lease_owner=None, lease_expires=None)
-            events: list[EventRow_] = []
+            values = self._verified(tx, release)
             # Every part was just read as uploaded (checked above); the conditional update of
             # the parts below proves nobody moved one in between.
-            self._segment_cas(
-                conn,
+            tx.move_segment(
                 lease,
                 SegmentState.UPLOADED,
                 SegmentState.VERIFIED,
                 values,
                 detail,
-                now,
                 check_unsent=False,
-                events=events,
             )
-            res = conn.execute(
+            res = tx.conn.execute(
                 update(COMMITS)
                 .where(
                     COMMITS.c.segment_id == lease.segment_id,
                     COMMITS.c.state == CommitState.UPLOADED.value,
                 )
-                .values(state=CommitState.VERIFIED.value, updated_at=now)
+                .values(state=CommitState.VERIFIED.value, updated_at=tx.now)
             )
             if res.rowcount != len(commits):
                 moved = (
-                    conn.execute(
+                    tx.conn.execute(
                         select(COMMITS.c.part_number)
                         .where(
                             COMMITS.c.segment_id == lease.segment_id,
@@ -225,11 +165,10 @@ class Outcomes(ManifestCore):
                     "moved meanwhile",
                     what="commit",
                 )
-            events.extend(
-                (lease.segment_id, c.id, "uploaded", "verified", lease.owner, lease.fence, None)
+            tx.audit.extend(
+                Audit.by(lease, CommitState.UPLOADED, CommitState.VERIFIED, commit_id=c.id)
                 for c in commits
             )
-            self._events(conn, events)
 
     def parts_uploaded(
         self,
@@ -243,56 +182,43 @@ class Outcomes(ManifestCore):
             check_acknowledged(lease, commit, etag)
         if not acks:
             return
-        now = self.clock()
-        with self._begin() as conn:
-            self._guard(conn, lease, now)
-            events: list[EventRow_] = []
+        with self._write() as tx:
+            tx.guard(lease)
             for commit, etag in acks:
-                self._commit_move(
-                    conn,
+                tx.move_commit(
                     lease,
-                    commit,
+                    commit.id,
                     CommitState.PENDING,
                     CommitState.UPLOADED,
                     {"etag": etag},
-                    now,
+                    detail,
                 )
-                events.append(self._commit_event(lease, commit, "pending", "uploaded", detail))
-            self._events(conn, events)
 
     def object_adopted(
         self, lease: Lease, commits: Sequence[CommitRecord], object_etag: str, detail: str
     ) -> None:
         """``sealed -> uploaded`` for an object found complete at the key, matching what the seal
         expects (a completion or PUT whose response was lost); its pending parts with it."""
-        now = self.clock()
-        with self._begin() as conn:
-            events: list[EventRow_] = []
-            self._segment_cas(
-                conn,
+        with self._write() as tx:
+            tx.move_segment(
                 lease,
                 SegmentState.SEALED,
                 SegmentState.UPLOADED,
                 {"object_etag": object_etag, "upload_id": None},
                 detail,
-                now,
                 check_unsent=False,
-                events=events,
             )
             for commit in commits:
                 if commit.state is CommitState.PENDING:
-                    self._commit_move(
-                        conn,
+                    tx.move_commit(
                         lease,
-                        commit,
+                        commit.id,
                         CommitState.PENDING,
                         CommitState.UPLOADED,
                         {"etag": commit.md5},
-                        now,
+                        detail,
                     )
-                    events.append(self._commit_event(lease, commit, "pending", "uploaded", detail))
-            self._check_all_sent(conn, lease, SegmentState.UPLOADED)
-            self._events(conn, events)
+            tx.check_all_sent(lease, SegmentState.UPLOADED)
 
     def checked(self, segment_id: int) -> None:
         """The verified object was just found matching: remember when (the scrub's order)."""
@@ -305,10 +231,9 @@ class Outcomes(ManifestCore):
 
     def object_removed(self, lease: Lease, etag: str) -> None:
         """The object named by ``remove_etag`` is gone from the key: the intent is fulfilled."""
-        now = self.clock()
-        with self._begin() as conn:
-            self._guard(conn, lease, now)
-            conn.execute(
+        with self._write() as tx:
+            tx.guard(lease)
+            tx.conn.execute(
                 update(SEGMENTS)
                 .where(SEGMENTS.c.id == lease.segment_id, SEGMENTS.c.remove_etag == etag)
                 .values(remove_etag=None)

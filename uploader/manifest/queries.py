@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from sqlalchemy import func, select, text
 
-from uploader.manifest.guard import ManifestCore
+from uploader.manifest.core import ManifestCore
 from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL
 from uploader.manifest.rowmap import COMMITS, EVENTS, SEGMENTS, commit_record, segment_record
 from uploader.records import CommitRecord, Event, Progress, SegmentRecord

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from uploader.manifest import db
-from uploader.manifest.guard import DEFAULT_LEASE_SECONDS, default_node, default_worker, utcnow
+from uploader.manifest.core import DEFAULT_LEASE_SECONDS, default_node, default_worker, utcnow
 from uploader.manifest.intents import Intents
 from uploader.manifest.leases import Leases
 from uploader.manifest.rebuilds import Rebuilds

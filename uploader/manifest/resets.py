@@ -7,13 +7,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import select
 
-from uploader.errors import InvalidStateError, SegmentBusyError, StaleStateError, UsageError
+from uploader.errors import InvalidStateError, SegmentBusyError, UsageError
 from uploader.keys import validate_key
-from uploader.manifest.guard import EventRow_, clip
+from uploader.manifest.guard import Audit, Tx, clip
 from uploader.manifest.queries import Queries
-from uploader.manifest.rowmap import COMMITS, SEGMENTS, segment_record
+from uploader.manifest.rowmap import SEGMENTS, segment_record
 from uploader.records import CommitRecord, Lease, SegmentRecord
 from uploader.states import (
     CommitState,
@@ -33,10 +33,8 @@ class Resets(Queries):
         ``remove_etag`` records the intent to remove the object at the key that has this ETag
         (the one that failed): written, fenced, before the conditional delete is sent.
         """
-        now = self.clock()
-        with self._begin() as conn:
-            self._segment_cas(
-                conn,
+        with self._write() as tx:
+            tx.move_segment(
                 lease,
                 SegmentState.UPLOADED,
                 SegmentState.SEALED,
@@ -48,19 +46,15 @@ class Resets(Queries):
                     "last_error": clip(reason),
                 },
                 reason,
-                now,
             )
-            self._reset_commits(conn, lease, reason)
+            self._parts_back(tx, lease, CommitState.UPLOADED, reason)
 
     def drifted(self, lease: Lease, reason: str, *, remove_etag: str | None = None) -> None:
         """``verified -> sealed``: the verified object vanished or changed at the remote while
         the local bytes still match: every part back to ``pending``, uploaded again. With
         ``remove_etag``, the intent to remove exactly the object that is there now."""
-        now = self.clock()
-        with self._begin() as conn:
-            events: list[EventRow_] = []
-            self._segment_cas(
-                conn,
+        with self._write() as tx:
+            tx.move_segment(
                 lease,
                 SegmentState.VERIFIED,
                 SegmentState.SEALED,
@@ -69,122 +63,69 @@ class Resets(Queries):
                     "object_etag": None,
                     "remove_etag": remove_etag,
                     "verified_at": None,
-                    "checked_at": now,
+                    "checked_at": tx.now,
                     "attempts": SEGMENTS.c.attempts + 1,
                     "last_error": clip(reason),
                 },
                 reason,
-                now,
                 check_unsent=False,
-                events=events,
             )
-            ids = (
-                conn.execute(
-                    update(COMMITS)
-                    .where(
-                        COMMITS.c.segment_id == lease.segment_id,
-                        COMMITS.c.state == CommitState.VERIFIED.value,
-                    )
-                    .values(state=CommitState.PENDING.value, etag=None, updated_at=now)
-                    .returning(COMMITS.c.id)
-                )
-                .scalars()
-                .all()
-            )
-            events.extend(
-                (lease.segment_id, cid, "verified", "pending", lease.owner, lease.fence, reason)
-                for cid in sorted(ids)
-            )
-            self._events(conn, events)
+            self._parts_back(tx, lease, CommitState.VERIFIED, reason)
 
     def parts_unsent(self, lease: Lease, commits: Sequence[CommitRecord], reason: str) -> None:
         """``uploaded -> pending``: the remote does not hold these parts with the recorded MD5."""
         if not commits:
             return
-        now = self.clock()
-        with self._begin() as conn:
-            self._guard(conn, lease, now)
-            events: list[EventRow_] = []
+        with self._write() as tx:
+            tx.guard(lease)
             for commit in commits:
-                self._commit_move(
-                    conn,
+                tx.move_commit(
                     lease,
-                    commit,
+                    commit.id,
                     CommitState.UPLOADED,
                     CommitState.PENDING,
                     {"etag": None},
-                    now,
+                    reason,
                 )
-                events.append(self._commit_event(lease, commit, "uploaded", "pending", reason))
-            self._events(conn, events)
 
     def reset_commits(self, lease: Lease, reason: str) -> None:
         """Every ``uploaded`` commit back to ``pending`` (its upload id is gone from the remote)."""
-        now = self.clock()
-        with self._begin() as conn:
-            self._guard(conn, lease, now, values={"upload_id": None})
-            self._reset_commits(conn, lease, reason)
+        with self._write() as tx:
+            tx.guard(lease, upload_id=None)
+            self._parts_back(tx, lease, CommitState.UPLOADED, reason)
 
-    def _reset_commits(self, conn: Connection, lease: Lease, reason: str) -> None:
-        ids = (
-            conn.execute(
-                select(COMMITS.c.id).where(
-                    COMMITS.c.segment_id == lease.segment_id,
-                    COMMITS.c.state == CommitState.UPLOADED.value,
-                )
-            )
-            .scalars()
-            .all()
+    @staticmethod
+    def _parts_back(tx: Tx, lease: Lease, expected: CommitState, reason: str) -> None:
+        """Every part of the leased segment in ``expected`` back to ``pending`` (its ETag
+        forgotten): one UPDATE, one audit row each."""
+        tx.move_parts(
+            lease.segment_id,
+            [expected],
+            CommitState.PENDING,
+            {"etag": None},
+            worker=lease.owner,
+            fence=lease.fence,
+            detail=reason,
         )
-        for cid in ids:
-            conn.execute(
-                update(COMMITS)
-                .where(COMMITS.c.id == cid)
-                .values(state=CommitState.PENDING.value, etag=None, updated_at=self.clock())
-            )
-            self._event(
-                conn, lease.segment_id, cid, "uploaded", "pending", lease.owner, lease.fence, reason
-            )
 
     def fail_segment(self, lease: Lease, reason: str) -> None:
         """Terminal ``failed`` with a reason, for the segment and its unfinished commits."""
-        now = self.clock()
-        with self._begin() as conn:
-            state = conn.execute(
+        with self._write() as tx:
+            state = tx.conn.execute(
                 select(SEGMENTS.c.state).where(SEGMENTS.c.id == lease.segment_id)
             ).scalar_one()
             src = parse_segment_state(state)
             check_segment_transition(src, SegmentState.FAILED, reason=reason)
-            self._segment_cas(
-                conn, lease, src, SegmentState.FAILED, {"reason": clip(reason)}, reason, now
+            tx.move_segment(lease, src, SegmentState.FAILED, {"reason": clip(reason)}, reason)
+            tx.move_parts(
+                lease.segment_id,
+                [CommitState.PENDING, CommitState.UPLOADED, CommitState.VERIFIED],
+                CommitState.FAILED,
+                {"reason": clip(reason)},
+                worker=lease.owner,
+                fence=lease.fence,
+                detail=reason,
             )
-            for c in conn.execute(
-                select(COMMITS.c.id, COMMITS.c.state).where(
-                    COMMITS.c.segment_id == lease.segment_id,
-                    COMMITS.c.state.in_(
-                        [
-                            CommitState.PENDING.value,
-                            CommitState.UPLOADED.value,
-                            CommitState.VERIFIED.value,
-                        ]
-                    ),
-                )
-            ).all():
-                conn.execute(
-                    update(COMMITS)
-                    .where(COMMITS.c.id == c.id)
-                    .values(state=CommitState.FAILED.value, reason=clip(reason), updated_at=now)
-                )
-                self._event(
-                    conn,
-                    lease.segment_id,
-                    c.id,
-                    c.state,
-                    "failed",
-                    lease.owner,
-                    lease.fence,
-                    reason,
-                )
 
     def retry_failed(
         self,
@@ -208,9 +149,8 @@ class Resets(Queries):
         validate_key(key)
         if not why.strip():
             raise UsageError("a retry needs a reason (who fixed what)")
-        now = self.clock()
-        with self._begin() as conn:
-            row = conn.execute(select(SEGMENTS).where(SEGMENTS.c.key == key)).first()
+        with self._write() as tx:
+            row = tx.conn.execute(select(SEGMENTS).where(SEGMENTS.c.key == key)).first()
             if row is None:
                 raise UsageError(f"segment {key!r} is not in the manifest")
             seg = segment_record(row)
@@ -221,7 +161,7 @@ class Resets(Queries):
             if (
                 seg.lease_owner is not None
                 and seg.lease_expires is not None
-                and (seg.lease_expires > now)
+                and (seg.lease_expires > tx.now)
             ):
                 raise SegmentBusyError(
                     f"segment {key!r} is leased by {seg.lease_owner} until "
@@ -239,7 +179,6 @@ class Resets(Queries):
                 "fence": SEGMENTS.c.fence + 1,
                 "lease_owner": None,
                 "lease_expires": None,
-                "updated_at": now,
             }
             detail = f"retry by {who}: {why} (it had failed: {seg.reason or 'no reason'})"
             if identity is not None and identity != (seg.file_device, seg.file_inode):
@@ -247,37 +186,23 @@ class Resets(Queries):
                 detail += (
                     f"; local file identity re-recorded (inode {seg.file_inode} -> {identity[1]})"
                 )
-            res = conn.execute(
-                update(SEGMENTS)
-                .where(
-                    SEGMENTS.c.id == seg.id,
-                    SEGMENTS.c.state == SegmentState.FAILED.value,
-                    SEGMENTS.c.fence == seg.fence,
-                )
-                .values(**values)
+            written = tx.compare_and_set(
+                SEGMENTS,
+                seg.id,
+                SegmentState.FAILED,
+                values,
+                key=key,
+                where=[SEGMENTS.c.fence == seg.fence],
             )
-            if res.rowcount != 1:
-                actual = conn.execute(
-                    select(SEGMENTS.c.state).where(SEGMENTS.c.id == seg.id)
-                ).scalar()
-                raise StaleStateError(key, SegmentState.FAILED.value, actual)
             fence = seg.fence + 1
-            events: list[EventRow_] = [(seg.id, None, "failed", dst.value, who, fence, detail)]
-            ids = (
-                conn.execute(
-                    update(COMMITS)
-                    .where(
-                        COMMITS.c.segment_id == seg.id, COMMITS.c.state == CommitState.FAILED.value
-                    )
-                    .values(state=CommitState.PENDING.value, etag=None, reason=None, updated_at=now)
-                    .returning(COMMITS.c.id)
-                )
-                .scalars()
-                .all()
+            tx.audit.append(Audit(seg.id, dst.value, who, fence, "failed", detail=detail))
+            tx.move_parts(
+                seg.id,
+                [CommitState.FAILED],
+                CommitState.PENDING,
+                {"etag": None, "reason": None},
+                worker=who,
+                fence=fence,
+                detail=f"retry by {who}: {why}",
             )
-            events.extend(
-                (seg.id, cid, "failed", "pending", who, fence, f"retry by {who}: {why}")
-                for cid in sorted(ids)
-            )
-            self._events(conn, events)
-        return self.segment_by_id(seg.id)
+        return segment_record(written)

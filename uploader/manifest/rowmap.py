@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, text
 
 from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL, CommitRow, EventRow, SegmentRow
-from uploader.records import CommitRecord, SegmentRecord
+from uploader.records import CommitRecord, NewCommit, SegmentRecord
 from uploader.states import CommitState, SegmentState
 
 # The tables as SQLAlchemy Core: transitions are single guarded UPDATE statements, not ORM
@@ -70,3 +71,27 @@ def commit_record(row: Any) -> CommitRecord:
         last_error=row.last_error,
         reason=row.reason,
     )
+
+
+def new_commit_values(
+    segment_id: int,
+    commit: NewCommit,
+    state: CommitState,
+    now: datetime,
+    *,
+    etag: str | None = None,
+) -> dict[str, Any]:
+    """The row a new part is inserted as."""
+    return {
+        "segment_id": segment_id,
+        "part_number": commit.part_number,
+        "start_offset": commit.start,
+        "end_offset": commit.end,
+        "md5": commit.md5,
+        "crc32c": commit.crc32c,
+        "etag": etag,
+        "state": state.value,
+        "attempts": 0,
+        "created_at": now,
+        "updated_at": now,
+    }

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from sqlalchemy import func, select, text
 
-from uploader.manifest.guard import ManifestCore
+from uploader.manifest.core import ManifestCore
 from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL
 from uploader.manifest.rowmap import COMMITS, RARE_UNFINISHED, SEGMENTS
 from uploader.records import Status
@@ -35,12 +35,16 @@ class Overview(ManifestCore):
             oldest = conn.execute(
                 select(func.min(SEGMENTS.c.created_at)).where(text(UNFINISHED_SEGMENTS_SQL))
             ).scalar()
-            failed = conn.execute(
-                select(SEGMENTS.c.key, SEGMENTS.c.reason)
-                .where(SEGMENTS.c.state == SegmentState.FAILED.value)
-                .order_by(SEGMENTS.c.id)
-                .limit(100)
-            ).all()
+            # The first 100 keys, with their reasons, of the two states that need a human.
+            failed, unknown = (
+                conn.execute(
+                    select(SEGMENTS.c.key, SEGMENTS.c.reason)
+                    .where(SEGMENTS.c.state == state.value)
+                    .order_by(SEGMENTS.c.id)
+                    .limit(100)
+                ).all()
+                for state in (SegmentState.FAILED, SegmentState.UNKNOWN)
+            )
             troubled_q = (
                 select(SEGMENTS.c.key, SEGMENTS.c.last_error)
                 .where(text(UNFINISHED_SEGMENTS_SQL), SEGMENTS.c.last_error.is_not(None))
@@ -50,12 +54,6 @@ class Overview(ManifestCore):
             if not self.is_postgres:
                 troubled_q = troubled_q.where(RARE_UNFINISHED)
             troubled = conn.execute(troubled_q).all()
-            unknown = conn.execute(
-                select(SEGMENTS.c.key, SEGMENTS.c.reason)
-                .where(SEGMENTS.c.state == SegmentState.UNKNOWN.value)
-                .order_by(SEGMENTS.c.id)
-                .limit(100)
-            ).all()
         commits = {r[0]: int(r[1]) for r in commit_rows}
         commit_bytes = {r[0]: int(r[2]) for r in commit_rows}
         return Status(

@@ -49,14 +49,13 @@ class Transitions(Outcomes):
             return
         if reason is not None:
             values["reason"] = clip(reason)
-        now = self.clock()
-        with self._begin() as conn:
-            if dst in (SegmentState.SEALED, SegmentState.VERIFIED) and "size" not in values:
-                recorded = conn.execute(
+        with self._write() as tx:
+            if dst is SegmentState.SEALED and "size" not in values:
+                recorded = tx.conn.execute(
                     select(SEGMENTS.c.size).where(SEGMENTS.c.id == lease.segment_id)
                 ).scalar()
                 check_segment_transition(src, dst, has_checksum=recorded is not None)
-            self._segment_cas(conn, lease, src, dst, values, detail or reason, now)
+            tx.move_segment(lease, src, dst, values, detail or reason)
 
     def transition_commit(
         self,
@@ -80,9 +79,9 @@ class Transitions(Outcomes):
             values["etag"] = None
         if reason is not None:
             values["reason"] = clip(reason)
-        now = self.clock()
-        with self._begin() as conn:
-            self._commit_cas(conn, lease, commit_id, src, dst, values, detail or reason, now)
+        with self._write() as tx:
+            tx.guard(lease)
+            tx.move_commit(lease, commit_id, src, dst, values, detail or reason)
 
     def segment_uploaded(self, lease: Lease, object_etag: str | None) -> None:
         """``sealed -> uploaded``: the object is complete at its key; what the remote said is kept."""
