@@ -1,5 +1,21 @@
 """The manifest: every segment, every commit (part) and every state transition, in SQL.
 
+:class:`Manifest` is the front callers use; it only puts together the parts below, each a kind
+of transaction, all going through one guarded-transaction unit:
+
+* :mod:`~uploader.manifest.guard` -- :class:`~uploader.manifest.guard.Tx`: the fence guard,
+  the compare-and-set (typed error naming key, expected and actual state), set-based moves of
+  parts, the audit rows written in one multi-row ``INSERT``, rows returned as written;
+* :mod:`~uploader.manifest.core` -- the engine, the SQLite write lock, the lease clock;
+* :mod:`~uploader.manifest.leases` -- acquire, claim, renew, release;
+* :mod:`~uploader.manifest.intents` -- what is recorded before a remote call;
+* :mod:`~uploader.manifest.outcomes` -- what a remote call answered, recorded after it;
+* :mod:`~uploader.manifest.resets` -- rows moved backwards, ``failed``, a human's retry;
+* :mod:`~uploader.manifest.transitions` -- single transitions checked against the state machine;
+* :mod:`~uploader.manifest.rebuilds` -- rows recreated from the objects by a rebuild;
+* :mod:`~uploader.manifest.queries`, :mod:`~uploader.manifest.status` -- reads;
+* :mod:`~uploader.manifest.rowmap` -- the tables, and rows mapped to records.
+
 Each transition is one transaction and one guarded compare-and-set::
 
     UPDATE ... WHERE id = :id AND state = :expected AND fence = :token
@@ -11,8 +27,9 @@ the row; the message names the key, the expected and the actual state) or :class
 
 Leases: claiming a segment increments its fence token, so a worker that was paused past its lease
 (GC, SIGSTOP, a network partition) finds every later write refused. On PostgreSQL the next unfinished
-segment is claimed with ``FOR UPDATE SKIP LOCKED``; on SQLite every transaction is ``BEGIN
-IMMEDIATE``, which makes the same read-then-claim exclusive across processes.
+segments are claimed with ``FOR UPDATE SKIP LOCKED``; on SQLite every *write* transaction is ``BEGIN
+IMMEDIATE`` (reads are deferred WAL snapshots that take no lock), which makes the same
+read-then-claim exclusive across processes.
 """
 
 from __future__ import annotations
