@@ -1,7 +1,9 @@
 """Run the benchmarks: ``python -m bench [--quick] [NAME ...]``.
 
-Every ratio is measured in the same run against the same moto server (boto3 and s3fs side by
-side). ``--quick`` shrinks the sizes for a smoke run; the numbers in docs/benchmarks.md come from a
+Every ratio is measured in the same run against the same S3 server (boto3 and s3fs side by
+side). The comparisons that talk to S3 run on moto and on Ceph RGW (``--server``; RGW is started by
+../shared/s3/start-rgw.sh when it is not up); the local ones (recovery, check, kill, watchkill) run
+once. ``--quick`` shrinks the sizes for a smoke run; the numbers in docs/benchmarks.md come from a
 full run. Results are also written as JSON (``--out``, default ``bench/results.json``).
 """
 
@@ -12,9 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-from bench.common import MiB, Result, moto_server, save
+from bench.common import MiB, Result, moto_server, rgw_server, save
 
 NAMES = ("seal", "small", "appends", "rss", "recovery", "resume", "kill", "check", "watchkill", "readback")
+#: The benchmarks that talk to an S3 server (run once per server); the others run once.
+REMOTE = ("seal", "small", "appends", "rss", "resume", "readback")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results.json")
     parser.add_argument("--kills", type=int, default=200, help="SIGKILLs for the kill benchmark")
+    parser.add_argument(
+        "--server",
+        choices=("moto", "rgw", "both"),
+        default="both",
+        help="S3 server(s) for the comparisons that talk to S3 (default: both)",
+    )
     args = parser.parse_args(argv)
     names = args.names or list(NAMES)
     quick = args.quick
@@ -37,31 +47,53 @@ def main(argv: list[str] | None = None) -> int:
     from bench.watch_kill import bench_watch_kill
 
     results: list[Result] = []
-    with moto_server() as endpoint:
-        for name in names:
-            if name == "seal":
-                r = bench_seal(endpoint, size=(16 if quick else 64) * MiB)
-            elif name == "small":
-                r = bench_small(endpoint, count=200 if quick else 2000)
-            elif name == "appends":
-                r = bench_appends(endpoint, total=(32 if quick else 256) * MiB)
-            elif name == "rss":
-                r = bench_rss(endpoint, size=(128 if quick else 1024) * MiB)
-            elif name == "recovery":
-                r = bench_recovery_scale(verified=100_000 if quick else 1_000_000)
-            elif name == "resume":
-                r = bench_resume(endpoint)
-            elif name == "check":
-                r = bench_local_check(size=(128 if quick else 1024) * MiB)
-            elif name == "readback":
-                r = bench_readback(endpoint, size=(64 if quick else 1024) * MiB)
-            elif name == "watchkill":
-                r = bench_watch_kill(kills=5 if quick else 40, files=8 if quick else 150)
-            else:
-                r = bench_kill(kills=20 if quick else args.kills)
-            r.show()
-            sys.stdout.flush()
-            results.append(r)
+
+    def run(name: str, endpoint: str, server: str) -> None:
+        if name == "seal":
+            r = bench_seal(endpoint, size=(16 if quick else 64) * MiB)
+        elif name == "small":
+            r = bench_small(endpoint, count=200 if quick else 2000)
+        elif name == "appends":
+            r = bench_appends(endpoint, total=(32 if quick else 256) * MiB)
+        elif name == "rss":
+            r = bench_rss(endpoint, size=(128 if quick else 1024) * MiB)
+        elif name == "recovery":
+            r = bench_recovery_scale(verified=100_000 if quick else 1_000_000)
+        elif name == "resume":
+            r = bench_resume(endpoint)
+        elif name == "check":
+            r = bench_local_check(size=(128 if quick else 1024) * MiB)
+        elif name == "readback":
+            r = bench_readback(endpoint, size=(64 if quick else 1024) * MiB)
+        elif name == "watchkill":
+            r = (
+                bench_watch_kill(kills=3, files=20, life=(2.0, 5.0))
+                if quick
+                else bench_watch_kill(kills=12, files=400)
+            )
+        else:
+            r = bench_kill(kills=20 if quick else args.kills)
+        if name in REMOTE:
+            r.name = f"{r.name} [{server}]"
+        r.show()
+        sys.stdout.flush()
+        results.append(r)
+
+    servers = ["moto", "rgw"] if args.server == "both" else [args.server]
+    remote = [n for n in names if n in REMOTE]
+    local = [n for n in names if n not in REMOTE]
+    for server in servers:
+        if not remote:
+            break
+        with (moto_server() if server == "moto" else rgw_server()) as endpoint:
+            print(f"\n##### S3 server: {server} ({endpoint})")
+            for name in remote:
+                run(name, endpoint, server)
+    if local:
+        # The local benchmarks start what they need themselves (kill: its own moto server).
+        with moto_server() as endpoint:
+            for name in local:
+                run(name, endpoint, "moto")
     save(results, args.out)
     print(f"\nresults written to {args.out}")
     return 0

@@ -1,4 +1,4 @@
-"""Shared pieces: a moto S3 server over HTTP, clients, timing, result tables."""
+"""Shared pieces: the S3 servers (moto over HTTP, Ceph RGW), clients, timing, result tables."""
 
 from __future__ import annotations
 
@@ -39,27 +39,69 @@ class Result:
             print(f"  note: {n}")
 
 
-#: The moto server process of the current run (its CPU time is reported next to each client's).
-SERVER_PID: int | None = None
+@dataclass(frozen=True)
+class Server:
+    """One S3 server of the run: its endpoint, credentials and the processes that serve it."""
+
+    name: str
+    url: str
+    key: str
+    secret: str
+    pids: tuple[int, ...]
 
 
-def server_cpu() -> float:
-    """CPU seconds (user + system) the moto server has used so far; 0 if unknown."""
-    if SERVER_PID is None:
-        return 0.0
+#: Servers by endpoint URL (clients look their credentials up here), and the one in use now,
+#: whose processes' CPU time is reported next to each client's.
+SERVERS: dict[str, Server] = {}
+CURRENT: Server | None = None
+
+
+def _cpu_of(pid: int) -> float:
     try:
-        with open(f"/proc/{SERVER_PID}/stat") as f:
+        with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
 
 
+def server_cpu() -> float:
+    """CPU seconds (user + system) the current server's processes have used so far; 0 if unknown."""
+    if CURRENT is None:
+        return 0.0
+    return sum(_cpu_of(pid) for pid in CURRENT.pids)
+
+
 def timed_cpu(fn: Callable[[], object]) -> tuple[float, float]:
-    """Wall seconds of ``fn`` and the moto server's CPU seconds meanwhile."""
+    """Wall seconds of ``fn`` and the server's CPU seconds meanwhile."""
     c0 = server_cpu()
     wall = timed(fn)
     return wall, server_cpu() - c0
+
+
+def client_cpu() -> float:
+    """CPU seconds (user + system) this process has used so far."""
+    t = os.times()
+    return t.user + t.system
+
+
+def timed_both(fn: Callable[[], object]) -> tuple[float, float, float]:
+    """Wall seconds of ``fn``, the server's CPU seconds and this process's CPU seconds meanwhile."""
+    s0, c0 = server_cpu(), client_cpu()
+    wall = timed(fn)
+    return wall, server_cpu() - s0, client_cpu() - c0
+
+
+@contextmanager
+def using(server: Server) -> Iterator[str]:
+    """Make ``server`` the current one (for CPU accounting); yield its endpoint."""
+    global CURRENT
+    SERVERS[server.url] = server
+    CURRENT = server
+    try:
+        yield server.url
+    finally:
+        CURRENT = None
 
 
 @contextmanager
@@ -82,8 +124,6 @@ def moto_server() -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    global SERVER_PID
-    SERVER_PID = proc.pid
     try:
         for _ in range(200):
             try:
@@ -93,17 +133,68 @@ def moto_server() -> Iterator[str]:
                 time.sleep(0.05)
         else:
             raise RuntimeError("moto server did not start")
-        yield url
+        with using(Server("moto", url, "bench", "bench", (proc.pid,))) as endpoint:
+            yield endpoint
     finally:
-        SERVER_PID = None
         proc.terminate()
         proc.wait(timeout=10)
 
 
+RGW_URL = os.environ.get("UPLOADER_BENCH_RGW", "http://127.0.0.1:7480")
+RGW_DIR = Path(os.environ.get("CEPH_RGW_DIR", "/tmp/ceph-rgw"))
+#: ../shared/s3 next to the project: the script that starts a throwaway Ceph RGW (memstore).
+RGW_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "s3" / "start-rgw.sh"
+
+
+def _answers(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url, timeout=2).read()
+    except urllib.error.HTTPError:
+        return True  # an S3 error document is an answer
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def rgw_server() -> Iterator[str]:
+    """Ceph RGW on 127.0.0.1:7480, started by ../shared/s3/start-rgw.sh when it is not up.
+
+    The server's CPU is that of radosgw and the memstore OSD that holds the bytes (plus the monitor
+    and manager, which idle).
+    """
+    import subprocess
+
+    if not _answers(RGW_URL):
+        if not RGW_SCRIPT.exists():
+            raise RuntimeError(f"Ceph RGW does not answer at {RGW_URL} and {RGW_SCRIPT} is missing")
+        print(f"starting Ceph RGW with {RGW_SCRIPT} (about 25 s)", flush=True)
+        subprocess.run(["bash", str(RGW_SCRIPT)], check=True, stdout=subprocess.DEVNULL)
+    pids: set[int] = set()  # the script writes some daemons' pids twice (<name>.pid, <name>.fg.pid)
+    for f in sorted((RGW_DIR / "run").glob("*.pid")):
+        try:
+            pids.add(int(f.read_text().split()[0]))
+        except (OSError, ValueError, IndexError):
+            continue
+    key = os.environ.get("RGW_ACCESS_KEY", "TESTACCESSKEY0000001")
+    secret = os.environ.get("RGW_SECRET_KEY", "testsecretkey0000000000000000000000000001")
+    with using(Server("rgw", RGW_URL, key, secret, tuple(sorted(pids)))) as endpoint:
+        yield endpoint
+
+
+def _credentials(endpoint: str) -> tuple[str, str]:
+    server = SERVERS.get(endpoint)
+    return (server.key, server.secret) if server else ("bench", "bench")
+
+
 def s3_options(endpoint: str) -> dict[str, Any]:
+    key, secret = _credentials(endpoint)
     return {
-        "key": "bench",
-        "secret": "bench",
+        "key": key,
+        "secret": secret,
         "endpoint_url": endpoint,
         "client_kwargs": {"region_name": "us-east-1"},
     }
@@ -112,11 +203,12 @@ def s3_options(endpoint: str) -> dict[str, Any]:
 def boto3_client(endpoint: str) -> Any:
     import boto3
 
+    key, secret = _credentials(endpoint)
     return boto3.client(
         "s3",
         endpoint_url=endpoint,
-        aws_access_key_id="bench",
-        aws_secret_access_key="bench",
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
         region_name="us-east-1",
     )
 

@@ -89,7 +89,7 @@ def bench_kill(*, kills: int = 200) -> Result:
         manifest = f"sqlite:///{tmp / 'm.db'}"
         root = tmp / "remote"
         root.mkdir()
-        remote = (f"file://{root}", {})
+        remote: tuple[str, dict[str, str]] = (f"file://{root}", {})
         migrate(manifest)
         hit = run_kills(manifest, remote, tmp / "data", kills=kills, seed=7)
         segments, nbytes = finish_and_check(manifest, remote, tmp / "data")

@@ -3,6 +3,11 @@
 Every manifest test runs against SQLite and PostgreSQL (``manifest_url``). The PostgreSQL half is
 skipped with a clear reason when no server answers, unless ``UPLOADER_TEST_POSTGRES=required``
 (set by CI), in which case it fails.
+
+S3 runs on moto's server; the storage contract suite and the end-to-end recovery tests also run on
+Ceph RGW (the ``rgw`` remote) when it answers at ``UPLOADER_TEST_RGW_ENDPOINT`` (default
+http://127.0.0.1:7480, as started by ``../shared/s3/start-rgw.sh``). Skipped with the reason when
+absent, failed when ``UPLOADER_TEST_RGW=required`` (set by CI).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
+import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -149,16 +156,207 @@ def s3_remote(moto_endpoint: str, s3_bucket: str) -> tuple[str, dict[str, Any]]:
     return f"s3://{s3_bucket}/root", s3_options(moto_endpoint)
 
 
-@pytest.fixture(params=["s3", "file", "memory"])
-def remote(
-    request: pytest.FixtureRequest, tmp_path: Any, moto_endpoint: str
+# --- S3 on Ceph RGW (a real S3 implementation that differs from moto) --------------------------
+
+RGW_ENDPOINT = os.environ.get("UPLOADER_TEST_RGW_ENDPOINT", "http://127.0.0.1:7480")
+# start-rgw.sh's defaults (a throwaway loopback server: these are not secrets).
+RGW_ACCESS_KEY = os.environ.get("UPLOADER_TEST_RGW_ACCESS_KEY", "TESTACCESSKEY0000001")
+RGW_SECRET_KEY = os.environ.get(
+    "UPLOADER_TEST_RGW_SECRET_KEY", "testsecretkey0000000000000000000000000001"
+)
+#: start-rgw.sh's ceph.conf: used only to lower the part minimum (below) when RGW refuses our parts.
+RGW_CEPH_CONF = os.environ.get(
+    "UPLOADER_TEST_RGW_CEPH_CONF",
+    os.path.join(os.environ.get("CEPH_RGW_DIR", "/tmp/ceph-rgw"), "ceph.conf"),
+)
+RGW_REQUIRED = os.environ.get("UPLOADER_TEST_RGW", "").lower() in ("1", "required", "true")
+
+_rgw_status: dict[str, str | None] = {}
+
+
+def rgw_options() -> dict[str, Any]:
+    return {
+        "key": RGW_ACCESS_KEY,
+        "secret": RGW_SECRET_KEY,
+        "endpoint_url": RGW_ENDPOINT,
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
+
+
+def _rgw_client() -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=RGW_ENDPOINT,
+        aws_access_key_id=RGW_ACCESS_KEY,
+        aws_secret_access_key=RGW_SECRET_KEY,
+        region_name="us-east-1",
+        config=Config(connect_timeout=3, read_timeout=30, retries={"total_max_attempts": 1}),
+    )
+
+
+def _rgw_takes_small_parts(client: Any) -> bool:
+    """Whether RGW completes an upload whose first part is TEST_MIN_PART_SIZE bytes.
+
+    RGW's own minimum (``rgw_multipart_min_part_size``) is 5 MiB, like AWS; the suite uses 64 KiB
+    parts (moto's minimum is lowered the same way, above) to stay fast.
+    """
+    from botocore.exceptions import ClientError
+
+    bucket = f"probe-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    try:
+        upload = client.create_multipart_upload(Bucket=bucket, Key="p")["UploadId"]
+        parts = []
+        for n, body in ((1, b"a" * TEST_MIN_PART_SIZE), (2, b"b")):
+            etag = client.upload_part(
+                Bucket=bucket, Key="p", UploadId=upload, PartNumber=n, Body=body
+            )["ETag"]
+            parts.append({"PartNumber": n, "ETag": etag})
+        try:
+            client.complete_multipart_upload(
+                Bucket=bucket, Key="p", UploadId=upload, MultipartUpload={"Parts": parts}
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "EntityTooSmall":
+                client.abort_multipart_upload(Bucket=bucket, Key="p", UploadId=upload)
+                return False
+            raise
+        client.delete_object(Bucket=bucket, Key="p")
+        return True
+    finally:
+        client.delete_bucket(Bucket=bucket)
+
+
+def _lower_rgw_part_minimum() -> str | None:
+    """Lower RGW's part minimum to the suite's (a runtime setting of the test cluster); None if
+    done, else why not."""
+    ceph = shutil.which("ceph")
+    if ceph is None or not os.path.exists(RGW_CEPH_CONF):
+        return f"no ceph CLI or no {RGW_CEPH_CONF}"
+    done = subprocess.run(
+        [
+            ceph,
+            "-c",
+            RGW_CEPH_CONF,
+            "--connect-timeout",
+            "10",
+            "config",
+            "set",
+            "client.rgw.x",
+            "rgw_multipart_min_part_size",
+            str(TEST_MIN_PART_SIZE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0:
+        return f"ceph config set failed: {done.stderr.strip()[:300]}"
+    return None
+
+
+def rgw_unavailable() -> str | None:
+    """None if RGW answers and takes the suite's part size, else why not (cached per session)."""
+    if "reason" not in _rgw_status:
+        reason: str | None = None
+        try:
+            client = _rgw_client()
+            client.list_buckets()
+            if not _rgw_takes_small_parts(client):
+                why = _lower_rgw_part_minimum()
+                if why is not None or not _rgw_takes_small_parts(client):
+                    reason = (
+                        f"Ceph RGW at {RGW_ENDPOINT} refuses {TEST_MIN_PART_SIZE}-byte parts "
+                        f"(EntityTooSmall; {why or 'still after lowering it'}): run `ceph -c "
+                        f"{RGW_CEPH_CONF} config set client.rgw.x rgw_multipart_min_part_size "
+                        f"{TEST_MIN_PART_SIZE}`"
+                    )
+        except Exception as exc:  # pragma: no cover - depends on the machine
+            reason = (
+                f"Ceph RGW at {RGW_ENDPOINT} is not usable: {type(exc).__name__}: {exc}; start it "
+                "with ../shared/s3/start-rgw.sh (or set UPLOADER_TEST_RGW_ENDPOINT, "
+                "UPLOADER_TEST_RGW_ACCESS_KEY, UPLOADER_TEST_RGW_SECRET_KEY)"
+            )
+        _rgw_status["reason"] = reason
+    return _rgw_status["reason"]
+
+
+def require_rgw() -> None:
+    reason = rgw_unavailable()
+    if reason is None:
+        return
+    if RGW_REQUIRED:
+        pytest.fail(f"{reason} (UPLOADER_TEST_RGW=required)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def rgw_bucket() -> Iterator[str]:
+    """A fresh, empty bucket on RGW; emptied and removed afterwards (RGW keeps its data in memory)."""
+    require_rgw()
+    client = _rgw_client()
+    name = f"bucket-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    try:
+        yield name
+    finally:
+        _empty_and_delete(client, name)
+
+
+def _empty_and_delete(client: Any, bucket: str) -> None:
+    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
+        for u in page.get("Uploads", []):
+            client.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for o in page.get("Contents", []):
+            client.delete_object(Bucket=bucket, Key=o["Key"])
+    client.delete_bucket(Bucket=bucket)
+
+
+def make_remote(
+    request: pytest.FixtureRequest, kind: str, tmp_path: Any
 ) -> tuple[str, dict[str, Any]]:
-    """(remote URL, storage_options) for each backend: moto S3, local files, memory."""
-    if request.param == "s3":
+    """(remote URL, storage_options) of one backend: "s3" (moto), "rgw", "file" or "memory"."""
+    if kind == "s3":
         bucket = request.getfixturevalue("s3_bucket")
-        return f"s3://{bucket}/root", s3_options(moto_endpoint)
-    if request.param == "file":
+        return f"s3://{bucket}/root", s3_options(request.getfixturevalue("moto_endpoint"))
+    if kind == "rgw":
+        bucket = request.getfixturevalue("rgw_bucket")
+        return f"s3://{bucket}/root", rgw_options()
+    if kind == "file":
         root = tmp_path / "remote"
         root.mkdir()
         return f"file://{root}", {}
+    assert kind == "memory", kind
     return f"memory://uploader-test-{uuid.uuid4().hex[:12]}", {}
+
+
+#: The backends of ``remote``; modules that also run on RGW override ``remote`` with these.
+REMOTES = ("s3", "file", "memory")
+REMOTES_WITH_RGW = ("s3", "rgw", "file", "memory")
+
+
+@pytest.fixture(params=REMOTES)
+def remote(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
+    """(remote URL, storage_options) for each backend: moto S3, local files, memory."""
+    return make_remote(request, request.param, tmp_path)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """RGW runs with the SQLite manifest only: the manifest's PostgreSQL half adds nothing about the
+    S3 server and would double the RGW tests' time (the suite must stay fast on 2 cores)."""
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("remote") == "rgw" and params.get("manifest_url") == "postgresql":
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep

@@ -52,6 +52,8 @@ def commits(*states: CommitState) -> list[CommitRecord]:
 P, U = CommitState.PENDING, CommitState.UPLOADED
 GOOD = ObjectInfo("k", 30, EXPECTED)
 FOREIGN = ObjectInfo("k", 30, "f" * 32)
+#: What reading FOREIGN back found (same size, another ETag: only its bytes can tell).
+DIFFERS = "bytes [0, 10) (part 1) differ from the local bytes"
 
 
 def held(*numbers: int) -> dict[int, PartRef]:
@@ -81,7 +83,36 @@ def held(*numbers: int) -> dict[int, PartRef]:
         ),
         (
             Position(seg(SegmentState.SEALED), commits(U, P, P), True, None, True, FOREIGN),
+            Act.DEEP_READ,
+        ),
+        (
+            Position(
+                seg(SegmentState.SEALED),
+                commits(U, P, P),
+                True,
+                None,
+                True,
+                FOREIGN,
+                read_back_differs=DIFFERS,
+            ),
             Act.FAIL,
+        ),
+        # Its ETag is not the part MD5s' (s3rver, SSE-KMS) but its bytes are ours: adopted.
+        (
+            Position(
+                seg(SegmentState.SEALED),
+                commits(U, P, P),
+                True,
+                None,
+                True,
+                FOREIGN,
+                deep_checked=True,
+            ),
+            Act.ADOPT_OBJECT,
+        ),
+        (
+            Position(seg(SegmentState.SEALED), commits(U, U, U), object_known=True, obj=FOREIGN),
+            Act.DEEP_READ,
         ),
         (
             Position(seg(SegmentState.SEALED), commits(U, P, P), True, None, True, None),
@@ -120,7 +151,7 @@ def held(*numbers: int) -> dict[int, PartRef]:
         # intent naming its ETag; without the capability it is left alone.
         (
             Position(seg(SegmentState.UPLOADED), commits(U, U, U), object_known=True, obj=FOREIGN),
-            Act.PROBE,
+            Act.DEEP_READ,
         ),
         (
             Position(
@@ -128,6 +159,42 @@ def held(*numbers: int) -> dict[int, PartRef]:
                 commits(U, U, U),
                 object_known=True,
                 obj=FOREIGN,
+                read_back_differs=DIFFERS,
+            ),
+            Act.PROBE,
+        ),
+        # Read back and equal: verified whatever the ETag says; never removed for its ETag.
+        (
+            Position(
+                seg(SegmentState.UPLOADED),
+                commits(U, U, U),
+                object_known=True,
+                obj=FOREIGN,
+                deep_checked=True,
+                local_checked=True,
+                conditional_delete=True,
+            ),
+            Act.VERIFY,
+        ),
+        # Read back (verify="deep") and different although the ETag is the seal's.
+        (
+            Position(
+                seg(SegmentState.UPLOADED),
+                commits(U, U, U),
+                object_known=True,
+                obj=GOOD,
+                read_back_differs=DIFFERS,
+                conditional_delete=True,
+            ),
+            Act.FAIL,
+        ),
+        (
+            Position(
+                seg(SegmentState.UPLOADED),
+                commits(U, U, U),
+                object_known=True,
+                obj=FOREIGN,
+                read_back_differs=DIFFERS,
                 conditional_delete=True,
             ),
             Act.REUPLOAD,
@@ -138,6 +205,7 @@ def held(*numbers: int) -> dict[int, PartRef]:
                 commits(U, U, U),
                 object_known=True,
                 obj=FOREIGN,
+                read_back_differs=DIFFERS,
                 conditional_delete=False,
             ),
             Act.FAIL,
@@ -174,6 +242,35 @@ def held(*numbers: int) -> dict[int, PartRef]:
             ),
             Act.FORGET_REMOVE,
         ),
+        # A remote without ListParts: a fresh upload, every part sent again; not while a
+        # writer's send is in flight (its acknowledgement would land on a reset part).
+        (
+            Position(
+                seg(SegmentState.SEALED),
+                commits(U, P, P),
+                True,
+                None,
+                True,
+                None,
+                parts_listable=False,
+            ),
+            Act.RESET_UPLOAD,
+        ),
+        (
+            Position(seg(SegmentState.OPEN), commits(U, P), True, None, parts_listable=False),
+            Act.RESET_UPLOAD,
+        ),
+        (
+            Position(
+                seg(SegmentState.OPEN),
+                commits(U, P, P),
+                True,
+                None,
+                parts_listable=False,
+                inflight=frozenset({3}),
+            ),
+            Act.BLOCK,
+        ),
         # Open segments: pending whole parts only; the writer seals.
         (Position(seg(SegmentState.OPEN, upload_id=None), commits(U, U)), Act.DONE),
         (
@@ -206,4 +303,11 @@ def test_single_put() -> None:
     assert next_step(Position(s, one, object_known=True, obj=mine)).act is Act.CHECK_LOCAL
     checked = Position(s, one, object_known=True, obj=mine, local_checked=True)
     assert next_step(checked).act is Act.VERIFY_PUT
-    assert next_step(Position(s, one, object_known=True, obj=FOREIGN)).act is Act.FAIL
+    other = ObjectInfo("k", 10, "f" * 32)
+    assert next_step(Position(s, one, object_known=True, obj=other)).act is Act.DEEP_READ
+    differs = Position(s, one, object_known=True, obj=other, read_back_differs=DIFFERS)
+    assert next_step(differs).act is Act.FAIL
+    assert "read back" in next_step(differs).reason
+    kms = Position(s, one, object_known=True, obj=other, deep_checked=True, local_checked=True)
+    assert next_step(kms).act is Act.VERIFY_PUT
+    assert next_step(Position(s, one, object_known=True, obj=FOREIGN)).act is Act.FAIL  # size

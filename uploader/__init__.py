@@ -16,6 +16,7 @@ from uploader.errors import (
     ManifestError,
     SegmentFailedError,
     SegmentSealedError,
+    StateError,
     StorageError,
     StoreClosedError,
     UnverifiedObjectError,
@@ -23,21 +24,25 @@ from uploader.errors import (
     UsageError,
     VerificationError,
 )
-from uploader.readback import ObjectReader, RangeRead
-from uploader.rebuild import RebuildReport
 from uploader.records import CommitRecord, Event, SegmentRecord, Status
 from uploader.states import CommitState, SegmentState
 
 if TYPE_CHECKING:
+    from uploader.readback import ObjectReader, RangeRead
+    from uploader.rebuild import RebuildReport
     from uploader.recovery import RecoveryReport, SegmentOutcome, SweepReport
     from uploader.store import CommitResult, Segment, Store, UploadFuture, open
 
 #: The one place the version is written (pyproject.toml reads it: dynamic version).
 __version__ = "0.1.0"
 
-# The store and recovery (SQLAlchemy, fsspec) are imported on first use, so that importing a
-# submodule (the CLI, which installs its signal handlers first) does not pay for them up front.
+# The store, recovery and rebuild (SQLAlchemy, fsspec) are imported on first use, so that
+# importing a submodule (the CLI, which installs its signal handlers first) does not pay for them
+# up front: ``python -m uploader.cli`` imports this package before the CLI's first line runs.
 _LAZY = {
+    "ObjectReader": "uploader.readback",
+    "RangeRead": "uploader.readback",
+    "RebuildReport": "uploader.rebuild",
     "RecoveryReport": "uploader.recovery",
     "SegmentOutcome": "uploader.recovery",
     "SweepReport": "uploader.recovery",
@@ -78,6 +83,7 @@ __all__ = [
     "SegmentRecord",
     "SegmentSealedError",
     "SegmentState",
+    "StateError",
     "Status",
     "StorageError",
     "Store",

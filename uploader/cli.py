@@ -37,12 +37,10 @@ def install_early_handlers() -> None:
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "uploader":
     install_early_handlers()
 
-import functools
 import json
 import logging
 import shlex
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,7 +55,6 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
-    TaskID,
     TextColumn,
     TransferSpeedColumn,
 )
@@ -72,12 +69,24 @@ from uploader.rebuild import RebuiltObject
 from uploader.records import Status
 from uploader.recovery import DEFAULT_SWEEP_AGE, RecoveryReport
 from uploader.states import UNFINISHED_SEGMENT_STATES
+from uploader.storage import RetryingStorage, RetryNotice
 from uploader.store import DEFAULT_PART_SIZE, Store
 from uploader.store import open as open_store
 
 UNFINISHED = {s.value for s in UNFINISHED_SEGMENT_STATES}
 
 log = logging.getLogger("uploader")
+
+_argument_type = typer.core.TyperArgument.display_type_rich
+
+
+def _argument_metavar_only(self: typer.core.TyperArgument, ctx: Any) -> str | None:
+    """An argument with a metavar (FILE, DIR, KEY) is shown by it alone: typer would add its
+    Python type (``FILE <list[Path]>``), which says nothing to an operator."""
+    return None if self.metavar is not None else _argument_type(self, ctx)
+
+
+setattr(typer.core.TyperArgument, "display_type_rich", _argument_metavar_only)  # noqa: B010
 
 app = typer.Typer(
     name="uploader",
@@ -107,13 +116,20 @@ class Context:
     min_part_size: int | None = None
 
     def settings(self, *, create: bool = True) -> settings.Settings:
-        return settings.resolve(
-            manifest=self.manifest,
-            remote=self.remote,
-            storage_options=self.storage_options,
-            home=self.home,
-            create=create,
-        )
+        from uploader.manifest import db
+
+        def resolve(create: bool) -> settings.Settings:
+            return settings.resolve(
+                manifest=self.manifest,
+                remote=self.remote,
+                storage_options=self.storage_options,
+                home=self.home,
+                create=create,
+            )
+
+        s = resolve(False)
+        db.parse_url(s.manifest)  # a typo'd URL is refused before anything is created
+        return resolve(True) if create else s
 
     def open(self, **kwargs: Any) -> Store:
         require_manifest(self.settings(create=False))  # before creating anything
@@ -123,7 +139,15 @@ class Context:
         kwargs.setdefault("lease_seconds", self.lease_seconds)
         if self.min_part_size is not None:
             kwargs.setdefault("min_part_size", self.min_part_size)
-        return open_store(s.manifest, s.remote, storage_options=s.storage_options, **kwargs)
+        store = open_store(s.manifest, s.remote, storage_options=s.storage_options, **kwargs)
+        if isinstance(store.storage, RetryingStorage):
+            # An endpoint that does not answer is never silent: one line per retry.
+            store.storage.on_retry = _print_retry
+        return store
+
+
+def _print_retry(notice: RetryNotice) -> None:
+    err.print(str(notice), markup=False)
 
 
 def _sqlite_file(url: str) -> Path | None:
@@ -166,32 +190,43 @@ def main_options(
     manifest: Annotated[
         str | None,
         typer.Option(
-            help="Manifest SQLAlchemy URL [env UPLOADER_MANIFEST; default: embedded SQLite]"
+            metavar="URL",
+            help="Manifest SQLAlchemy URL [env UPLOADER_MANIFEST; default: embedded SQLite]",
         ),
     ] = None,
     remote: Annotated[
         str | None,
-        typer.Option(help="Remote root fsspec URL [env UPLOADER_REMOTE; default: local directory]"),
+        typer.Option(
+            metavar="URL",
+            help="Remote root fsspec URL [env UPLOADER_REMOTE; default: local directory]",
+        ),
     ] = None,
     storage_options: Annotated[
         str | None,
         typer.Option(
             "--storage-options",
+            metavar="JSON",
             help="JSON object for fsspec [env UPLOADER_STORAGE_OPTIONS]; never printed",
         ),
     ] = None,
     home: Annotated[
         str | None,
         typer.Option(
-            help="Data directory of the embedded defaults [env UPLOADER_HOME; ./.uploader]"
+            metavar="DIR",
+            help="Data directory of the embedded defaults [env UPLOADER_HOME; ./.uploader]",
         ),
     ] = None,
-    part_size: Annotated[int, typer.Option(help="Part size in bytes")] = DEFAULT_PART_SIZE,
-    concurrency: Annotated[int, typer.Option(help="Parts in flight at once")] = 4,
+    part_size: Annotated[
+        int, typer.Option(metavar="BYTES", help="Part size in bytes")
+    ] = DEFAULT_PART_SIZE,
+    concurrency: Annotated[
+        int, typer.Option(metavar="N", min=1, help="Parts in flight at once")
+    ] = 4,
     debug: Annotated[bool, typer.Option(help="Show tracebacks and debug logs")] = False,
     lease_seconds: Annotated[
         float,
         typer.Option(
+            metavar="SECONDS",
             min=1.0,
             help="Lease length: how long a dead process's segments wait before another takes them",
         ),
@@ -199,7 +234,8 @@ def main_options(
     min_part_size: Annotated[
         int | None,
         typer.Option(
-            help="Smallest part the remote accepts (S3: 5 MiB; lower only for test servers)"
+            metavar="BYTES",
+            help="Smallest part the remote accepts (S3: 5 MiB; lower only for test servers)",
         ),
     ] = None,
 ) -> None:
@@ -276,13 +312,27 @@ def _progress(*, transfer: bool = False) -> Progress:
     return Progress(*columns, console=err, transient=True, disable=not err.is_terminal)
 
 
+def _say(progress: Progress, text: str) -> None:
+    """A line of output while a bar may be live: above the bar (through its console) when the
+    bar and stdout share a terminal, where a plain stdout write would be glued onto the bar;
+    on stdout otherwise."""
+    if progress.live.is_started and not progress.disable and out.is_terminal:
+        progress.console.print(text, markup=False)
+    else:
+        out.print(text, markup=False)
+
+
 @contextmanager
 def _stop_on_signals() -> Iterator[threading.Event]:
     """An event set by SIGTERM/SIGINT: long commands finish the work in hand, then stop."""
     stop = threading.Event()
 
     def handler(signum: int, _frame: FrameType | None) -> None:
-        err.print(f"{signal.Signals(signum).name}: finishing the work in hand, then stopping")
+        # A plain write, not rich: the handler runs between any two bytecodes of the main thread,
+        # possibly in the middle of rich importing the module its print would need (seen as
+        # "cannot import name 'EMOJI' from partially initialized module").
+        name = signal.Signals(signum).name
+        os.write(2, f"{name}: finishing the work in hand, then stopping\n".encode())
         stop.set()
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -316,9 +366,11 @@ def _emit_json(data: object) -> None:
 @app.command()
 def ship(
     ctx: typer.Context,
-    paths: Annotated[list[Path], typer.Argument(help="Segment files to commit and seal")],
+    paths: Annotated[
+        list[Path], typer.Argument(metavar="FILE", help="Segment files to commit and seal")
+    ],
     key_prefix: Annotated[
-        str, typer.Option(help="Prefix of the keys (key = prefix + file name)")
+        str, typer.Option(metavar="PREFIX", help="Prefix of the keys (key = prefix + file name)")
     ] = "",
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
@@ -431,14 +483,36 @@ def _ship(
         if signals.count:
             store.stop_sending()
         task = progress.add_task("shipping", total=sum(p.stat().st_size for p in paths))
+        # Bytes advance as the remote acknowledges parts (or they are found there already);
+        # a verified file tops its own up to its size (parts an earlier run sent).
+        moved: dict[str, int] = {}
+        moved_lock = threading.Lock()
+
+        def on_bytes(key: str, nbytes: int) -> None:
+            with moved_lock:
+                moved[key] = moved.get(key, 0) + nbytes
+            progress.advance(task, nbytes)
+
+        def done(e: _Shipped) -> None:  # a file verified: its bar topped up, a line said
+            with moved_lock:
+                rest = max(0, (e.bytes or 0) - moved.get(e.key, 0))
+                moved[e.key] = moved.get(e.key, 0) + rest
+            progress.advance(task, rest)
+            if not json_output:
+                _say(progress, f"verified {e.key} ({e.bytes} bytes, {e.note})")
+
+        store.on_bytes = on_bytes
         for e in entries:
             if signals.count:
                 break
             try:
-                _ship_start(store, ex, e, started, json_output)
+                _ship_start(store, ex, e, started)
             except UploaderError as exc:
                 e.error = str(exc)
                 _ship_failed(store, e, json_output)
+            else:
+                if e.verified:  # already verified: skipped
+                    done(e)
         pending = set(started)
         while pending:
             if signals.count and not interrupted:
@@ -446,8 +520,8 @@ def _ship(
                 store.interrupt()
                 for f in pending:
                     f.cancel()
-            done, pending = wait_futures(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            for fut in done:
+            finished, pending = wait_futures(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            for fut in finished:
                 e = started[fut]
                 try:
                     res = fut.result()
@@ -469,9 +543,7 @@ def _ship(
                 if e.verified:
                     rec = store.manifest.segment(e.key)
                     e.bytes = rec.size if rec is not None else e.bytes
-                    progress.advance(task, e.bytes or 0)
-                    if not json_output:
-                        out.print(f"verified {e.key} ({e.bytes} bytes, {e.note})")
+                    done(e)
                 else:
                     _ship_failed(store, e, json_output)
         if signals.count:
@@ -521,9 +593,7 @@ def _print_interrupted(entries: list[_Shipped]) -> None:
     err.print(line, markup=False)
 
 
-def _ship_start(
-    store: Store, ex: Any, e: _Shipped, started: dict[Any, _Shipped], json_output: bool
-) -> None:
+def _ship_start(store: Store, ex: Any, e: _Shipped, started: dict[Any, _Shipped]) -> None:
     """Start driving one file to verified, from wherever the manifest says it stands."""
     from uploader.errors import KeyConflictError, SegmentFailedError
     from uploader.states import SegmentState
@@ -547,8 +617,6 @@ def _ship_start(
                 f"{size}: a sealed segment takes no more bytes; ship them as a new segment"
             )
         e.verified, e.bytes, e.note = True, rec.size, "already verified; skipped"
-        if not json_output:
-            out.print(f"verified {e.key} ({rec.size} bytes, {e.note})")
     elif rec.state is SegmentState.FAILED:
         e.state = rec.state.value
         raise SegmentFailedError(
@@ -575,24 +643,51 @@ def ctx_store(ctx: typer.Context, **kwargs: Any) -> Iterator[Store]:
 @app.command()
 def watch(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(help="Directory of rolling segment files")],
-    interval: Annotated[float, typer.Option(min=0.01, help="Seconds between passes")] = 1.0,
+    directory: Annotated[
+        Path, typer.Argument(metavar="DIR", help="Directory of rolling segment files")
+    ],
+    interval: Annotated[
+        float, typer.Option(metavar="SECONDS", min=0.01, help="Seconds between passes")
+    ] = 1.0,
     segment_size: Annotated[
-        int | None, typer.Option(help="Seal a segment once it reaches this many bytes")
+        int | None,
+        typer.Option(metavar="BYTES", help="Seal a segment once it reaches this many bytes"),
     ] = None,
-    pattern: Annotated[str, typer.Option(help="Glob of segment file names")] = "[0-9]*",
+    pattern: Annotated[
+        str, typer.Option(metavar="GLOB", help="Glob of segment file names")
+    ] = "[0-9]*",
     key_prefix: Annotated[
-        str | None, typer.Option(help="Key prefix (default: the directory's name and '/')")
+        str | None,
+        typer.Option(metavar="PREFIX", help="Key prefix (default: the directory's name and '/')"),
     ] = None,
     recover_every: Annotated[
-        float, typer.Option(min=0.01, help="Seconds between recovery passes for unfinished seals")
+        float,
+        typer.Option(
+            metavar="SECONDS", min=0.01, help="Seconds between recovery passes for unfinished seals"
+        ),
     ] = 30.0,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics")] = None,
-    once: Annotated[bool, typer.Option(help="One pass, then exit")] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            metavar="PORT", min=0, max=65535, help="Serve Prometheus metrics (0: any free port)"
+        ),
+    ] = None,
+    once: Annotated[
+        bool, typer.Option(help="One pass, then exit (1 if a commit or seal failed in it)")
+    ] = False,
+    seal_on_exit: Annotated[
+        bool,
+        typer.Option(
+            help="On SIGTERM/SIGINT, seal every file, the newest (open) one included, and wait "
+            "until it is verified before exiting (the writer stopped for good; not with "
+            "--format rocketmq)",
+        ),
+    ] = False,
     segment_format: Annotated[
         str,
         typer.Option(
             "--format",
+            metavar="FORMAT",
             help="How a file's valid end is found: append (the file size), rocketmq (the commit "
             "log's record chain; files preallocated and written in place), whole (only rolled "
             "files, whole)",
@@ -601,7 +696,8 @@ def watch(
 ) -> None:
     """Tail a directory of rolling segments: commit new bytes, seal finished segments.
 
-    Exits 1 if a file is left that cannot be read further (its format reported a problem)."""
+    Exits 1 if a file is left that cannot be read further (its format reported a problem), if a
+    commit or seal of the --once pass failed, or if a --seal-on-exit seal did not verify."""
     from uploader.formats import get_format
     from uploader.watch import Watcher, check_directory
 
@@ -611,7 +707,14 @@ def watch(
             f"--segment-size means nothing with --format {fmt.name}: its files are created at "
             "full size and the format says when one is complete"
         )
+    if seal_on_exit and fmt.preallocated:
+        raise UsageError(
+            f"--seal-on-exit cannot be used with --format {fmt.name}: its newest file is "
+            "preallocated and the broker continues it when it starts again; it is sealed when "
+            "the broker rolls it"
+        )
     check_directory(directory, pattern)
+    failed_at_exit: list[tuple[str, str]] = []
     with ctx_store(ctx) as store, _stop_on_signals() as stop:
         metrics, server = _metrics(store, metrics_port)
 
@@ -642,34 +745,66 @@ def watch(
             on_problem=on_problem,
         )
         err.print(f"watching {watcher.directory} (keys {watcher.key_prefix}*, format {fmt.name})")
-        last_recovery = time.monotonic()
+
+        def on_recovery(report: RecoveryReport) -> None:
+            if metrics is not None:
+                metrics.uploaded(report.bytes_sent)
+                metrics.failed("recovery", len(report.failed))
+
         try:
-            while not stop.is_set():
-                watcher.tick()
-                if once:
-                    break
-                if time.monotonic() - last_recovery >= recover_every:
-                    report = store.recover(stop=stop)
-                    if metrics is not None:
-                        metrics.uploaded(report.bytes_sent)
-                        metrics.failed("recovery", len(report.failed))
-                    last_recovery = time.monotonic()
-                stop.wait(interval)
+            if once:
+                if not stop.is_set():
+                    failed_at_exit = list(watcher.tick().errors)
+            else:
+                # The library's loop: ticks, a recovery pass every --recover-every seconds, and
+                # manifest outages ridden out (logged, backed off, retried).
+                watcher.run(
+                    interval=interval,
+                    stop=stop,
+                    recover_every=recover_every,
+                    on_recovery=on_recovery,
+                )
+            if seal_on_exit and stop.is_set():
+                err.print("sealing the open files, waiting until they are verified")
+                failed_at_exit = list(watcher.seal_open().errors)
         finally:
             if server is not None:
                 server.shutdown()
     err.print("stopped")
+    # Format problems are listed once, as unresolved; the other failures of the last pass here.
+    failures = [(key, why) for key, why in failed_at_exit if key not in watcher.problems]
+    for key, why in failures:
+        err.print(f"failed: {key}: {why}")
     if watcher.problems:
         for key, problem in sorted(watcher.problems.items()):
             err.print(f"unresolved: {key}: {problem}")
+    if failures or watcher.problems:
         raise typer.Exit(1)
 
 
 # --- recover --------------------------------------------------------------------------------------
 
 
-def _advance(progress: Progress, task: TaskID, _outcome: object) -> None:
-    progress.advance(task, 1)
+def _recover_pass(store: Store, progress: Progress, stop: threading.Event) -> RecoveryReport:
+    """One recovery pass under a bar of bytes: the pending bytes to send, advanced as the remote
+    acknowledges parts (or they are found there already); segments counted in its label."""
+    st = store.status()
+    unfinished = sum(n for state, n in st.segments.items() if state in UNFINISHED)
+    label = "recovering {} of " + f"{unfinished} segment(s)"
+    task = progress.add_task(label.format(0), total=st.commit_bytes.get("pending", 0) or None)
+    seen = [0]
+    lock = threading.Lock()
+
+    def on_segment(_outcome: object) -> None:  # from the recovery job's threads
+        with lock:
+            seen[0] += 1
+            progress.update(task, description=label.format(seen[0]))
+
+    store.on_bytes = lambda _key, nbytes: progress.advance(task, nbytes)
+    try:
+        return store.recover(stop=stop, on_segment=on_segment)
+    finally:
+        store.on_bytes = None
 
 
 def _print_report(report: RecoveryReport) -> None:
@@ -687,37 +822,58 @@ def recover(
     ctx: typer.Context,
     loop: Annotated[bool, typer.Option(help="Keep running passes until SIGTERM/SIGINT")] = False,
     interval: Annotated[
-        float, typer.Option(min=0.01, help="Seconds between passes with --loop")
+        float, typer.Option(metavar="SECONDS", min=0.01, help="Seconds between passes with --loop")
     ] = 10.0,
     worker: Annotated[
-        str | None, typer.Option(help="Worker name (default host:pid:random)")
+        str | None, typer.Option(metavar="NAME", help="Worker name (default host:pid:random)")
     ] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            metavar="PORT", min=0, max=65535, help="Serve Prometheus metrics (0: any free port)"
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
-    """Finish interrupted segments; exit 0 when everything seen is verified."""
+    """Finish interrupted segments; exit 0 when everything seen is verified.
+
+    With --loop, a manifest outage (a lost connection, a server restart, a locked SQLite file) is
+    logged and ridden out: the loop backs off and tries again."""
+    from uploader.recovery import recover_loop
+
     with ctx_store(ctx, worker=worker) as store, _stop_on_signals() as stop:
         metrics, server = _metrics(store, metrics_port)
+
+        def on_report(report: RecoveryReport) -> None:
+            if metrics is not None:
+                metrics.uploaded(report.bytes_sent)
+                metrics.failed("recovery", len(report.failed))
+            if json_output:
+                _emit_json(report.as_dict())
+            elif report.resumed or not loop:
+                _print_report(report)
+
+        if loop:  # the daemon's readiness line: its signal handlers are in place
+            err.print(
+                f"recovering every {interval:g} s as worker {store.worker}; SIGTERM or SIGINT "
+                "stops it after the work in hand",
+                markup=False,
+            )
         try:
-            while True:
-                unfinished = sum(
-                    n for state, n in store.status().segments.items() if state in UNFINISHED
-                )
-                with _progress() as progress:
-                    task = progress.add_task("recovering", total=unfinished or None)
-                    report = store.recover(
-                        stop=stop,
-                        on_segment=functools.partial(_advance, progress, task),
-                    )
-                if metrics is not None:
-                    metrics.uploaded(report.bytes_sent)
-                    metrics.failed("recovery", len(report.failed))
-                if json_output:
-                    _emit_json(report.as_dict())
-                elif report.resumed or not loop:
-                    _print_report(report)
-                if not loop or stop.wait(interval):
-                    break
+            if not loop:
+                with _progress(transfer=True) as progress:
+                    report = _recover_pass(store, progress, stop)
+                on_report(report)
+            else:
+                with _progress(transfer=True) as progress:  # bytes sent, over every pass
+                    task = progress.add_task("recovering", total=None)
+                    store.on_bytes = lambda _key, nbytes: progress.advance(task, nbytes)
+                    try:
+                        report = recover_loop(
+                            store.crew, interval=interval, stop=stop, on_report=on_report
+                        )
+                    finally:
+                        store.on_bytes = None
         finally:
             if server is not None:
                 server.shutdown()
@@ -758,12 +914,14 @@ def _who() -> str:
 @app.command()
 def retry(
     ctx: typer.Context,
-    keys: Annotated[list[str] | None, typer.Argument(help="Failed segments to retry")] = None,
+    keys: Annotated[
+        list[str] | None, typer.Argument(metavar="KEY", help="Failed segments to retry")
+    ] = None,
     all_failed: Annotated[
         bool, typer.Option("--all-failed", help="Retry every failed segment")
     ] = False,
     reason: Annotated[
-        str, typer.Option(help="Why (what was fixed); recorded in the audit trail")
+        str, typer.Option(metavar="TEXT", help="Why (what was fixed); recorded in the audit trail")
     ] = "the cause was fixed",
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
@@ -831,6 +989,7 @@ def _status_dict(status: Status) -> dict[str, object]:
         "commit_bytes": status.commit_bytes,
         "unverified_bytes": status.unverified_bytes,
         "oldest_unverified_age": status.oldest_unverified_age,
+        "oldest_sealed_age": status.oldest_sealed_age,
         "failed": [{"key": k, "reason": r} for k, r in status.failed],
         "stalled": [{"key": k, "why": w} for k, w in status.stalled],
         "errors": [{"key": k, "last_error": e} for k, e in status.errors],
@@ -853,10 +1012,11 @@ def print_status(status: Status, console: Console = out) -> None:
             str(status.commit_bytes.get(state, "")),
         )
     console.print(table)
-    age = status.oldest_unverified_age
+    age, sealed = status.oldest_unverified_age, status.oldest_sealed_age
     console.print(
         f"unverified bytes: {status.unverified_bytes}; oldest unverified: "
-        f"{'none' if age is None else f'{age:.0f} s'}"
+        f"{'none' if age is None else f'{age:.0f} s'}; oldest sealed and not verified: "
+        f"{'none' if sealed is None else f'{sealed:.0f} s since its seal'}"
     )
     for key, reason in status.failed:
         console.print(f"failed {key}: {reason}")
@@ -925,7 +1085,8 @@ def status(
 def verify(
     ctx: typer.Context,
     keys: Annotated[
-        list[str] | None, typer.Argument(help="Keys to check (default: all verified)")
+        list[str] | None,
+        typer.Argument(metavar="KEY", help="Keys to check (default: all verified)"),
     ] = None,
     deep: Annotated[bool, typer.Option(help="Read the objects back and compare checksums")] = False,
     repair: Annotated[
@@ -935,12 +1096,20 @@ def verify(
     loop: Annotated[
         bool, typer.Option(help="Scrub: keep checking, the longest unchecked first")
     ] = False,
-    interval: Annotated[float, typer.Option(min=0.01, help="Seconds between scrub passes")] = 60.0,
-    batch: Annotated[int, typer.Option(help="Segments per scrub pass")] = 1000,
+    interval: Annotated[
+        float, typer.Option(metavar="SECONDS", min=0.01, help="Seconds between scrub passes")
+    ] = 60.0,
+    batch: Annotated[int, typer.Option(metavar="N", min=1, help="Segments per scrub pass")] = 1000,
     rate: Annotated[
-        float | None, typer.Option(help="Bytes per second at most for --deep reads")
+        float | None,
+        typer.Option(metavar="BYTES/S", help="Bytes per second at most for --deep reads"),
     ] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            metavar="PORT", min=0, max=65535, help="Serve Prometheus metrics (0: any free port)"
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Check the remote objects of verified segments again (exit 1 on any drift).
@@ -964,15 +1133,24 @@ def verify(
                 bad = not report.ok
             else:
                 bad = False
-                while True:
-                    report = store.scrub(
-                        limit=batch, deep=deep, rate=rate, stop=stop, on_check=count
-                    )
+
+                def on_report(report: verify_mod.VerifyReport) -> None:
+                    nonlocal bad
                     if report.checks and (json_output or not report.ok):
                         _print_verify(report, json_output)
                     bad = bad or not report.ok
-                    if stop.wait(interval):
-                        break
+
+                # The library's scrub loop (manifest outages ridden out: logged, retried).
+                verify_mod.scrub_loop(
+                    store.crew,
+                    interval=interval,
+                    stop=stop,
+                    limit=batch,
+                    deep=deep,
+                    rate=rate,
+                    on_check=count,
+                    on_report=on_report,
+                )
         finally:
             if server is not None:
                 server.shutdown()
@@ -1002,7 +1180,10 @@ def sweep(
     ctx: typer.Context,
     dry_run: Annotated[bool, typer.Option(help="Only say what would be aborted")] = False,
     older_than: Annotated[
-        float, typer.Option(min=0.0, help="Leave orphans younger than this many seconds alone")
+        float,
+        typer.Option(
+            metavar="SECONDS", min=0.0, help="Leave orphans younger than this many seconds alone"
+        ),
     ] = DEFAULT_SWEEP_AGE,
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
@@ -1033,7 +1214,8 @@ def sweep(
 @app.command()
 def demo(
     directory: Annotated[
-        Path | None, typer.Option("--dir", help="Work here instead of a temporary directory")
+        Path | None,
+        typer.Option("--dir", metavar="DIR", help="Work here instead of a temporary directory"),
     ] = None,
 ) -> None:
     """The whole story offline: ship, lose the final commit as RocketMQ did, recover, prove."""
@@ -1051,9 +1233,12 @@ READ_CHUNK = 4 * 1024 * 1024
 @app.command()
 def get(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Segment key to read back")],
+    key: Annotated[str, typer.Argument(metavar="KEY", help="Segment key to read back")],
     dest: Annotated[
-        str | None, typer.Argument(help="Where to write it; '-' for stdout (default: its name)")
+        str | None,
+        typer.Argument(
+            metavar="DEST", help="Where to write it; '-' for stdout (default: its name)"
+        ),
     ] = None,
     allow_unverified: Annotated[
         bool, typer.Option(help="Read a segment that is not verified (nothing vouches for it)")
@@ -1103,8 +1288,12 @@ def get(
 @app.command()
 def restore(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(help="Directory to restore into (DIR/<key>)")],
-    prefix: Annotated[str, typer.Option(help="Only keys starting with this")] = "",
+    directory: Annotated[
+        Path, typer.Argument(metavar="DIR", help="Directory to restore into (DIR/<key>)")
+    ],
+    prefix: Annotated[
+        str, typer.Option(metavar="PREFIX", help="Only keys starting with this")
+    ] = "",
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Restore verified segments into DIR: parallel, checked, resumable (present files skipped)."""
@@ -1121,7 +1310,7 @@ def restore(
                 if f.outcome == restore_mod.FAILED:
                     err.print(f"[red]failed[/red] {f.key}: {f.detail}")
                 elif not json_output:
-                    out.print(f"{f.outcome} {f.key} ({f.size} bytes)")
+                    _say(progress, f"{f.outcome} {f.key} ({f.size} bytes)")
 
         report = restore_mod.restore(
             store, str(directory), prefix=prefix, concurrency=store.concurrency, on_file=on_file
@@ -1139,7 +1328,9 @@ def restore(
 @app.command()
 def rebuild(
     ctx: typer.Context,
-    prefix: Annotated[str, typer.Option(help="Only objects whose key starts with this")] = "",
+    prefix: Annotated[
+        str, typer.Option(metavar="PREFIX", help="Only objects whose key starts with this")
+    ] = "",
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Recreate manifest rows from the objects' metadata (the manifest was lost).
@@ -1154,7 +1345,7 @@ def rebuild(
             with lock:
                 progress.advance(task)
                 if not json_output and o.outcome != "matched":
-                    out.print(f"{o.outcome} {o.key}: {o.detail}")
+                    _say(progress, f"{o.outcome} {o.key}: {o.detail}")
 
         report = store.rebuild(prefix=prefix, on_object=on_object)
     if json_output:
@@ -1189,6 +1380,18 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if debug:
             raise
+        from uploader.manifest import db
+
+        if db.is_outage(exc):
+            # The daemons ride these out; a one-shot command (or a daemon stopping, or starting)
+            # met the manifest unavailable: nothing half-done is lost, run it again later.
+            err.print(
+                f"error: the manifest is unavailable ({db.describe(exc)}); every write is one "
+                "transaction, so nothing half-done was recorded: run the command again once it "
+                "answers",
+                markup=False,
+            )
+            sys.exit(1)
         err.print(
             f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)",
             markup=False,

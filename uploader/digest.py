@@ -60,7 +60,7 @@ def read_bytes(path: str, start: int, end: int) -> bytes:
         ) from None
     except OSError as exc:
         raise LocalFileError(
-            f"{path}: cannot read local file: {exc.strerror or exc}", terminal=False
+            f"{path}: cannot read local file: {exc.strerror or exc}", retryable=True
         ) from None
     if len(data) != end - start:
         raise LocalFileError(
@@ -87,7 +87,7 @@ def stat_file(path: str) -> os.stat_result:
         ) from None
     except OSError as exc:
         raise LocalFileError(
-            f"{path}: cannot stat local file: {exc.strerror or exc}", terminal=False
+            f"{path}: cannot stat local file: {exc.strerror or exc}", retryable=True
         ) from None
 
 
@@ -108,47 +108,61 @@ def normalize_etag(etag: str | None) -> str | None:
     return etag.strip().strip('"').lower()
 
 
-# --- CRC32C combination (zlib's crc32_combine, for the Castagnoli polynomial) --------------------
+# --- CRC32C combination (zlib 1.2.12's crc32_combine, for the Castagnoli polynomial) -----------
+#
+# In the reflected bit order a CRC register is a polynomial over GF(2); appending n zero bytes to
+# the message multiplies the register by x^(8n) modulo the polynomial. So
+# crc(A + B) = crc(A) * x^(8 len(B)) mod P  xor  crc(B): one multiplication by a power of x, which
+# is built from the table of x^(2^k) mod P below (one product per set bit of the length), instead
+# of squaring 32x32 GF(2) matrices for every bit (the old method: ~1.7 ms per 8 MiB part).
 
 _POLY = 0x82F63B78  # reflected Castagnoli
+_ONE = 0x80000000  # x^0 in the reflected order
 
 
-def _gf2_times(mat: list[int], vec: int) -> int:
-    total = 0
-    i = 0
-    while vec:
-        if vec & 1:
-            total ^= mat[i]
-        vec >>= 1
-        i += 1
-    return total
+def _multmodp(a: int, b: int) -> int:
+    """``a * b mod P`` for polynomials in the reflected order."""
+    m = _ONE
+    product = 0
+    while True:
+        if a & m:
+            product ^= b
+            if (a & (m - 1)) == 0:
+                return product
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
 
 
-def _gf2_square(mat: list[int]) -> list[int]:
-    return [_gf2_times(mat, mat[n]) for n in range(32)]
+def _x2n_table() -> tuple[int, ...]:
+    """``x^(2^k) mod P`` for k = 0..31."""
+    p = _ONE >> 1  # x^1
+    table = [p]
+    for _ in range(31):
+        p = _multmodp(p, p)
+        table.append(p)
+    return tuple(table)
+
+
+_X2N = _x2n_table()
+
+
+def _x8nmodp(n: int) -> int:
+    """``x^(8 n) mod P``: the operator that appends ``n`` zero bytes."""
+    p = _ONE
+    k = 3  # 8 n = n * 2^3
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return p
 
 
 def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
     """CRC32C of ``A + B`` from ``crc(A)``, ``crc(B)`` and ``len(B)``."""
     if len2 <= 0:
         return crc1
-    odd = [_POLY] + [1 << n for n in range(31)]  # operator for one zero bit
-    even = _gf2_square(odd)  # two zero bits
-    odd = _gf2_square(even)  # four zero bits
-    while True:
-        even = _gf2_square(odd)
-        if len2 & 1:
-            crc1 = _gf2_times(even, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-        odd = _gf2_square(even)
-        if len2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-    return crc1 ^ crc2
+    return _multmodp(_x8nmodp(len2), crc1) ^ crc2
 
 
 def combine_crcs(parts: Sequence[tuple[int, int]]) -> int:

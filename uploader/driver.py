@@ -32,6 +32,7 @@ from uploader.errors import (
     ObjectExistsError,
     PreconditionFailedError,
     StorageError,
+    UnsupportedOperationError,
     UploaderError,
 )
 from uploader.leases import LeaseKeeper
@@ -46,10 +47,6 @@ from uploader.transport import Counters, Transport, check_local, read_checked, w
 log = logging.getLogger("uploader")
 
 T = TypeVar("T")
-
-
-class _Fail(Exception):
-    """A step found a reason the segment can never be verified (the message says it)."""
 
 
 #: How many times a completed object that failed verification is uploaded again before the
@@ -84,7 +81,9 @@ class _Learned:
     obj: ObjectInfo | None = None
     checked: set[int] = field(default_factory=set)  # part numbers read and found equal
     local_checked: bool = False
-    deep_checked: bool = False
+    deep_checked: bool = False  # the object read back, every part equal
+    read_back_differs: str | None = None  # the object read back: what differed
+    unlistable: bool = False  # the remote answered ListParts "not supported"
     fresh: dict[int, Payload | None] = field(default_factory=dict)  # commit id -> bytes read
     put_ack: tuple[CommitRecord, str] | None = None  # a PUT acknowledged, not yet recorded
 
@@ -92,6 +91,7 @@ class _Learned:
         self.object_known = False
         self.obj = None
         self.deep_checked = False
+        self.read_back_differs = None
 
 
 class Driver:
@@ -118,6 +118,18 @@ class Driver:
         self.verify_mode = verify
         self.max_reuploads = max_reuploads
         self._conditional_delete: bool | None = None
+        #: Progress: called with (key, bytes) each time the remote acknowledged a part or an
+        #: object (sent), or parts already there were adopted (reused), as it happens.
+        self.on_bytes: Callable[[str, int], None] | None = None
+
+    def _moved(self, key: str, nbytes: int) -> None:
+        hook = self.on_bytes
+        if hook is None or not nbytes:
+            return
+        try:
+            hook(key, nbytes)
+        except Exception:  # progress reporting must never change what the upload does
+            log.exception("progress hook failed for %s", key)
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -163,6 +175,8 @@ class Driver:
                 local_here=seg.node == self.node,
                 deep=self.verify_mode == "deep",
                 deep_checked=learned.deep_checked,
+                read_back_differs=learned.read_back_differs,
+                parts_listable=not learned.unlistable,
                 fresh=frozenset(learned.fresh),
                 inflight=inflight,
                 conditional_delete=self._conditional_delete,
@@ -180,10 +194,8 @@ class Driver:
                 return self._fail(lease, seg, step.reason)
             try:
                 self._take(step, lease, seg, commits, learned, counters, release)
-            except _Fail as exc:
-                return self._fail(lease, seg, str(exc))
             except LocalFileError as exc:
-                if not exc.terminal:
+                if exc.retryable:
                     self._record_error(lease, str(exc))
                     raise
                 # Invariant 8: the local bytes were the source of truth and they are gone or
@@ -237,6 +249,10 @@ class Driver:
                 listed = self.storage.list_parts(seg.key, seg.upload_id)
             except NoSuchUploadError:
                 learned.parts = None
+            except UnsupportedOperationError as exc:
+                # Nothing the upload holds can be learned: the plan starts a fresh one.
+                log.info("segment %r: %s", seg.key, exc)
+                learned.parts, learned.unlistable = None, True
             except StorageError as exc:
                 self._record_error(lease, f"list_parts: {exc}")
                 raise
@@ -261,12 +277,18 @@ class Driver:
                 lease, "conditional delete probe", self.storage.conditional_delete
             )
         elif act is Act.RESET_UPLOAD:
+            if learned.unlistable and seg.upload_id is not None:
+                # The old upload may still exist: let its parts go where the remote allows it
+                # (s3rver refuses aborts too; a lifecycle rule then cleans it up).
+                with contextlib.suppress(UploaderError):
+                    self.storage.abort(seg.key, seg.upload_id)
             self.manifest.reset_commits(lease, step.reason)
             learned.parts_known, learned.parts = False, None
         elif act is Act.ADOPT_PARTS:
             self.manifest.parts_uploaded(lease, [(c, c.md5) for c in step.commits], step.reason)
             for c in step.commits:
                 counters.reused(c.size)
+            self._moved(seg.key, sum(c.size for c in step.commits))
         elif act is Act.UNSEND_PARTS:
             self.manifest.parts_unsent(lease, step.commits, step.reason)
         elif act is Act.START_UPLOAD:
@@ -294,18 +316,29 @@ class Driver:
             for c in step.commits:
                 if c.state is CommitState.PENDING:
                     counters.reused(c.size)
+                    self._moved(seg.key, c.size)
         elif act is Act.DEEP_READ:
-            self._deep_read(lease, seg, commits)
-            learned.deep_checked = True
+            differs = self._deep_read(lease, seg, commits)
+            learned.deep_checked = differs is None
+            learned.read_back_differs = differs
         elif act is Act.VERIFY:
-            self.manifest.segment_verified(lease, self._verified_detail(seg), release=release)
+            self.manifest.segment_verified(
+                lease, self._verified_detail(seg, learned), release=release
+            )
             if release:
                 self.keeper.drop(seg.id)
         elif act is Act.VERIFY_PUT:
             [commit] = step.commits
             assert learned.obj is not None and learned.obj.etag is not None
+            # The part's ETag is its MD5 (proven: by the object's ETag, or by reading the
+            # bytes back where the remote's ETag is another string); the object's is as said.
             self.manifest.put_verified(
-                lease, commit, learned.obj.etag, self._verified_detail(seg), release=release
+                lease,
+                commit,
+                commit.md5,
+                self._verified_detail(seg, learned),
+                release=release,
+                object_etag=learned.obj.etag,
             )
             if release:
                 self.keeper.drop(seg.id)
@@ -364,6 +397,7 @@ class Driver:
         payload = None  # let the part's bytes go before the manifest round trip
         self.manifest.parts_uploaded(lease, [(commit, normalize_etag(ref.etag) or "")])
         counters.sent(commit.size)
+        self._moved(seg.key, commit.size)
         if checked is not None:
             checked.add(commit.part_number)
 
@@ -430,6 +464,7 @@ class Driver:
         learned.put_ack = (commit, normalize_etag(info.etag) or commit.md5)
         learned.checked.add(commit.part_number)
         counters.sent(commit.size)
+        self._moved(seg.key, commit.size)
         # The object is checked with a HEAD of its own: what the PUT's response said is not
         # proof that the object is at the key now.
         learned.object_changed()
@@ -483,19 +518,19 @@ class Driver:
                 return c
         return None
 
-    def _deep_read(self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord]) -> None:
-        """Every part's bytes at the remote as recorded, or the segment fails."""
+    def _deep_read(
+        self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord]
+    ) -> str | None:
+        """Read the object back: None if every part's bytes are as recorded, else what differs
+        (the plan decides what that means for the object)."""
         try:
             c = self._differing_part(seg, commits)
         except StorageError as exc:
             self._record_error(lease, f"deep read: {exc}")
             raise
-        if c is not None:
-            raise _Fail(
-                f"object at key {seg.key!r}: bytes [{c.start}, {c.end}) (part "
-                f"{c.part_number}) differ from the local bytes although its ETag matches; "
-                "it cannot be named exactly for removal and is left alone"
-            )
+        if c is None:
+            return None
+        return f"bytes [{c.start}, {c.end}) (part {c.part_number}) differ from the local bytes"
 
     def _remove(self, lease: Lease, seg: SegmentRecord, etag: str, learned: _Learned) -> None:
         # The lease is proven current right before the call (a guarded write), on top of the
@@ -512,8 +547,8 @@ class Driver:
         """None if the object at the key matches what the seal recorded, else what differs.
 
         One HEAD; the parts are read from the manifest (and the object read back) only when
-        ``deep`` or when the remote reports no ETag. Changes nothing: ``uploader verify``, the
-        scrub and the deletion gate use it.
+        ``deep`` or when the remote's ETag is not the expected one (none, a plain MD5, an SSE-KMS
+        string). Changes nothing: ``uploader verify``, the scrub and the deletion gate use it.
         """
         if seg.size is None or seg.expected_etag is None:
             return f"segment {seg.key!r} is {seg.state.value}: nothing sealed to compare with"
@@ -523,10 +558,10 @@ class Driver:
         if info.size != seg.size:
             return f"object {seg.key!r} has {info.size} bytes, expected {seg.size}"
         etag = normalize_etag(info.etag)
-        if etag is not None and etag != seg.expected_etag:
-            return f"object {seg.key!r} has ETag {etag}, expected {seg.expected_etag}"
-        if not deep and etag is not None:
+        if not deep and etag is not None and etag == seg.expected_etag:
             return None
+        # No ETag, or one that is not the part MD5s' (s3rver, SSE-KMS): only the bytes can
+        # tell, and a correct object is never called drifted for its ETag alone.
         c = self._differing_part(seg, self.manifest.commits(seg.id))
         if c is not None:
             return f"object {seg.key!r} bytes [{c.start}, {c.end}) differ from part {c.part_number}"
@@ -534,8 +569,14 @@ class Driver:
 
     # --- outcomes ------------------------------------------------------------------------------
 
-    def _verified_detail(self, seg: SegmentRecord) -> str:
-        how = "deep: bytes read back" if self.verify_mode == "deep" else "size and ETag"
+    def _verified_detail(self, seg: SegmentRecord, learned: _Learned) -> str:
+        if self.verify_mode == "deep":
+            how = "deep: bytes read back"
+        elif learned.deep_checked:
+            etag = learned.obj.etag if learned.obj is not None else None
+            how = f"size, and bytes read back: the remote's ETag {etag} is not the part MD5s'"
+        else:
+            how = "size and ETag"
         return (
             f"verified ({how}; every local byte re-read): {seg.size} bytes, etag "
             f"{seg.expected_etag}"
@@ -544,6 +585,10 @@ class Driver:
     def _record_error(self, lease: Lease, error: str) -> None:
         with contextlib.suppress(UploaderError):  # a lost lease: the new holder records
             self.manifest.record_error(lease, error)
+
+    def fail(self, lease: Lease, reason: str) -> DriveResult:
+        """Declare the leased segment ``failed`` with ``reason`` (recovery: stuck too long)."""
+        return self._fail(lease, self.manifest.segment_by_id(lease.segment_id), reason)
 
     def _fail(self, lease: Lease, seg: SegmentRecord, reason: str) -> DriveResult:
         try:

@@ -2,7 +2,13 @@
 
 Every error names what it is about (key, file, state) and, where there is one, what to do.
 ``exit_code`` is what the CLI returns for it: 2 for bad usage or bad input (the caller must change
-something), 1 for anything that failed or stays unverified.
+something), 1 for anything that failed or stays unverified. ``retryable`` is the one way every error
+says whether trying the same thing again later may succeed (a remote's throttling, a file that is
+unreadable right now); it is False unless the error knows otherwise.
+
+The branches say when an error can happen: :class:`UsageError` only before anything was recorded
+or sent; :class:`LocalFileError` and :class:`StateError` also in the middle of a seal or a
+recovery pass, where the manifest holds what was done up to that point.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ class UploaderError(Exception):
     """Base of every error this package raises on purpose."""
 
     exit_code: int = 1
+    retryable: bool = False
 
 
 # --- bad input: refused before anything is recorded or sent ------------------------------------
@@ -35,28 +42,43 @@ class SegmentSealedError(UsageError):
     """A commit or seal was asked of a segment that is already sealed."""
 
 
-class LocalFileError(UsageError):
-    """The local file is missing, unreadable, shorter than what was committed, or changed.
-
-    ``terminal`` says whether the bytes are provably gone or changed (the segment can never be
-    verified from them) or only unreadable right now (EACCES, EMFILE, ...: try again later).
-    """
-
-    def __init__(self, message: str, *, terminal: bool = True) -> None:
-        super().__init__(message)
-        self.terminal = terminal
-
-
 class StoreClosedError(UsageError):
     """The store was closed; open a new one."""
 
 
-class InvalidStateError(UsageError):
-    """An unknown state name or a transition the state machine does not allow."""
-
-
 class InvalidRangeError(UsageError):
     """A commit byte range that is negative, overlaps another, or leaves a gap."""
+
+
+# --- local files: before anything is recorded, or mid-seal and mid-recovery ---------------------
+
+
+class LocalFileError(UploaderError):
+    """The local file is missing, unreadable, shorter than what was committed, or changed.
+
+    ``retryable`` is False when the bytes are provably gone or changed (the segment can never be
+    verified from them) and True when they are only unreadable right now (EACCES, EMFILE, a volume
+    not yet mounted: try again later). Exit code 2: the operator has to look at the file.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+# --- states: an unknown state name, or a transition the state machine does not allow ------------
+
+
+class StateError(UploaderError):
+    """A state or transition problem; may be raised mid-seal or mid-recovery."""
+
+    exit_code = 2
+
+
+class InvalidStateError(StateError):
+    """An unknown state name or a transition the state machine does not allow."""
 
 
 # --- manifest -----------------------------------------------------------------------------------
@@ -114,8 +136,6 @@ class SegmentBusyError(ManifestError):
 class StorageError(UploaderError):
     """A remote call failed. ``retryable`` says whether trying again may succeed."""
 
-    retryable: bool = False
-
     def __init__(self, message: str, *, retryable: bool | None = None) -> None:
         super().__init__(message)
         if retryable is not None:
@@ -142,6 +162,21 @@ class AccessDeniedError(StorageError):
 
 class NoSuchUploadError(StorageError):
     """The remote does not know this upload id (never started, aborted or completed)."""
+
+
+class UnsupportedOperationError(StorageError):
+    """The remote does not implement an operation (HTTP 405 or 501): asking again cannot help.
+
+    ``op`` names the S3 operation (``ListParts``, ``ListMultipartUploads``, ...). Never retried;
+    the caller takes another way where there is one (a fresh upload instead of listing parts) or
+    says which capability is missing.
+    """
+
+    retryable = False
+
+    def __init__(self, message: str, *, op: str) -> None:
+        super().__init__(message, retryable=False)
+        self.op = op
 
 
 class ObjectExistsError(StorageError):
@@ -171,8 +206,11 @@ class PreconditionFailedError(StorageError):
         )
 
 
-class PartRuleError(UsageError):
-    """A part breaks the multipart rules (size, count, order)."""
+class PartRuleError(StorageError):
+    """A part breaks the multipart rules (size, count, order); checked before the remote call, and
+    never worth retrying as it is."""
+
+    retryable = False
 
 
 # --- verification -------------------------------------------------------------------------------

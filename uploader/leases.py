@@ -4,7 +4,8 @@ Both the writer (:class:`uploader.store.Store`) and the recovery job hold leases
 lease is *held* (renewed every third of its length, all of them in one transaction), *dropped*
 (the manifest released it already, e.g. with ``verified``) or *released* (given back now).
 A lease the heartbeat finds lost (expired or taken over) is forgotten and logged: every later
-write with it is refused by the manifest's fence anyway.
+write with it is refused by the manifest's fence anyway. A writer whose lease was lost takes it
+again when it is free (:meth:`uploader.store.Segment.lease`); the new lease has a new fence.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from uploader.manifest.db import describe
 from uploader.manifest.repo import Manifest
 from uploader.records import Lease
 
@@ -39,6 +41,14 @@ class LeaseKeeper:
         with self._lock:
             return self._leases.get(segment_id)
 
+    def forget(self, lease: Lease) -> None:
+        """Stop renewing ``lease`` (a write with it was refused: it is lost), unless another
+        lease on the same segment replaced it meanwhile."""
+        with self._lock:
+            held = self._leases.get(lease.segment_id)
+            if held is not None and held.fence == lease.fence:
+                del self._leases[lease.segment_id]
+
     def drop(self, segment_id: int) -> None:
         """Stop renewing a lease the manifest already released."""
         with self._lock:
@@ -64,7 +74,7 @@ class LeaseKeeper:
             try:
                 self.manifest.release(lease)
             except Exception as exc:  # the lease simply expires
-                log.warning("could not release the lease on %r: %s", lease.key, exc)
+                log.warning("could not release the lease on %r: %s", lease.key, describe(exc))
 
     def _beat(self) -> None:
         interval = max(0.05, self.lease_seconds / 3)
@@ -80,12 +90,15 @@ class LeaseKeeper:
         try:
             renewed, lost = self.manifest.renew_many(leases, self.lease_seconds)
         except Exception as exc:  # a transient database error: try again next beat
-            log.warning("lease renewal failed: %s", exc)
+            # One line (a database error's text carries its SQL and parameters).
+            log.warning("lease renewal failed: %s", describe(exc))
             return
         gone = []
         with self._lock:
             for lease in renewed:
-                if lease.segment_id in self._leases:
+                # Only the lease that was renewed: one re-acquired meanwhile (a new fence) stays.
+                held = self._leases.get(lease.segment_id)
+                if held is not None and held.fence == lease.fence:
                     self._leases[lease.segment_id] = lease
             for lease in lost:
                 # Released meanwhile (sealed and verified) is not lost: only ours still held.
@@ -94,5 +107,7 @@ class LeaseKeeper:
                     gone.append(lease)
         for lease in gone:
             log.error(
-                "lease on %r lost (expired or taken over); another worker finishes it", lease.key
+                "lease on %r lost (expired or taken over); writes with it are refused: a writer "
+                "takes it again once it is free, else another worker finishes the segment",
+                lease.key,
             )

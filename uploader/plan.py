@@ -17,6 +17,13 @@ Words:
   recorded for it, the size and file identity unchanged. Nothing becomes ``verified`` without it.
 * **foreign object**: an object at the key that is not the one the seal describes and that this
   segment never decided to remove. It is never deleted or overwritten: the segment fails.
+* **proven**: the object at the key is the one the seal describes. Its size and ETag equal the
+  seal's (one HEAD) -- or, where the ETag is not the MD5 of the part MD5s (s3rver gives a plain
+  MD5 for multipart objects, SSE-KMS an opaque string), its bytes were read back and every part's
+  MD5 and CRC32C equal the recorded ones. An ETag alone never makes a correct object foreign, bad
+  or due for removal.
+* **unlistable**: the remote does not implement ListParts (405/501). Nothing it holds for the
+  upload can be learned, so every part is sent again under a fresh upload.
 
 The table of the recovery module's docstring is this function, case by case.
 """
@@ -79,7 +86,9 @@ class Position:
     local_checked: bool = False
     local_here: bool = True  # this worker can read the segment's local file
     deep: bool = False
-    deep_checked: bool = False
+    deep_checked: bool = False  # the object was read back in this drive and every part is equal
+    read_back_differs: str | None = None  # ... or what differed
+    parts_listable: bool = True  # False: the remote answered ListParts "not supported"
     fresh: frozenset[int] = frozenset()  # commit ids
     inflight: frozenset[int] = frozenset()  # commit ids a writer's job is sending right now
     conditional_delete: bool | None = None  # None: not learned yet
@@ -94,6 +103,42 @@ def expected(seg: SegmentRecord) -> Expected:
 
 def _describe(obj: ObjectInfo) -> str:
     return f"{obj.size} bytes, etag {obj.etag}"
+
+
+def _judge(p: Position) -> bool | None:
+    """Whether the object learned at the key is the one the seal describes (see "proven");
+    None: only its bytes can tell (same size, an ETag that is not the expected one)."""
+    obj = p.obj
+    if obj is None or obj.size != p.seg.size or p.read_back_differs is not None:
+        return False  # the bytes read back outrank any ETag
+    if p.deep_checked or matches(obj, expected(p.seg)):
+        return True
+    return None
+
+
+def _twin(p: Position) -> Step | None:
+    """The object's ETag is the seal's and yet its bytes differ (a deep read): it cannot be
+    named apart from a good upload for removal."""
+    if (
+        p.read_back_differs is None
+        or p.obj is None
+        or p.obj.etag != normalize_etag(p.seg.expected_etag)
+    ):
+        return None
+    return Step(
+        Act.FAIL,
+        reason=f"object at key {p.seg.key!r}: {p.read_back_differs} although its ETag "
+        "matches; it cannot be named exactly for removal and is left alone",
+    )
+
+
+def _read_back(p: Position) -> Step:
+    assert p.obj is not None
+    return Step(
+        Act.DEEP_READ,
+        reason=f"the object's ETag ({p.obj.etag}) is not the one expected from the part MD5s "
+        f"({p.seg.expected_etag}); its bytes are read back and compared part by part",
+    )
 
 
 def next_step(p: Position) -> Step:
@@ -131,9 +176,21 @@ def _parts(p: Position, pending: tuple[CommitRecord, ...]) -> Step:
             if not p.object_known:
                 return Step(Act.HEAD)  # completed before the crash?
             if p.obj is not None:
-                if matches(p.obj, expected(seg)):
-                    return Step(Act.ADOPT_OBJECT, tuple(p.commits))
-                return _foreign(p.obj, seg)
+                return _found(p)
+        if not p.parts_listable:
+            if p.inflight:
+                # Their acknowledgements would land on parts reset for the fresh upload.
+                return Step(
+                    Act.BLOCK,
+                    reason="the remote cannot list the parts of upload "
+                    f"{seg.upload_id}; its parts are sent again under a fresh upload once no "
+                    "send of this segment is in flight",
+                )
+            return Step(
+                Act.RESET_UPLOAD,
+                reason=f"the remote cannot list the parts of upload {seg.upload_id} (ListParts "
+                "not supported): every part is sent again under a fresh upload",
+            )
         return Step(Act.RESET_UPLOAD, reason=f"upload {seg.upload_id} is unknown to the remote")
     if p.parts_known and p.parts is not None:
         held = tuple(c for c in pending if _held(p.parts, c))
@@ -158,13 +215,26 @@ def _held(parts: Mapping[int, PartRef], c: CommitRecord) -> bool:
     return part is not None and normalize_etag(part.etag) == c.md5
 
 
-def _foreign(obj: ObjectInfo, seg: SegmentRecord) -> Step:
+def _found(p: Position) -> Step:
+    """A sealed segment found an object at its key before publishing one: adopt it if it is
+    the seal's, read it back if only its bytes can tell, else leave it alone and fail."""
+    assert p.obj is not None
+    verdict = _judge(p)
+    if verdict is None:
+        return _read_back(p)
+    if verdict:
+        return Step(Act.ADOPT_OBJECT, tuple(p.commits))
+    return _twin(p) or _foreign(p.obj, p.seg, p.read_back_differs)
+
+
+def _foreign(obj: ObjectInfo, seg: SegmentRecord, differs: str | None = None) -> Step:
     return Step(
         Act.FAIL,
         reason=(
             f"object at key {seg.key!r} does not match the local bytes ({_describe(obj)}; the "
-            f"seal expects {seg.size} bytes, etag {seg.expected_etag}); it was not written by "
-            "this segment and is left alone"
+            f"seal expects {seg.size} bytes, etag {seg.expected_etag}"
+            f"{'; read back: ' + differs if differs else ''}); it was not written by this "
+            "segment and is left alone"
         ),
     )
 
@@ -193,8 +263,11 @@ def _sealed_put(p: Position) -> Step:
         return Step(Act.HEAD)
     if p.obj is None:
         return Step(Act.PUT, (commit,))
-    if not matches(p.obj, expected(seg)):
-        return _foreign(p.obj, seg)
+    verdict = _judge(p)
+    if verdict is None:
+        return _read_back(p)
+    if not verdict:
+        return _twin(p) or _foreign(p.obj, seg, p.read_back_differs)
     if p.deep and not p.deep_checked:
         return Step(Act.DEEP_READ)
     return _local(p, Step(Act.VERIFY_PUT, (commit,)))
@@ -207,9 +280,7 @@ def _sealed_multipart(p: Position, pending: tuple[CommitRecord, ...]) -> Step:
     if any(c.state is CommitState.PENDING for c in p.commits):
         return Step(Act.BLOCK, reason="parts are being sent by a writer's commit")
     if p.object_known and p.obj is not None:
-        if matches(p.obj, expected(seg)):
-            return Step(Act.ADOPT_OBJECT, tuple(p.commits))
-        return _foreign(p.obj, seg)
+        return _found(p)
     if p.parts_known and p.parts is None:
         if not p.object_known:
             return Step(Act.HEAD)
@@ -232,8 +303,16 @@ def _uploaded(p: Position) -> Step:
                 reason=f"the object vanished from key {seg.key!r} {p.reuploads + 1} times",
             )
         return Step(Act.REUPLOAD, reason=f"the object vanished from key {seg.key!r}")
-    if not matches(p.obj, expected(seg)):
+    verdict = _judge(p)
+    if verdict is None:
+        return _read_back(p)
+    twin = _twin(p)
+    if twin is not None:
+        return twin
+    if not verdict:
         bad = _describe(p.obj)
+        if p.read_back_differs is not None:
+            bad += f"; read back: {p.read_back_differs}"
         if p.reuploads >= p.max_reuploads:
             return Step(
                 Act.FAIL,

@@ -114,6 +114,9 @@ class Status:
     commit_bytes: dict[str, int] = field(default_factory=dict)
     unverified_bytes: int = 0
     oldest_unverified_age: float | None = None  # seconds
+    #: Seconds since the oldest segment that is sealed but not verified was sealed (open
+    #: segments left out: a quiet writer's open file is not stuck); None if there is none.
+    oldest_sealed_age: float | None = None
     failed: tuple[tuple[str, str], ...] = ()  # (key, reason)
     #: (key, reason) of objects of unknown origin found by a rebuild (never deletable).
     unknown: tuple[tuple[str, str], ...] = ()

@@ -48,18 +48,23 @@ from datetime import timedelta
 
 from uploader.driver import DEFAULT_MAX_REUPLOADS, Driver
 from uploader.errors import (
+    AccessDeniedError,
     LeaseLostError,
     LocalFileError,
     ManifestError,
+    NoSuchBucketError,
     SegmentBusyError,
     StaleStateError,
     StorageError,
+    UnsupportedOperationError,
     UploaderError,
     VerificationError,
     WorkInterruptedError,
 )
 from uploader.leases import LeaseKeeper
+from uploader.manifest import db
 from uploader.manifest.repo import Manifest
+from uploader.outage import Backoff, OutageGuard
 from uploader.records import Lease, SegmentRecord
 from uploader.stalled import find_stalled
 from uploader.states import SegmentState
@@ -68,7 +73,12 @@ from uploader.transport import Counters
 
 log = logging.getLogger("uploader.recovery")
 
-__all__ = ["DEFAULT_MAX_REUPLOADS", "Crew", "RecoveryReport", "SegmentOutcome", "SweepReport"]
+#: A segment whose recovery passes end on the same error retrying cannot cure (a call the
+#: remote does not support, a refused request) this many times in a row becomes ``failed`` with
+#: that error: `uploader status` shows it and `uploader retry` takes it up once the cause is fixed.
+DEFAULT_STUCK_PASSES = 3
+
+__all__ = ["DEFAULT_MAX_REUPLOADS", "DEFAULT_STUCK_PASSES", "Crew", "RecoveryReport", "SegmentOutcome", "SweepReport"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,12 +189,16 @@ def recover(
     max_reuploads: int = DEFAULT_MAX_REUPLOADS,
     stop: threading.Event | None = None,
     on_segment: Callable[[SegmentOutcome], None] | None = None,
+    stuck_passes: int = DEFAULT_STUCK_PASSES,
+    unreleased: list[Lease] | None = None,
 ) -> RecoveryReport:
     """One pass over the unfinished segments this worker can act on.
 
     Claims them in batches in id order (others are claimed by other workers meanwhile), drives
     each, releases it. ``limit`` bounds the number of claims; ``stop`` ends the pass after the
-    batch in hand (graceful shutdown).
+    batch in hand (graceful shutdown). A lease that could not be given back because the manifest
+    was unavailable is added to ``unreleased`` (:func:`recover_loop` gives it back once the
+    manifest answers again, instead of leaving the segment idle until the lease expires).
     """
     totals = _Totals()
     after_id = 0
@@ -207,10 +221,9 @@ def recover(
         def work(item: tuple[Lease, SegmentRecord]) -> SegmentOutcome:
             lease, seg = item
             try:
-                return _resume(crew, lease, seg, max_reuploads, totals.counters)
+                return _resume(crew, lease, seg, max_reuploads, totals.counters, stuck_passes)
             finally:
-                with contextlib.suppress(UploaderError):
-                    crew.keeper.release(seg.id)
+                _release(crew, lease, unreleased)
 
         if len(claimed) == 1:
             outcomes = [work(claimed[0])]
@@ -236,6 +249,19 @@ def recover(
     )
 
 
+def _release(crew: Crew, lease: Lease, unreleased: list[Lease] | None) -> None:
+    """Give a claimed lease back; one the manifest's outage kept is remembered in ``unreleased``
+    (the outage still ends the pass: the caller sees the error)."""
+    try:
+        crew.keeper.release(lease.segment_id)
+    except UploaderError:
+        pass  # lost meanwhile: nothing of ours to give back
+    except Exception as exc:
+        if unreleased is not None and db.is_outage(exc):
+            unreleased.append(lease)
+        raise
+
+
 def _fail_stalled(crew: Crew) -> list[SegmentOutcome]:
     """Open segments of this node whose local file vanished or shrank below the committed end,
     once their writer's lease is gone: ``failed`` with that reason (their bytes can never be
@@ -243,7 +269,7 @@ def _fail_stalled(crew: Crew) -> list[SegmentOutcome]:
     outcomes = []
     for key, why in find_stalled(crew.manifest, crew.node):
         try:
-            lease = crew.manifest.acquire(key, crew.worker, crew.lease_seconds)
+            lease = crew.manifest.acquire(key, crew.worker, crew.lease_seconds, node=crew.node)
         except (SegmentBusyError, UploaderError):
             continue
         crew.keeper.hold(lease)
@@ -261,23 +287,32 @@ def _fail_stalled(crew: Crew) -> list[SegmentOutcome]:
 
 
 def resume_key(
-    crew: Crew, key: str, *, max_reuploads: int = DEFAULT_MAX_REUPLOADS
+    crew: Crew,
+    key: str,
+    *,
+    max_reuploads: int = DEFAULT_MAX_REUPLOADS,
+    stuck_passes: int = DEFAULT_STUCK_PASSES,
 ) -> SegmentOutcome:
     """Claim one segment by key (free or expired lease, else :class:`SegmentBusyError`) and
     drive it as a recovery pass would: ``uploader ship`` of a sealed, unfinished segment and
     ``uploader retry`` use it."""
-    lease = crew.manifest.acquire(key, crew.worker, crew.lease_seconds)
+    lease = crew.manifest.acquire(key, crew.worker, crew.lease_seconds, node=crew.node)
     crew.keeper.hold(lease)
     try:
         seg = crew.manifest.segment_by_id(lease.segment_id)
-        return _resume(crew, lease, seg, max_reuploads, Counters())
+        return _resume(crew, lease, seg, max_reuploads, Counters(), stuck_passes)
     finally:
         with contextlib.suppress(UploaderError):
             crew.keeper.release(lease.segment_id)
 
 
 def _resume(
-    crew: Crew, lease: Lease, seg: SegmentRecord, max_reuploads: int, totals: Counters
+    crew: Crew,
+    lease: Lease,
+    seg: SegmentRecord,
+    max_reuploads: int,
+    totals: Counters,
+    stuck_passes: int = DEFAULT_STUCK_PASSES,
 ) -> SegmentOutcome:
     counters = Counters()
     before = seg.state.value
@@ -297,7 +332,10 @@ def _resume(
     except (StorageError, VerificationError, ManifestError, LocalFileError) as exc:
         # Recorded on the segment by the driver (attempts, last error); a later pass retries.
         detail = str(exc)
-        log.warning("segment %r stays unfinished: %s", seg.key, exc)
+        if _incurable(exc):
+            detail = _stuck(crew, lease, seg, str(exc), stuck_passes) or detail
+        else:
+            log.warning("segment %r stays unfinished: %s", seg.key, exc)
     after = crew.manifest.segment_by_id(seg.id)
     if not lost and after.fence != lease.fence:
         # Claimed by someone else meanwhile (we were paused): whatever state it reached is theirs.
@@ -321,6 +359,41 @@ def _resume(
         detail=detail,
         lost=lost,
     )
+
+
+def _incurable(exc: Exception) -> bool:
+    """An error of this segment's calls that retrying cannot cure. Credentials and a missing
+    bucket are the whole remote's configuration, not a segment's: they never fail segments."""
+    return (
+        isinstance(exc, StorageError)
+        and not exc.retryable
+        and not isinstance(exc, AccessDeniedError | NoSuchBucketError)
+    )
+
+
+def _stuck(crew: Crew, lease: Lease, seg: SegmentRecord, error: str, limit: int) -> str | None:
+    """Count this pass as one more ending on ``error``; at ``limit`` in a row, ``failed`` with it.
+    Returns the failure's reason, or None while the segment is left for another pass."""
+    try:
+        run = crew.manifest.record_stuck(lease, error)
+    except UploaderError as exc:  # lost the lease meanwhile: the new holder decides
+        log.warning("segment %r: %s", seg.key, exc)
+        return None
+    if run < limit:
+        log.warning(
+            "segment %r stays unfinished (pass %d of %d ending on this error): %s",
+            seg.key,
+            run,
+            limit,
+            error,
+        )
+        return None
+    reason = f"stuck on the same error for {run} recovery passes: {error}"
+    try:
+        crew.driver.fail(lease, reason)
+    except UploaderError:
+        return None
+    return reason
 
 
 # --- sweep ----------------------------------------------------------------------------------------
@@ -361,7 +434,16 @@ def sweep(
     cutoff = crew.manifest.clock() - timedelta(seconds=older_than)
     aborted: list[tuple[str, str]] = []
     kept_live = kept_young = 0
-    for up in crew.storage.list_uploads(prefix):
+    try:
+        uploads = crew.storage.list_uploads(prefix)
+    except UnsupportedOperationError as exc:
+        raise UnsupportedOperationError(
+            f"sweep: the remote {crew.storage.url} cannot list unfinished multipart uploads "
+            f"({exc}); orphaned uploads cannot be found from here: abort them with a lifecycle "
+            "rule on the bucket (AbortIncompleteMultipartUpload)",
+            op=exc.op,
+        ) from exc
+    for up in uploads:
         if up.upload_id in live:
             kept_live += 1
             continue
@@ -394,14 +476,41 @@ def recover_loop(
     interval: float,
     stop: threading.Event,
     on_report: Callable[[RecoveryReport], None] | None = None,
+    on_segment: Callable[[SegmentOutcome], None] | None = None,
     max_reuploads: int = DEFAULT_MAX_REUPLOADS,
+    backoff: Backoff | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> RecoveryReport:
-    """Run passes every ``interval`` seconds until ``stop`` is set; return the last report."""
+    """Run a pass every ``interval`` seconds until ``stop`` is set; return the last report.
+
+    A pass the manifest's outage cut short (:mod:`uploader.outage`) is logged and run again after
+    a bounded, jittered backoff. Claims the outage kept us from giving back are given back first
+    (a segment is not left idle until its lease expires); a later pass takes them again. Any other
+    error ends the loop.
+    """
+    guard = OutageGuard("recover", backoff=backoff, clock=clock)
     report = RecoveryReport()
+    unreleased: list[Lease] = []  # claims an outage kept us from giving back
     while not stop.is_set():
-        started = time.monotonic()
-        report = recover(crew, stop=stop, max_reuploads=max_reuploads)
+        started = clock()
+        try:
+            while unreleased:
+                # Fenced: a no-op if the lease expired and another worker took the segment.
+                crew.manifest.release(unreleased[0])
+                unreleased.pop(0)
+            report = recover(
+                crew,
+                stop=stop,
+                max_reuploads=max_reuploads,
+                on_segment=on_segment,
+                unreleased=unreleased,
+            )
+        except Exception as exc:
+            if not guard.survive(exc, stop):
+                raise
+            continue
+        guard.ok()
         if on_report is not None:
             on_report(report)
-        stop.wait(max(0.0, interval - (time.monotonic() - started)))
+        stop.wait(max(0.0, interval - (clock() - started)))
     return report

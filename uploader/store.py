@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from uploader.errors import (
     KeyConflictError,
     LeaseLostError,
     LocalFileError,
+    SegmentBusyError,
     SegmentFailedError,
     SegmentSealedError,
     StoreClosedError,
@@ -123,6 +125,7 @@ class Segment:
         self._last_recorded: threading.Event | None = None
         self._outstanding: set[Future[Any]] = set()
         self._inflight: set[int] = set()  # commit ids being sent by a job of this segment
+        self._lease_lock = threading.Lock()  # one re-acquisition at a time
 
     # --- public -----------------------------------------------------------------------------------
 
@@ -233,10 +236,65 @@ class Segment:
 
     @property
     def lease(self) -> Lease:
+        """The live lease this store holds on the segment, taken again if it was lost."""
         lease = self._store.keeper.get(self._id)
-        if lease is None:
-            raise LeaseLostError(self.key, self._lease.fence if self._lease else -1, None)
+        return lease if lease is not None else self._take_back()
+
+    def _take_back(self) -> Lease:
+        """Our lease was lost (this process was paused past it, or a recovery worker held the
+        segment meanwhile): take it again if it is free. The new lease has a new fence, so what
+        the old one still had in flight is refused (and stays ``pending`` for a later drive).
+
+        :class:`SegmentBusyError` while another live process holds it (try again later);
+        :class:`LeaseLostError` if the segment left ``open`` meanwhile (recovery finishes it).
+        """
+        store = self._store
+        with self._lease_lock:
+            lease = store.keeper.get(self._id)
+            if lease is not None:  # another job of this segment took it back first
+                return lease
+            seg = store.manifest.segment_by_id(self._id)
+            old = self._lease.fence if self._lease is not None else -1
+            if seg.state is not SegmentState.OPEN:
+                raise LeaseLostError(self.key, old, seg.fence)
+            try:
+                lease = store.manifest.acquire(
+                    self.key, store.worker, store.lease_seconds, node=store.node
+                )
+            except SegmentBusyError as exc:
+                raise SegmentBusyError(
+                    f"segment {self.key!r}: this writer's lease was lost and another process "
+                    f"holds the segment now ({exc}); the writer takes it back once it is free"
+                ) from None
+            store.keeper.hold(lease)
+            self._lease = lease
+        log.warning(
+            "segment %r: this writer's lease was lost (fence %d); taken again (fence %d)",
+            self.key,
+            old,
+            lease.fence,
+        )
         return lease
+
+    def _with_lease(self, job: Callable[[Lease], CommitResult]) -> CommitResult:
+        """Run ``job`` with the segment's lease; if its write is refused because the lease was
+        lost meanwhile, take the lease again (when free) and run it once more. The manifest
+        refused the stale write, so nothing half-done is left behind it; a segment that was
+        recorded sealed before the loss is recovery's, and the error goes to the caller."""
+        lease = self.lease
+        try:
+            return job(lease)
+        except LeaseLostError as exc:
+            self._store.keeper.forget(lease)
+            if self.state is not SegmentState.OPEN:
+                raise
+            log.warning("segment %r: %s; taking the lease again to retry", self.key, exc)
+            return job(self.lease)
+
+    def _ensure_lease(self) -> None:
+        """Before the store hands this segment out again: an open segment has a live lease."""
+        if self._store.keeper.get(self._id) is None and self.state is SegmentState.OPEN:
+            self._take_back()
 
     def _new_parts(
         self, start: int, end: int, part_size: int, number: int, *, final: bool
@@ -284,8 +342,12 @@ class Segment:
         return end
 
     def _do_commit(self, recorded: threading.Event, upto: int | None) -> CommitResult:
+        return self._with_lease(lambda lease: self._commit_with(lease, recorded, upto))
+
+    def _commit_with(
+        self, lease: Lease, recorded: threading.Event, upto: int | None
+    ) -> CommitResult:
         store = self._store
-        lease = self.lease
         # Snapshot the parts in flight *before* reading their states: a part that finishes in
         # between then shows its final state instead of looking like a failed, pending one.
         with self._lock:
@@ -364,20 +426,22 @@ class Segment:
             self._inflight.discard(commit_id)
 
     def _do_seal(self, size: int | None) -> CommitResult:
-        store = self._store
-        lease = self.lease
-        progress = store.manifest.progress(self._id)
-        seg, committed = progress.segment, progress.committed
         try:
-            end = self._valid_end(lease, seg, committed, size, "seal")
-            # A segment no bigger than a part, with nothing sent yet, goes as one atomic PUT.
-            if not committed and seg.upload_id is None and end <= seg.part_size:
-                return self._seal_single(lease, seg, end)
-            return self._seal_multipart(lease, seg, end)
+            return self._with_lease(lambda lease: self._seal_with(lease, size))
         finally:
             # Sealed: whatever happened, the writer is done with it. Releasing the lease lets a
             # recovery worker (this store's or another) claim what is unfinished right away.
-            store.keeper.release(seg.id)
+            # (Not sealed: the next seal takes the lease again.)
+            self._store.keeper.release(self._id)
+
+    def _seal_with(self, lease: Lease, size: int | None) -> CommitResult:
+        progress = self._store.manifest.progress(self._id)
+        seg, committed = progress.segment, progress.committed
+        end = self._valid_end(lease, seg, committed, size, "seal")
+        # A segment no bigger than a part, with nothing sent yet, goes as one atomic PUT.
+        if not committed and seg.upload_id is None and end <= seg.part_size:
+            return self._seal_single(lease, seg, end)
+        return self._seal_multipart(lease, seg, end)
 
     def _seal_single(self, lease: Lease, seg: SegmentRecord, size: int) -> CommitResult:
         """Read once, record the seal with the checksums of those bytes, then drive: the same
@@ -472,6 +536,11 @@ class Store:
     ) -> None:
         if concurrency < 1:
             raise UsageError(f"concurrency must be at least 1, got {concurrency}")
+        if not (isinstance(lease_seconds, int | float) and 0 < lease_seconds < math.inf):
+            raise UsageError(
+                f"lease_seconds must be a positive number of seconds (default "
+                f"{DEFAULT_LEASE_SECONDS:g}; the CLI's --lease-seconds), got {lease_seconds!r}"
+            )
         if part_size < storage.min_part_size or part_size > MAX_PART_SIZE:
             raise UsageError(
                 f"part_size {part_size} is outside [{storage.min_part_size}, {MAX_PART_SIZE}] for "
@@ -498,6 +567,17 @@ class Store:
         self._segments: dict[str, Segment] = {}
         self._state_lock = threading.Lock()
         self._closed = False
+
+    @property
+    def on_bytes(self) -> Callable[[str, int], None] | None:
+        """Progress hook: ``fn(key, nbytes)`` each time the remote acknowledges a part or an
+        object of this store's work (commits, seals, recovery), or parts already at the remote
+        are adopted; called from part threads, as it happens. Must be quick and thread-safe."""
+        return self.driver.on_bytes
+
+    @on_bytes.setter
+    def on_bytes(self, fn: Callable[[str, int], None] | None) -> None:
+        self.driver.on_bytes = fn
 
     @property
     def crew(self) -> recovery.Crew:
@@ -576,6 +656,9 @@ class Store:
                 raise KeyConflictError(
                     f"segment key {key!r} is open for {existing.path!r}, not {apath!r}"
                 )
+            # Never handed out without a live lease: taken again if it was lost and is free
+            # (SegmentBusyError while another process holds it: ask again later).
+            existing._ensure_lease()
             return existing
         record, lease = self.manifest.register_leased(
             key,
@@ -587,7 +670,8 @@ class Store:
             identity=file_identity(apath),
         )
         if lease is None and record.state is SegmentState.OPEN:
-            lease = self.manifest.acquire(key, self.worker, self.lease_seconds)
+            # A dead predecessor's lease on this node is taken at once (see uploader.holders).
+            lease = self.manifest.acquire(key, self.worker, self.lease_seconds, node=self.node)
         seg = Segment(self, record, lease)
         with self._state_lock:
             self._segments[key] = seg

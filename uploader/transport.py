@@ -105,7 +105,7 @@ def check_local(seg: SegmentRecord, commits: Sequence[CommitRecord], skip: set[i
         raise
     except OSError as exc:
         raise LocalFileError(
-            f"{path}: cannot read local file: {exc.strerror or exc}", terminal=False
+            f"{path}: cannot read local file: {exc.strerror or exc}", retryable=True
         ) from None
 
 

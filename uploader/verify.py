@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from uploader.digest import normalize_etag
 from uploader.errors import LocalFileError, SegmentBusyError, StorageError, UploaderError
+from uploader.outage import Backoff, OutageGuard
 from uploader.records import SegmentRecord
 from uploader.states import SegmentState
 from uploader.transport import check_local
@@ -116,7 +117,7 @@ def drift(crew: Crew, rec: SegmentRecord, problem: str, *, repair: bool) -> Chec
             try:
                 check_local(rec, commits, set())
             except LocalFileError as exc:
-                if exc.terminal:
+                if not exc.retryable:
                     reason = f"remote object lost and local file gone or changed: {problem}; {exc}"
                     crew.manifest.fail_segment(lease, reason)
                     return Check(rec.key, False, problem, f"failed: {reason}", "failed")
@@ -192,3 +193,37 @@ def scrub(
             if pause > 0:
                 (stop or threading.Event()).wait(pause)
     return VerifyReport(tuple(checks), deep)
+
+
+def scrub_loop(
+    crew: Crew,
+    *,
+    interval: float,
+    stop: threading.Event,
+    limit: int,
+    deep: bool = False,
+    rate: float | None = None,
+    on_check: Callable[[Check], None] | None = None,
+    on_report: Callable[[VerifyReport], None] | None = None,
+    backoff: Backoff | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> VerifyReport:
+    """Scrub passes every ``interval`` seconds until ``stop`` is set; return the last report.
+
+    A pass the manifest's outage cut short (:mod:`uploader.outage`) is logged and run again after
+    a bounded, jittered backoff; any other error ends the loop.
+    """
+    guard = OutageGuard("scrub", backoff=backoff, clock=clock)
+    report = VerifyReport(deep=deep)
+    while not stop.is_set():
+        try:
+            report = scrub(crew, limit=limit, deep=deep, rate=rate, stop=stop, on_check=on_check)
+        except Exception as exc:
+            if not guard.survive(exc, stop):
+                raise
+            continue
+        guard.ok()
+        if on_report is not None:
+            on_report(report)
+        stop.wait(interval)
+    return report

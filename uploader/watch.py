@@ -15,9 +15,12 @@ A file whose format reports a ``problem`` (a corrupt RocketMQ chain, or one that
 the broker moved on) is committed no further and neither sealed: it is reported in every tick's
 ``errors`` and :attr:`Watcher.problems` until its bytes become readable again.
 
-Everything the watcher knows is in the manifest, so a restart picks up where it stopped: sealed and
-verified files are skipped, open ones are reopened by key. Failures are logged and left ``pending``
-for the next tick or for ``uploader recover``.
+Everything the watcher knows is in the manifest, so a restart picks up where it stopped: verified
+files are skipped, open ones are reopened by key (a dead predecessor's lease on this node is taken
+at once, see :mod:`uploader.holders`), and files it sealed but did not finish are finished. Failures
+are logged and left ``pending`` for the next tick or for ``uploader recover``; a seal that failed
+while the segment is still ``open`` (its lease was lost and is held by another process, the file
+could not be read) is tried again on the next tick.
 """
 
 from __future__ import annotations
@@ -27,13 +30,16 @@ import fnmatch
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from uploader.errors import SegmentBusyError, UploaderError, UsageError
 from uploader.formats import Format, Scan, get_format
+from uploader.outage import Backoff, OutageGuard
 from uploader.records import FORMAT_PROBLEM
+from uploader.recovery import RecoveryReport
 from uploader.states import SegmentState
 from uploader.store import CommitResult, Segment, Store, UploadFuture
 
@@ -47,6 +53,10 @@ class TickReport:
     registered: list[str] = field(default_factory=list)
     committed: dict[str, int] = field(default_factory=dict)  # key -> bytes sent
     sealed: list[str] = field(default_factory=list)
+    #: Files a previous watcher sealed but did not finish, driven to verified by this tick.
+    finished: list[str] = field(default_factory=list)
+    #: Files another live process holds the lease of (tried again next tick).
+    busy: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
     problems: dict[str, str] = field(default_factory=dict)  # key -> why it cannot go further
 
@@ -121,27 +131,59 @@ class Watcher:
         self._boundary: dict[str, int] = {}
         #: Files that cannot go further (key -> the format's problem), as of the last tick.
         self.problems: dict[str, str] = {}
+        self._busy: set[str] = set()  # keys found held by another live process, until free
 
     def _segment(self, path: Path, report: TickReport) -> Segment | None:
         key = self.key_prefix + path.name
         if key in self._done:
             return None
         seg = self._segments.get(key)
-        if seg is None:
-            known = self.store.manifest.segment(key) is not None
-            try:
+        try:
+            if seg is None:
+                known = self.store.manifest.segment(key) is not None
                 seg = self.store.segment(key, path)
-            except SegmentBusyError as exc:
-                # Leased by a previous watcher that died: its lease expires, then we take over.
-                log.info("%s", exc)
-                return None
-            if not known:
-                report.registered.append(key)
-            self._segments[key] = seg
-        if seg.state is not SegmentState.OPEN:
-            self._done.add(key)
+                if not known:
+                    report.registered.append(key)
+                self._segments[key] = seg
+            else:
+                # The store hands it back with a live lease: taken again if it was lost (this
+                # process was paused past it) and is free.
+                seg = self.store.segment(key, path)
+        except SegmentBusyError as exc:
+            # Another live process holds it (a recovery worker driving its parts, a second
+            # watcher); a dead predecessor's lease on this node was taken over already. Again
+            # next tick; said once per stretch, not every tick.
+            self._report_busy(key, exc, report)
             return None
-        return seg
+        self._busy.discard(key)
+        state = seg.state
+        if state is SegmentState.OPEN:
+            return seg
+        if state in (SegmentState.SEALED, SegmentState.UPLOADED) and self._finish(key, report):
+            return None  # busy: again next tick
+        self._done.add(key)
+        return None
+
+    def _finish(self, key: str, report: TickReport) -> bool:
+        """Drive a file sealed by a previous watcher (killed before it was verified) to verified
+        now, rather than at the next recovery pass. True if another process holds it."""
+        try:
+            outcome = self.store.finish(key)
+        except SegmentBusyError as exc:
+            self._report_busy(key, exc, report)
+            return True
+        except UploaderError as exc:  # recorded on the segment; `uploader recover` retries
+            log.warning("%s: finishing its seal failed: %s", key, exc)
+            return False
+        if outcome.after == SegmentState.VERIFIED.value:
+            report.finished.append(key)
+        return False
+
+    def _report_busy(self, key: str, exc: SegmentBusyError, report: TickReport) -> None:
+        report.busy.append(key)
+        if key not in self._busy:
+            self._busy.add(key)
+            log.warning("%s; tried again every tick until it is free", exc)
 
     def _wait(
         self, key: str, what: str, fut: UploadFuture[CommitResult], report: TickReport
@@ -190,13 +232,13 @@ class Watcher:
             if self.on_problem is not None:
                 self.on_problem(key, problem)
 
-    def tick(self) -> TickReport:
-        """One pass over the directory."""
+    def tick(self, *, seal_all: bool = False) -> TickReport:
+        """One pass over the directory. ``seal_all``: see :meth:`seal_open`."""
         report = TickReport()
         files = segment_files(self.directory, self.pattern)
         # Whether a file rolled is decided before it is scanned: a broker finishes a file before
         # it writes the next, so a later file begun means this one's end is already there.
-        rolled = self._rolled(files)
+        rolled = [True] * len(files) if seal_all else self._rolled(files)
         explicit = self.format.preallocated  # only the format knows the end, not the file size
         seals: list[tuple[str, UploadFuture[CommitResult]]] = []
         commits: list[tuple[str, UploadFuture[CommitResult]]] = []
@@ -223,19 +265,71 @@ class Watcher:
         self.problems = dict(report.problems)
         for key, fut in seals:
             result = self._wait(key, "seal", fut, report)
-            self._done.add(key)  # sealed (or recorded sealed): recovery finishes it if needed
             self._boundary.pop(key, None)
             if result is not None:
+                self._done.add(key)
                 report.sealed.append(key)
                 report.committed[key] = result.sent_bytes
+            elif not self._still_open(key):
+                self._done.add(key)  # recorded sealed: recovery finishes it
+            # Still open (the seal was refused before it was recorded): sealed next tick.
         for key, fut in commits:
             result = self._wait(key, "commit", fut, report)
             if result is not None:
                 report.committed[key] = result.sent_bytes
         return report
 
-    def run(self, *, interval: float, stop: threading.Event) -> None:
-        """Tick every ``interval`` seconds until ``stop`` is set (SIGTERM/SIGINT in the CLI)."""
+    def _still_open(self, key: str) -> bool:
+        seg = self._segments.get(key)
+        try:
+            return seg is not None and seg.state is SegmentState.OPEN
+        except UploaderError:  # cannot tell now: look again next tick
+            return True
+
+    def seal_open(self) -> TickReport:
+        """One last pass for a writer that stopped: every file is sealed as if the writer had
+        rolled it, the newest (open) one included, and each seal waits until it is verified
+        (``uploader watch --seal-on-exit``). A file the writer appends to later is then a file
+        written after its seal (the deletion gate refuses it), so this is for a writer stopped
+        for good or one that starts a new file when it starts again."""
+        if self.format.preallocated:
+            raise UsageError(
+                f"the {self.format.name!r} format's newest file is preallocated and the writer "
+                "continues it when it starts again: it is sealed when the writer rolls it, not "
+                "on exit"
+            )
+        return self.tick(seal_all=True)
+
+    def run(
+        self,
+        *,
+        interval: float,
+        stop: threading.Event,
+        recover_every: float | None = None,
+        on_recovery: Callable[[RecoveryReport], None] | None = None,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Tick every ``interval`` seconds until ``stop`` is set (SIGTERM/SIGINT in the CLI).
+
+        ``recover_every``: also run a recovery pass of this store that often (it finishes seals
+        that did not, e.g. after a remote error), reported to ``on_recovery``. A manifest outage
+        (:mod:`uploader.outage`) does not end the loop: it is logged, the loop backs off and
+        ticks again; any other error ends it.
+        """
+        guard = OutageGuard("watch", backoff=backoff, clock=clock)
+        last_recovery = clock()
         while not stop.is_set():
-            self.tick()
+            try:
+                self.tick()
+                if recover_every is not None and clock() - last_recovery >= recover_every:
+                    report = self.store.recover(stop=stop)
+                    last_recovery = clock()
+                    if on_recovery is not None:
+                        on_recovery(report)
+            except Exception as exc:
+                if not guard.survive(exc, stop):
+                    raise
+                continue
+            guard.ok()
             stop.wait(interval)

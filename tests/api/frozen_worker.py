@@ -36,7 +36,7 @@ def main() -> None:
     with uploader.open(
         manifest_url,
         remote_url,
-        storage=StopBeforeDelete(inner),  # type: ignore[arg-type]
+        storage=StopBeforeDelete(inner),
         part_size=part,
         min_part_size=part,
         lease_seconds=30,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -16,9 +17,15 @@ def test_heartbeat_renews_many_leases(make_store: StoreFactory, tmp_path: Path) 
             path.write_bytes(b"x" * 10)
             segs.append(store.segment(f"hb/{i:02d}", path))
         first = {s.key: s.lease.expires for s in segs}
-        time.sleep(4.0)  # well past the original expiry: only renewals keep them
-        for s in segs:
-            assert s.lease.expires > first[s.key]
+        # Wait for the event "every lease was renewed" (a beat every third of the lease), not
+        # for time to pass: the renewals are then in the manifest, past the first expiries.
+        deadline = time.monotonic() + 30
+        while not all(s.lease.expires > first[s.key] for s in segs):
+            assert time.monotonic() < deadline, "the heartbeat renewed no lease in 30 s"
+            threading.Event().wait(0.05)
+        held = {k: e for k, _, e in store.manifest.leased_unfinished()}
+        assert set(held) == set(first)
+        assert all(held[k] > first[k] for k in first)  # recorded, not only remembered
         for s in segs:
             assert s.seal().result(timeout=60).verified
         assert store.status().segments["verified"] == 50

@@ -21,4 +21,4 @@ def test_shorter_file_message_states_the_real_size(
     message = str(info.value)
     assert f"shorter ({size} bytes)" in message, message
     assert f"[{start}, {end})" in message
-    assert info.value.terminal
+    assert not info.value.retryable

@@ -62,3 +62,24 @@ def metrics_port(proc: subprocess.Popen[str], timeout: float = 60.0) -> int:
         if not line and proc.poll() is not None:
             break
     raise AssertionError("the command never announced its metrics port")
+
+
+def wait_until_no_lease(manifest_url: str, timeout: float = 30.0) -> None:
+    """Wait for the event "every lease on an unfinished segment ran out", as the manifest judges
+    it (a dead writer's lease; the CLI in a subprocess runs on the real clock)."""
+    import threading
+    import time
+
+    from uploader.manifest.repo import Manifest
+
+    m = Manifest.open(manifest_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while leased := m.leased_unfinished():
+            until = max(e for _, _, e in leased)
+            assert time.monotonic() < deadline, f"leases still held: {leased}"
+            # Ask again just after the latest expiry the manifest reported (bounded).
+            left = (until - m.clock()).total_seconds()
+            threading.Event().wait(min(max(left, 0.01), 1.0))
+    finally:
+        m.close()

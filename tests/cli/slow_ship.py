@@ -40,8 +40,8 @@ class _Held:
 def main() -> None:
     import uploader.store as store_mod
 
-    real = store_mod.open_storage
-    store_mod.open_storage = lambda *a, **k: _Held(real(*a, **k))  # type: ignore[assignment]
+    real = store_mod.open_storage  # type: ignore[attr-defined]
+    store_mod.open_storage = lambda *a, **k: _Held(real(*a, **k))  # type: ignore[attr-defined]
     from uploader.cli import main as cli_main
 
     cli_main(sys.argv[1:])

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import random
-import time
+import re
+import subprocess
 from pathlib import Path
 
 import uploader
-from tests.cli.conftest import Run
+from tests.cli.conftest import Run, uploader_env, wait_until_no_lease
 from uploader.storage import Fault, FaultyStorage, open_storage
 
 PART = 5 * 1024 * 1024  # the CLI uses S3's real minimum part size
@@ -80,7 +81,7 @@ def test_recover_exit_codes(run: Run, home: Path, tmp_path: Path) -> None:
     assert seg.commit().exception(timeout=60) is not None
     store.abandon()
     lost.unlink()
-    time.sleep(0.5)  # the dead writer's lease expires
+    wait_until_no_lease(f"sqlite:///{home}/manifest.db")  # the dead writer's lease runs out
 
     failed = run("recover", "--json")
     assert failed.returncode == 1, failed.stdout + failed.stderr
@@ -117,11 +118,39 @@ def test_db_upgrade_and_current(run: Run, home: Path) -> None:
     assert cur.returncode == 0 and "at head" in cur.stdout
 
 
-def test_demo_exits_zero(run: Run) -> None:
-    demo = run("demo", timeout=60)
-    assert demo.returncode == 0, demo.stdout + demo.stderr
-    assert "all segments verified" in demo.stdout
-    assert "identical" in demo.stdout and "DIFFERENT" not in demo.stdout
+def _check_demo(res: subprocess.CompletedProcess[str]) -> None:
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    assert "all segments verified" in out
+    assert "identical" in out and "DIFFERENT" not in out
+    # Readable at 80 columns: no cell cut short, no line longer, no Python value in prose.
+    assert "…" not in out, out
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    assert not re.search(r"\b(True|False|None)\b", out), out
+    assert "p pending: recorded, not acknowledged" in out  # the part markers explained
+    assert re.search(r"\b00000000000008388608 \│ sealed +\│ uupp", out), out
+
+
+def test_demo_at_80_columns_and_twice_in_one_directory(
+    run: Run, home: Path, tmp_path: Path
+) -> None:
+    env = uploader_env(home, COLUMNS="80")
+    _check_demo(run("demo", env=env, timeout=120))
+
+    d = tmp_path / "demo"
+    first = run("demo", "--dir", str(d), env=env, timeout=120)
+    _check_demo(first)
+    again = run("demo", "--dir", str(d), env=env, timeout=120)
+    _check_demo(again)
+    assert "previous demo run removed from" in again.stdout
+
+    # A directory the demo did not make is never emptied.
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "precious").write_text("keep me")
+    refused = run("demo", "--dir", str(other), env=env)
+    assert refused.returncode == 2 and "not empty" in refused.stderr
+    assert [p.name for p in other.iterdir()] == ["precious"]
 
 
 def test_recover_loop_stops_cleanly_on_sigterm(home: Path, tmp_path: Path) -> None:
@@ -138,7 +167,10 @@ def test_recover_loop_stops_cleanly_on_sigterm(home: Path, tmp_path: Path) -> No
         text=True,
     )
     try:
-        time.sleep(2.0)  # a few passes with nothing to do
+        # The readiness line comes once the loop's own signal handlers are installed.
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert line.startswith("recovering every 0.2 s as worker looper"), line
         assert proc.poll() is None, "the loop must keep running"
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=30)
@@ -147,3 +179,24 @@ def test_recover_loop_stops_cleanly_on_sigterm(home: Path, tmp_path: Path) -> No
             proc.kill()
     assert proc.returncode == 0, err
     assert "SIGTERM" in err
+
+
+def test_signal_handlers_come_before_the_slow_imports() -> None:
+    """``python -m uploader.cli`` and the ``uploader`` script import the package first: it must
+    load nothing slow, so the CLI's first lines (its early SIGTERM/SIGINT handlers) run at once."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, signal\n"
+        "import uploader\n"
+        "slow = [m for m in ('sqlalchemy', 'fsspec', 's3fs', 'typer', 'rich', 'alembic') "
+        "if m in sys.modules]\n"
+        "sys.argv[0] = 'uploader'\n"
+        "import uploader.cli as cli\n"
+        "print(slow, signal.getsignal(signal.SIGTERM) is cli._early_handler)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert res.stdout.strip() == "[] True", res.stdout + res.stderr

@@ -172,9 +172,8 @@ def test_second_sigint_exits_at_once_and_the_manifest_is_consistent(
     run: Run, home: Path, tmp_path: Path
 ) -> None:
     files = [_file(tmp_path / f"{i:04d}", 3 * PART + 1, seed=i) for i in range(2)]
-    proc = _slow_ship(
-        home, *SMALL_PARTS, "--concurrency", "2", "--lease-seconds", "3", "ship", *map(str, files)
-    )
+    # The default 30 s lease: only the same node's takeover lets recover finish at once.
+    proc = _slow_ship(home, *SMALL_PARTS, "--concurrency", "2", "ship", *map(str, files))
     _read_until(proc, "in flight part", count=2)
     proc.send_signal(signal.SIGINT)
     _read_until(proc, "no new work is started")
@@ -184,17 +183,17 @@ def test_second_sigint_exits_at_once_and_the_manifest_is_consistent(
     assert "interrupted again: exiting now" in stderr
 
     assert json.loads(run("status", "--json").stdout)["segments"]["failed"] == 0
-    # The dead process's leases hold its segments until they run out: recover says so and
-    # exits 1 while work remains; once they are gone it finishes them (waiting on the event
-    # "lease expired" by asking again, bounded).
-    leased = run(*SMALL_PARTS, "recover")
+    # On another node nobody can tell that the process is gone: its leases hold its segments
+    # until they run out, and recover says so and exits 1 while work remains.
+    elsewhere = uploader_env(home, UPLOADER_NODE="elsewhere")
+    leased = run(*SMALL_PARTS, "recover", env=elsewhere)
     assert leased.returncode == 1, leased.stdout + leased.stderr
     assert re.search(r"\d unfinished, leased by [^:]+:\d+ until \d\d:\d\d:\d\d", leased.stderr)
-    for _ in range(60):
-        rec = run(*SMALL_PARTS, "recover")
-        if rec.returncode == 0:
-            break
-        assert "leased by" in rec.stderr, rec.stdout + rec.stderr
+    m = Manifest.open(f"sqlite:///{home}/manifest.db")
+    assert m.status().segments["failed"] == 0  # consistent: nothing failed by the exit
+    m.close()
+    # On its own node the holder process is gone: recover takes its leases over at once.
+    rec = run(*SMALL_PARTS, "recover")
     assert rec.returncode == 0, rec.stdout + rec.stderr
     again = run(*SMALL_PARTS, "ship", "--json", *map(str, files))
     assert again.returncode == 0, again.stderr
@@ -293,3 +292,54 @@ def test_ship_json_is_printed_when_a_file_is_refused(run: Run, tmp_path: Path) -
     assert [s["verified"] for s in data["segments"]] == [False, True]
     assert "already registered" in data["segments"][0]["error"]
     assert os.path.exists(a)
+
+
+@pytest.mark.parametrize(
+    ("url", "hint"),
+    [
+        ("postgress://postgres:pw-x7@127.0.0.1/m", "did you mean postgresql://"),
+        ("postgresql+psycopg2://postgres@127.0.0.1/m", "psycopg 3"),
+        ("sqlite3:///m.db", "did you mean sqlite:///"),
+        ("sqlite:/m.db", "three slashes"),
+        ("sqlite://m.db", "no host"),
+        ("mysql://u@db/m", "mysql:// is not a manifest database"),
+    ],
+)
+def test_misspelt_manifest_schemes_name_the_accepted_forms(
+    run: Run, home: Path, tmp_path: Path, url: str, hint: str
+) -> None:
+    commands: list[tuple[str, ...]] = [("status",)]
+    if url.startswith("postgress"):  # the commands that write, once (each run costs seconds)
+        commands += [("db", "upgrade"), ("ship", str(tmp_path / "f"))]
+    _file(tmp_path / "f", 10)
+    for args in commands:
+        res = run("--manifest", url, *args, cwd=tmp_path)
+        assert res.returncode == 2, res.stdout + res.stderr
+        line = res.stderr.strip().splitlines()[-1]
+        assert hint in line and "Traceback" not in res.stderr, line
+        assert "accepted forms: sqlite:////absolute/path.db" in line
+        assert "postgresql://user[:password]@host[:port]/database" in line
+        assert "pw-x7" not in res.stderr
+        assert list(home.iterdir()) == []  # nothing created: no remote directory, no database
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "home"]
+
+
+def test_an_unreachable_s3_endpoint_is_not_silent(run: Run, tmp_path: Path) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]  # closed when the block ends: nothing listens there
+    f = _file(tmp_path / "0001", 100)
+    options = json.dumps({"endpoint_url": f"http://127.0.0.1:{port}"})
+    res = run("--remote", "s3://bucket/p", "--storage-options", options, "ship", str(f))
+    assert res.returncode == 1, res.stdout + res.stderr
+    notices = [line for line in res.stderr.splitlines() if line.startswith("retrying ")]
+    # One line per retry: the operation, the endpoint, the attempt and the wait.
+    assert len(notices) == 4, res.stderr
+    for n, line in enumerate(notices, start=1):
+        assert re.match(
+            rf"retrying put on http://127\.0\.0\.1:{port} \(s3://bucket/p\) in \d+\.\d s "
+            rf"\(attempt {n} of 5 failed: .*connect",
+            line,
+        ), line
+    assert "not verified 0001" in res.stderr

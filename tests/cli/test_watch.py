@@ -16,12 +16,24 @@ PART = 5 * 1024 * 1024
 
 
 def _wait_for(predicate: object, timeout: float = 60.0) -> None:
+    """Poll a condition no line announces (test_scrub, test_watch_rocketmq_kill use it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():  # type: ignore[operator]
             return
         time.sleep(0.1)
     raise AssertionError("condition not reached in time")
+
+
+def _wait_line(proc: subprocess.Popen[str], text: str) -> None:
+    """Wait for the watcher to say ``text`` on stdout (e.g. that it sealed and verified a key)."""
+    assert proc.stdout is not None
+    seen = []
+    while line := proc.stdout.readline():
+        if text in line:
+            return
+        seen.append(line)
+    raise AssertionError(f"the watcher ended without saying {text!r}: {''.join(seen)}")
 
 
 def _start(home: Path, d: Path, *extra: str) -> subprocess.Popen[str]:
@@ -60,7 +72,7 @@ def test_watch_rolls_segments_and_survives_restart(run: Run, home: Path, tmp_pat
         # A new file appears: the first one is complete and gets sealed.
         append(first, 50)
         append(second, 10)
-        _wait_for(lambda: (remote / first.name).exists())
+        _wait_line(proc, f"sealed and verified commitlog/{first.name}")
         code, _out, err = _stop(proc)
     finally:
         if proc.poll() is None:
@@ -75,7 +87,7 @@ def test_watch_rolls_segments_and_survives_restart(run: Run, home: Path, tmp_pat
     append(third, 7)
     proc = _start(home, d)
     try:
-        _wait_for(lambda: (remote / second.name).exists())
+        _wait_line(proc, f"sealed and verified commitlog/{second.name}")
         code, _, err = _stop(proc)
     finally:
         if proc.poll() is None:
@@ -95,7 +107,7 @@ def test_metrics_endpoint_serves_the_series(home: Path, tmp_path: Path) -> None:
     proc = _start(home, d, "--metrics-port", "0")
     try:
         port = metrics_port(proc)
-        _wait_for(lambda: (home / "remote" / "logs" / "00000000000000000000").exists())
+        _wait_line(proc, "sealed and verified logs/00000000000000000000")
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
         text = body.decode()
         for series in (

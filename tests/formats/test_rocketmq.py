@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -32,7 +33,9 @@ def build(
 def test_constants_are_rocketmq_s() -> None:
     # CommitLog.MESSAGE_MAGIC_CODE = -626843481, MessageDecoder.MESSAGE_MAGIC_CODE_V2 = -626843477,
     # CommitLog.BLANK_MAGIC_CODE = -875286124 (Java ints).
-    as_java = lambda v: struct.unpack(">i", struct.pack(">I", v))[0]  # noqa: E731
+    def as_java(v: int) -> int:
+        return int(struct.unpack(">i", struct.pack(">I", v))[0])
+
     assert as_java(rmq.MESSAGE_MAGIC_CODE) == -626843481
     assert as_java(rmq.MESSAGE_MAGIC_CODE_V2) == -626843477
     assert as_java(rmq.BLANK_MAGIC_CODE) == -875286124
@@ -190,13 +193,13 @@ def test_reads_in_windows_not_the_whole_file(
     """A big record is read whole; otherwise no read is bigger than the window."""
     monkeypatch.setattr(rmq, "WINDOW", 1024)
     reads: list[int] = []
-    real = rmq.os.pread
+    real = os.pread
 
     def pread(fd: int, n: int, pos: int) -> bytes:
         reads.append(n)
         return real(fd, n, pos)
 
-    monkeypatch.setattr(rmq.os, "pread", pread)
+    monkeypatch.setattr(os, "pread", pread)
     small = [encode_message(b"s" * 50) for _ in range(30)]
     big = encode_message(b"B" * 5000)
     size = 64 * 1024

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from uploader.errors import InvalidStateError, UsageError
+from uploader.errors import InvalidStateError, StateError, UsageError
 from uploader.manifest.models import (
     COMMIT_STATES_SQL,
     SEGMENT_STATES_SQL,
@@ -216,9 +216,11 @@ def test_parse_accepts_exactly_the_state_names(name: str) -> None:
             assert repr(name) in str(info.value)
 
 
-def test_invalid_state_is_a_usage_error() -> None:
-    """Bad state names are the caller's mistake: the CLI exits 2 for them."""
-    assert issubclass(InvalidStateError, UsageError)
+def test_invalid_state_is_a_state_error_not_a_usage_error() -> None:
+    """A state error can be raised mid-recovery, so it is not a UsageError (whose promise is that
+    nothing was recorded or sent); the CLI still exits 2 for it (someone has to look)."""
+    assert issubclass(InvalidStateError, StateError)
+    assert not issubclass(InvalidStateError, UsageError)
     assert InvalidStateError("x").exit_code == 2
 
 

@@ -550,10 +550,12 @@ class UploaderModel(RuleBasedStateMachine):
                 exc = refused
             if key in failing:
                 assert exc is not None and failing[key] in str(exc), (key, exc)
-        done = lambda: all(  # noqa: E731
-            (s is SegmentState.FAILED) == (k in failing) and s in END
-            for k, s in self._states().items()
-        )
+        def done() -> bool:
+            return all(
+                (s is SegmentState.FAILED) == (k in failing) and s in END
+                for k, s in self._states().items()
+            )
+
         for _ in range(5):
             report = self.store.recover()
             self._check_failed(report)

@@ -24,6 +24,7 @@ from tests.api.conftest import PART, migrate, remote_bytes
 from uploader.manifest.repo import Manifest
 from uploader.manifest.rowmap import EVENTS as E
 from uploader.manifest.rowmap import SEGMENTS as S
+from uploader.states import SegmentState
 from uploader.storage import Fault, FaultyStorage, open_storage
 
 # A worker: recovery passes until every segment is verified (or 90 s), then one JSON line.
@@ -131,7 +132,12 @@ def test_three_workers_one_frozen_past_its_lease(
             taken = seg.fence > held[1]
             time.sleep(0.1)
         assert taken, "nobody took over the frozen worker's segment"
-        time.sleep(1.0)
+        # Wake it only once the new holder verified the segment (an event, not a pause): its
+        # stale writes would then land on a finished segment, the case that matters most.
+        deadline = time.monotonic() + 60
+        while m.segment_by_id(held[0]).state is not SegmentState.VERIFIED:
+            assert time.monotonic() < deadline, "the taken-over segment was never verified"
+            time.sleep(0.05)
         procs["frozen"].send_signal(signal.SIGCONT)
 
         results = {}

@@ -1,4 +1,5 @@
-"""The storage contract, run unchanged against S3 (moto over HTTP), file:// and memory://."""
+"""The storage contract, run unchanged against S3 (moto over HTTP, and Ceph RGW), file:// and
+memory://."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ from typing import Any
 import pytest
 
 from tests.api.conftest import remote_bytes, visible_keys
-from tests.conftest import TEST_MIN_PART_SIZE
+from tests.conftest import REMOTES_WITH_RGW, TEST_MIN_PART_SIZE, make_remote
 from tests.storage.conftest import payload
 from uploader.digest import multipart_etag
 from uploader.errors import NoSuchUploadError, ObjectExistsError, PartRuleError
 from uploader.storage import Expected, PartRef, Storage
 
 PART = TEST_MIN_PART_SIZE
+
+
+@pytest.fixture(params=REMOTES_WITH_RGW)
+def remote(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
+    """Every backend, Ceph RGW included: a real S3 implementation that answers differently."""
+    return make_remote(request, request.param, tmp_path)
 
 
 def _parts(n: int, last: int = 100, seed: int = 0) -> list[bytes]:

@@ -71,13 +71,14 @@ def test_unknown_or_malformed_remote_urls() -> None:
 def _client_error(code: str, status: int, message: str = "") -> Exception:
     from botocore.exceptions import ClientError
 
-    return ClientError(
+    error: Exception = ClientError(
         {
             "Error": {"Code": code, "Message": message},
             "ResponseMetadata": {"HTTPStatusCode": status},
         },
         "PutObject",
     )
+    return error
 
 
 def test_wrong_credentials_never_leak_the_secret() -> None:

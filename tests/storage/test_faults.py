@@ -82,7 +82,7 @@ def test_schedule_and_seeded_faults() -> None:
         def __getattr__(self, name: str) -> Any:
             return lambda *a, **k: None
 
-    f = FaultyStorage(Null(), [Fault(op="head", after_calls=2, times=2)])  # type: ignore[arg-type]
+    f = FaultyStorage(Null(), [Fault(op="head", after_calls=2, times=2)])
     outcomes = []
     for _ in range(6):
         try:
@@ -93,7 +93,7 @@ def test_schedule_and_seeded_faults() -> None:
     assert outcomes == ["ok", "ok", "fail", "fail", "ok", "ok"]
 
     def run(seed: int) -> list[str]:
-        g = FaultyStorage(Null(), seed=seed, rate=0.5)  # type: ignore[arg-type]
+        g = FaultyStorage(Null(), seed=seed, rate=0.5)
         out = []
         for _ in range(40):
             try:
@@ -158,7 +158,11 @@ def test_delay_fault_slows_the_call(storage: Storage) -> None:
     assert time.monotonic() - started >= 0.2
     done = threading.Event()
     faulty.add(Fault(op="head", kind="hang", times=1))
-    t = threading.Thread(target=lambda: (faulty.head("x"), done.set()))
+    def head_then_done() -> None:
+        faulty.head("x")
+        done.set()
+
+    t = threading.Thread(target=head_then_done)
     t.start()
     assert not done.wait(0.2)
     faulty.release()

@@ -4,21 +4,38 @@
   row must survive power loss: intent before action), and ``BEGIN IMMEDIATE`` for every write
   transaction so that a read-then-write (a claim) is exclusive across processes; reads are
   deferred transactions (WAL snapshots: no lock). The file is created or upgraded to head on open.
+  The busy timeout is 30 s; ``?timeout=SECONDS`` in the URL sets another.
 * PostgreSQL (several processes or hosts): a database behind head raises
   :class:`SchemaBehindError` naming ``uploader db upgrade``; we never migrate a shared server
-  database behind an operator's back.
+  database behind an operator's back. Pooled connections are pinged before use (a connection the
+  server dropped is replaced, not handed out) and a connect gives up after 10 s (the URL's own
+  ``connect_timeout`` wins).
+
+:func:`is_outage` tells a manifest outage (a lost connection, a server restarting, a busy SQLite
+file: the daemons back off and retry) from a configuration error (a wrong URL, role or database:
+they exit).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+import sqlite3
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InterfaceError,
+    NoSuchModuleError,
+    OperationalError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from uploader.errors import (
     ManifestUnreachableError,
@@ -31,11 +48,14 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: Seconds a PostgreSQL connect may take (a server that does not answer at all, not one that
+#: refuses: that fails at once); without it a daemon could hang in a connect for minutes.
+PG_CONNECT_TIMEOUT = 10
 
 #: The newest migration. Opening a manifest already at this revision needs no Alembic at all
 #: (it costs ~12 MiB and a tenth of a second to import); tests/manifest/test_migrations.py checks
 #: that this is the migration scripts' single head, so the two cannot drift.
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 
 
 def redact(url: str | URL) -> str:
@@ -46,17 +66,68 @@ def redact(url: str | URL) -> str:
         return "<unparseable manifest URL>"
 
 
+#: The manifest URL forms accepted, as named in every error about a manifest URL.
+ACCEPTED_FORMS = (
+    "sqlite:////absolute/path.db, sqlite:///relative/path.db, or "
+    "postgresql://user[:password]@host[:port]/database (psycopg 3)"
+)
+
+#: Driver names (the URL's scheme) of the two databases we support and the drivers we ship.
+_DRIVERS = {
+    "sqlite": "sqlite",
+    "sqlite+pysqlite": "sqlite+pysqlite",
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+    "postgresql+psycopg": "postgresql+psycopg",
+}
+
+
+def _scheme_hint(scheme: str) -> str:
+    """`` (did you mean X?)`` for a misspelt scheme (postgress, postgresql+psycopg2, sqlite3)."""
+    import difflib
+
+    base = scheme.split("+", 1)[0]
+    if base in ("postgresql", "postgres"):
+        return " (did you mean postgresql://? the uploader ships the psycopg 3 driver)"
+    close = difflib.get_close_matches(base, ["postgresql", "postgres", "sqlite"], n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {'postgresql://' if close[0] != 'sqlite' else 'sqlite:///'}?)"
+    return ""
+
+
 def parse_url(url: str | URL) -> URL:
+    """The manifest URL, parsed; UsageError (naming the accepted forms, never a password) when it
+    is malformed or names a database or driver the uploader does not ship."""
+    text = url if isinstance(url, str) else None
+    if text is not None and re.match(r"(?i)sqlite(\+\w+)?:(?!//)", text):
+        # sqlite:/x or sqlite:x: SQLAlchemy's message would not say that three slashes are needed.
+        raise UsageError(
+            f"manifest URL {text!r} is not a SQLite URL (it needs three slashes before a relative "
+            f"path, four before an absolute one); accepted forms: {ACCEPTED_FORMS}"
+        )
     try:
         parsed = make_url(url)
     except ArgumentError:
         raise UsageError(
             f"manifest URL {url if isinstance(url, URL) else '<given>'!s} is not a SQLAlchemy URL; "
-            "use e.g. sqlite:///uploader.db or postgresql+psycopg://user@host/db"
+            f"accepted forms: {ACCEPTED_FORMS}"
         ) from None
-    if parsed.drivername in ("postgresql", "postgres"):
+    driver = _DRIVERS.get(parsed.drivername.lower())
+    if driver is None:
+        raise UsageError(
+            f"manifest {redact(parsed)}: {parsed.drivername}:// is not a manifest database this "
+            f"uploader supports{_scheme_hint(parsed.drivername.lower())}; accepted forms: "
+            f"{ACCEPTED_FORMS}"
+        )
+    if driver == "sqlite" and parsed.host:
+        # sqlite://relative.db: the file name parsed as a host; SQLAlchemy would refuse it later.
+        raise UsageError(
+            f"manifest {redact(parsed)}: a SQLite URL has no host ({parsed.host!r}); accepted "
+            f"forms: {ACCEPTED_FORMS}"
+        )
+    if driver != parsed.drivername:
         # psycopg 3 is the driver we ship; SQLAlchemy would default to psycopg2.
-        parsed = parsed.set(drivername="postgresql+psycopg")
+        parsed = parsed.set(drivername=driver)
     return parsed
 
 
@@ -64,11 +135,30 @@ def is_embedded(url: URL) -> bool:
     return url.get_backend_name() == "sqlite"
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_busy_timeout_ms(url: URL) -> int:
+    """The busy timeout of an SQLite URL: ``?timeout=SECONDS`` (SQLAlchemy's own parameter for
+    pysqlite), else :data:`SQLITE_BUSY_TIMEOUT_MS`."""
+    raw = url.query.get("timeout")
+    if raw is None:
+        return SQLITE_BUSY_TIMEOUT_MS
+    value = raw[-1] if isinstance(raw, tuple) else raw
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also refuses NaN
+        raise UsageError(
+            f"manifest {redact(url)}: timeout={value!r} is not a number of seconds; use e.g. "
+            "?timeout=30 (how long a write waits for another process's lock)"
+        )
+    return int(seconds * 1000)
+
+
+def _sqlite_pragmas(busy_timeout_ms: int, dbapi_conn: Any, _record: Any) -> None:
     # The driver must not open transactions on its own: we issue BEGIN IMMEDIATE ourselves.
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
-    cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     cur.execute("PRAGMA journal_mode = WAL")
     cur.execute("PRAGMA synchronous = FULL")
     cur.execute("PRAGMA foreign_keys = ON")
@@ -103,17 +193,29 @@ def create_manifest_engine(url: str | URL) -> Engine:
             # No rollback when a connection goes back to the pool: the driver runs in autocommit
             # mode (every transaction is our own BEGIN IMMEDIATE ... COMMIT/ROLLBACK), so a
             # returned connection never holds one open, and the reset would be a wasted call.
+            busy_ms = _sqlite_busy_timeout_ms(parsed)
             engine = create_engine(
                 parsed,
-                connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+                connect_args={"timeout": busy_ms / 1000},
                 pool_reset_on_return=None,
             )
-            event.listen(engine, "connect", _sqlite_pragmas)
+            event.listen(engine, "connect", functools.partial(_sqlite_pragmas, busy_ms))
             event.listen(engine, "begin", _sqlite_begin)
         else:
-            engine = create_engine(parsed, pool_pre_ping=True)
+            # pool_pre_ping: a pooled connection the server dropped (a restart, an idle timeout,
+            # pg_terminate_backend) is replaced at checkout instead of failing the next statement;
+            # a connection found dead mid-statement invalidates the whole pool (SQLAlchemy).
+            connect_args: dict[str, Any] = {}
+            if "connect_timeout" not in parsed.query:
+                connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT
+            engine = create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
     except (NoSuchModuleError, ImportError) as exc:
         raise UsageError(f"manifest {redact(parsed)}: no database driver for it ({exc})") from None
+    except ArgumentError as exc:  # a form parse_url let through; SQLAlchemy's words, one line
+        raise UsageError(
+            f"manifest {redact(parsed)}: {' '.join(str(exc).split())}; accepted forms: "
+            f"{ACCEPTED_FORMS}"
+        ) from None
     return engine
 
 
@@ -241,3 +343,68 @@ def upgrade_command(url: str | URL) -> str:
 def default_manifest_url() -> str:
     data = os.environ.get("UPLOADER_HOME") or os.path.join(os.getcwd(), ".uploader")
     return f"sqlite:///{os.path.join(data, 'manifest.db')}"
+
+
+# --- outages ------------------------------------------------------------------------------------
+
+#: SQLite's primary result codes for "another connection holds the lock" (the busy timeout ran
+#: out): SQLITE_BUSY, SQLITE_LOCKED.
+_SQLITE_TRANSIENT = {5, 6}
+#: SQLSTATE classes and codes that pass: connection exceptions (08), operator intervention
+#: (57: admin or crash shutdown, cannot connect now; not 57P04, database dropped), insufficient
+#: resources (53: too many connections, ...), serialization failure and deadlock (40001, 40P01),
+#: lock not available (55P03).
+_PG_TRANSIENT_CLASSES = {"08", "53"}
+_PG_TRANSIENT_CODES = {"57P01", "57P02", "57P03", "57014", "40001", "40P01", "55P03"}
+#: A connect refused for a reason that will not pass by waiting: the URL names a role or a
+#: database that does not exist, or credentials that are refused.
+_PG_CONFIG_MESSAGES = (
+    "does not exist",
+    "authentication failed",
+    "pg_hba.conf",
+    "no password supplied",
+    "permission denied",
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` is a manifest outage that passes by waiting: a connection lost or refused
+    (a server restarting, pg_terminate_backend, a network cut), a server shutting down or starting
+    up, an SQLite file locked by another process past the busy timeout.
+
+    False for everything else, notably configuration errors: a role or database that does not
+    exist, refused credentials, and our own typed errors (a bad URL, a schema behind head), which
+    are never DBAPI errors.
+    """
+    if isinstance(exc, PoolTimeoutError):  # every pooled connection stuck in an outage
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:  # SQLAlchemy saw the connection die (is_disconnect)
+        return True
+    orig = exc.orig
+    if isinstance(orig, sqlite3.Error):
+        code = getattr(orig, "sqlite_errorcode", None)
+        if code is not None:
+            return (code & 0xFF) in _SQLITE_TRANSIENT
+        text_ = str(orig).lower()
+        return "locked" in text_ or "busy" in text_
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate:
+        return sqlstate[:2] in _PG_TRANSIENT_CLASSES or sqlstate in _PG_TRANSIENT_CODES
+    if isinstance(exc, InterfaceError):  # a connection the driver already knows is closed
+        return True
+    if isinstance(exc, OperationalError):
+        # No SQLSTATE: libpq failed to connect or lost the connection (refused, reset, closed
+        # unexpectedly, timeout). Refused for a reason of configuration: not an outage.
+        message = str(orig).lower()
+        return not any(m in message for m in _PG_CONFIG_MESSAGES)
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    """One line about a database error: the driver's first line, without SQL or parameters."""
+    orig = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    lines = str(orig).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    return f"{type(orig).__name__}: {first}" if first else type(orig).__name__

@@ -18,6 +18,7 @@ from uploader.errors import (
 )
 from uploader.keys import validate_key
 from uploader.manifest.guard import Audit, Tx
+from uploader.manifest.leases import holder_values
 from uploader.manifest.queries import Queries
 from uploader.manifest.rowmap import COMMITS, commit_record, new_commit_values, segment_record
 from uploader.records import CommitRecord, Lease, NewCommit, SegmentRecord
@@ -77,6 +78,7 @@ class Intents(Queries):
                 fence=fence,
                 lease_owner=None if lease_ttl is None else worker,
                 lease_expires=None if lease_ttl is None else self._lease_until(lease_ttl),
+                **holder_values(None if lease_ttl is None else node),
                 attempts=0,
                 created_at=tx.now,
                 updated_at=tx.now,

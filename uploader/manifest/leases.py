@@ -1,12 +1,16 @@
-"""Leases: acquire, claim (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), renew, release."""
+"""Leases: acquire, claim (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), renew, release; the
+lease holder as a process (same-node fast takeover of a dead holder's lease)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import and_, exists, or_, select, text, update
 
+from uploader import holders
 from uploader.errors import SegmentBusyError, UsageError
 from uploader.manifest.core import DEFAULT_LEASE_SECONDS, ManifestCore
 from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL
@@ -14,17 +18,83 @@ from uploader.manifest.rowmap import COMMITS, RARE_UNFINISHED, SEGMENTS, segment
 from uploader.records import Lease, SegmentRecord
 from uploader.states import CommitState, SegmentState
 
+log = logging.getLogger("uploader")
+
+#: What a takeover looks at: the lease and its holder process.
+HOLDER_COLUMNS = (
+    SEGMENTS.c.id,
+    SEGMENTS.c.key,
+    SEGMENTS.c.fence,
+    SEGMENTS.c.lease_owner,
+    SEGMENTS.c.lease_node,
+    SEGMENTS.c.lease_pid,
+    SEGMENTS.c.lease_started,
+    SEGMENTS.c.lease_pid_space,
+)
+#: What :meth:`Leases.acquire` returns a lease from.
+_LEASE_COLUMNS = (
+    SEGMENTS.c.id,
+    SEGMENTS.c.fence,
+    SEGMENTS.c.lease_owner,
+    SEGMENTS.c.lease_expires,
+)
+
+
+def holder_values(node: str | None) -> dict[str, Any]:
+    """The columns naming this process as a lease's holder on ``node`` (NULL when the caller
+    names no node, or the process cannot be identified: then only expiry frees the lease)."""
+    me = holders.this_process() if node is not None else None
+    return {
+        "lease_node": None if me is None else node,
+        "lease_pid": None if me is None else me.pid,
+        "lease_started": None if me is None else me.started,
+        "lease_pid_space": None if me is None else me.space,
+    }
+
+
+def holder_gone(row: Any, node: str) -> bool:
+    """Is the live lease of ``row`` held by a process on ``node`` that is certainly gone?"""
+    return row.lease_node == node and holders.gone(
+        row.lease_pid, row.lease_started, row.lease_pid_space
+    )
+
+
+def log_takeover(key: str, held: Any, owner: str) -> None:
+    log.info(
+        "segment %r: its lease holder %s (pid %s on %s) is gone; %s takes the lease over now "
+        "instead of waiting for it to expire",
+        key,
+        held.lease_owner,
+        held.lease_pid,
+        held.lease_node,
+        owner,
+    )
+
 
 class Leases(ManifestCore):
     """Taking, keeping and giving back leases; every claim increments the fence."""
 
-    def acquire(self, key: str, owner: str, ttl: float = DEFAULT_LEASE_SECONDS) -> Lease:
-        """Take the lease on ``key``: free, expired, or already ours. Increments the fence."""
+    def acquire(
+        self, key: str, owner: str, ttl: float = DEFAULT_LEASE_SECONDS, *, node: str | None = None
+    ) -> Lease:
+        """Take the lease on ``key``: free, expired, or already ours. Increments the fence.
+
+        With ``node`` (the caller's node), the lease records this process as its holder, and a
+        live lease whose holder process on this node is gone (:func:`uploader.holders.gone`) is
+        taken at once instead of after it expires (logged at INFO).
+        """
         now = self.clock()
         lease_now = self._lease_now()
-        expires = self._lease_until(ttl)
+        values = {
+            "fence": SEGMENTS.c.fence + 1,
+            "lease_owner": owner,
+            "lease_expires": self._lease_until(ttl),
+            "updated_at": now,
+            **holder_values(node),
+        }
+        taken_from = None
         with self._begin() as conn:
-            res = conn.execute(
+            taken = conn.execute(
                 update(SEGMENTS)
                 .where(
                     SEGMENTS.c.key == key,
@@ -34,28 +104,32 @@ class Leases(ManifestCore):
                         SEGMENTS.c.lease_owner == owner,
                     ),
                 )
-                .values(
-                    fence=SEGMENTS.c.fence + 1,
-                    lease_owner=owner,
-                    lease_expires=expires,
-                    updated_at=now,
-                )
-            )
-            row = conn.execute(
-                select(
-                    SEGMENTS.c.id,
-                    SEGMENTS.c.fence,
-                    SEGMENTS.c.lease_owner,
-                    SEGMENTS.c.lease_expires,
-                ).where(SEGMENTS.c.key == key)
+                .values(**values)
+                .returning(*_LEASE_COLUMNS)
             ).first()
+            if taken is None and node is not None:
+                held = conn.execute(select(*HOLDER_COLUMNS).where(SEGMENTS.c.key == key)).first()
+                if held is not None and holder_gone(held, node):
+                    # Compare-and-set on the fence: only the dead holder's lease is taken.
+                    taken = conn.execute(
+                        update(SEGMENTS)
+                        .where(SEGMENTS.c.id == held.id, SEGMENTS.c.fence == held.fence)
+                        .values(**values)
+                        .returning(*_LEASE_COLUMNS)
+                    ).first()
+                    taken_from = held if taken is not None else None
+            row = (
+                taken or conn.execute(select(*_LEASE_COLUMNS).where(SEGMENTS.c.key == key)).first()
+            )
         if row is None:
             raise UsageError(f"segment {key!r} is not registered")
-        if res.rowcount != 1:
+        if taken is None:
             raise SegmentBusyError(
                 f"segment {key!r} is leased by {row.lease_owner} until {row.lease_expires:%Y-%m-%d %H:%M:%S} UTC; "
                 "wait for it to finish or for the lease to expire"
             )
+        if taken_from is not None:
+            log_takeover(key, taken_from, owner)
         return Lease(
             segment_id=row.id, key=key, owner=owner, fence=row.fence, expires=row.lease_expires
         )
@@ -92,6 +166,7 @@ class Leases(ManifestCore):
         if limit < 1:
             return []
         now = self.clock()
+        dead = self._dead_holders(node, after_id)
         pending = exists().where(
             COMMITS.c.segment_id == SEGMENTS.c.id, COMMITS.c.state == CommitState.PENDING.value
         )
@@ -100,7 +175,12 @@ class Leases(ManifestCore):
             .where(
                 text(UNFINISHED_SEGMENTS_SQL),  # the partial index's own predicate
                 SEGMENTS.c.id > after_id,
-                or_(SEGMENTS.c.lease_owner.is_(None), SEGMENTS.c.lease_expires < self._lease_now()),
+                or_(
+                    SEGMENTS.c.lease_owner.is_(None),
+                    SEGMENTS.c.lease_expires < self._lease_now(),
+                    # Live leases whose holder process on this node is gone (same fence).
+                    *(and_(SEGMENTS.c.id == d.id, SEGMENTS.c.fence == d.fence) for d in dead),
+                ),
                 # Another node's segment only to complete it (all parts uploaded): verifying
                 # reads every local byte again, which only a worker on its node can.
                 or_(
@@ -127,10 +207,15 @@ class Leases(ManifestCore):
                     lease_owner=owner,
                     lease_expires=expires,
                     updated_at=now,
+                    **holder_values(node),
                 )
                 .returning(*SEGMENTS.c)
             ).all()
         segs = sorted((segment_record(r) for r in rows), key=lambda seg: seg.id)
+        claimed_ids = {seg.id for seg in segs}
+        for d in dead:
+            if d.id in claimed_ids:
+                log_takeover(d.key, d, owner)
         return [
             (
                 Lease(
@@ -144,6 +229,24 @@ class Leases(ManifestCore):
             )
             for seg in segs
         ]
+
+    def _dead_holders(self, node: str, after_id: int) -> list[Any]:
+        """Unfinished segments (ids > ``after_id``) under a live lease whose holder process on
+        ``node`` is gone. Few rows: what this node's processes hold right now."""
+        if holders.this_process() is None:
+            return []
+        q = select(*HOLDER_COLUMNS).where(
+            text(UNFINISHED_SEGMENTS_SQL),
+            SEGMENTS.c.id > after_id,
+            SEGMENTS.c.lease_node == node,
+            SEGMENTS.c.lease_owner.is_not(None),
+            SEGMENTS.c.lease_expires >= self._lease_now(),
+        )
+        if not self.is_postgres:
+            q = q.where(RARE_UNFINISHED)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        return [r for r in rows if holder_gone(r, node)]
 
     def renew(self, lease: Lease, ttl: float = DEFAULT_LEASE_SECONDS) -> Lease:
         """Extend a lease we still hold; LeaseLostError if it expired or was taken over."""

@@ -83,6 +83,13 @@ class SegmentRow(Base):
     fence: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires: Mapped[datetime | None] = mapped_column(DateTime())
+    #: The lease holder as a process (see :mod:`uploader.holders`): its node, pid, start time
+    #: (clock ticks after boot) and pid space (boot id and pid namespace). A worker on the same
+    #: node and pid space that finds the process gone takes the lease at once (0005).
+    lease_node: Mapped[str | None] = mapped_column(String(255))
+    lease_pid: Mapped[int | None] = mapped_column(Integer)
+    lease_started: Mapped[int | None] = mapped_column(BigInteger)
+    lease_pid_space: Mapped[str | None] = mapped_column(String(128))
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
     last_error: Mapped[str | None] = mapped_column(Text)
     reason: Mapped[str | None] = mapped_column(Text)

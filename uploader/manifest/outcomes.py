@@ -12,9 +12,13 @@ from sqlalchemy import select, update
 from uploader.errors import StaleStateError
 from uploader.manifest.core import ManifestCore
 from uploader.manifest.guard import Audit, Tx, check_acknowledged, clip
-from uploader.manifest.rowmap import COMMITS, SEGMENTS
+from uploader.manifest.rowmap import COMMITS, EVENTS, SEGMENTS
 from uploader.records import CommitRecord, Lease
 from uploader.states import CommitState, SegmentState, check_commit_transition
+
+#: The detail of the audit event a pass that ended on a non-retryable error leaves (see
+#: :meth:`Outcomes.record_stuck`).
+STUCK_PREFIX = "stuck: "
 
 
 class Outcomes(ManifestCore):
@@ -49,13 +53,22 @@ class Outcomes(ManifestCore):
             self._put_part(tx, lease, commit, CommitState.UPLOADED, etag)
 
     def put_verified(
-        self, lease: Lease, commit: CommitRecord, etag: str, detail: str, *, release: bool = False
+        self,
+        lease: Lease,
+        commit: CommitRecord,
+        etag: str,
+        detail: str,
+        *,
+        release: bool = False,
+        object_etag: str | None = None,
     ) -> None:
         """A single PUT acknowledged *and* its object checked: ``put_done`` then
-        ``segment_verified`` in one transaction (both facts are known when it starts)."""
+        ``segment_verified`` in one transaction (both facts are known when it starts).
+        ``object_etag``: what the remote reports for the object when it is not the part's MD5
+        (SSE-KMS; the bytes were read back)."""
         check_acknowledged(lease, commit, etag)
         with self._write() as tx:
-            values = self._verified(tx, release, object_etag=etag, upload_id=None)
+            values = self._verified(tx, release, object_etag=object_etag or etag, upload_id=None)
             # sealed -> uploaded -> verified in one guarded update (both steps are proven when
             # the transaction starts); the audit trail still shows each step.
             tx.move_segment(
@@ -113,6 +126,30 @@ class Outcomes(ManifestCore):
         """A failed attempt on the segment (complete, verify): attempts and last error."""
         with self._write() as tx:
             tx.guard(lease, attempts=SEGMENTS.c.attempts + 1, last_error=clip(error))
+
+    def record_stuck(self, lease: Lease, error: str) -> int:
+        """A pass ended on an error retrying cannot cure: recorded like :meth:`record_error`, plus
+        an audit event (state unchanged, detail ``stuck: <error>``). Returns how many passes in a
+        row ended on this same error: the trailing run of such events, counted from the trail
+        (a transition of the segment, or another error, ends the run)."""
+        detail = clip(f"{STUCK_PREFIX}{error}")
+        with self._write() as tx:
+            row = tx.guard(lease, attempts=SEGMENTS.c.attempts + 1, last_error=clip(error))
+            # The trail before this pass's event (written when the transaction ends): 63 rows
+            # and this one make the 64 the run is counted over.
+            trail = tx.conn.execute(
+                select(EVENTS.c.from_state, EVENTS.c.to_state, EVENTS.c.detail)
+                .where(EVENTS.c.segment_id == lease.segment_id, EVENTS.c.commit_id.is_(None))
+                .order_by(EVENTS.c.id.desc())
+                .limit(63)
+            ).all()
+            tx.audit.append(Audit.by(lease, row.state, row.state, detail=detail))
+        run = 1
+        for event in trail:
+            if event.from_state != event.to_state or event.detail != detail:
+                break
+            run += 1
+        return run
 
     def segment_verified(self, lease: Lease, detail: str, *, release: bool = False) -> None:
         """``uploaded -> verified`` for the segment and every one of its commits, in one transaction.

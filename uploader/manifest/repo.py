@@ -41,12 +41,20 @@ from uploader.manifest import db
 from uploader.manifest.core import DEFAULT_LEASE_SECONDS, default_node, default_worker, utcnow
 from uploader.manifest.intents import Intents
 from uploader.manifest.leases import Leases
+from uploader.manifest.outcomes import STUCK_PREFIX
 from uploader.manifest.rebuilds import Rebuilds
 from uploader.manifest.resets import Resets
 from uploader.manifest.status import Overview
 from uploader.manifest.transitions import Transitions
 
-__all__ = ["DEFAULT_LEASE_SECONDS", "Manifest", "default_node", "default_worker", "utcnow"]
+__all__ = [
+    "DEFAULT_LEASE_SECONDS",
+    "STUCK_PREFIX",
+    "Manifest",
+    "default_node",
+    "default_worker",
+    "utcnow",
+]
 
 
 class Manifest(Leases, Intents, Transitions, Resets, Rebuilds, Overview):

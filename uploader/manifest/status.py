@@ -35,6 +35,13 @@ class Overview(ManifestCore):
             oldest = conn.execute(
                 select(func.min(SEGMENTS.c.created_at)).where(text(UNFINISHED_SEGMENTS_SQL))
             ).scalar()
+            # Sealed and not verified yet: what "stuck" means (an open segment of a quiet
+            # writer is only waiting for bytes). Measured from the seal, not the creation.
+            oldest_sealed = conn.execute(
+                select(func.min(SEGMENTS.c.sealed_at)).where(
+                    text(UNFINISHED_SEGMENTS_SQL), SEGMENTS.c.state != SegmentState.OPEN.value
+                )
+            ).scalar()
             # The first 100 keys, with their reasons, of the two states that need a human.
             failed, unknown = (
                 conn.execute(
@@ -64,6 +71,9 @@ class Overview(ManifestCore):
             oldest_unverified_age=None
             if oldest is None
             else max(0.0, (now - oldest).total_seconds()),
+            oldest_sealed_age=None
+            if oldest_sealed is None
+            else max(0.0, (now - oldest_sealed).total_seconds()),
             failed=tuple((k, r or "") for k, r in failed),
             errors=tuple((k, e) for k, e in troubled),
             unknown=tuple((k, r or "") for k, r in unknown),

@@ -16,7 +16,7 @@ from uploader.storage.base import (
     UploadRef,
 )
 from uploader.storage.faults import Fault, FaultyStorage
-from uploader.storage.retry import RetryingStorage, RetryPolicy
+from uploader.storage.retry import RetryingStorage, RetryNotice, RetryPolicy
 
 S3_SCHEMES = ("s3", "s3a")
 
@@ -67,6 +67,7 @@ __all__ = [
     "FaultyStorage",
     "ObjectInfo",
     "PartRef",
+    "RetryNotice",
     "RetryPolicy",
     "RetryingStorage",
     "Storage",

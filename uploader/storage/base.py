@@ -99,7 +99,8 @@ class Storage(Protocol):
         ...
 
     def list_parts(self, key: str, upload_id: str) -> list[PartRef]:
-        """The parts the remote holds for an upload, ascending. NoSuchUploadError if unknown."""
+        """The parts the remote holds for an upload, ascending. NoSuchUploadError if unknown;
+        UnsupportedOperationError where the remote does not implement ListParts (s3rver)."""
         ...
 
     def complete(
@@ -129,7 +130,9 @@ class Storage(Protocol):
         ...
 
     def head(self, key: str) -> ObjectInfo | None:
-        """Size and ETag of the object at ``key``, or None if there is none."""
+        """Size and ETag of the object at ``key``, or None if there is none. The ETag is not
+        always the MD5 (of the bytes, or of the part MD5s): s3rver gives multipart objects a plain
+        MD5, SSE-KMS another string; callers that must prove an object read it back then."""
         ...
 
     def read(self, key: str, start: int, end: int) -> bytes:

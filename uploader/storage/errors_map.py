@@ -21,6 +21,7 @@ from uploader.errors import (
     RetryableStorageError,
     StorageError,
     StorageTimeoutError,
+    UnsupportedOperationError,
 )
 
 #: Error codes S3 (and S3-compatible stores) use for "slow down", transient server trouble.
@@ -63,9 +64,26 @@ AUTH_CODES = frozenset(
         "403",
     }
 )
+#: "This server does not implement the operation" (s3rver answers 405 for ListParts and
+#: AbortMultipartUpload, 501 for ListMultipartUploads): never worth retrying.
+UNSUPPORTED_CODES = frozenset({"NotImplemented", "MethodNotAllowed"})
+UNSUPPORTED_STATUSES = frozenset({405, 501})
+
 PART_RULE_CODES = frozenset(
     {"EntityTooSmall", "EntityTooLarge", "InvalidPartOrder", "TooManyParts"}
 )
+
+
+def operation_name(op: str) -> str:
+    """S3's name for a client method: ``list_parts`` -> ``ListParts``."""
+    if "_" not in op and op[:1].isupper():
+        return op
+    return "".join(word.capitalize() for word in op.split("_"))
+
+
+def is_unsupported(code: str, status: int | None) -> bool:
+    """Whether an S3 error says the server does not implement the call at all."""
+    return code in UNSUPPORTED_CODES or status in UNSUPPORTED_STATUSES
 
 
 def _where(op: str, bucket: str, key: str | None) -> str:
@@ -104,6 +122,8 @@ def translate(
     where = _where(op, bucket, key)
     code, status = client_error_code(exc)
     if code or status is not None:
+        if is_unsupported(code, status):
+            return unsupported(op, where, code or str(status), _client_error_message(exc))
         return _translate_client_error(exc, code, status, where, bucket)
     return translate_transport(exc, where)
 
@@ -136,6 +156,15 @@ def _translate_client_error(
     if status is not None and status >= 500:
         return RetryableStorageError(f"{where}: server error {detail}; worth retrying")
     return StorageError(f"{where}: refused by the remote ({detail})")
+
+
+def unsupported(op: str, where: str, label: str, message: str = "") -> UnsupportedOperationError:
+    """The typed error for a 405/501 answer to ``op``."""
+    name = operation_name(op)
+    detail = f"{label}: {message}" if message and message != label else label
+    return UnsupportedOperationError(
+        f"{where}: the remote does not support {name} ({detail}); not retried", op=name
+    )
 
 
 def translate_transport(exc: BaseException, where: str) -> StorageError | None:

@@ -15,6 +15,7 @@ left running behind a retry.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -27,6 +28,8 @@ from uploader.errors import StorageError
 from uploader.storage.base import Expected, ObjectInfo, PartRef, Storage, UploadRef
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,14 +45,57 @@ class RetryPolicy:
         return (rng or random).uniform(0, min(self.cap, self.base * 2**attempt))
 
 
-class RetryingStorage:
-    """Wraps a :class:`Storage`: retries retryable failures, one attempt at a time."""
+@dataclass(frozen=True, slots=True)
+class RetryNotice:
+    """A remote call failed and is about to be tried again (passed to ``on_retry``)."""
 
-    def __init__(self, inner: Storage, policy: RetryPolicy | None = None) -> None:
+    op: str  # the storage operation: upload_part, put, list_uploads, ...
+    where: str  # the endpoint (S3: its URL, or the default AWS endpoint) and the remote root
+    attempt: int  # the attempt that failed, from 1
+    attempts: int  # attempts in all before giving up
+    wait: float  # seconds before the next attempt
+    error: StorageError
+
+    def __str__(self) -> str:
+        return (
+            f"retrying {self.op} on {self.where} in {self.wait:.1f} s (attempt "
+            f"{self.attempt} of {self.attempts} failed: {self.error})"
+        )
+
+
+def _where(inner: Storage) -> str:
+    """The endpoint a call goes to, for people: an S3 endpoint URL and the remote root."""
+    fs = getattr(inner, "fs", None)
+    endpoint = getattr(fs, "endpoint_url", None) or (
+        getattr(fs, "client_kwargs", None) or {}
+    ).get("endpoint_url")
+    if endpoint is None and inner.url.startswith(("s3://", "s3a://")):
+        endpoint = "the default AWS endpoint"
+    return inner.url if endpoint is None else f"{endpoint} ({inner.url})"
+
+
+class RetryingStorage:
+    """Wraps a :class:`Storage`: retries retryable failures, one attempt at a time.
+
+    ``on_retry`` is called (on the calling thread, before the wait) each time a call is tried
+    again, with a :class:`RetryNotice` naming the endpoint, the operation, the attempt and the
+    wait: an unreachable endpoint is never silent (the CLI prints it on stderr). Without one,
+    retries are logged at INFO on ``uploader.storage.retry``.
+    """
+
+    def __init__(
+        self,
+        inner: Storage,
+        policy: RetryPolicy | None = None,
+        *,
+        on_retry: Callable[[RetryNotice], None] | None = None,
+    ) -> None:
         self.inner = inner
         self.policy = policy or RetryPolicy()
+        self.on_retry = on_retry
         self._lock = threading.Lock()
         self.retries = 0  # how many calls were tried again (for metrics)
+        self._where: str | None = None
 
     @property
     def url(self) -> str:
@@ -63,7 +109,6 @@ class RetryingStorage:
         self.inner.check_key(key)  # computed locally: nothing to retry or inject
 
     def _run(self, op: str, fn: Callable[[], T]) -> T:
-        del op  # named at each call site for readers and tracebacks
         attempt = 0
         while True:
             try:
@@ -74,7 +119,21 @@ class RetryingStorage:
                     raise
                 with self._lock:
                     self.retries += 1
-                time.sleep(self.policy.backoff(attempt - 1))
+                wait = self.policy.backoff(attempt - 1)
+                self._notify(op, attempt, wait, exc)
+                time.sleep(wait)
+
+    def _notify(self, op: str, attempt: int, wait: float, exc: StorageError) -> None:
+        if self._where is None:
+            self._where = _where(self.inner)
+        notice = RetryNotice(op, self._where, attempt, self.policy.attempts, wait, exc)
+        if self.on_retry is None:
+            log.info("%s", notice)
+            return
+        try:
+            self.on_retry(notice)
+        except Exception:  # a reporting hook must never change what the call does
+            log.exception("on_retry hook failed for %s", notice)
 
     def start_upload(self, key: str, metadata: Mapping[str, str] | None = None) -> str:
         return self._run("start_upload", lambda: self.inner.start_upload(key, metadata))

@@ -11,8 +11,18 @@ What we check ourselves because S3-compatible servers (moto among them) may not:
 * ``complete`` and ``put`` are conditional (``If-None-Match: *``): an existing object is never
   overwritten; an object that matches what we expected (a lost response) is accepted.
 
-Some servers answer HTTP 500 for an unknown or finished upload id instead of ``NoSuchUpload``:
-before treating a 5xx as transient we ask ``ListMultipartUploads`` whether the id still exists.
+Servers name an unknown (aborted or completed) upload id differently; on a call that names an
+upload id each of these means "the upload is unknown" (:class:`NoSuchUploadError`):
+
+* ``NoSuchUpload`` (AWS, moto);
+* ``404 NoSuchKey`` (Ceph RGW's ListParts: its upload is an object the server no longer finds);
+* a 5xx that ``ListMultipartUploads`` confirms: the id is not listed (Ceph RGW answers Complete of
+  an aborted upload with ``500 InternalError`` "This multipart completion is already in
+  progress"). A 5xx for an id that is still listed, or from a remote that cannot list uploads,
+  stays a server error.
+
+Ceph RGW also answers Complete with an empty ETag (the HEAD that follows every complete is what we
+record) and ignores ``If-None-Match`` on Complete (hence the HEAD before it) but honours it on PUT.
 
 Retries and deadlines. :mod:`uploader.storage.retry` alone decides about retries: s3fs's own
 retries are off (``retries = 1``) and so are botocore's (``total_max_attempts = 1``, whatever a
@@ -52,11 +62,12 @@ from uploader.errors import (
     PreconditionFailedError,
     StorageError,
     StorageTimeoutError,
+    UnsupportedOperationError,
     UsageError,
 )
 from uploader.keys import check_full_length
 from uploader.storage.base import MIN_PART_SIZE, Expected, ObjectInfo, PartRef, UploadRef
-from uploader.storage.errors_map import client_error_code, translate
+from uploader.storage.errors_map import client_error_code, is_unsupported, translate
 from uploader.storage.rules import check_part_number, check_part_size, check_parts, matches
 
 T = TypeVar("T")
@@ -65,6 +76,10 @@ T = TypeVar("T")
 PROBE_PREFIX = ".uploader/probe"
 #: The hidden prefix (no key can reach it): probes, record sidecars.
 HIDDEN_PREFIX = ".uploader/"
+#: Error codes that, on a call naming an upload id (the bucket exists: that is NoSuchBucket), mean
+#: the upload is unknown. Ceph RGW's ListParts says NoSuchKey: without it, recovery would retry
+#: ListParts of a lost upload forever instead of starting a fresh one.
+UNKNOWN_UPLOAD_CODES = frozenset({"NoSuchUpload", "NoSuchKey"})
 
 
 def _client_error(exc: BaseException) -> BaseException:
@@ -216,14 +231,25 @@ class S3Storage:
         """Whether the remote still lists ``upload_id`` for ``key``."""
         return any(u.upload_id == upload_id for u in self._list_uploads(self._key(key)))
 
+    def _maybe_known(self, key: str, upload_id: str) -> bool:
+        """Whether ``upload_id`` may still exist: listed, or the listing cannot be made (a
+        remote without ListMultipartUploads proves nothing: the 5xx stays a server error)."""
+        try:
+            return self._upload_known(key, upload_id)
+        except UnsupportedOperationError:
+            return True
+
     def _call_upload(self, op: str, key: str, upload_id: str, **kwargs: Any) -> Any:
-        """A call naming an upload id: an unknown id becomes NoSuchUploadError whatever the status."""
+        """A call naming an upload id: an unknown id becomes NoSuchUploadError whatever the status
+        (see the module's docstring for how servers say it)."""
         try:
             return self._request(op, **kwargs)
         except Exception as exc:
             code, status = client_error_code(_client_error(exc))
-            if code == "NoSuchUpload" or (
-                status is not None and status >= 500 and not self._upload_known(key, upload_id)
+            if is_unsupported(code, status):
+                self._raise(exc, op, key)  # 405/501: not implemented, whatever the upload is
+            if code in UNKNOWN_UPLOAD_CODES or (
+                status is not None and status >= 500 and not self._maybe_known(key, upload_id)
             ):
                 raise NoSuchUploadError(
                     f"{op} of {key!r} in {self.bucket!r}: upload {upload_id} is unknown "
@@ -360,6 +386,16 @@ class S3Storage:
         self, key: str, payload: Payload, metadata: Mapping[str, str] | None = None
     ) -> ObjectInfo:
         expected = Expected(size=payload.size, etag=payload.md5)
+        existing = self.head(key)
+        if existing is not None:
+            # Checked first, as complete() does: not every server honours If-None-Match on PUT,
+            # and one that ignores it would replace the object there with ours.
+            if matches(existing, expected):
+                return existing
+            raise ObjectExistsError(
+                f"put of {key!r} in {self.bucket!r}: an object already exists at the key "
+                f"({existing.size} bytes, etag {existing.etag}); refusing to overwrite it"
+            )
         try:
             out = self._call(
                 "put_object",
@@ -377,12 +413,10 @@ class S3Storage:
                 assert info is not None
                 return info
             raise
+        # The server checked the body against Content-MD5. Its ETag may still not be the MD5
+        # (SSE-KMS, SSE-C): returned as said; the caller proves the object by reading it back
+        # when the ETag does not prove it (see uploader.plan).
         etag = normalize_etag(out.get("ETag"))
-        if etag != payload.md5:
-            raise StorageError(
-                f"put of {key!r}: the remote acknowledged ETag {etag}, expected MD5 {payload.md5}",
-                retryable=True,
-            )
         return ObjectInfo(key=key, size=payload.size, etag=etag)
 
     def head(self, key: str) -> ObjectInfo | None:

@@ -1,0 +1,340 @@
+"""Helpers of the manifest-outage tests: daemons in subprocesses whose stderr is read as it comes,
+work left for recovery, locks that make a daemon's next statement wait, and a PostgreSQL cluster of
+the test's own (initdb into a temporary directory, its own port and socket directory)."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import uploader
+from tests.conftest import PG_REQUIRED
+from uploader.manifest.repo import Manifest
+from uploader.storage import Fault, FaultyStorage, open_storage
+
+PART = 64 * 1024
+UNAVAILABLE = "manifest unavailable"
+BACK = "manifest reachable again"
+
+
+def wait_for(cond: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+class Daemon:
+    """``uploader ...`` in a subprocess; its stderr lines collected by a thread as they come."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uploader.cli", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.out: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.lines), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.out), daemon=True),
+        ]
+        for t in self._readers:
+            t.start()
+
+    @staticmethod
+    def _read(stream: object, into: list[str]) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            into.append(line)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in list(self.lines))
+
+    def wait_lines(self, text: str, n: int, timeout: float = 30.0) -> None:
+        def seen() -> bool:
+            assert self.proc.poll() is None, f"the daemon exited:\n{self.stderr}"
+            return self.count(text) >= n
+
+        try:
+            wait_for(seen, f"{n} line(s) with {text!r}", timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nstderr so far:\n{self.stderr}") from None
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        for t in self._readers:
+            t.join(timeout=10)
+        return self.proc.returncode
+
+
+def sealed_work(manifest_url: str, remote_url: str, tmp: Path, n: int) -> dict[str, bytes]:
+    """``n`` sealed segments whose every part send failed (the writer's lease released): all
+    their work is left to recovery. Returns key -> the file's bytes."""
+    failing = FaultyStorage(
+        open_storage(remote_url, {}, min_part_size=PART), [Fault(op="upload_part")]
+    )
+    store = uploader.open(
+        manifest_url, remote_url, storage=failing, part_size=PART, min_part_size=PART, worker="w"
+    )
+    rng = random.Random(11)
+    blobs: dict[str, bytes] = {}
+    try:
+        futures = []
+        for i in range(n):
+            key = f"rec/{i:03d}"
+            blobs[key] = rng.randbytes(3 * PART + rng.randint(1, PART))
+            path = tmp / f"rec{i}"
+            path.write_bytes(blobs[key])
+            futures.append(store.segment(key, path).seal())
+        for fut in futures:
+            assert fut.exception(timeout=60) is not None
+    finally:
+        store.close()
+    return blobs
+
+
+def states(manifest_url: str) -> dict[str, int]:
+    m = Manifest.open(manifest_url)
+    try:
+        return dict(m.status().segments)
+    finally:
+        m.close()
+
+
+def verified_keys(manifest_url: str) -> set[str]:
+    m = Manifest.open(manifest_url)
+    try:
+        with m.engine.connect() as conn:
+            from sqlalchemy import text
+
+            rows = conn.execute(text("SELECT key FROM segments WHERE state = 'verified'")).all()
+        return {r[0] for r in rows}
+    finally:
+        m.close()
+
+
+# --- PostgreSQL: a lock the daemon waits on, then its connections terminated --------------------
+
+
+def pg_conninfo(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://").split("?", 1)[0]
+
+
+class PgLock:
+    """Holds ``LOCK TABLE <table> IN ACCESS EXCLUSIVE MODE`` in an open transaction: the daemon's
+    next statement on that table waits, so a termination is sure to hit it mid-statement (a
+    pooled idle connection would merely be replaced by the pool's ping)."""
+
+    def __init__(self, url: str, table: str = "events") -> None:
+        self.conn = psycopg.connect(pg_conninfo(url))
+        self.conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        self.db = pg_conninfo(url).rsplit("/", 1)[1]
+
+    def waiting(self) -> int:
+        """Backends of the database waiting for a lock (the daemon's, blocked by ours)."""
+        # Inside a transaction pg_stat_activity is a snapshot taken once: take a fresh one.
+        self.conn.execute("SELECT pg_stat_clear_snapshot()")
+        return int(
+            self.conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+                (self.db,),
+            ).fetchone()[0]  # type: ignore[index]
+        )
+
+    def terminate_all(self) -> int:
+        """What an operator (or a failover) does: every other connection to the database ends."""
+        self.conn.execute("SELECT pg_stat_clear_snapshot()")
+        rows = self.conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (self.db,),
+        ).fetchall()
+        return len(rows)
+
+    def hurt(self, daemon: Daemon, n: int, timeout: float = 30.0) -> None:
+        """Terminate the daemon's connections whenever one waits on our lock, until it reported
+        ``n`` failed attempts. A pass runs segments in parallel and ends only when all of them
+        did: the threads that reconnected and wait again are terminated again."""
+
+        def reported() -> bool:
+            if self.waiting():
+                self.terminate_all()
+            return daemon.count(UNAVAILABLE) >= n
+
+        wait_for(reported, f"{n} failed attempt(s) reported:\n{daemon.stderr}", timeout)
+
+    def release(self) -> None:
+        with contextlib.suppress(psycopg.Error):
+            self.conn.rollback()
+        self.conn.close()
+
+
+# --- SQLite: another process's exclusive lock ------------------------------------------------
+
+
+class SqliteLock:
+    """``BEGIN EXCLUSIVE`` on another connection: every write of the daemon waits its busy timeout
+    and fails with "database is locked" until :meth:`release`."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(str(path), isolation_level=None, timeout=10)
+        self.conn.execute("BEGIN EXCLUSIVE")
+
+    def release(self) -> None:
+        self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+# --- a PostgreSQL cluster of the test's own ----------------------------------------------------
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
+    if found:
+        return Path(found[0]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateCluster:
+    """initdb into a temporary directory; started on its own port with its socket directory in
+    there. Never the shared server. As root (PostgreSQL refuses to run as root) every server
+    binary runs as the ``postgres`` user through ``setpriv``, and the directory is given to it."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.root = Path(tempfile.mkdtemp(prefix="uploader-pg-"))
+        self.data = self.root / "data"
+        self.port = _free_port()
+        self.prefix: list[str] = []
+        if os.geteuid() == 0:
+            setpriv = shutil.which("setpriv")
+            if setpriv is None:
+                raise RuntimeError("running as root and no setpriv to run PostgreSQL as postgres")
+            import pwd
+
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+            self.prefix = [
+                setpriv,
+                f"--reuid={pw.pw_uid}",
+                f"--regid={pw.pw_gid}",
+                "--clear-groups",
+                "--",
+            ]
+
+    def _run(self, *args: str, timeout: float = 60) -> None:
+        subprocess.run(
+            [*self.prefix, *args],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+            cwd=self.root,
+        )
+
+    def init(self) -> None:
+        self._run(
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        )
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "server.log"),
+            "-o",
+            opts,
+            "-w",
+            "start",
+        )
+
+    def stop(self) -> None:
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def url(self, db: str) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{db}"
+
+    def create_database(self, name: str) -> str:
+        with psycopg.connect(pg_conninfo(self.url("postgres")), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def destroy(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def private_cluster() -> Iterator[PrivateCluster]:
+    bindir = _pg_bin()
+    if bindir is None:
+        reason = "no initdb (PostgreSQL server binaries) on this machine"
+        if PG_REQUIRED:
+            pytest.fail(f"{reason} (UPLOADER_TEST_POSTGRES=required)")
+        pytest.skip(f"{reason}: the server-restart test needs a cluster of its own")
+    cluster = PrivateCluster(bindir)
+    try:
+        cluster.init()
+        cluster.start()
+    except (subprocess.CalledProcessError, RuntimeError, KeyError) as exc:
+        cluster.destroy()
+        detail = getattr(exc, "stderr", b"") or b""
+        reason = (
+            f"cannot start a private PostgreSQL cluster: {exc} {detail.decode(errors='replace')}"
+        )
+        if PG_REQUIRED:
+            pytest.fail(f"{reason} (UPLOADER_TEST_POSTGRES=required)")
+        pytest.skip(reason)
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
