@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from uploader.recovery import RecoveryReport, SegmentOutcome, SweepReport
     from uploader.store import CommitResult, Segment, Store, UploadFuture, open
 
+#: The one place the version is written (pyproject.toml reads it: dynamic version).
 __version__ = "0.1.0"
 
 # The store, recovery and rebuild (SQLAlchemy, fsspec) are imported on first use, so that

@@ -11,9 +11,9 @@ from sqlalchemy import func, select
 import uploader
 from tests.api.conftest import PART, StoreFactory, remote_bytes, visible_keys
 from uploader.errors import InvalidKeyError, KeyConflictError
-from uploader.manifest.repo import C as commits_table
-from uploader.manifest.repo import E as events_table
-from uploader.manifest.repo import S as segments_table
+from uploader.manifest.rowmap import COMMITS as commits_table
+from uploader.manifest.rowmap import EVENTS as events_table
+from uploader.manifest.rowmap import SEGMENTS as segments_table
 
 
 def _rows(store: uploader.Store) -> tuple[int, int, int]:

@@ -18,7 +18,9 @@ from sqlalchemy import event, insert
 
 from uploader.digest import checksum, multipart_etag
 from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL
-from uploader.manifest.repo import C, Manifest, S
+from uploader.manifest.repo import Manifest
+from uploader.manifest.rowmap import COMMITS as C
+from uploader.manifest.rowmap import SEGMENTS as S
 from uploader.records import NewCommit
 from uploader.states import SegmentState
 

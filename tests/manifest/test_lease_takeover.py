@@ -17,7 +17,8 @@ from sqlalchemy import update
 from uploader import holders
 from uploader.digest import checksum
 from uploader.errors import LeaseLostError, SegmentBusyError
-from uploader.manifest.repo import Manifest, S
+from uploader.manifest.repo import Manifest
+from uploader.manifest.rowmap import SEGMENTS as S
 from uploader.records import NewCommit
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,7 +19,10 @@ from sqlalchemy import func, select
 
 from uploader.digest import checksum
 from uploader.errors import LeaseLostError, SegmentBusyError, UsageError
-from uploader.manifest.repo import C, E, Manifest, S
+from uploader.manifest.repo import Manifest
+from uploader.manifest.rowmap import COMMITS as C
+from uploader.manifest.rowmap import EVENTS as E
+from uploader.manifest.rowmap import SEGMENTS as S
 from uploader.records import Lease, NewCommit
 from uploader.states import CommitState, SegmentState
 

@@ -34,7 +34,10 @@ from uploader.errors import (
     StaleStateError,
     UploaderError,
 )
-from uploader.manifest.repo import C, E, Manifest, S
+from uploader.manifest.repo import Manifest
+from uploader.manifest.rowmap import COMMITS as C
+from uploader.manifest.rowmap import EVENTS as E
+from uploader.manifest.rowmap import SEGMENTS as S
 from uploader.records import Lease, NewCommit
 from uploader.states import COMMIT_TRANSITIONS, SEGMENT_TRANSITIONS, CommitState, SegmentState
 

@@ -21,7 +21,9 @@ from sqlalchemy import select
 
 import uploader
 from tests.api.conftest import PART, migrate, remote_bytes
-from uploader.manifest.repo import E, Manifest, S
+from uploader.manifest.repo import Manifest
+from uploader.manifest.rowmap import EVENTS as E
+from uploader.manifest.rowmap import SEGMENTS as S
 from uploader.states import SegmentState
 from uploader.storage import Fault, FaultyStorage, open_storage
 

@@ -30,7 +30,9 @@ from sqlalchemy import func, select, text
 
 import uploader
 from tests.api.conftest import PART, migrate, remote_bytes
-from uploader.manifest.repo import E, Manifest, S
+from uploader.manifest.repo import Manifest
+from uploader.manifest.rowmap import EVENTS as E
+from uploader.manifest.rowmap import SEGMENTS as S
 from uploader.states import SegmentState
 from uploader.storage import Fault, FaultyStorage, open_storage
 

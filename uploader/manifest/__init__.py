@@ -1,0 +1,1 @@
+"""The SQL manifest; :class:`uploader.manifest.repo.Manifest` is its front (see there)."""

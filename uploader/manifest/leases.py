@@ -1,0 +1,316 @@
+"""Leases: acquire, claim (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), renew, release; the
+lease holder as a process (same-node fast takeover of a dead holder's lease)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, exists, or_, select, text, update
+
+from uploader import holders
+from uploader.errors import SegmentBusyError, UsageError
+from uploader.manifest.core import DEFAULT_LEASE_SECONDS, ManifestCore
+from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL
+from uploader.manifest.rowmap import COMMITS, RARE_UNFINISHED, SEGMENTS, segment_record
+from uploader.records import Lease, SegmentRecord
+from uploader.states import CommitState, SegmentState
+
+log = logging.getLogger("uploader")
+
+#: What a takeover looks at: the lease and its holder process.
+HOLDER_COLUMNS = (
+    SEGMENTS.c.id,
+    SEGMENTS.c.key,
+    SEGMENTS.c.fence,
+    SEGMENTS.c.lease_owner,
+    SEGMENTS.c.lease_node,
+    SEGMENTS.c.lease_pid,
+    SEGMENTS.c.lease_started,
+    SEGMENTS.c.lease_pid_space,
+)
+#: What :meth:`Leases.acquire` returns a lease from.
+_LEASE_COLUMNS = (
+    SEGMENTS.c.id,
+    SEGMENTS.c.fence,
+    SEGMENTS.c.lease_owner,
+    SEGMENTS.c.lease_expires,
+)
+
+
+def holder_values(node: str | None) -> dict[str, Any]:
+    """The columns naming this process as a lease's holder on ``node`` (NULL when the caller
+    names no node, or the process cannot be identified: then only expiry frees the lease)."""
+    me = holders.this_process() if node is not None else None
+    return {
+        "lease_node": None if me is None else node,
+        "lease_pid": None if me is None else me.pid,
+        "lease_started": None if me is None else me.started,
+        "lease_pid_space": None if me is None else me.space,
+    }
+
+
+def holder_gone(row: Any, node: str) -> bool:
+    """Is the live lease of ``row`` held by a process on ``node`` that is certainly gone?"""
+    return row.lease_node == node and holders.gone(
+        row.lease_pid, row.lease_started, row.lease_pid_space
+    )
+
+
+def log_takeover(key: str, held: Any, owner: str) -> None:
+    log.info(
+        "segment %r: its lease holder %s (pid %s on %s) is gone; %s takes the lease over now "
+        "instead of waiting for it to expire",
+        key,
+        held.lease_owner,
+        held.lease_pid,
+        held.lease_node,
+        owner,
+    )
+
+
+class Leases(ManifestCore):
+    """Taking, keeping and giving back leases; every claim increments the fence."""
+
+    def acquire(
+        self, key: str, owner: str, ttl: float = DEFAULT_LEASE_SECONDS, *, node: str | None = None
+    ) -> Lease:
+        """Take the lease on ``key``: free, expired, or already ours. Increments the fence.
+
+        With ``node`` (the caller's node), the lease records this process as its holder, and a
+        live lease whose holder process on this node is gone (:func:`uploader.holders.gone`) is
+        taken at once instead of after it expires (logged at INFO).
+        """
+        now = self.clock()
+        lease_now = self._lease_now()
+        values = {
+            "fence": SEGMENTS.c.fence + 1,
+            "lease_owner": owner,
+            "lease_expires": self._lease_until(ttl),
+            "updated_at": now,
+            **holder_values(node),
+        }
+        taken_from = None
+        with self._begin() as conn:
+            taken = conn.execute(
+                update(SEGMENTS)
+                .where(
+                    SEGMENTS.c.key == key,
+                    or_(
+                        SEGMENTS.c.lease_owner.is_(None),
+                        SEGMENTS.c.lease_expires < lease_now,
+                        SEGMENTS.c.lease_owner == owner,
+                    ),
+                )
+                .values(**values)
+                .returning(*_LEASE_COLUMNS)
+            ).first()
+            if taken is None and node is not None:
+                held = conn.execute(select(*HOLDER_COLUMNS).where(SEGMENTS.c.key == key)).first()
+                if held is not None and holder_gone(held, node):
+                    # Compare-and-set on the fence: only the dead holder's lease is taken.
+                    taken = conn.execute(
+                        update(SEGMENTS)
+                        .where(SEGMENTS.c.id == held.id, SEGMENTS.c.fence == held.fence)
+                        .values(**values)
+                        .returning(*_LEASE_COLUMNS)
+                    ).first()
+                    taken_from = held if taken is not None else None
+            row = (
+                taken or conn.execute(select(*_LEASE_COLUMNS).where(SEGMENTS.c.key == key)).first()
+            )
+        if row is None:
+            raise UsageError(f"segment {key!r} is not registered")
+        if taken is None:
+            raise SegmentBusyError(
+                f"segment {key!r} is leased by {row.lease_owner} until {row.lease_expires:%Y-%m-%d %H:%M:%S} UTC; "
+                "wait for it to finish or for the lease to expire"
+            )
+        if taken_from is not None:
+            log_takeover(key, taken_from, owner)
+        return Lease(
+            segment_id=row.id, key=key, owner=owner, fence=row.fence, expires=row.lease_expires
+        )
+
+    def claim_next(
+        self,
+        owner: str,
+        *,
+        node: str,
+        ttl: float = DEFAULT_LEASE_SECONDS,
+        after_id: int = 0,
+    ) -> tuple[Lease, SegmentRecord] | None:
+        """Claim the next unfinished segment (id > ``after_id``) that this worker can act on."""
+        claimed = self.claim(owner, node=node, ttl=ttl, after_id=after_id, limit=1)
+        return claimed[0] if claimed else None
+
+    def claim(
+        self,
+        owner: str,
+        *,
+        node: str,
+        ttl: float = DEFAULT_LEASE_SECONDS,
+        after_id: int = 0,
+        limit: int = 1,
+    ) -> list[tuple[Lease, SegmentRecord]]:
+        """Claim up to ``limit`` unfinished segments (ids > ``after_id``, ascending), in one transaction.
+
+        A worker claims segments whose local file is on its ``node``, and, from any node, sealed
+        segments whose parts are all uploaded (completing needs no local bytes; verifying does: the
+        bytes). Open segments are claimed only when they have pending whole parts to upload.
+        Rows locked by another claimer are skipped (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; on
+        SQLite the immediate transaction serialises claimers).
+        """
+        if limit < 1:
+            return []
+        now = self.clock()
+        dead = self._dead_holders(node, after_id)
+        pending = exists().where(
+            COMMITS.c.segment_id == SEGMENTS.c.id, COMMITS.c.state == CommitState.PENDING.value
+        )
+        q = (
+            select(SEGMENTS.c.id)
+            .where(
+                text(UNFINISHED_SEGMENTS_SQL),  # the partial index's own predicate
+                SEGMENTS.c.id > after_id,
+                or_(
+                    SEGMENTS.c.lease_owner.is_(None),
+                    SEGMENTS.c.lease_expires < self._lease_now(),
+                    # Live leases whose holder process on this node is gone (same fence).
+                    *(and_(SEGMENTS.c.id == d.id, SEGMENTS.c.fence == d.fence) for d in dead),
+                ),
+                # Another node's segment only to complete it (all parts uploaded): verifying
+                # reads every local byte again, which only a worker on its node can.
+                or_(
+                    SEGMENTS.c.node == node,
+                    and_(SEGMENTS.c.state == SegmentState.SEALED.value, ~pending),
+                ),
+                or_(SEGMENTS.c.state != SegmentState.OPEN.value, pending),
+            )
+            .order_by(SEGMENTS.c.id)
+            .limit(limit)
+        )
+        # PostgreSQL: skip rows another claimer holds; SQLite: the rarity hint (see above).
+        q = q.with_for_update(skip_locked=True) if self.is_postgres else q.where(RARE_UNFINISHED)
+        expires = self._lease_until(ttl)
+        with self._begin() as conn:
+            ids = list(conn.execute(q).scalars())
+            if not ids:
+                return []
+            rows = conn.execute(
+                update(SEGMENTS)
+                .where(SEGMENTS.c.id.in_(ids))
+                .values(
+                    fence=SEGMENTS.c.fence + 1,
+                    lease_owner=owner,
+                    lease_expires=expires,
+                    updated_at=now,
+                    **holder_values(node),
+                )
+                .returning(*SEGMENTS.c)
+            ).all()
+        segs = sorted((segment_record(r) for r in rows), key=lambda seg: seg.id)
+        claimed_ids = {seg.id for seg in segs}
+        for d in dead:
+            if d.id in claimed_ids:
+                log_takeover(d.key, d, owner)
+        return [
+            (
+                Lease(
+                    segment_id=seg.id,
+                    key=seg.key,
+                    owner=owner,
+                    fence=seg.fence,
+                    expires=seg.lease_expires or self.clock(),
+                ),
+                seg,
+            )
+            for seg in segs
+        ]
+
+    def _dead_holders(self, node: str, after_id: int) -> list[Any]:
+        """Unfinished segments (ids > ``after_id``) under a live lease whose holder process on
+        ``node`` is gone. Few rows: what this node's processes hold right now."""
+        if holders.this_process() is None:
+            return []
+        q = select(*HOLDER_COLUMNS).where(
+            text(UNFINISHED_SEGMENTS_SQL),
+            SEGMENTS.c.id > after_id,
+            SEGMENTS.c.lease_node == node,
+            SEGMENTS.c.lease_owner.is_not(None),
+            SEGMENTS.c.lease_expires >= self._lease_now(),
+        )
+        if not self.is_postgres:
+            q = q.where(RARE_UNFINISHED)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        return [r for r in rows if holder_gone(r, node)]
+
+    def renew(self, lease: Lease, ttl: float = DEFAULT_LEASE_SECONDS) -> Lease:
+        """Extend a lease we still hold; LeaseLostError if it expired or was taken over."""
+        with self._write() as tx:
+            row = tx.guard(lease, lease_expires=self._lease_until(ttl))
+        return Lease(lease.segment_id, lease.key, lease.owner, lease.fence, row.lease_expires)
+
+    def renew_many(
+        self, leases: Sequence[Lease], ttl: float = DEFAULT_LEASE_SECONDS
+    ) -> tuple[list[Lease], list[Lease]]:
+        """Extend many leases of one owner in one transaction: ``(renewed, lost)``.
+
+        A store may hold thousands of leases (small segments queued for sealing); renewing them
+        one transaction each would let the last ones expire before the heartbeat reaches them.
+        """
+        if not leases:
+            return [], []
+        owner = leases[0].owner
+        if any(lease.owner != owner for lease in leases):
+            raise ValueError("renew_many: every lease must have the same owner")
+        by_id = {lease.segment_id: lease for lease in leases}
+        renewed_until: dict[int, datetime] = {}
+        ids = list(by_id)
+        with self._begin() as conn:
+            for i in range(0, len(ids), 500):  # bounded IN lists
+                chunk = ids[i : i + 500]
+                for seg_id, fence, until in conn.execute(
+                    update(SEGMENTS)
+                    .where(
+                        SEGMENTS.c.id.in_(chunk),
+                        SEGMENTS.c.lease_owner == owner,
+                        SEGMENTS.c.lease_expires > self._lease_now(),
+                    )
+                    .values(lease_expires=self._lease_until(ttl))
+                    .returning(SEGMENTS.c.id, SEGMENTS.c.fence, SEGMENTS.c.lease_expires)
+                ):
+                    # Renewed only with our fence: a row taken over (and by chance given to the
+                    # same owner name) is not ours.
+                    if fence == by_id[seg_id].fence:
+                        renewed_until[seg_id] = until
+        renewed = [
+            Lease(
+                lease.segment_id,
+                lease.key,
+                lease.owner,
+                lease.fence,
+                renewed_until[lease.segment_id],
+            )
+            for lease in leases
+            if lease.segment_id in renewed_until
+        ]
+        lost = [lease for lease in leases if lease.segment_id not in renewed_until]
+        return renewed, lost
+
+    def release(self, lease: Lease) -> bool:
+        """Give a lease back (no error if it was already lost). True if it was still ours."""
+        with self._begin() as conn:
+            res = conn.execute(
+                update(SEGMENTS)
+                .where(
+                    SEGMENTS.c.id == lease.segment_id,
+                    SEGMENTS.c.fence == lease.fence,
+                    SEGMENTS.c.lease_owner == lease.owner,
+                )
+                .values(lease_owner=None, lease_expires=None)
+            )
+        return res.rowcount == 1

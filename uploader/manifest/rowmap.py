@@ -1,0 +1,97 @@
+"""The manifest's tables as SQLAlchemy Core, and rows mapped to the frozen records."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Table, text
+
+from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL, CommitRow, EventRow, SegmentRow
+from uploader.records import CommitRecord, NewCommit, SegmentRecord
+from uploader.states import CommitState, SegmentState
+
+# The tables as SQLAlchemy Core: transitions are single guarded UPDATE statements, not ORM
+# unit-of-work flushes.
+SEGMENTS = cast(Table, SegmentRow.__table__)
+COMMITS = cast(Table, CommitRow.__table__)
+#: The audit trail: one row per successful transition.
+EVENTS = cast(Table, EventRow.__table__)
+
+#: Unfinished segments are few among millions of verified ones. SQLite's planner, choosing
+#: between the partial index of unfinished ids and a walk of the table in id order (an ORDER BY
+#: id with a LIMIT), sometimes took the walk; this term (always true where it is used, next to
+#: the partial index's own predicate) tells it how rare the rows it looks for are.
+RARE_UNFINISHED = text(f"likelihood({UNFINISHED_SEGMENTS_SQL}, 0.0001)")
+
+
+def segment_record(row: Any) -> SegmentRecord:
+    return SegmentRecord(
+        id=row.id,
+        key=row.key,
+        path=row.path,
+        node=row.node,
+        state=SegmentState(row.state),
+        part_size=row.part_size,
+        size=row.size,
+        crc32c=row.crc32c,
+        expected_etag=row.expected_etag,
+        upload_mode=row.upload_mode,
+        upload_id=row.upload_id,
+        object_etag=row.object_etag,
+        fence=row.fence,
+        lease_owner=row.lease_owner,
+        lease_expires=row.lease_expires,
+        attempts=row.attempts,
+        last_error=row.last_error,
+        reason=row.reason,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        sealed_at=row.sealed_at,
+        verified_at=row.verified_at,
+        file_device=row.file_device,
+        file_inode=row.file_inode,
+        remove_etag=row.remove_etag,
+        checked_at=row.checked_at,
+    )
+
+
+def commit_record(row: Any) -> CommitRecord:
+    return CommitRecord(
+        id=row.id,
+        segment_id=row.segment_id,
+        part_number=row.part_number,
+        start=row.start_offset,
+        end=row.end_offset,
+        md5=row.md5,
+        crc32c=row.crc32c,
+        etag=row.etag,
+        state=CommitState(row.state),
+        attempts=row.attempts,
+        last_error=row.last_error,
+        reason=row.reason,
+    )
+
+
+def new_commit_values(
+    segment_id: int,
+    commit: NewCommit,
+    state: CommitState,
+    now: datetime,
+    *,
+    etag: str | None = None,
+) -> dict[str, Any]:
+    """The row a new part is inserted as."""
+    return {
+        "segment_id": segment_id,
+        "part_number": commit.part_number,
+        "start_offset": commit.start,
+        "end_offset": commit.end,
+        "md5": commit.md5,
+        "crc32c": commit.crc32c,
+        "etag": etag,
+        "state": state.value,
+        "attempts": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
