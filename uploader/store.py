@@ -61,7 +61,7 @@ from uploader.transport import Counters, Transport, file_identity, wait_all
 log = logging.getLogger("uploader")
 
 MiB = 1024 * 1024
-DEFAULT_PART_SIZE = config_mod.DEFAULT_PART_SIZE
+DEFAULT_PART_SIZE = config_mod.DEFAULT_PART_SIZE  # kept importable from here
 
 T = TypeVar("T")
 

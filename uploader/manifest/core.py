@@ -20,10 +20,11 @@ from sqlalchemy import (
     literal_column,
 )
 
+from uploader.config import DEFAULT_LEASE_SECONDS
 from uploader.manifest import db
 from uploader.manifest.guard import Tx
 
-DEFAULT_LEASE_SECONDS = 30.0
+__all__ = ["DEFAULT_LEASE_SECONDS", "ManifestCore", "default_node", "default_worker", "utcnow"]
 
 
 def utcnow() -> datetime:
