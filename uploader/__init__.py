@@ -29,10 +29,12 @@ from uploader.states import CommitState, SegmentState
 
 if TYPE_CHECKING:
     from uploader.config import StoreConfig, UploadMode, VerifyMode
+    from uploader.futures import CommitResult, UploadFuture
     from uploader.readback import ObjectReader, RangeRead
     from uploader.rebuild import RebuildReport
     from uploader.recovery import RecoveryReport, SegmentOutcome, SweepReport
-    from uploader.store import CommitResult, Segment, Store, UploadFuture, open
+    from uploader.segment import Segment
+    from uploader.store import Store, open
 
 #: The one place the version is written (pyproject.toml reads it: dynamic version).
 __version__ = "0.1.0"
@@ -50,10 +52,10 @@ _LAZY = {
     "RecoveryReport": "uploader.recovery",
     "SegmentOutcome": "uploader.recovery",
     "SweepReport": "uploader.recovery",
-    "CommitResult": "uploader.store",
-    "Segment": "uploader.store",
+    "CommitResult": "uploader.futures",
+    "Segment": "uploader.segment",
     "Store": "uploader.store",
-    "UploadFuture": "uploader.store",
+    "UploadFuture": "uploader.futures",
     "open": "uploader.store",
 }
 

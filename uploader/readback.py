@@ -10,6 +10,9 @@ part and its byte range. At most one window is held in memory.
 part is checked only if the range covers it completely; :class:`RangeRead` says which bytes could
 not be checked. (Bytes of an object with no recorded parts, read with ``allow_unverified``, are
 all unchecked.)
+
+:func:`readable` is the manifest's consent first: a segment that is not ``verified`` is refused
+unless ``allow_unverified``, and the object at the key must have the recorded size.
 """
 
 from __future__ import annotations
@@ -18,11 +21,21 @@ import bisect
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from uploader.digest import crc32c_of
-from uploader.errors import CorruptObjectError, UsageError
+from uploader.errors import (
+    CorruptObjectError,
+    UnverifiedObjectError,
+    UsageError,
+    VerificationError,
+)
 from uploader.records import CommitRecord
+from uploader.states import SegmentState
 from uploader.storage.base import Storage
+
+if TYPE_CHECKING:
+    from uploader.manifest.repo import Manifest
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,3 +229,30 @@ def read_range(
         else:
             merged.append((lo, hi))
     return RangeRead(key, start, end, b"".join(chunks), tuple(merged), tuple(checked))
+
+
+def readable(
+    manifest: Manifest, storage: Storage, key: str, allow_unverified: bool
+) -> tuple[int, list[Window]]:
+    """The object's size and its windows (recorded parts), after the manifest's consent."""
+    seg = manifest.segment(key)
+    if seg is None:
+        raise UsageError(f"segment {key!r} is not in the manifest {manifest.url}")
+    if seg.state is not SegmentState.VERIFIED and not allow_unverified:
+        raise UnverifiedObjectError(
+            f"segment {key!r} is {seg.state.value}, not verified: its object is not known to "
+            "hold the segment's bytes; reading it is refused (allow_unverified=True, "
+            "`uploader get --allow-unverified`, reads it anyway)"
+        )
+    info = storage.head(key)
+    if info is None:
+        raise VerificationError(
+            f"segment {key!r} ({seg.state.value}): no object at the key under {storage.url}"
+        )
+    if seg.size is not None and info.size != seg.size:
+        raise VerificationError(
+            f"segment {key!r}: the object has {info.size} bytes, the manifest records "
+            f"{seg.size}; it is not the object that was verified"
+        )
+    commits = [] if seg.state is SegmentState.UNKNOWN else manifest.commits(seg.id)
+    return info.size, windows(info.size, seg.part_size, commits)
