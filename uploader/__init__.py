@@ -32,9 +32,10 @@ if TYPE_CHECKING:
     from uploader.futures import CommitResult, UploadFuture
     from uploader.readback import ObjectReader, RangeRead
     from uploader.rebuild import RebuildReport
-    from uploader.recovery import RecoveryReport, SegmentOutcome, SweepReport
+    from uploader.recovery_report import RecoveryReport, SegmentOutcome
     from uploader.segment import Segment
     from uploader.store import Store, open
+    from uploader.sweep import SweepReport
 
 #: The one place the version is written (pyproject.toml reads it: dynamic version).
 __version__ = "0.1.0"
@@ -49,9 +50,9 @@ _LAZY = {
     "ObjectReader": "uploader.readback",
     "RangeRead": "uploader.readback",
     "RebuildReport": "uploader.rebuild",
-    "RecoveryReport": "uploader.recovery",
-    "SegmentOutcome": "uploader.recovery",
-    "SweepReport": "uploader.recovery",
+    "RecoveryReport": "uploader.recovery_report",
+    "SegmentOutcome": "uploader.recovery_report",
+    "SweepReport": "uploader.sweep",
     "CommitResult": "uploader.futures",
     "Segment": "uploader.segment",
     "Store": "uploader.store",

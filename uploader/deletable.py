@@ -17,7 +17,7 @@ from uploader import verify as verify_mod
 from uploader.records import SegmentRecord
 
 if TYPE_CHECKING:
-    from uploader.recovery import Crew
+    from uploader.crew import Crew
 
 log = logging.getLogger("uploader")
 

@@ -9,8 +9,11 @@ Words:
   what the remote holds and takes the next step until the segment is verified, failed or blocked.
   Parts the remote already holds with the recorded MD5 are *reused*; missing ones are *re-sent*
   from the local file after its bytes were checked against the recorded digests.
-* **sweep**: abort multipart uploads (and staged parts) under the remote root that no unfinished
-  manifest row references.
+* **sweep** (:mod:`uploader.sweep`): abort multipart uploads (and staged parts) under the remote
+  root that no unfinished manifest row references.
+
+The crew a worker works with is :mod:`uploader.crew`; what a pass reports,
+:mod:`uploader.recovery_report`.
 
 Every crash point has an answer (the cases of :func:`uploader.plan.next_step`):
 
@@ -44,9 +47,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
 
-from uploader.driver import DEFAULT_MAX_REUPLOADS, Driver
+from uploader.crew import Crew
+from uploader.driver import DEFAULT_MAX_REUPLOADS
 from uploader.errors import (
     AccessDeniedError,
     LeaseLostError,
@@ -56,19 +59,17 @@ from uploader.errors import (
     SegmentBusyError,
     StaleStateError,
     StorageError,
-    UnsupportedOperationError,
     UploaderError,
     VerificationError,
     WorkInterruptedError,
 )
-from uploader.leases import LeaseKeeper
 from uploader.manifest import db
-from uploader.manifest.repo import Manifest
 from uploader.outage import Backoff, OutageGuard
 from uploader.records import Lease, SegmentRecord
+from uploader.recovery_report import RecoveryReport, SegmentOutcome
 from uploader.stalled import find_stalled
 from uploader.states import SegmentState
-from uploader.storage.base import Storage
+from uploader.sweep import DEFAULT_SWEEP_AGE, SweepReport, sweep
 from uploader.transport import Counters
 
 log = logging.getLogger("uploader.recovery")
@@ -78,102 +79,20 @@ log = logging.getLogger("uploader.recovery")
 #: that error: `uploader status` shows it and `uploader retry` takes it up once the cause is fixed.
 DEFAULT_STUCK_PASSES = 3
 
-__all__ = ["DEFAULT_MAX_REUPLOADS", "DEFAULT_STUCK_PASSES", "Crew", "RecoveryReport", "SegmentOutcome", "SweepReport"]
-
-
-@dataclass(frozen=True, slots=True)
-class Crew:
-    """What a recovery worker works with (a store provides it: ``store.crew``)."""
-
-    manifest: Manifest
-    storage: Storage
-    driver: Driver
-    keeper: LeaseKeeper
-    worker: str
-    node: str
-    lease_seconds: float
-    concurrency: int
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentOutcome:
-    """What one claim of one segment did."""
-
-    key: str
-    before: str  # state when claimed
-    after: str  # state when released
-    bytes_sent: int = 0
-    bytes_reused: int = 0
-    detail: str = ""
-    lost: bool = False  # another worker took the segment over: this pass decided nothing
-
-
-@dataclass(frozen=True, slots=True)
-class RecoveryReport:
-    """What a recovery pass did. ``ok`` is what the CLI's exit code says."""
-
-    outcomes: tuple[SegmentOutcome, ...] = ()
-    bytes_sent: int = 0
-    bytes_reused: int = 0
-    parts_sent: int = 0
-    parts_reused: int = 0
-
-    @property
-    def resumed(self) -> int:
-        """Segments this pass claimed and worked on."""
-        return len(self.outcomes)
-
-    @property
-    def verified(self) -> tuple[str, ...]:
-        return tuple(
-            o.key for o in self.outcomes if o.after == SegmentState.VERIFIED.value and not o.lost
-        )
-
-    @property
-    def failed(self) -> tuple[tuple[str, str], ...]:
-        """(key, reason) of segments this pass declared failed."""
-        return tuple(
-            (o.key, o.detail)
-            for o in self.outcomes
-            if o.after == SegmentState.FAILED.value and not o.lost
-        )
-
-    @property
-    def unfinished(self) -> tuple[tuple[str, str], ...]:
-        """(key, why) of sealed segments left unverified (retryable errors); a later pass retries."""
-        return tuple(
-            (o.key, o.detail)
-            for o in self.outcomes
-            if o.after in (SegmentState.SEALED.value, SegmentState.UPLOADED.value) and not o.lost
-        )
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and not self.unfinished
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "resumed": self.resumed,
-            "verified": list(self.verified),
-            "failed": [{"key": k, "reason": r} for k, r in self.failed],
-            "unfinished": [{"key": k, "error": r} for k, r in self.unfinished],
-            "bytes_sent": self.bytes_sent,
-            "bytes_reused": self.bytes_reused,
-            "parts_sent": self.parts_sent,
-            "parts_reused": self.parts_reused,
-            "segments": [
-                {
-                    "key": o.key,
-                    "before": o.before,
-                    "after": o.after,
-                    "bytes_sent": o.bytes_sent,
-                    "bytes_reused": o.bytes_reused,
-                    "detail": o.detail,
-                    "lost": o.lost,
-                }
-                for o in self.outcomes
-            ],
-        }
+# Crew, the reports and the sweep live in their own modules; importable from here as before.
+__all__ = [
+    "DEFAULT_MAX_REUPLOADS",
+    "DEFAULT_STUCK_PASSES",
+    "DEFAULT_SWEEP_AGE",
+    "Crew",
+    "RecoveryReport",
+    "SegmentOutcome",
+    "SweepReport",
+    "recover",
+    "recover_loop",
+    "resume_key",
+    "sweep",
+]
 
 
 @dataclass
@@ -394,80 +313,6 @@ def _stuck(crew: Crew, lease: Lease, seg: SegmentRecord, error: str, limit: int)
     except UploaderError:
         return None
     return reason
-
-
-# --- sweep ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SweepReport:
-    """Unfinished uploads under the root that no live manifest row references."""
-
-    aborted: tuple[tuple[str, str], ...] = ()  # (key, upload id)
-    kept_live: int = 0  # referenced by an unfinished segment
-    kept_young: int = 0  # orphaned but younger than ``older_than`` (may be about to be recorded)
-    dry_run: bool = False
-    tmp_removed: tuple[str, ...] = ()  # leftovers of interrupted assemblies (staged backends)
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "dry_run": self.dry_run,
-            "aborted" if not self.dry_run else "would_abort": [
-                {"key": k, "upload_id": u} for k, u in self.aborted
-            ],
-            "kept_live": self.kept_live,
-            "kept_young": self.kept_young,
-            "tmp_removed": list(self.tmp_removed),
-        }
-
-
-#: An upload is started before its id is recorded (the id comes from the remote): the sweep leaves
-#: orphans younger than this alone so it cannot abort an upload whose id is about to be recorded.
-DEFAULT_SWEEP_AGE = 3600.0
-
-
-def sweep(
-    crew: Crew, *, dry_run: bool = False, older_than: float = DEFAULT_SWEEP_AGE, prefix: str = ""
-) -> SweepReport:
-    """Abort orphaned multipart uploads (and their staged parts) under the remote root."""
-    live = crew.manifest.live_upload_ids()
-    cutoff = crew.manifest.clock() - timedelta(seconds=older_than)
-    aborted: list[tuple[str, str]] = []
-    kept_live = kept_young = 0
-    try:
-        uploads = crew.storage.list_uploads(prefix)
-    except UnsupportedOperationError as exc:
-        raise UnsupportedOperationError(
-            f"sweep: the remote {crew.storage.url} cannot list unfinished multipart uploads "
-            f"({exc}); orphaned uploads cannot be found from here: abort them with a lifecycle "
-            "rule on the bucket (AbortIncompleteMultipartUpload)",
-            op=exc.op,
-        ) from exc
-    for up in uploads:
-        if up.upload_id in live:
-            kept_live += 1
-            continue
-        if up.initiated is not None and up.initiated > cutoff:
-            kept_young += 1
-            continue
-        # Read the manifest again just before aborting: an upload recorded since the listing is
-        # live, not an orphan.
-        if up.upload_id in crew.manifest.live_upload_ids():
-            kept_live += 1
-            continue
-        if not dry_run:
-            crew.storage.abort(up.key, up.upload_id)
-        aborted.append((up.key, up.upload_id))
-    # Staged backends: temporary files of a complete/put interrupted before publishing.
-    clean_tmp = getattr(crew.storage, "clean_tmp", None)
-    tmp_removed: list[str] = clean_tmp(older_than, dry_run=dry_run) if clean_tmp else []
-    return SweepReport(
-        aborted=tuple(aborted),
-        kept_live=kept_live,
-        kept_young=kept_young,
-        dry_run=dry_run,
-        tmp_removed=tuple(tmp_removed),
-    )
 
 
 def recover_loop(

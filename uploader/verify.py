@@ -31,7 +31,7 @@ from uploader.states import SegmentState
 from uploader.transport import check_local
 
 if TYPE_CHECKING:
-    from uploader.recovery import Crew
+    from uploader.crew import Crew
 
 log = logging.getLogger("uploader.verify")
 
