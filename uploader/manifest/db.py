@@ -11,9 +11,9 @@
   server dropped is replaced, not handed out) and a connect gives up after 10 s (the URL's own
   ``connect_timeout`` wins).
 
-:func:`is_outage` tells a manifest outage (a lost connection, a server restarting, a busy SQLite
-file: the daemons back off and retry) from a configuration error (a wrong URL, role or database:
-they exit).
+:func:`is_outage` (in :mod:`uploader.manifest.outages`, importable from here) tells a manifest
+outage (a lost connection, a server restarting, a busy SQLite file: the daemons back off and
+retry) from a configuration error (a wrong URL, role or database: they exit).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import sqlite3
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,11 +30,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     ArgumentError,
     DBAPIError,
-    InterfaceError,
     NoSuchModuleError,
-    OperationalError,
 )
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from uploader.errors import (
     ManifestUnreachableError,
@@ -43,6 +39,10 @@ from uploader.errors import (
     SchemaBehindError,
     UsageError,
 )
+
+# Defined in uploader.manifest.outages; importable from here as they always were.
+from uploader.manifest.outages import describe as describe
+from uploader.manifest.outages import is_outage as is_outage
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -343,68 +343,3 @@ def upgrade_command(url: str | URL) -> str:
 def default_manifest_url() -> str:
     data = os.environ.get("UPLOADER_HOME") or os.path.join(os.getcwd(), ".uploader")
     return f"sqlite:///{os.path.join(data, 'manifest.db')}"
-
-
-# --- outages ------------------------------------------------------------------------------------
-
-#: SQLite's primary result codes for "another connection holds the lock" (the busy timeout ran
-#: out): SQLITE_BUSY, SQLITE_LOCKED.
-_SQLITE_TRANSIENT = {5, 6}
-#: SQLSTATE classes and codes that pass: connection exceptions (08), operator intervention
-#: (57: admin or crash shutdown, cannot connect now; not 57P04, database dropped), insufficient
-#: resources (53: too many connections, ...), serialization failure and deadlock (40001, 40P01),
-#: lock not available (55P03).
-_PG_TRANSIENT_CLASSES = {"08", "53"}
-_PG_TRANSIENT_CODES = {"57P01", "57P02", "57P03", "57014", "40001", "40P01", "55P03"}
-#: A connect refused for a reason that will not pass by waiting: the URL names a role or a
-#: database that does not exist, or credentials that are refused.
-_PG_CONFIG_MESSAGES = (
-    "does not exist",
-    "authentication failed",
-    "pg_hba.conf",
-    "no password supplied",
-    "permission denied",
-)
-
-
-def is_outage(exc: BaseException) -> bool:
-    """Whether ``exc`` is a manifest outage that passes by waiting: a connection lost or refused
-    (a server restarting, pg_terminate_backend, a network cut), a server shutting down or starting
-    up, an SQLite file locked by another process past the busy timeout.
-
-    False for everything else, notably configuration errors: a role or database that does not
-    exist, refused credentials, and our own typed errors (a bad URL, a schema behind head), which
-    are never DBAPI errors.
-    """
-    if isinstance(exc, PoolTimeoutError):  # every pooled connection stuck in an outage
-        return True
-    if not isinstance(exc, DBAPIError):
-        return False
-    if exc.connection_invalidated:  # SQLAlchemy saw the connection die (is_disconnect)
-        return True
-    orig = exc.orig
-    if isinstance(orig, sqlite3.Error):
-        code = getattr(orig, "sqlite_errorcode", None)
-        if code is not None:
-            return (code & 0xFF) in _SQLITE_TRANSIENT
-        text_ = str(orig).lower()
-        return "locked" in text_ or "busy" in text_
-    sqlstate = getattr(orig, "sqlstate", None)
-    if isinstance(sqlstate, str) and sqlstate:
-        return sqlstate[:2] in _PG_TRANSIENT_CLASSES or sqlstate in _PG_TRANSIENT_CODES
-    if isinstance(exc, InterfaceError):  # a connection the driver already knows is closed
-        return True
-    if isinstance(exc, OperationalError):
-        # No SQLSTATE: libpq failed to connect or lost the connection (refused, reset, closed
-        # unexpectedly, timeout). Refused for a reason of configuration: not an outage.
-        message = str(orig).lower()
-        return not any(m in message for m in _PG_CONFIG_MESSAGES)
-    return False
-
-
-def describe(exc: BaseException) -> str:
-    """One line about a database error: the driver's first line, without SQL or parameters."""
-    orig = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    lines = str(orig).strip().splitlines()
-    first = lines[0].strip() if lines else ""
-    return f"{type(orig).__name__}: {first}" if first else type(orig).__name__
