@@ -886,7 +886,7 @@ def recover(
             if server is not None:
                 server.shutdown()
         status = store.status()
-        leased = store.manifest.leased_unfinished(exclude_owner=store.worker)
+        leased = store.manifest.leased_unfinished(exclude_owner=store.worker, node=store.node)
     if leased:
         owners = sorted({_owner(o) for _, o, _ in leased})
         until = max(e for _, _, e in leased)
