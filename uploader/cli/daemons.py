@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import (
-    Progress,
-)
+from rich.progress import Progress
 
 from uploader import verify as verify_mod
 from uploader.cli.app import ctx_store
