@@ -21,6 +21,7 @@ from uploader.manifest.repo import Manifest
 from uploader.records import NewCommit
 
 WRITES_PER_HOLD = 2
+HOLD_SECONDS = 0.02
 PART = 4
 
 
@@ -52,6 +53,10 @@ def main(argv: list[str]) -> int:
                     lease, [NewCommit(last.part_number + 1, last.end, last.end + PART, md5, crc)]
                 )
                 parts.append(last.part_number + 1)
+                # Hold a little longer than the writes take: with every segment held for a while,
+                # the other workers' claims meet held segments (the contention the test needs)
+                # even when a loaded machine runs the workers one after the other.
+                time.sleep(HOLD_SECONDS)
             lease = manifest.renew(lease, ttl=60)
             end = time.monotonic()
             released = manifest.release(lease)

@@ -192,3 +192,21 @@ def test_gone_tells_live_dead_zombie_and_reused() -> None:
         child.kill()
         child.wait()
     assert holders.gone(child.pid, started[1], me.space)  # reaped: no such process
+
+
+def test_leases_of_dead_holders_on_this_node_are_not_reported_as_held(manifest: Manifest) -> None:
+    """``recover`` names work another process holds; a dead holder on this node holds nothing
+    (any process here takes it over at once), so it is left out there; elsewhere it is listed."""
+    register(manifest, "t/dead-report")
+    register(manifest, "t/live-report")
+    pid = held_by_a_dead_process(manifest, "t/dead-report", "n1")
+    manifest.acquire("t/live-report", "alive", 30, node="n1")
+    everyone = manifest.leased_unfinished()
+    assert {(k, o) for k, o, _ in everyone} == {
+        ("t/dead-report", f"dead:{pid}"),
+        ("t/live-report", "alive"),
+    }
+    here = manifest.leased_unfinished(node="n1")
+    assert [k for k, _, _ in here] == ["t/live-report"]
+    elsewhere = manifest.leased_unfinished(node="n2")
+    assert sorted(k for k, _, _ in elsewhere) == ["t/dead-report", "t/live-report"]

@@ -7,6 +7,7 @@ from datetime import datetime
 from sqlalchemy import func, select, text
 
 from uploader.manifest.core import ManifestCore
+from uploader.manifest.leases import HOLDER_COLUMNS, holder_gone
 from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL
 from uploader.manifest.rowmap import COMMITS, RARE_UNFINISHED, SEGMENTS
 from uploader.records import Status
@@ -91,10 +92,13 @@ class Overview(ManifestCore):
             )
 
     def leased_unfinished(
-        self, *, exclude_owner: str | None = None
+        self, *, exclude_owner: str | None = None, node: str | None = None
     ) -> list[tuple[str, str, datetime]]:
-        """(key, lease owner, lease expiry) of unfinished segments another process holds now."""
-        q = select(SEGMENTS.c.key, SEGMENTS.c.lease_owner, SEGMENTS.c.lease_expires).where(
+        """(key, lease owner, lease expiry) of unfinished segments another process holds now.
+
+        With ``node``: leaves out leases whose holder process on that node is certainly gone
+        (any process there takes them over at once, so nobody waits for them)."""
+        q = select(*HOLDER_COLUMNS, SEGMENTS.c.lease_expires).where(
             text(UNFINISHED_SEGMENTS_SQL),
             SEGMENTS.c.lease_owner.is_not(None),
             SEGMENTS.c.lease_expires > self._lease_now(),
@@ -102,4 +106,9 @@ class Overview(ManifestCore):
         if exclude_owner is not None:
             q = q.where(SEGMENTS.c.lease_owner != exclude_owner)
         with self.engine.connect() as conn:
-            return [(k, o, e) for k, o, e in conn.execute(q.order_by(SEGMENTS.c.id))]
+            rows = conn.execute(q.order_by(SEGMENTS.c.id)).all()
+        return [
+            (r.key, r.lease_owner, r.lease_expires)
+            for r in rows
+            if node is None or not holder_gone(r, node)
+        ]

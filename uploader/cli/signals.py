@@ -1,0 +1,96 @@
+"""Signals of the CLI: the early handlers (installed before the slow imports, by the package's
+first lines), the long commands' stop event, and ``ship``'s two-step interrupt.
+
+Standard library only: this module is imported before typer, SQLAlchemy and fsspec.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+#: Signals that arrived while the command was still starting (before its own handler).
+_EARLY_SIGNALS: list[int] = []
+
+
+def _early_handler(signum: int, _frame: object) -> None:
+    """Installed before the slow imports (typer, SQLAlchemy, fsspec): a SIGTERM is remembered and
+    honoured by the command's own handler (``recover --loop``, ``watch`` stop cleanly); a SIGINT
+    before any work interrupts at once, as usual (nothing was recorded yet)."""
+    _EARLY_SIGNALS.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+
+
+def install_early_handlers() -> None:
+    """Called by ``python -m uploader.cli`` and the ``uploader`` script before anything slow."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+                signal.signal(signum, _early_handler)
+        except ValueError:  # not the main thread: the caller owns signals
+            return
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGTERM/SIGINT: long commands finish the work in hand, then stop."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        # A plain write, not rich: the handler runs between any two bytecodes of the main thread,
+        # possibly in the middle of rich importing the module its print would need (seen as
+        # "cannot import name 'EMOJI' from partially initialized module").
+        name = signal.Signals(signum).name
+        os.write(2, f"{name}: finishing the work in hand, then stopping\n".encode())
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    if _EARLY_SIGNALS:  # arrived while the command was starting
+        handler(_EARLY_SIGNALS[-1], None)
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class _ShipSignals:
+    """SIGINT/SIGTERM during ``ship``: the first stops taking new work (the main loop sees
+    ``count``), the second exits at once (every manifest write is one transaction, so what is
+    recorded is consistent; what is pending stays pending)."""
+
+    def __init__(self) -> None:
+        self.count = len(_EARLY_SIGNALS)
+        #: Called by the first signal before it says so (``Store.stop_sending``: lock-free).
+        self.on_first: Callable[[], None] | None = None
+
+    def handler(self, signum: int, _frame: FrameType | None) -> None:
+        self.count += 1
+        if self.on_first is not None:
+            self.on_first()
+        if self.count >= 2:
+            os.write(
+                2,
+                b"interrupted again: exiting now; the manifest records what was done, "
+                b"`uploader recover` finishes what is pending\n",
+            )
+            os._exit(130)
+        os.write(
+            2,
+            b"interrupt: no new work is started; parts in flight finish and are recorded "
+            b"(interrupt again to exit at once)\n",
+        )
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
