@@ -268,6 +268,8 @@ def _resume(
         detail = f"verified, {after.size} bytes"
     elif after.state is SegmentState.OPEN and not detail:
         detail = "pending parts uploaded; the segment stays open for its writer to seal"
+    if not lost and after.state in (SegmentState.UPLOADED, SegmentState.VERIFIED):
+        _count_reused(crew, after, counters)
     totals.add(counters)
     return SegmentOutcome(
         key=seg.key,
@@ -278,6 +280,18 @@ def _resume(
         detail=detail,
         lost=lost,
     )
+
+
+def _count_reused(crew: Crew, seg: SegmentRecord, counters: Counters) -> None:
+    """The object is complete at the remote: every byte of it this pass did not send was
+    already there (sent before the crash, or adopted), so it counts as reused. Without this a
+    partial resend reported "0 reused" although it sent only what was missing."""
+    if seg.size is None:
+        return
+    parts = crew.manifest.progress(seg.id).parts
+    with counters.lock:
+        counters.bytes_reused = max(counters.bytes_reused, seg.size - counters.bytes_sent)
+        counters.parts_reused = max(counters.parts_reused, parts - counters.parts_sent)
 
 
 def _incurable(exc: Exception) -> bool:
