@@ -16,7 +16,18 @@ from pathlib import Path
 
 from bench.common import MiB, Result, moto_server, rgw_server, save
 
-NAMES = ("seal", "small", "appends", "rss", "recovery", "resume", "kill", "check", "watchkill", "readback")
+NAMES = (
+    "seal",
+    "small",
+    "appends",
+    "rss",
+    "recovery",
+    "resume",
+    "kill",
+    "check",
+    "watchkill",
+    "readback",
+)
 #: The benchmarks that talk to an S3 server (run once per server); the others run once.
 REMOTE = ("seal", "small", "appends", "rss", "resume", "readback")
 
@@ -85,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     for server in servers:
         if not remote:
             break
-        with (moto_server() if server == "moto" else rgw_server()) as endpoint:
+        with moto_server() if server == "moto" else rgw_server() as endpoint:
             print(f"\n##### S3 server: {server} ({endpoint})")
             for name in remote:
                 run(name, endpoint, server)

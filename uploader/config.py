@@ -83,9 +83,7 @@ class StoreConfig:
             raise UsageError(f"concurrency must be at least 1, got {self.concurrency}")
         if self.part_size <= 0:
             raise UsageError(f"part_size must be positive, got {self.part_size}")
-        if not (
-            isinstance(self.lease_seconds, int | float) and 0 < self.lease_seconds < math.inf
-        ):
+        if not (isinstance(self.lease_seconds, int | float) and 0 < self.lease_seconds < math.inf):
             raise UsageError(
                 f"lease_seconds must be a positive number of seconds (default "
                 f"{DEFAULT_LEASE_SECONDS:g}; the CLI's --lease-seconds), got {self.lease_seconds!r}"

@@ -133,6 +133,8 @@ class Status:
 
     @property
     def all_verified(self) -> bool:
-        return not self.failed and not self.stalled and all(
-            n == 0 for s, n in self.segments.items() if s != SegmentState.VERIFIED.value
+        return (
+            not self.failed
+            and not self.stalled
+            and all(n == 0 for s, n in self.segments.items() if s != SegmentState.VERIFIED.value)
         )

@@ -35,7 +35,5 @@ def find_stalled(manifest: Manifest, node: str) -> tuple[tuple[str, str], ...]:
             continue
         committed = manifest.progress(seg.id).committed
         if size < committed:
-            out.append(
-                (seg.key, f"{SHORTER}: {seg.path} has {size} bytes, {committed} committed")
-            )
+            out.append((seg.key, f"{SHORTER}: {seg.path} has {size} bytes, {committed} committed"))
     return tuple(out)

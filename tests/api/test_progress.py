@@ -41,9 +41,7 @@ def test_bytes_advance_as_parts_are_acknowledged(manifest_url: str, tmp_path: Pa
     path = tmp_path / "seg"
     path.write_bytes(data)
     calls: list[tuple[str, int]] = []
-    with uploader.open(
-        manifest_url, remote, storage=held, part_size=PART, concurrency=1
-    ) as store:
+    with uploader.open(manifest_url, remote, storage=held, part_size=PART, concurrency=1) as store:
         store.on_bytes = lambda key, n: calls.append((key, n))
         fut = store.segment("k/seg", path).seal()
         assert held.reached.wait(60)

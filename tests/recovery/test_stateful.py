@@ -399,9 +399,7 @@ class UploaderModel(RuleBasedStateMachine):
         return [
             r.key
             for r in self.store.manifest.segments()
-            if r.state is SegmentState.SEALED
-            and r.key in self.sealed
-            and self._clean(r.key)
+            if r.state is SegmentState.SEALED and r.key in self.sealed and self._clean(r.key)
         ]
 
     @precondition(lambda self: bool(self._foreign_keys()))
@@ -550,6 +548,7 @@ class UploaderModel(RuleBasedStateMachine):
                 exc = refused
             if key in failing:
                 assert exc is not None and failing[key] in str(exc), (key, exc)
+
         def done() -> bool:
             return all(
                 (s is SegmentState.FAILED) == (k in failing) and s in END

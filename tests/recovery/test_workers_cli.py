@@ -39,6 +39,7 @@ from uploader.storage import Fault, FaultyStorage, open_storage
 SEGMENTS = 30
 LEASE = 1.0
 
+
 def _prepare(pg_url: str, remote: tuple[str, dict[str, Any]], tmp_path: Path) -> dict[str, bytes]:
     """Sealed segments whose every part send failed: all of their work is left to recovery."""
     url, options = remote

@@ -158,6 +158,7 @@ def test_delay_fault_slows_the_call(storage: Storage) -> None:
     assert time.monotonic() - started >= 0.2
     done = threading.Event()
     faulty.add(Fault(op="head", kind="hang", times=1))
+
     def head_then_done() -> None:
         faulty.head("x")
         done.set()

@@ -66,9 +66,9 @@ class RetryNotice:
 def _where(inner: Storage) -> str:
     """The endpoint a call goes to, for people: an S3 endpoint URL and the remote root."""
     fs = getattr(inner, "fs", None)
-    endpoint = getattr(fs, "endpoint_url", None) or (
-        getattr(fs, "client_kwargs", None) or {}
-    ).get("endpoint_url")
+    endpoint = getattr(fs, "endpoint_url", None) or (getattr(fs, "client_kwargs", None) or {}).get(
+        "endpoint_url"
+    )
     if endpoint is None and inner.url.startswith(("s3://", "s3a://")):
         endpoint = "the default AWS endpoint"
     return inner.url if endpoint is None else f"{endpoint} ({inner.url})"
