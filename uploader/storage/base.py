@@ -17,7 +17,7 @@ faults. The same contract suite (``tests/storage/test_contract.py``) runs agains
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
@@ -52,7 +52,8 @@ class ObjectInfo:
     checksum: str | None = None
     #: What a write's own response proved: the remote honours its condition (no object was
     #: overwritten) and echoed the checksum of the bytes we sent. As good as a HEAD right after.
-    proven: bool = False
+    #: (Not part of what the object is: two ObjectInfo for the same object compare equal.)
+    proven: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
