@@ -96,7 +96,7 @@ def test_checksum_md5_sends_no_crc32c(s3_bucket: str, moto_endpoint: str) -> Non
 
 
 def test_checksum_option_is_checked(s3_bucket: str, moto_endpoint: str) -> None:
-    with pytest.raises(UsageError, match="checksum='sha1'.*auto, crc32c, md5"):
+    with pytest.raises(UsageError, match=r"checksum='sha1'.*auto, crc32c, md5"):
         _s3(f"s3://{s3_bucket}/root", s3_options(moto_endpoint), checksum="sha1")
 
 

@@ -79,6 +79,9 @@ PROBE_PREFIX = ".uploader/probe"
 HIDDEN_PREFIX = ".uploader/"
 #: The ``checksum`` storage option: what proves the bytes a part or a PUT carries to the remote.
 CHECKSUM_MODES = ("auto", "crc32c", "md5")
+#: What a remote answers a Complete that names part checksums it does not hold (Ceph RGW 16:
+#: InvalidPart; an upload started without CRC32C declared: InvalidRequest/InvalidArgument).
+CHECKSUM_REFUSED_CODES = frozenset({"InvalidPart", "InvalidRequest", "InvalidArgument"})
 #: Error codes that, on a call naming an upload id (the bucket exists: that is NoSuchBucket), mean
 #: the upload is unknown. Ceph RGW's ListParts says NoSuchKey: without it, recovery would retry
 #: ListParts of a lost upload forever instead of starting a fresh one.
@@ -449,7 +452,9 @@ class S3Storage:
         try:
             call(True)
         except StorageError as exc:
-            if exc.retryable or isinstance(exc, (NoSuchUploadError, ObjectExistsError)):
+            cause = exc.__cause__
+            code = client_error_code(_client_error(cause))[0] if cause is not None else None
+            if exc.retryable or code not in CHECKSUM_REFUSED_CODES:
                 raise
             # An upload started without CRC32C declared (by an earlier version, or before this
             # instance learned the remote keeps it) is refused with part checksums; Ceph RGW
