@@ -167,3 +167,30 @@ def test_requests_where_if_none_match_is_ignored(s3_bucket: str, moto_endpoint: 
         assert proxy.count("HeadObject", "mp") == 2  # before Complete, and after it
         assert proxy.count("HeadObject", "one") == 1  # before the PUT
         assert proxy.count("DeleteObject") == 0  # the probes' objects are their own
+
+
+def test_an_upload_resumed_by_a_fresh_instance_completes(
+    s3_kind: tuple[str, str, dict[str, Any]],
+) -> None:
+    """A new process does not know yet whether the remote keeps CRC32C: it completes with the
+    part checksums (an upload started with CRC32C declared needs them) and, where the remote
+    refuses them (RGW: InvalidPart), once more with the ETags alone."""
+    kind, url, options = s3_kind
+    first = _s3(url, options)
+    upload_id = first.start_upload("resumed")
+    blobs = [b"r" * PART, b"end"]
+    refs = []
+    for n, blob in enumerate(blobs, 1):
+        p = payload(blob, (n - 1) * PART)
+        ref = first.upload_part("resumed", upload_id, n, p)
+        refs.append(PartRef(n, ref.etag, ref.size, crc32c=p.crc32c))
+    fresh = _s3(url, options)
+    assert fresh.crc32c is None
+    info = fresh.complete("resumed", upload_id, refs)
+    assert info.size == PART + 3
+    if kind == "s3":
+        assert info.checksum is not None
+        parts = [(r.crc32c or 0, r.size) for r in refs]
+        assert checksum_matches(info.checksum, parts, multipart=True)
+    else:
+        assert info.checksum is None

@@ -11,6 +11,22 @@ What we check ourselves because S3-compatible servers (moto among them) may not:
 * ``complete`` and ``put`` are conditional (``If-None-Match: *``): an existing object is never
   overwritten; an object that matches what we expected (a lost response) is accepted.
 
+Checksums. Uploads and PUTs declare CRC32C (``ChecksumAlgorithm``), every part carries its
+CRC32C (``x-amz-checksum-crc32c``, base64 of the big-endian value taken when the part was read)
+on top of ``Content-MD5``, Complete names each part's, and HEAD asks for the object's
+(``ChecksumMode``): COMPOSITE for a multipart object (AWS ``<b64>-N``, moto without ``-N``), the
+object's own for a PUT. Whether the remote keeps them is learned once per instance from its
+answers (CreateMultipartUpload naming the algorithm back, PutObject echoing the checksum); where
+it does not (Ceph RGW 16, which also refuses part checksums on Complete with InvalidPart), MD5
+alone, as before. The storage option ``checksum`` (``auto``, ``crc32c``, ``md5``) sets it. MD5 is
+never dropped: the manifest records every part's MD5 and the object's expected ETag.
+
+Requests. Whether the remote honours ``If-None-Match`` on PutObject and on Complete is probed
+once per instance (a probe object under ``.uploader/probe/``: a conditional second write must be
+refused with 412). Where it is honoured no HEAD precedes the write: a multipart upload costs one
+HEAD (after Complete: the object's ETag and checksum), a PUT whose response echoes our CRC32C
+none (:attr:`ObjectInfo.proven`). Where it is ignored, the HEAD before the write stays.
+
 Servers name an unknown (aborted or completed) upload id differently; on a call that names an
 upload id each of these means "the upload is unknown" (:class:`NoSuchUploadError`):
 
@@ -22,7 +38,8 @@ upload id each of these means "the upload is unknown" (:class:`NoSuchUploadError
   stays a server error.
 
 Ceph RGW also answers Complete with an empty ETag (the HEAD that follows every complete is what we
-record) and ignores ``If-None-Match`` on Complete (hence the HEAD before it) but honours it on PUT.
+record) and ignores ``If-None-Match`` on Complete (the probe finds it: hence the HEAD before it
+there) but honours it on PUT.
 
 Retries and deadlines. :mod:`uploader.storage.retry` alone decides about retries: s3fs's own
 retries are off (``retries = 1``) and so are botocore's (``total_max_attempts = 1``, whatever a
@@ -445,7 +462,9 @@ class S3Storage:
                 IfNoneMatch="*",
             )
 
-        with_crc = self._crc32c is True and all(p.crc32c is not None for p in parts)
+        # Also while not learned yet (a resumed upload in a fresh process): an upload started
+        # with CRC32C declared must be completed with its parts' checksums.
+        with_crc = self._crc32c is not False and all(p.crc32c is not None for p in parts)
         if not with_crc:
             call(False)
             return
