@@ -27,6 +27,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
+#: Where the storage's capability probes write (see uploader.storage.s3.PROBE_PREFIX).
+PROBE_PATH = "/.uploader/probe/"
 ERROR_CODES = {405: "MethodNotAllowed", 501: "NotImplemented"}
 
 
@@ -104,12 +106,16 @@ class LimitedS3:
         self._server.server_close()
 
     def count(self, op: str, key: str | None = None) -> int:
-        """How many ``op`` requests reached the proxy (for an object path ending in ``/key``)."""
+        """How many ``op`` requests reached the proxy (for an object path ending in ``/key``).
+
+        Without ``key``, the storage's once-per-instance capability probes (objects under the
+        hidden ``.uploader/probe/``) are not counted: they are not requests for any segment."""
         with self._lock:
             return sum(
                 1
                 for o, path in zip(self.calls, self.paths, strict=True)
-                if o == op and (key is None or path.endswith("/" + key))
+                if o == op
+                and (path.endswith("/" + key) if key is not None else PROBE_PATH not in path)
             )
 
     # --- one request ------------------------------------------------------------------------------

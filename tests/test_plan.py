@@ -320,3 +320,39 @@ def test_single_put() -> None:
     kms = Position(s, one, object_known=True, obj=other, deep_checked=True, local_checked=True)
     assert next_step(kms).act is Act.VERIFY_PUT
     assert next_step(Position(s, one, object_known=True, obj=FOREIGN)).act is Act.FAIL  # size
+
+
+# --- the object's CRC32C, where the remote reports one -----------------------------------------
+
+
+def test_an_object_whose_reported_crc32c_is_the_composite_of_the_parts_is_verified() -> None:
+    from uploader.digest import combine_crcs, composite_crc32c, crc32c_b64
+
+    cs = commits(U, U, U)
+    composite = composite_crc32c([0, 1, 2])
+    full = crc32c_b64(combine_crcs([(0, 10), (1, 10), (2, 10)]))
+    for reported in (composite, composite.split("-")[0], full):  # AWS, moto, FULL_OBJECT
+        obj = dataclasses.replace(GOOD, checksum=reported)
+        p = Position(seg(SegmentState.UPLOADED), cs, object_known=True, obj=obj, local_checked=True)
+        assert next_step(p).act is Act.VERIFY, reported
+
+
+def test_a_reported_crc32c_that_is_not_the_parts_is_never_verified() -> None:
+    """The ETag matches, the remote's checksum does not (a part's checksum corrupted on the way,
+    or a remote that checksummed other bytes): refused, and, as it cannot be named apart from a
+    good object for removal, left alone."""
+    from uploader.digest import composite_crc32c
+
+    bad = dataclasses.replace(GOOD, checksum=composite_crc32c([0, 1, 3]))
+    cs = commits(U, U, U)
+    uploaded = Position(
+        seg(SegmentState.UPLOADED), cs, object_known=True, obj=bad, local_checked=True
+    )
+    step = next_step(uploaded)
+    assert step.act is Act.FAIL and "crc32c" in step.reason
+    # Found at the key before this segment published anything: foreign, left alone.
+    sealed = Position(
+        seg(SegmentState.SEALED), cs, parts_known=True, parts=None, object_known=True, obj=bad
+    )
+    step = next_step(sealed)
+    assert step.act is Act.FAIL and "left alone" in step.reason

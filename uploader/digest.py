@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 from collections.abc import Sequence
@@ -175,3 +176,31 @@ def combine_crcs(parts: Sequence[tuple[int, int]]) -> int:
     for part_crc, size in parts[1:]:
         crc = crc32c_combine(crc, part_crc, size)
     return crc
+
+
+# --- CRC32C as S3's additional checksums name it ------------------------------------------------
+
+
+def crc32c_b64(crc: int) -> str:
+    """A CRC32C as S3's ``x-amz-checksum-crc32c`` carries it: base64 of the big-endian value."""
+    return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
+
+
+def composite_crc32c(part_crcs: Sequence[int]) -> str:
+    """The COMPOSITE checksum S3 gives an object completed from parts with these CRC32Cs (in
+    order): the CRC32C of their concatenated big-endian values, base64, then ``-N``."""
+    joined = b"".join(c.to_bytes(4, "big") for c in part_crcs)
+    return f"{crc32c_b64(crc32c_of(joined))}-{len(part_crcs)}"
+
+
+def checksum_matches(reported: str, parts: Sequence[tuple[int, int]], *, multipart: bool) -> bool:
+    """Whether the CRC32C a remote reports for an object is the one of these ``(crc32c, size)``
+    parts. A multipart object's is COMPOSITE (``<b64>-N``; moto leaves the ``-N`` off) or, where
+    the upload was FULL_OBJECT, the whole object's; a single PUT's is the object's own."""
+    value = reported.strip()
+    if not multipart:
+        return len(parts) == 1 and value == crc32c_b64(parts[0][0])
+    composite = composite_crc32c([c for c, _ in parts])
+    if value in (composite, composite.rsplit("-", 1)[0]):
+        return True
+    return value == crc32c_b64(combine_crcs(parts))

@@ -465,15 +465,22 @@ class Driver:
         learned.checked.add(commit.part_number)
         counters.sent(commit.size)
         self._moved(seg.key, commit.size)
-        # The object is checked with a HEAD of its own: what the PUT's response said is not
-        # proof that the object is at the key now.
         learned.object_changed()
+        if info.proven:
+            # The remote honoured the condition (nothing was replaced) and echoed our bytes'
+            # CRC32C: its answer is what a HEAD would say, so none is sent.
+            learned.obj, learned.object_known = info, True
+        # Otherwise the object is checked with a HEAD of its own: a response that proves less
+        # is not proof that the object is at the key now.
 
     def _complete(
         self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord], learned: _Learned
     ) -> None:
         assert seg.upload_id is not None
-        parts = [PartRef(number=c.part_number, etag=c.etag or "", size=c.size) for c in commits]
+        parts = [
+            PartRef(number=c.part_number, etag=c.etag or "", size=c.size, crc32c=c.crc32c)
+            for c in commits
+        ]
         # The segment's full record, for a rebuild of a lost manifest, before the object exists:
         # named by the ETag the object will have, so it describes exactly those bytes.
         self._write_record(lease, seg, commits)
@@ -558,6 +565,13 @@ class Driver:
         if info.size != seg.size:
             return f"object {seg.key!r} has {info.size} bytes, expected {seg.size}"
         etag = normalize_etag(info.etag)
+        if info.checksum is not None:
+            commits = self.manifest.commits(seg.id)
+            if not plan.checksum_ok(info, seg, commits):
+                return (
+                    f"object {seg.key!r} has CRC32C {info.checksum}, not the one of the "
+                    "recorded parts"
+                )
         if not deep and etag is not None and etag == seg.expected_etag:
             return None
         # No ETag, or one that is not the part MD5s' (s3rver, SSE-KMS): only the bytes can

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from uploader.config import UploadMode
-from uploader.digest import normalize_etag
+from uploader.digest import checksum_matches, normalize_etag
 from uploader.records import CommitRecord, SegmentRecord
 from uploader.states import CommitState, SegmentState
 from uploader.storage.base import Expected, ObjectInfo, PartRef
@@ -103,7 +103,17 @@ def expected(seg: SegmentRecord) -> Expected:
 
 
 def _describe(obj: ObjectInfo) -> str:
-    return f"{obj.size} bytes, etag {obj.etag}"
+    crc = f", crc32c {obj.checksum}" if obj.checksum is not None else ""
+    return f"{obj.size} bytes, etag {obj.etag}{crc}"
+
+
+def checksum_ok(obj: ObjectInfo, seg: SegmentRecord, commits: Sequence[CommitRecord]) -> bool:
+    """Whether the CRC32C the remote reports for the object (if any) is the one of the recorded
+    parts. A remote that reports none proves nothing here (the ETag then does)."""
+    if obj.checksum is None:
+        return True
+    parts = [(c.crc32c, c.size) for c in sorted(commits, key=lambda c: c.part_number)]
+    return checksum_matches(obj.checksum, parts, multipart=seg.upload_mode != "put")
 
 
 def _judge(p: Position) -> bool | None:
@@ -112,6 +122,10 @@ def _judge(p: Position) -> bool | None:
     obj = p.obj
     if obj is None or obj.size != p.seg.size or p.read_back_differs is not None:
         return False  # the bytes read back outrank any ETag
+    if not checksum_ok(obj, p.seg, p.commits):
+        # The remote checksummed other bytes than the recorded parts (or keeps a checksum a
+        # reader would see fail): never the seal's object, whatever its ETag says.
+        return False
     if p.deep_checked or matches(obj, expected(p.seg)):
         return True
     return None

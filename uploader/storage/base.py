@@ -17,7 +17,7 @@ faults. The same contract suite (``tests/storage/test_contract.py``) runs agains
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
@@ -37,6 +37,8 @@ class PartRef:
     number: int
     etag: str  # normalised: no quotes, lower case
     size: int = -1  # -1 when unknown (complete() does not need it)
+    #: The part's CRC32C as recorded (complete() names it where the remote checks checksums).
+    crc32c: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,14 @@ class ObjectInfo:
     key: str
     size: int
     etag: str | None  # normalised; None where the backend cannot tell
+    #: The object's CRC32C as the remote reports it (base64; a multipart object's is the
+    #: composite ``<crc of the part crcs>[-N]`` or, FULL_OBJECT, the whole object's), or None
+    #: where the remote keeps no additional checksum.
+    checksum: str | None = None
+    #: What a write's own response proved: the remote honours its condition (no object was
+    #: overwritten) and echoed the checksum of the bytes we sent. As good as a HEAD right after.
+    #: (Not part of what the object is: two ObjectInfo for the same object compare equal.)
+    proven: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
