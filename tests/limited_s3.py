@@ -10,8 +10,9 @@ proxy only changes what a less capable remote changes:
 * ``ignore_if_none_match``: the ``If-None-Match`` header is dropped before it reaches moto, so a
   conditional PUT or complete overwrites (RGW on complete, s3rver);
 * ``etags="plain-md5"``: HeadObject and GetObject report a multipart object's ETag as the MD5 of
-  its bytes (s3rver); ``etags="opaque"``: every object's ETag is some other hex string, stable per
-  object (SSE-KMS).
+  its bytes (s3rver); ``etags="opaque"``: every object's and every part's ETag is some other hex
+  string, stable per object or part (SSE-KMS); the proxy maps part ETags back for
+  CompleteMultipartUpload and forth in ListParts, as the real server knows its own.
 
 ``calls`` lists every operation that reached the proxy, in order (tests count retries with it).
 """
@@ -78,6 +79,7 @@ class LimitedS3:
         self.calls: list[str] = []
         self.paths: list[str] = []
         self._lock = threading.Lock()
+        self._real_part_etags: dict[str, str] = {}  # opaque part ETag -> upstream's (KMS mode)
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -174,7 +176,17 @@ class LimitedS3:
             headers["Content-Length"] = str(len(body))
         if self.ignore_if_none_match:
             headers = {k: v for k, v in headers.items() if k.lower() != "if-none-match"}
+        if self.etags == "opaque" and op == "CompleteMultipartUpload" and body is not None:
+            # The client names the part ETags it was given; the server upstream knows its own.
+            with self._lock:
+                for opaque, real in self._real_part_etags.items():
+                    body = body.replace(opaque.encode(), real.encode())
+            headers["Content-Length"] = str(len(body))
         status, out_headers, data = self._upstream(h.command, h.path, headers, body)
+        if self.etags == "opaque" and op == "ListParts" and status < 300:
+            with self._lock:
+                for opaque, real in self._real_part_etags.items():
+                    data = data.replace(real.encode(), opaque.encode())
         h.send_response(status)
         for name, value in out_headers:
             lower = name.lower()
@@ -182,6 +194,15 @@ class LimitedS3:
                 continue
             if lower == "etag" and op in ("HeadObject", "GetObject") and status < 300:
                 value = self._etag(value, h.path, headers)
+            elif lower == "etag" and op == "UploadPart" and status < 300 and self.etags == "opaque":
+                # SSE-KMS: a part's ETag is no MD5 of its bytes either.
+                real = value.strip('"')
+                opaque = hashlib.md5(
+                    b"kms-part:" + real.encode(), usedforsecurity=False
+                ).hexdigest()
+                with self._lock:
+                    self._real_part_etags[opaque] = real
+                value = f'"{opaque}"'
             h.send_header(name, value)
         if h.command == "HEAD":
             length_out = next((v for k, v in out_headers if k.lower() == "content-length"), "0")

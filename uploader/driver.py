@@ -395,7 +395,11 @@ class Driver:
                 self.manifest.commit_attempt_failed(lease, commit, str(exc))
             raise
         payload = None  # let the part's bytes go before the manifest round trip
-        self.manifest.parts_uploaded(lease, [(commit, normalize_etag(ref.etag) or "")])
+        self.manifest.parts_uploaded(
+            lease,
+            [(commit, normalize_etag(ref.etag) or "")],
+            proven=frozenset({commit.id}) if ref.proven_by_checksum else frozenset(),
+        )
         counters.sent(commit.size)
         self._moved(seg.key, commit.size)
         if checked is not None:

@@ -257,8 +257,14 @@ def _parts(p: Position, pending: tuple[CommitRecord, ...]) -> Step:
 
 
 def _held(parts: Mapping[int, PartRef], c: CommitRecord) -> bool:
+    """The remote lists the part with its MD5, or (an uploaded part) with the very ETag it
+    acknowledged for our bytes (SSE-KMS ETags are no MD5s; that acknowledgement was proven by
+    the part's CRC32C)."""
     part = parts.get(c.part_number)
-    return part is not None and normalize_etag(part.etag) == c.md5
+    if part is None:
+        return False
+    etag = normalize_etag(part.etag)
+    return etag == c.md5 or (c.state is CommitState.UPLOADED and etag == c.etag)
 
 
 def _found(p: Position) -> Step:

@@ -9,8 +9,10 @@ in a loop and no correct object is deleted.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import boto3
@@ -21,6 +23,7 @@ from tests.api.conftest import PART, migrate
 from tests.conftest import s3_options
 from tests.limited_s3 import LimitedS3, limited_s3
 from uploader.errors import SegmentFailedError, UnsupportedOperationError
+from uploader.manifest.repo import utcnow
 from uploader.storage import Fault, FaultyStorage, open_storage
 
 S3RVER = {
@@ -204,6 +207,33 @@ def test_kms_etags_verify_by_reading_back(
     assert _object(moto_endpoint, s3_bucket, "k/big") == big_data
     assert _object(moto_endpoint, s3_bucket, "k/small") == small_data
     assert kms.count("DeleteObject") == 0 and kms.count("CompleteMultipartUpload") == 1
+
+
+def test_kms_parts_are_proven_by_their_crc32c_and_reused_on_resume(
+    on_kms: Opener, kms: LimitedS3, moto_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    """SSE-KMS part ETags are no MD5s: each part counts as uploaded because the remote echoed its
+    CRC32C, with the ETag the remote gave (complete needs it). A writer that dies before
+    complete leaves them uploaded; recovery finds them listed with those very ETags and sends
+    nothing again."""
+    big, data = _file(tmp_path, "big", 3 * PART + 11, seed=5)
+
+    class Dies(BaseException):
+        pass
+
+    writer = on_kms(Fault(op="complete", when="before", error=lambda: Dies("writer dies")))
+    with contextlib.suppress(Dies):
+        writer.segment("k/resume", big).seal().result(timeout=60)
+    writer.abandon()
+    parts_before = kms.count("UploadPart")
+    assert parts_before == 4
+    worker = on_kms()
+    worker.manifest.clock = lambda: utcnow() + timedelta(minutes=10)
+    report = worker.recover()
+    assert report.ok and report.parts_sent == 0 and report.parts_reused == 4, report
+    assert kms.count("UploadPart") == parts_before  # nothing sent again
+    _verified(worker, "k/resume")
+    assert _object(moto_endpoint, s3_bucket, "k/resume") == data
 
 
 def test_a_segment_stuck_on_an_unsupported_call_fails_after_the_bound(

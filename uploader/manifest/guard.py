@@ -29,9 +29,12 @@ from uploader.records import CommitRecord, Lease, SegmentRecord
 from uploader.states import CommitState, SegmentState
 
 
-def check_acknowledged(lease: Lease, commit: CommitRecord, etag: str) -> None:
-    """A part counts as uploaded only with the ETag the remote acknowledged equal to our MD5."""
-    if etag != commit.md5:
+def check_acknowledged(
+    lease: Lease, commit: CommitRecord, etag: str, *, proven: bool = False
+) -> None:
+    """A part counts as uploaded only with the ETag the remote acknowledged equal to our MD5, or
+    (``proven``) with another ETag when the remote echoed the part's CRC32C (SSE-KMS)."""
+    if etag != commit.md5 and not (proven and etag):
         raise StaleStateError(
             f"{lease.key} part {commit.part_number}",
             "etag " + commit.md5,

@@ -212,11 +212,14 @@ class Outcomes(ManifestCore):
         lease: Lease,
         acks: Sequence[tuple[CommitRecord, str]],
         detail: str | None = None,
+        *,
+        proven: frozenset[int] = frozenset(),
     ) -> None:
         """``pending -> uploaded`` for parts the remote acknowledged or lists, each with the ETag
-        it gave (equal to the recorded MD5), in one transaction."""
+        it gave (equal to the recorded MD5, or for the commit ids in ``proven`` another ETag
+        acknowledged with the part's own CRC32C echoed), in one transaction."""
         for commit, etag in acks:
-            check_acknowledged(lease, commit, etag)
+            check_acknowledged(lease, commit, etag, proven=commit.id in proven)
         if not acks:
             return
         with self._write() as tx:

@@ -39,6 +39,9 @@ class PartRef:
     size: int = -1  # -1 when unknown (complete() does not need it)
     #: The part's CRC32C as recorded (complete() names it where the remote checks checksums).
     crc32c: int | None = None
+    #: An acknowledgement whose ETag is not the part's MD5 (SSE-KMS) but whose echoed CRC32C is
+    #: the part's: the remote proved it holds our bytes by their checksum instead.
+    proven_by_checksum: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -352,7 +352,13 @@ class S3Storage:
             ContentMD5=_b64md5(payload.md5),
             # Sent while the remote may keep it (also before this instance learned it: an
             # upload started with CRC32C declared needs every part's), checked by the remote.
-            **({"ChecksumCRC32C": crc32c_b64(payload.crc32c)} if self._crc32c is not False else {}),
+            # With the algorithm named too, as AWS's SDKs send it: servers then echo the
+            # checksum they computed (moto only does then), which proves an SSE-KMS part.
+            **(
+                {"ChecksumCRC32C": crc32c_b64(payload.crc32c), "ChecksumAlgorithm": "CRC32C"}
+                if self._crc32c is not False
+                else {}
+            ),
         )
         etag = normalize_etag(out.get("ETag"))
         echoed = out.get("ChecksumCRC32C")
@@ -362,9 +368,15 @@ class S3Storage:
                 f"expected the part's {crc32c_b64(payload.crc32c)}",
                 retryable=True,
             )
+        if etag != payload.md5 and etag and echoed == crc32c_b64(payload.crc32c):
+            # SSE-KMS: the part's ETag is no MD5 of its bytes, but the remote echoed the CRC32C
+            # of the bytes it received, equal to ours. Recorded with that ETag (complete needs
+            # it), marked as proven by the checksum.
+            return PartRef(number=number, etag=etag, size=payload.size, proven_by_checksum=True)
         if etag != payload.md5:
-            # The body was damaged on the way (or the server computes ETags differently): the
-            # part is not what we recorded, so it must not count as uploaded.
+            # The body was damaged on the way (or the server computes ETags differently and
+            # proved nothing else): the part is not known to be what we recorded, so it must
+            # not count as uploaded.
             raise StorageError(
                 f"upload_part of {key!r} part {number}: the remote acknowledged ETag {etag}, "
                 f"expected the part's MD5 {payload.md5}",
