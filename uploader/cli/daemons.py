@@ -14,7 +14,7 @@ from rich.progress import Progress
 
 from uploader import verify as verify_mod
 from uploader.cli.app import ctx_store
-from uploader.cli.output import _emit_json, _progress, err, out
+from uploader.cli.output import JsonOption, MetricsPortOption, _emit_json, _progress, err, out
 from uploader.cli.signals import _stop_on_signals
 from uploader.errors import UsageError
 from uploader.recovery import RecoveryReport
@@ -60,12 +60,7 @@ def watch(
             metavar="SECONDS", min=0.01, help="Seconds between recovery passes for unfinished seals"
         ),
     ] = 30.0,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            metavar="PORT", min=0, max=65535, help="Serve Prometheus metrics (0: any free port)"
-        ),
-    ] = None,
+    metrics_port: MetricsPortOption = None,
     once: Annotated[
         bool, typer.Option(help="One pass, then exit (1 if a commit or seal failed in it)")
     ] = False,
@@ -217,13 +212,8 @@ def recover(
     worker: Annotated[
         str | None, typer.Option(metavar="NAME", help="Worker name (default host:pid:random)")
     ] = None,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            metavar="PORT", min=0, max=65535, help="Serve Prometheus metrics (0: any free port)"
-        ),
-    ] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    metrics_port: MetricsPortOption = None,
+    json_output: JsonOption = False,
 ) -> None:
     """Finish interrupted segments; exit 0 when everything seen is verified.
 
@@ -309,13 +299,8 @@ def verify(
         float | None,
         typer.Option(metavar="BYTES/S", help="Bytes per second at most for --deep reads"),
     ] = None,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            metavar="PORT", min=0, max=65535, help="Serve Prometheus metrics (0: any free port)"
-        ),
-    ] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    metrics_port: MetricsPortOption = None,
+    json_output: JsonOption = False,
 ) -> None:
     """Check the remote objects of verified segments again (exit 1 on any drift).
 

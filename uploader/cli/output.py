@@ -5,7 +5,9 @@ terminal), lines said beside a live bar, and ``--json`` documents.
 from __future__ import annotations
 
 import json
+from typing import Annotated
 
+import typer
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -39,3 +41,13 @@ def _say(progress: Progress, text: str) -> None:
 
 def _emit_json(data: object) -> None:
     out.print_json(json.dumps(data, default=str))
+
+
+# Options several commands share, declared once (typer reads them from the annotations).
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+MetricsPortOption = Annotated[
+    int | None,
+    typer.Option(
+        metavar="PORT", min=0, max=65535, help="Serve Prometheus metrics (0: any free port)"
+    ),
+]

@@ -14,7 +14,7 @@ import typer
 
 from uploader import restore as restore_mod
 from uploader.cli.app import ctx_store
-from uploader.cli.output import _emit_json, _progress, _say, err, out
+from uploader.cli.output import JsonOption, _emit_json, _progress, _say, err, out
 from uploader.errors import UsageError
 from uploader.rebuild import RebuiltObject
 
@@ -47,7 +47,7 @@ def get(
     allow_unverified: Annotated[
         bool, typer.Option(help="Read a segment that is not verified (nothing vouches for it)")
     ] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Read one object back, every whole part checked against the manifest."""
     target = dest if dest is not None else key.rsplit("/", 1)[-1]
@@ -97,7 +97,7 @@ def restore(
     prefix: Annotated[
         str, typer.Option(metavar="PREFIX", help="Only keys starting with this")
     ] = "",
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Restore verified segments into DIR: parallel, checked, resumable (present files skipped)."""
     if directory.exists() and not directory.is_dir():
@@ -133,7 +133,7 @@ def rebuild(
     prefix: Annotated[
         str, typer.Option(metavar="PREFIX", help="Only objects whose key starts with this")
     ] = "",
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Recreate manifest rows from the objects' metadata (the manifest was lost).
 

@@ -12,7 +12,7 @@ import typer
 
 from uploader import settings
 from uploader.cli.app import _ctx, ctx_store
-from uploader.cli.output import _emit_json, _progress, _say, err
+from uploader.cli.output import JsonOption, _emit_json, _progress, _say, err
 from uploader.cli.signals import _ShipSignals
 from uploader.errors import UploaderError, UsageError
 from uploader.store import Store
@@ -26,7 +26,7 @@ def ship(
     key_prefix: Annotated[
         str, typer.Option(metavar="PREFIX", help="Prefix of the keys (key = prefix + file name)")
     ] = "",
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Drive each file to verified (re-runnable): new files are shipped, sealed but unfinished
     ones resumed, verified ones reported and skipped; exit 0 when every one is verified.

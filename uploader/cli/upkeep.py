@@ -14,7 +14,7 @@ from rich.table import Table
 
 from uploader import settings
 from uploader.cli.app import _ctx, _sqlite_file, ctx_store, require_manifest
-from uploader.cli.output import _emit_json, err, out
+from uploader.cli.output import JsonOption, _emit_json, err, out
 from uploader.errors import UploaderError, UsageError
 from uploader.records import Status
 from uploader.recovery import DEFAULT_SWEEP_AGE
@@ -42,7 +42,7 @@ def retry(
     reason: Annotated[
         str, typer.Option(metavar="TEXT", help="Why (what was fixed); recorded in the audit trail")
     ] = "the cause was fixed",
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Bring failed segments back after the cause was fixed (file restored, bucket fixed):
     audited (who, when, why), then driven again: every part is checked against what the remote
@@ -146,7 +146,7 @@ def print_status(status: Status, console: Console = out) -> None:
 
 def status(
     ctx: typer.Context,
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Counts per state, unverified bytes, oldest unverified age (exit 1 if anything failed or is
     stalled: an open segment of this node whose local file vanished or shrank, or an object of
@@ -202,7 +202,7 @@ def sweep(
             metavar="SECONDS", min=0.0, help="Leave orphans younger than this many seconds alone"
         ),
     ] = DEFAULT_SWEEP_AGE,
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Abort multipart uploads under the remote root that no unfinished segment references."""
     with ctx_store(ctx) as store:
