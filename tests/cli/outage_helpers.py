@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -97,23 +98,40 @@ class Daemon:
         return self.proc.returncode
 
 
-def sealed_work(manifest_url: str, remote_url: str, tmp: Path, n: int) -> dict[str, bytes]:
-    """``n`` sealed segments whose every part send failed (the writer's lease released): all
-    their work is left to recovery. Returns key -> the file's bytes."""
+def sealed_work(
+    manifest_url: str,
+    remote_url: str,
+    tmp: Path,
+    n: int,
+    *,
+    options: dict[str, Any] | None = None,
+    prefix: str = "rec",
+    parts: int = 3,
+    seed: int = 11,
+    worker: str = "w",
+) -> dict[str, bytes]:
+    """``n`` sealed segments (``parts`` whole parts and a tail each) whose every part send failed
+    (the writer's lease released): all their work is left to recovery. Returns key -> the
+    file's bytes."""
     failing = FaultyStorage(
-        open_storage(remote_url, {}, min_part_size=PART), [Fault(op="upload_part")]
+        open_storage(remote_url, dict(options or {}), min_part_size=PART), [Fault(op="upload_part")]
     )
     store = uploader.open(
-        manifest_url, remote_url, storage=failing, part_size=PART, min_part_size=PART, worker="w"
+        manifest_url,
+        remote_url,
+        storage=failing,
+        part_size=PART,
+        min_part_size=PART,
+        worker=worker,
     )
-    rng = random.Random(11)
+    rng = random.Random(seed)
     blobs: dict[str, bytes] = {}
     try:
         futures = []
         for i in range(n):
-            key = f"rec/{i:03d}"
-            blobs[key] = rng.randbytes(3 * PART + rng.randint(1, PART))
-            path = tmp / f"rec{i}"
+            key = f"{prefix}/{i:03d}"
+            blobs[key] = rng.randbytes(parts * PART + rng.randint(1, PART))
+            path = tmp / f"{prefix}{i}"
             path.write_bytes(blobs[key])
             futures.append(store.segment(key, path).seal())
         for fut in futures:

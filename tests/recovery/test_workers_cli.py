@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -30,11 +29,11 @@ from sqlalchemy import func, select, text
 
 import uploader
 from tests.api.conftest import PART, migrate, remote_bytes
+from tests.cli.outage_helpers import sealed_work
 from uploader.manifest.repo import Manifest
 from uploader.manifest.rowmap import EVENTS as E
 from uploader.manifest.rowmap import SEGMENTS as S
 from uploader.states import SegmentState
-from uploader.storage import Fault, FaultyStorage, open_storage
 
 SEGMENTS = 30
 LEASE = 1.0
@@ -43,27 +42,10 @@ LEASE = 1.0
 def _prepare(pg_url: str, remote: tuple[str, dict[str, Any]], tmp_path: Path) -> dict[str, bytes]:
     """Sealed segments whose every part send failed: all of their work is left to recovery."""
     url, options = remote
-    failing = FaultyStorage(
-        open_storage(url, dict(options), min_part_size=PART), [Fault(op="upload_part")]
-    )
-    store = uploader.open(
-        pg_url, url, storage=failing, part_size=PART, min_part_size=PART, worker="writer"
-    )
-    rng = random.Random(7)
-    blobs: dict[str, bytes] = {}
-    try:
-        futures = []
-        for i in range(SEGMENTS):
-            key = f"cli/{i:03d}"
-            blobs[key] = rng.randbytes(5 * PART + rng.randint(1, PART))
-            path = tmp_path / f"seg{i}"
-            path.write_bytes(blobs[key])
-            futures.append(store.segment(key, path).seal())
-        for fut in futures:
-            assert fut.exception(timeout=60) is not None
-    finally:
-        store.close()
-    return blobs
+    return sealed_work(
+        pg_url, url, tmp_path, SEGMENTS, options=options, prefix="cli", parts=5, seed=7,
+        worker="writer",
+    )  # fmt: skip
 
 
 def _start(name: str, env: dict[str, str], log_dir: Path) -> subprocess.Popen[bytes]:
