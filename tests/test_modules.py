@@ -13,14 +13,11 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "uploader"
 
 #: The longest a module may be (issue 17: small modules that each own one thing, ~400 lines).
-MAX_LINES = 450
+MAX_LINES = 420
 
 #: Paths (relative to uploader/, a prefix) still being split by other work; the lead removes each
 #: as that work lands.
-NOT_YET_SPLIT = (
-    "storage/s3.py",  # being changed by cksum15
-    "driver.py",  # being changed by cksum15
-)
+NOT_YET_SPLIT: tuple[str, ...] = ()
 
 
 def _modules() -> dict[str, Path]:

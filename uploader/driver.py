@@ -12,25 +12,24 @@ failed attempt with its error. The one destructive remote call, removing an obje
 verification, is conditional on that object's ETag, sent only after its intent (``remove_etag``)
 was recorded under the current fence and the lease was renewed, and only where the remote proved
 that it honours the condition.
+
+The steps that call the remote are in :mod:`uploader.remote_steps` (this class's base); what a
+drive learned and the result it returns are in :mod:`uploader.drive_state`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import TypeVar
+from collections.abc import Mapping, Sequence
 
-from uploader import objectmeta, plan
-from uploader.digest import Payload, checksum, normalize_etag
+from uploader import plan
+from uploader.digest import Payload
+from uploader.drive_state import DEFAULT_MAX_REUPLOADS, VERIFY_MODES, DriveResult, Learned
 from uploader.errors import (
     LeaseLostError,
     LocalFileError,
     NoSuchUploadError,
-    ObjectExistsError,
-    PreconditionFailedError,
     StorageError,
     UnsupportedOperationError,
     UploaderError,
@@ -39,62 +38,19 @@ from uploader.leases import LeaseKeeper
 from uploader.manifest.repo import Manifest
 from uploader.plan import Act, Position, Step
 from uploader.records import CommitRecord, Lease, SegmentRecord
+from uploader.remote_steps import RemoteSteps
 from uploader.states import CommitState, SegmentState
-from uploader.storage.base import ObjectInfo, PartRef, Storage
+from uploader.storage.base import Storage
 from uploader.storage.rules import matches
-from uploader.transport import Counters, Transport, check_local, read_checked, wait_all
+from uploader.transport import Counters, Transport, check_local
+
+# Imported from here by the store, recovery and upkeep.
+__all__ = ["DEFAULT_MAX_REUPLOADS", "VERIFY_MODES", "DriveResult", "Driver"]
 
 log = logging.getLogger("uploader")
 
-T = TypeVar("T")
 
-
-#: How many times a completed object that failed verification is uploaded again before the
-#: segment is declared ``failed``.
-DEFAULT_MAX_REUPLOADS = 3
-
-VERIFY_MODES = ("etag", "deep")
-
-
-@dataclass(frozen=True, slots=True)
-class DriveResult:
-    """Where one drive left a segment."""
-
-    key: str
-    state: SegmentState
-    detail: str = ""
-    blocked: str | None = None  # why this worker could go no further (None: not blocked)
-    object_etag: str | None = None
-
-    @property
-    def verified(self) -> bool:
-        return self.state is SegmentState.VERIFIED
-
-
-@dataclass
-class _Learned:
-    """What one drive learned; forgotten when it ends (nothing remote is trusted from before)."""
-
-    parts_known: bool = False
-    parts: dict[int, PartRef] | None = None
-    object_known: bool = False
-    obj: ObjectInfo | None = None
-    checked: set[int] = field(default_factory=set)  # part numbers read and found equal
-    local_checked: bool = False
-    deep_checked: bool = False  # the object read back, every part equal
-    read_back_differs: str | None = None  # the object read back: what differed
-    unlistable: bool = False  # the remote answered ListParts "not supported"
-    fresh: dict[int, Payload | None] = field(default_factory=dict)  # commit id -> bytes read
-    put_ack: tuple[CommitRecord, str] | None = None  # a PUT acknowledged, not yet recorded
-
-    def object_changed(self) -> None:
-        self.object_known = False
-        self.obj = None
-        self.deep_checked = False
-        self.read_back_differs = None
-
-
-class Driver:
+class Driver(RemoteSteps):
     """Finishes leased segments; shared by a store's writer and its recovery job."""
 
     def __init__(
@@ -120,16 +76,7 @@ class Driver:
         self._conditional_delete: bool | None = None
         #: Progress: called with (key, bytes) each time the remote acknowledged a part or an
         #: object (sent), or parts already there were adopted (reused), as it happens.
-        self.on_bytes: Callable[[str, int], None] | None = None
-
-    def _moved(self, key: str, nbytes: int) -> None:
-        hook = self.on_bytes
-        if hook is None or not nbytes:
-            return
-        try:
-            hook(key, nbytes)
-        except Exception:  # progress reporting must never change what the upload does
-            log.exception("progress hook failed for %s", key)
+        self.on_bytes = None
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -152,7 +99,7 @@ class Driver:
         lease back with the last transition. Storage and manifest errors are recorded on the
         segment and raised; local bytes gone or changed make the segment ``failed``.
         """
-        learned = _Learned(fresh=dict(fresh or {}), checked=set(checked or ()))
+        learned = Learned(fresh=dict(fresh or {}), checked=set(checked or ()))
         counters = counters if counters is not None else Counters()
         bound = self.max_reuploads if max_reuploads is None else max_reuploads
         seg: SegmentRecord | None = None
@@ -218,7 +165,7 @@ class Driver:
             object_etag=seg.object_etag,
         )
 
-    def _reuploads(self, seg: SegmentRecord, learned: _Learned) -> int:
+    def _reuploads(self, seg: SegmentRecord, learned: Learned) -> int:
         """Earlier re-uploads of this segment: counted only when one is being considered."""
         if seg.state is not SegmentState.UPLOADED or not learned.object_known:
             return 0
@@ -238,7 +185,7 @@ class Driver:
         lease: Lease,
         seg: SegmentRecord,
         commits: Sequence[CommitRecord],
-        learned: _Learned,
+        learned: Learned,
         counters: Counters,
         release: bool,
     ) -> None:
@@ -356,238 +303,9 @@ class Driver:
         else:  # pragma: no cover - every act is handled above
             raise AssertionError(f"unhandled step {act}")
 
-    def _remote(self, lease: Lease, what: str, call: Callable[[], T]) -> T:
-        try:
-            return call()
-        except StorageError as exc:
-            self._record_error(lease, f"{what}: {exc}")
-            raise
-
-    def start_upload(
-        self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord] = ()
-    ) -> SegmentRecord:
-        """Start the segment's multipart upload and record its id (before any part is sent);
-        returns the segment's row as written. The object's metadata says what is known now (all
-        of the seal's checksums only if the seal is recorded: see :mod:`uploader.objectmeta`)."""
-        metadata = objectmeta.object_metadata(seg, commits)
-        upload_id = self._remote(
-            lease, "start_upload", lambda: self.storage.start_upload(seg.key, metadata=metadata)
-        )
-        # Started before it is recorded: a crash in between leaves an unreferenced upload, which
-        # the sweep aborts (invariant 9); recording first would need an id we do not have yet.
-        return self.manifest.set_upload(lease, upload_id, "multipart")
-
-    def send_recorded(
-        self,
-        lease: Lease,
-        seg: SegmentRecord,
-        upload_id: str,
-        commit: CommitRecord,
-        payload: Payload | None,
-        counters: Counters,
-        checked: set[int] | None = None,
-    ) -> None:
-        """Send one recorded part and record what the remote acknowledged (or the failure)."""
-        try:
-            ref = self.transport.send_part(seg, upload_id, commit, payload)
-        except StorageError as exc:
-            with contextlib.suppress(UploaderError):  # a lost lease: the new holder retries
-                self.manifest.commit_attempt_failed(lease, commit, str(exc))
-            raise
-        payload = None  # let the part's bytes go before the manifest round trip
-        self.manifest.parts_uploaded(
-            lease,
-            [(commit, normalize_etag(ref.etag) or "")],
-            proven=frozenset({commit.id}) if ref.proven_by_checksum else frozenset(),
-        )
-        counters.sent(commit.size)
-        self._moved(seg.key, commit.size)
-        if checked is not None:
-            checked.add(commit.part_number)
-
-    def _send(
-        self,
-        lease: Lease,
-        seg: SegmentRecord,
-        upload_id: str,
-        commits: Sequence[CommitRecord],
-        learned: _Learned,
-        counters: Counters,
-    ) -> None:
-        futures: list[Future[None]] = []
-        try:
-            for c in commits:
-                payload = learned.fresh.pop(c.id, None)
-                futures.append(
-                    self.transport.in_slot(
-                        self.send_recorded,
-                        lease,
-                        seg,
-                        upload_id,
-                        c,
-                        payload,
-                        counters,
-                        learned.checked,
-                    )
-                )
-        finally:
-            try:
-                wait_all(futures)
-            except NoSuchUploadError:
-                learned.parts_known, learned.parts = True, None
-                raise
-        if learned.parts is not None:
-            for c in commits:
-                learned.parts[c.part_number] = PartRef(c.part_number, c.md5, c.size)
-
-    def _put(
-        self,
-        lease: Lease,
-        seg: SegmentRecord,
-        commit: CommitRecord,
-        learned: _Learned,
-        counters: Counters,
-    ) -> None:
-        payload = learned.fresh.pop(commit.id, None)
-        metadata = objectmeta.object_metadata(seg, [commit])
-        if not objectmeta.metadata_complete(metadata) and seg.expected_etag is not None:
-            self._write_record(lease, seg, [commit])  # did not fit S3's 2 KB of metadata
-        with self.transport.slots:
-            if payload is None:
-                payload = read_checked(seg.path, commit, seg.key)
-            try:
-                info = self.storage.put(seg.key, payload, metadata=metadata)
-            except ObjectExistsError:
-                self._look(lease, seg, learned)  # an object is there already: learn which
-                return
-            except StorageError as exc:
-                with contextlib.suppress(UploaderError):
-                    self.manifest.commit_attempt_failed(lease, commit, str(exc))
-                raise
-        del payload
-        learned.put_ack = (commit, normalize_etag(info.etag) or commit.md5)
-        learned.checked.add(commit.part_number)
-        counters.sent(commit.size)
-        self._moved(seg.key, commit.size)
-        learned.object_changed()
-        if info.proven:
-            # The remote honoured the condition (nothing was replaced) and echoed our bytes'
-            # CRC32C: its answer is what a HEAD would say, so none is sent.
-            learned.obj, learned.object_known = info, True
-        # Otherwise the object is checked with a HEAD of its own: a response that proves less
-        # is not proof that the object is at the key now.
-
-    def _complete(
-        self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord], learned: _Learned
-    ) -> None:
-        assert seg.upload_id is not None
-        parts = [
-            PartRef(number=c.part_number, etag=c.etag or "", size=c.size, crc32c=c.crc32c)
-            for c in commits
-        ]
-        # The segment's full record, for a rebuild of a lost manifest, before the object exists:
-        # named by the ETag the object will have, so it describes exactly those bytes.
-        self._write_record(lease, seg, commits)
-        try:
-            info = self.storage.complete(seg.key, seg.upload_id, parts, plan.expected(seg))
-        except NoSuchUploadError:
-            learned.parts_known, learned.parts = True, None
-            learned.object_changed()
-            return
-        except ObjectExistsError:
-            self._look(lease, seg, learned)  # an object is there already: learn which
-            return
-        except StorageError as exc:
-            self._record_error(lease, f"complete: {exc}")
-            raise
-        etag = normalize_etag(info.etag)
-        self.manifest.segment_uploaded(lease, etag)
-        # The backends learn the object's size and ETag after completing (S3: a HEAD).
-        learned.obj, learned.object_known = info, True
-
-    def _write_record(
-        self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord]
-    ) -> None:
-        assert seg.expected_etag is not None
-        name = objectmeta.record_name(seg.key, seg.expected_etag)
-        body = objectmeta.record_json(seg, commits)
-        self._remote(lease, "record sidecar", lambda: self.storage.write_hidden(name, body))
-
-    def _look(self, lease: Lease, seg: SegmentRecord, learned: _Learned) -> None:
-        learned.object_changed()
-        learned.obj = self._remote(lease, "head", lambda: self.storage.head(seg.key))
-        learned.object_known = True
-
-    def _differing_part(
-        self, seg: SegmentRecord, commits: Sequence[CommitRecord]
-    ) -> CommitRecord | None:
-        """Read the object back part by part: the first part whose MD5 or CRC32C is not the
-        recorded one, or None."""
-        for c in commits:
-            md5, crc = checksum(self.storage.read(seg.key, c.start, c.end))
-            if md5 != c.md5 or crc != c.crc32c:
-                return c
-        return None
-
-    def _deep_read(
-        self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord]
-    ) -> str | None:
-        """Read the object back: None if every part's bytes are as recorded, else what differs
-        (the plan decides what that means for the object)."""
-        try:
-            c = self._differing_part(seg, commits)
-        except StorageError as exc:
-            self._record_error(lease, f"deep read: {exc}")
-            raise
-        if c is None:
-            return None
-        return f"bytes [{c.start}, {c.end}) (part {c.part_number}) differ from the local bytes"
-
-    def _remove(self, lease: Lease, seg: SegmentRecord, etag: str, learned: _Learned) -> None:
-        # The lease is proven current right before the call (a guarded write), on top of the
-        # intent recorded under this fence; the condition on the ETag makes a late or stale
-        # copy of this request harmless to any other object at the key.
-        self.manifest.renew(lease, self.keeper.lease_seconds)
-        # A failed precondition: another object is at the key now, not the one the intent names.
-        with contextlib.suppress(PreconditionFailedError):
-            self._remote(lease, "delete", lambda: self.storage.delete_if_match(seg.key, etag))
-        self.manifest.object_removed(lease, etag)
-        learned.object_changed()
-
-    def check_object(self, seg: SegmentRecord, *, deep: bool) -> str | None:
-        """None if the object at the key matches what the seal recorded, else what differs.
-
-        One HEAD; the parts are read from the manifest (and the object read back) only when
-        ``deep`` or when the remote's ETag is not the expected one (none, a plain MD5, an SSE-KMS
-        string). Changes nothing: ``uploader verify``, the scrub and the deletion gate use it.
-        """
-        if seg.size is None or seg.expected_etag is None:
-            return f"segment {seg.key!r} is {seg.state.value}: nothing sealed to compare with"
-        info = self.storage.head(seg.key)
-        if info is None:
-            return f"no object at {seg.key!r}"
-        if info.size != seg.size:
-            return f"object {seg.key!r} has {info.size} bytes, expected {seg.size}"
-        etag = normalize_etag(info.etag)
-        if info.checksum is not None:
-            commits = self.manifest.commits(seg.id)
-            if not plan.checksum_ok(info, seg, commits):
-                return (
-                    f"object {seg.key!r} has CRC32C {info.checksum}, not the one of the "
-                    "recorded parts"
-                )
-        if not deep and etag is not None and etag == seg.expected_etag:
-            return None
-        # No ETag, or one that is not the part MD5s' (s3rver, SSE-KMS): only the bytes can
-        # tell, and a correct object is never called drifted for its ETag alone.
-        c = self._differing_part(seg, self.manifest.commits(seg.id))
-        if c is not None:
-            return f"object {seg.key!r} bytes [{c.start}, {c.end}) differ from part {c.part_number}"
-        return None
-
     # --- outcomes ------------------------------------------------------------------------------
 
-    def _verified_detail(self, seg: SegmentRecord, learned: _Learned) -> str:
+    def _verified_detail(self, seg: SegmentRecord, learned: Learned) -> str:
         if self.verify_mode == "deep":
             how = "deep: bytes read back"
         elif learned.deep_checked:
@@ -599,10 +317,6 @@ class Driver:
             f"verified ({how}; every local byte re-read): {seg.size} bytes, etag "
             f"{seg.expected_etag}"
         )
-
-    def _record_error(self, lease: Lease, error: str) -> None:
-        with contextlib.suppress(UploaderError):  # a lost lease: the new holder records
-            self.manifest.record_error(lease, error)
 
     def fail(self, lease: Lease, reason: str) -> DriveResult:
         """Declare the leased segment ``failed`` with ``reason`` (recovery: stuck too long)."""

@@ -3,9 +3,11 @@
 Jobs of one segment start in the order they were asked for (a commit once the previous job has
 recorded its parts, a seal once every earlier job is done). Each records its parts ``pending``
 with their checksums before it sends them, so whatever happens to the future the recovery job
-finishes what was recorded. A lease lost meanwhile is taken again when it is free (a new fence).
-A commit that adds no whole part answers from what this writer recorded under the same live
-lease, without a manifest read (:class:`_Known`). The seal itself is :mod:`uploader.seal`.
+finishes what was recorded. A lease lost meanwhile is taken again when it is free (a new fence;
+:mod:`uploader.segment_lease`, the base of :class:`Segment` with its ``record``, ``state`` and
+``lease``). A commit that adds no whole part answers from what this writer recorded under the
+same live lease, without a manifest read (:class:`_Known`). The seal itself is
+:mod:`uploader.seal`.
 """
 
 from __future__ import annotations
@@ -20,9 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from uploader.digest import file_size, read_range, stat_file
 from uploader.errors import (
-    LeaseLostError,
     LocalFileError,
-    SegmentBusyError,
     SegmentFailedError,
     SegmentSealedError,
     UsageError,
@@ -30,6 +30,7 @@ from uploader.errors import (
 from uploader.futures import CommitResult, UploadFuture
 from uploader.records import Lease, NewCommit, SegmentRecord
 from uploader.seal import new_parts, seal_multipart, seal_single
+from uploader.segment_lease import SegmentLease
 from uploader.states import SegmentState
 from uploader.transport import Counters, wait_all
 
@@ -55,7 +56,7 @@ class _Known:
     parts: int
 
 
-class Segment:
+class Segment(SegmentLease):
     """A local append-only file shipped to ``key``. Obtain it from :meth:`Store.segment`."""
 
     def __init__(self, store: Store, record: SegmentRecord, lease: Lease | None) -> None:
@@ -78,15 +79,6 @@ class Segment:
         self._sealing = False
 
     # --- public -----------------------------------------------------------------------------------
-
-    @property
-    def record(self) -> SegmentRecord:
-        """The segment's manifest row as it is now."""
-        return self._store.manifest.segment_by_id(self._id)
-
-    @property
-    def state(self) -> SegmentState:
-        return self.record.state
 
     def commit(self, upto: int | None = None) -> UploadFuture[CommitResult]:
         """Send the whole parts of ``[committed, upto)`` (``upto``: the file size by default).
@@ -199,68 +191,6 @@ class Segment:
         if lease is None or lease.fence != known.fence:
             return None
         return known
-
-    @property
-    def lease(self) -> Lease:
-        """The live lease this store holds on the segment, taken again if it was lost."""
-        lease = self._store.keeper.get(self._id)
-        return lease if lease is not None else self._take_back()
-
-    def _take_back(self) -> Lease:
-        """Our lease was lost (this process was paused past it, or a recovery worker held the
-        segment meanwhile): take it again if it is free. The new lease has a new fence, so what
-        the old one still had in flight is refused (and stays ``pending`` for a later drive).
-
-        :class:`SegmentBusyError` while another live process holds it (try again later);
-        :class:`LeaseLostError` if the segment left ``open`` meanwhile (recovery finishes it).
-        """
-        store = self._store
-        with self._lease_lock:
-            lease = store.keeper.get(self._id)
-            if lease is not None:  # another job of this segment took it back first
-                return lease
-            seg = store.manifest.segment_by_id(self._id)
-            old = self._lease.fence if self._lease is not None else -1
-            if seg.state is not SegmentState.OPEN:
-                raise LeaseLostError(self.key, old, seg.fence)
-            try:
-                lease = store.manifest.acquire(
-                    self.key, store.worker, store.lease_seconds, node=store.node
-                )
-            except SegmentBusyError as exc:
-                raise SegmentBusyError(
-                    f"segment {self.key!r}: this writer's lease was lost and another process "
-                    f"holds the segment now ({exc}); the writer takes it back once it is free"
-                ) from None
-            store.keeper.hold(lease)
-            self._lease = lease
-        log.warning(
-            "segment %r: this writer's lease was lost (fence %d); taken again (fence %d)",
-            self.key,
-            old,
-            lease.fence,
-        )
-        return lease
-
-    def _with_lease(self, job: Callable[[Lease], CommitResult]) -> CommitResult:
-        """Run ``job`` with the segment's lease; if its write is refused because the lease was
-        lost meanwhile, take the lease again (when free) and run it once more. The manifest
-        refused the stale write, so nothing half-done is left behind it; a segment that was
-        recorded sealed before the loss is recovery's, and the error goes to the caller."""
-        lease = self.lease
-        try:
-            return job(lease)
-        except LeaseLostError as exc:
-            self._store.keeper.forget(lease)
-            if self.state is not SegmentState.OPEN:
-                raise
-            log.warning("segment %r: %s; taking the lease again to retry", self.key, exc)
-            return job(self.lease)
-
-    def _ensure_lease(self) -> None:
-        """Before the store hands this segment out again: an open segment has a live lease."""
-        if self._store.keeper.get(self._id) is None and self.state is SegmentState.OPEN:
-            self._take_back()
 
     def _valid_end(
         self, lease: Lease, seg: SegmentRecord, committed: int, end: int | None, what: str

@@ -1,0 +1,59 @@
+"""What one drive of a segment knows and where it leaves the segment (see :mod:`uploader.driver`).
+
+:class:`Learned` is what a drive learned from the remote and from the local file, forgotten when the
+drive ends (nothing remote is trusted from an earlier drive); :class:`DriveResult` is what the
+caller gets back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from uploader.digest import Payload
+from uploader.records import CommitRecord
+from uploader.states import SegmentState
+from uploader.storage.base import ObjectInfo, PartRef
+
+#: How many times a completed object that failed verification is uploaded again before the
+#: segment is declared ``failed``.
+DEFAULT_MAX_REUPLOADS = 3
+
+VERIFY_MODES = ("etag", "deep")
+
+
+@dataclass(frozen=True, slots=True)
+class DriveResult:
+    """Where one drive left a segment."""
+
+    key: str
+    state: SegmentState
+    detail: str = ""
+    blocked: str | None = None  # why this worker could go no further (None: not blocked)
+    object_etag: str | None = None
+
+    @property
+    def verified(self) -> bool:
+        return self.state is SegmentState.VERIFIED
+
+
+@dataclass
+class Learned:
+    """What one drive learned; forgotten when it ends (nothing remote is trusted from before)."""
+
+    parts_known: bool = False
+    parts: dict[int, PartRef] | None = None
+    object_known: bool = False
+    obj: ObjectInfo | None = None
+    checked: set[int] = field(default_factory=set)  # part numbers read and found equal
+    local_checked: bool = False
+    deep_checked: bool = False  # the object read back, every part equal
+    read_back_differs: str | None = None  # the object read back: what differed
+    unlistable: bool = False  # the remote answered ListParts "not supported"
+    fresh: dict[int, Payload | None] = field(default_factory=dict)  # commit id -> bytes read
+    put_ack: tuple[CommitRecord, str] | None = None  # a PUT acknowledged, not yet recorded
+
+    def object_changed(self) -> None:
+        self.object_known = False
+        self.obj = None
+        self.deep_checked = False
+        self.read_back_differs = None
