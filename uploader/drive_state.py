@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from uploader.config import VerifyMode
 from uploader.digest import Payload
 from uploader.records import CommitRecord
 from uploader.states import SegmentState
@@ -18,7 +19,8 @@ from uploader.storage.base import ObjectInfo, PartRef
 #: segment is declared ``failed``.
 DEFAULT_MAX_REUPLOADS = 3
 
-VERIFY_MODES = ("etag", "deep")
+#: The verify modes by name (the enum is :class:`~uploader.config.VerifyMode`).
+VERIFY_MODES = tuple(m.value for m in VerifyMode)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 from uploader import plan
+from uploader.config import VerifyMode
 from uploader.digest import Payload
 from uploader.drive_state import DEFAULT_MAX_REUPLOADS, VERIFY_MODES, DriveResult, Learned
 from uploader.errors import (
@@ -61,7 +62,7 @@ class Driver(RemoteSteps):
         keeper: LeaseKeeper,
         *,
         node: str,
-        verify: str = "etag",
+        verify: str | VerifyMode = VerifyMode.ETAG,
         max_reuploads: int = DEFAULT_MAX_REUPLOADS,
     ) -> None:
         if verify not in VERIFY_MODES:
@@ -71,7 +72,7 @@ class Driver(RemoteSteps):
         self.transport = transport
         self.keeper = keeper
         self.node = node
-        self.verify_mode = verify
+        self.verify_mode = VerifyMode(verify)
         self.max_reuploads = max_reuploads
         self._conditional_delete: bool | None = None
         #: Progress: called with (key, bytes) each time the remote acknowledged a part or an
@@ -120,7 +121,7 @@ class Driver(RemoteSteps):
                 obj=learned.obj,
                 local_checked=learned.local_checked,
                 local_here=seg.node == self.node,
-                deep=self.verify_mode == "deep",
+                deep=self.verify_mode == VerifyMode.DEEP,
                 deep_checked=learned.deep_checked,
                 read_back_differs=learned.read_back_differs,
                 parts_listable=not learned.unlistable,
@@ -306,7 +307,7 @@ class Driver(RemoteSteps):
     # --- outcomes ------------------------------------------------------------------------------
 
     def _verified_detail(self, seg: SegmentRecord, learned: Learned) -> str:
-        if self.verify_mode == "deep":
+        if self.verify_mode == VerifyMode.DEEP:
             how = "deep: bytes read back"
         elif learned.deep_checked:
             etag = learned.obj.etag if learned.obj is not None else None

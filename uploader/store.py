@@ -38,7 +38,6 @@ from uploader.storage.base import MAX_PART_SIZE, Storage
 from uploader.transport import Transport, file_identity
 from uploader.upkeep import Upkeep
 
-MiB = 1024 * 1024
 DEFAULT_PART_SIZE = config_mod.DEFAULT_PART_SIZE  # kept importable from here
 
 # Defined in their own modules, importable from here as they always were.
