@@ -12,6 +12,7 @@ absent, failed when ``UPLOADER_TEST_RGW=required`` (set by CI).
 
 from __future__ import annotations
 
+import functools
 import os
 
 # moto reads the multipart minimum at import time: lower it before moto is imported anywhere, so
@@ -26,6 +27,8 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -64,23 +67,40 @@ def require_postgres() -> None:
     pytest.skip(f"{reason}; set UPLOADER_TEST_PG_URL or start PostgreSQL to run this half")
 
 
-def create_pg_database() -> str:
-    """Create a fresh database; return its SQLAlchemy URL."""
+def _admin() -> Any:
     import psycopg
 
+    return psycopg.connect(_pg_admin_conninfo(), autocommit=True)
+
+
+def create_pg_database(template: str | None = None) -> str:
+    """Create a fresh database (a copy of ``template`` if given); return its SQLAlchemy URL.
+
+    Test databases commit asynchronously (``synchronous_commit = off``): a test never survives a
+    crash of the shared server, so waiting for each commit's WAL flush would only cost time. The
+    code under test keeps its own settings; the private clusters of the outage tests are untouched.
+    """
     name = f"uploader_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(_pg_admin_conninfo(), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    copy = f' TEMPLATE "{template}"' if template else ""
+    with _admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"{copy}')
+        conn.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
     base, _, _ = PG_URL.rpartition("/")
     return f"{base}/{name}"
 
 
 def drop_pg_database(url: str) -> None:
-    import psycopg
-
     name = url.rpartition("/")[2]
-    with psycopg.connect(_pg_admin_conninfo(), autocommit=True) as conn:
+    with _admin() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def _pg_dropper() -> Iterator[ThreadPoolExecutor]:
+    """Drops test databases off the tests' path (a DROP costs about as much as a test's setup);
+    all are dropped before the session ends."""
+    with ThreadPoolExecutor(1, thread_name_prefix="drop-test-db") as pool:
+        yield pool
 
 
 @pytest.fixture
@@ -94,18 +114,64 @@ def pg_url() -> Iterator[str]:
         drop_pg_database(url)
 
 
+def _migrate(url: str) -> None:
+    from uploader.manifest import db
+
+    engine = db.create_manifest_engine(url)
+    try:
+        db.upgrade(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def _sqlite_at_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One SQLite manifest migrated to head per session; tests that need one get a copy."""
+    path = tmp_path_factory.mktemp("template") / "manifest.db"
+    _migrate(f"sqlite:///{path}")
+    # Closed cleanly, the write-ahead log is checkpointed into the file and removed: the one file
+    # is the whole database.
+    assert not path.with_name("manifest.db-wal").exists()
+    return path
+
+
+@pytest.fixture(scope="session")
+def _pg_at_head() -> Iterator[str]:
+    """One PostgreSQL database migrated to head per session, the template of tests' databases."""
+    require_postgres()
+    url = create_pg_database()
+    _migrate(url)
+    try:
+        yield url.rpartition("/")[2]
+    finally:
+        drop_pg_database(url)
+
+
+#: Fixtures that migrate the test's manifest before anything else touches it: for their tests the
+#: manifest starts as a copy of one migrated once per session (running the migrations for each of
+#: ~1,000 tests cost more than most of the tests themselves). Every other test gets an empty one.
+MIGRATING_FIXTURES = frozenset({"make_store", "manifest"})
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
-def manifest_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
-    """An empty manifest database URL: SQLite file, then PostgreSQL."""
+def manifest_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A manifest database URL: SQLite file, then PostgreSQL. Empty, or at head (a copy of a
+    migrated template) when the test uses a fixture of ``MIGRATING_FIXTURES``."""
+    at_head = not MIGRATING_FIXTURES.isdisjoint(request.fixturenames)
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/manifest.db"
+        path = tmp_path / "manifest.db"
+        if at_head:
+            shutil.copyfile(request.getfixturevalue("_sqlite_at_head"), path)
+        yield f"sqlite:///{path}"
     else:
         require_postgres()
-        url = create_pg_database()
+        template = request.getfixturevalue("_pg_at_head") if at_head else None
+        dropper: ThreadPoolExecutor = request.getfixturevalue("_pg_dropper")
+        url = create_pg_database(template)
         try:
             yield url
         finally:
-            drop_pg_database(url)
+            dropper.submit(drop_pg_database, url)
 
 
 # --- S3 on moto's standalone server, over HTTP -------------------------------------------------
@@ -133,20 +199,26 @@ def s3_options(endpoint: str) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def s3_bucket(moto_endpoint: str) -> Iterator[str]:
-    """A fresh, empty bucket on the moto server; its name."""
+@pytest.fixture(scope="session")
+def moto_client(moto_endpoint: str) -> Any:
+    """One boto3 client for the session's moto server (making one loads botocore's S3 model:
+    about 0.1 s of CPU, which every test that needs a bucket would pay again)."""
     import boto3
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=moto_endpoint,
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
         region_name="us-east-1",
     )
+
+
+@pytest.fixture
+def s3_bucket(moto_client: Any) -> Iterator[str]:
+    """A fresh, empty bucket on the moto server; its name."""
     name = f"bucket-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=name)
+    moto_client.create_bucket(Bucket=name)
     yield name
 
 
@@ -183,7 +255,9 @@ def rgw_options() -> dict[str, Any]:
     }
 
 
+@functools.cache
 def _rgw_client() -> Any:
+    """One client per session (making one loads botocore's S3 model, ~0.1 s of CPU)."""
     import boto3
     from botocore.config import Config
 

@@ -31,8 +31,8 @@ StoreFactory = Callable[..., uploader.Store]
 
 @pytest.fixture
 def make_store(manifest_url: str, remote: tuple[str, dict[str, Any]]) -> Iterator[StoreFactory]:
-    """Open stores on this test's manifest and remote; all are closed at the end."""
-    migrate(manifest_url)
+    """Open stores on this test's manifest and remote; all are closed at the end. The manifest
+    is already at head (tests/conftest.py, MIGRATING_FIXTURES)."""
     url, options = remote
     opened: list[uploader.Store] = []
 

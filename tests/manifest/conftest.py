@@ -20,7 +20,8 @@ def open_manifest(url: str) -> Manifest:
 
 @pytest.fixture
 def manifest(manifest_url: str) -> Iterator[Manifest]:
-    m = open_manifest(manifest_url)
+    # manifest_url is already at head for this fixture (tests/conftest.py, MIGRATING_FIXTURES).
+    m = Manifest.open(manifest_url)
     try:
         yield m
     finally:
