@@ -125,7 +125,7 @@ def _migrate(url: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def _sqlite_at_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sqlite_at_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One SQLite manifest migrated to head per session; tests that need one get a copy."""
     path = tmp_path_factory.mktemp("template") / "manifest.db"
     _migrate(f"sqlite:///{path}")
@@ -136,7 +136,7 @@ def _sqlite_at_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def _pg_at_head() -> Iterator[str]:
+def pg_at_head() -> Iterator[str]:
     """One PostgreSQL database migrated to head per session, the template of tests' databases."""
     require_postgres()
     url = create_pg_database()
@@ -147,10 +147,16 @@ def _pg_at_head() -> Iterator[str]:
         drop_pg_database(url)
 
 
+@pytest.fixture
+def at_head() -> None:
+    """Asked for beside ``manifest_url``: the manifest starts migrated to head, as an operator's
+    ``uploader db upgrade`` leaves it (see ``MIGRATING_FIXTURES``)."""
+
+
 #: Fixtures that migrate the test's manifest before anything else touches it: for their tests the
 #: manifest starts as a copy of one migrated once per session (running the migrations for each of
 #: ~1,000 tests cost more than most of the tests themselves). Every other test gets an empty one.
-MIGRATING_FIXTURES = frozenset({"make_store", "manifest"})
+MIGRATING_FIXTURES = frozenset({"make_store", "manifest", "at_head"})
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -161,11 +167,11 @@ def manifest_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         path = tmp_path / "manifest.db"
         if at_head:
-            shutil.copyfile(request.getfixturevalue("_sqlite_at_head"), path)
+            shutil.copyfile(request.getfixturevalue("sqlite_at_head"), path)
         yield f"sqlite:///{path}"
     else:
         require_postgres()
-        template = request.getfixturevalue("_pg_at_head") if at_head else None
+        template = request.getfixturevalue("pg_at_head") if at_head else None
         dropper: ThreadPoolExecutor = request.getfixturevalue("_pg_dropper")
         url = create_pg_database(template)
         try:

@@ -118,10 +118,8 @@ def test_closed_store_refuses_everything(make_store: StoreFactory, tmp_path: Pat
             call()
 
 
-def test_bad_options_are_refused(manifest_url: str, tmp_path: Path) -> None:
-    from tests.api.conftest import migrate
+def test_bad_options_are_refused(manifest_url: str, at_head: None, tmp_path: Path) -> None:
 
-    migrate(manifest_url)
     remote = f"file://{tmp_path}"
     with pytest.raises(uploader.UsageError, match="verify"):
         uploader.open(manifest_url, remote, verify="sometimes")

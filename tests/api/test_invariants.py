@@ -58,9 +58,8 @@ class IntentChecker(ObservingStorage):
 
 @pytest.mark.parametrize("size", [5, 3 * PART + 7])
 def test_intent_is_durable_before_any_byte_is_sent(
-    manifest_url: str, remote: tuple[str, dict[str, Any]], tmp_path: Path, size: int
+    manifest_url: str, at_head: None, remote: tuple[str, dict[str, Any]], tmp_path: Path, size: int
 ) -> None:
-    migrate(manifest_url)
     url, options = remote
     path = tmp_path / "seg"
     data = random.Random(size).randbytes(size)
@@ -152,9 +151,8 @@ class SealChecker(ObservingStorage):
 
 @pytest.mark.parametrize("size", [7, 5 * PART + 3])
 def test_a_seal_is_durable_before_its_first_remote_call(
-    manifest_url: str, remote: tuple[str, dict[str, Any]], tmp_path: Path, size: int
+    manifest_url: str, at_head: None, remote: tuple[str, dict[str, Any]], tmp_path: Path, size: int
 ) -> None:
-    migrate(manifest_url)
     url, options = remote
     path = tmp_path / "seg"
     data = random.Random(size).randbytes(size)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.conftest import PART, migrate
+from tests.api.conftest import PART
 from uploader.digest import checksum
 from uploader.errors import LeaseLostError, SegmentBusyError
 from uploader.manifest.repo import Manifest, utcnow
@@ -38,9 +38,10 @@ class Clock:
 
 
 @pytest.fixture
-def env(manifest_url: str, tmp_path: Path) -> Iterator[tuple[Store, Clock, Manifest]]:
+def env(
+    manifest_url: str, at_head: None, tmp_path: Path
+) -> Iterator[tuple[Store, Clock, Manifest]]:
     """A store on an injected clock, and a second manifest (another process) on the same clock."""
-    migrate(manifest_url)
     clock = Clock()
     remote = tmp_path / "remote"
     remote.mkdir()

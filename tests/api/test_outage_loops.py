@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import uploader
-from tests.api.conftest import PART, migrate
+from tests.api.conftest import PART
 from tests.cli.outage_helpers import PgLock, SqliteLock, wait_for
 from uploader.manifest import db
 from uploader.outage import Backoff, OutageGuard
@@ -117,8 +117,7 @@ def _sealed_work(url: str, remote: str, tmp_path: Path, n: int) -> None:
 
 
 @pytest.fixture
-def setup(manifest_url: str, tmp_path: Path) -> tuple[str, str]:
-    migrate(manifest_url)
+def setup(manifest_url: str, at_head: None, tmp_path: Path) -> tuple[str, str]:
     return _url(manifest_url), f"memory://outage-{uuid.uuid4().hex[:12]}"
 
 

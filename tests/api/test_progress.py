@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import uploader
-from tests.api.conftest import PART, migrate
+from tests.api.conftest import PART
 from uploader.storage import Fault, FaultyStorage, open_storage
 
 
@@ -32,8 +32,9 @@ class HoldPart:
         return getattr(self.inner, name)
 
 
-def test_bytes_advance_as_parts_are_acknowledged(manifest_url: str, tmp_path: Path) -> None:
-    migrate(manifest_url)
+def test_bytes_advance_as_parts_are_acknowledged(
+    manifest_url: str, at_head: None, tmp_path: Path
+) -> None:
     remote = f"file://{tmp_path}/remote"
     (tmp_path / "remote").mkdir()
     held = HoldPart(open_storage(remote, {}, min_part_size=PART), held=4)
@@ -55,8 +56,9 @@ def test_bytes_advance_as_parts_are_acknowledged(manifest_url: str, tmp_path: Pa
     assert totals == sorted(set(totals)) and totals[-1] == len(data)  # growing, to the size
 
 
-def test_recovery_reports_the_bytes_it_sends(manifest_url: str, tmp_path: Path) -> None:
-    migrate(manifest_url)
+def test_recovery_reports_the_bytes_it_sends(
+    manifest_url: str, at_head: None, tmp_path: Path
+) -> None:
     remote = f"file://{tmp_path}/remote"
     (tmp_path / "remote").mkdir()
     data = random.Random(4).randbytes(3 * PART + 5)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import pytest
 
 import uploader
-from tests.api.conftest import PART, migrate, remote_bytes, visible_keys
+from tests.api.conftest import PART, remote_bytes, visible_keys
 from tests.conftest import REMOTES_WITH_RGW, make_remote
 from uploader.manifest.repo import Manifest, utcnow
 from uploader.storage import Fault, FaultyStorage, open_storage
@@ -149,12 +149,12 @@ def _writer(
 @pytest.mark.parametrize("size", [10, 2 * PART + 5])
 def test_crash_after_every_manifest_write(
     manifest_url: str,
+    at_head: None,
     remote: tuple[str, dict[str, Any]],
     tmp_path: Path,
     crash_writes: Callable[[int], list[str]],
     size: int,
 ) -> None:
-    migrate(manifest_url)
     n = 1
     while True:
         key = f"crash/{size}/{n:03d}"
@@ -209,13 +209,13 @@ def _reseal(manifest_url: str, remote: tuple[str, dict[str, Any]], key: str, pat
 @pytest.mark.parametrize("size", [10, 2 * PART + 5])
 def test_fault_at_every_remote_call_then_crash(
     manifest_url: str,
+    at_head: None,
     remote: tuple[str, dict[str, Any]],
     tmp_path: Path,
     op: str,
     when: Literal["before", "after"],
     size: int,
 ) -> None:
-    migrate(manifest_url)
     url, options = remote
     key = f"fault/{op}/{when}"
     path = tmp_path / "seg"

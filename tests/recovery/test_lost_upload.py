@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import uploader
-from tests.api.conftest import PART, migrate, remote_bytes
+from tests.api.conftest import PART, remote_bytes
 from tests.conftest import REMOTES_WITH_RGW, make_remote
 from uploader.manifest.repo import Manifest, utcnow
 from uploader.storage import Expected, Fault, FaultyStorage, ObjectInfo, PartRef, open_storage
@@ -82,9 +82,8 @@ def _store(manifest_url: str, remote: tuple[str, dict[str, Any]], **kwargs: Any)
 
 @pytest.mark.parametrize("sent", ["all-parts", "one-part"])
 def test_upload_lost_after_the_writer_died_is_recovered(
-    manifest_url: str, remote: tuple[str, dict[str, Any]], tmp_path: Path, sent: str
+    manifest_url: str, at_head: None, remote: tuple[str, dict[str, Any]], tmp_path: Path, sent: str
 ) -> None:
-    migrate(manifest_url)
     url, options = remote
     key = f"lost/{sent}"
     path = tmp_path / "seg"
@@ -132,9 +131,8 @@ def test_upload_lost_after_the_writer_died_is_recovered(
 
 
 def test_upload_lost_under_a_live_writer_is_started_again(
-    manifest_url: str, remote: tuple[str, dict[str, Any]], tmp_path: Path
+    manifest_url: str, at_head: None, remote: tuple[str, dict[str, Any]], tmp_path: Path
 ) -> None:
-    migrate(manifest_url)
     url, options = remote
     key = "lost/live"
     path = tmp_path / "seg"

@@ -122,7 +122,6 @@ class UploaderModel(RuleBasedStateMachine):
         super().__init__()
         self.backend = MAKE_BACKEND["make"]()
         self.tmp = Path(tempfile.mkdtemp(prefix="uploader-model-"))
-        migrate(self.backend.manifest_url)
         url, options = self.backend.remote
         # An independent reader and writer of the remote (plain fsspec), one per example.
         self.reader, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
@@ -630,14 +629,20 @@ def probe(url: str, options: dict[str, Any]) -> bool:
 
 
 @pytest.mark.parametrize("backend", ["sqlite-file", "postgresql-s3"])
-def test_model(backend: str, moto_endpoint: str) -> None:
+def test_model(
+    backend: str, moto_endpoint: str, sqlite_at_head: Path, request: pytest.FixtureRequest
+) -> None:
+    # Each example starts on a copy of a manifest migrated once (tests/conftest.py).
+    template: str | None = None
     if backend == "postgresql-s3":
         require_postgres()
+        template = request.getfixturevalue("pg_at_head")
 
     def make() -> Backend:
         if backend == "sqlite-file":
             base = Path(tempfile.mkdtemp(prefix="uploader-model-db-"))
             (base / "remote").mkdir()
+            shutil.copyfile(sqlite_at_head, base / "manifest.db")
             return Backend(
                 f"sqlite:///{base}/manifest.db",
                 (f"file://{base}/remote", {}),
@@ -646,7 +651,7 @@ def test_model(backend: str, moto_endpoint: str) -> None:
             )
         import boto3
 
-        url = create_pg_database()
+        url = create_pg_database(template)
         bucket = f"model-{uuid.uuid4().hex[:12]}"
         boto3.client(
             "s3",
