@@ -86,7 +86,7 @@ def bench_rss(
     }
     res.targets = {"peak / budget": "target <= 1.0"}
     res.notes = [
-        "the fixed cost (Python, SQLAlchemy, Alembic, botocore/aiobotocore/aiohttp and the S3 "
+        "the fixed cost (Python, SQLAlchemy Core, fsspec, botocore/aiobotocore/aiohttp and the S3 "
         "client's service model) is the RSS before the seal; the seal's own growth is the rest"
     ]
     return res

@@ -8,10 +8,10 @@ from alembic import context
 from sqlalchemy import Engine
 
 from uploader.manifest.db import create_manifest_engine
-from uploader.manifest.models import Base
+from uploader.manifest.models import METADATA
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = METADATA
 
 
 def _engine() -> tuple[Engine, bool]:

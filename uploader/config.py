@@ -26,6 +26,10 @@ DEFAULT_PART_SIZE = 8 * MiB
 DEFAULT_LEASE_SECONDS = 30.0
 #: Default number of parts in flight (and of part-sized memory slots).
 DEFAULT_CONCURRENCY = 4
+#: An upload is started before its id is recorded (the id comes from the remote): the sweep leaves
+#: orphans younger than this alone so it cannot abort an upload whose id is about to be recorded.
+#: (Here, not in ``uploader.sweep``: the CLI's option default, read without loading the manifest.)
+DEFAULT_SWEEP_AGE = 3600.0
 
 
 class VerifyMode(StrEnum):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+from uploader.config import DEFAULT_SWEEP_AGE as DEFAULT_SWEEP_AGE
 from uploader.crew import Crew
 from uploader.errors import UnsupportedOperationError
 
@@ -34,11 +35,6 @@ class SweepReport:
             "kept_young": self.kept_young,
             "tmp_removed": list(self.tmp_removed),
         }
-
-
-#: An upload is started before its id is recorded (the id comes from the remote): the sweep leaves
-#: orphans younger than this alone so it cannot abort an upload whose id is about to be recorded.
-DEFAULT_SWEEP_AGE = 3600.0
 
 
 def sweep(

@@ -26,7 +26,7 @@ from uploader.errors import (
     UsageError,
 )
 from uploader.manifest import db
-from uploader.manifest.models import Base
+from uploader.manifest.models import METADATA
 from uploader.manifest.repo import Manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def tables(engine: Engine) -> set[str]:
 def drift(engine: Engine) -> list[object]:
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
-        return list(compare_metadata(ctx, Base.metadata))
+        return list(compare_metadata(ctx, METADATA))
 
 
 def test_upgrade_downgrade_upgrade(engine: Engine) -> None:
@@ -164,7 +164,7 @@ def test_open_refuses_tables_without_a_revision(
 ) -> None:
     e = db.create_manifest_engine(manifest_url)
     try:
-        Base.metadata.create_all(e)  # made by hand, not by the migrations
+        METADATA.create_all(e)  # made by hand, not by the migrations
     finally:
         e.dispose()
     with pytest.raises(SchemaBehindError, match="no schema revision"):

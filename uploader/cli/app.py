@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -21,9 +21,12 @@ from uploader import settings
 from uploader.cli.output import err
 from uploader.config import DEFAULT_LEASE_SECONDS, DEFAULT_PART_SIZE, StoreConfig
 from uploader.errors import UploaderError, UsageError
-from uploader.storage import RetryingStorage, RetryNotice
-from uploader.store import Store
-from uploader.store import open as open_store
+
+if TYPE_CHECKING:
+    # Imported when a command opens the store: `uploader --help` loads neither SQLAlchemy nor
+    # fsspec, `uploader db` no fsspec.
+    from uploader.storage import RetryNotice
+    from uploader.store import Store
 
 _argument_type = typer.core.TyperArgument.display_type_rich
 
@@ -85,6 +88,9 @@ class Context:
 
     def open(self, **kwargs: Any) -> Store:
         """Open the store; ``kwargs`` (a command's own options: worker, verify, ...) override."""
+        from uploader.storage import RetryingStorage
+        from uploader.store import open as open_store
+
         config = self.config()  # bad values refused before anything is created
         require_manifest(self.settings(create=False))  # before creating anything
         s = self.settings()

@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import Progress
 
-from uploader import verify as verify_mod
 from uploader.cli.app import ctx_store
 from uploader.cli.output import JsonOption, MetricsPortOption, _emit_json, _progress, err, out
 from uploader.cli.signals import _stop_on_signals
 from uploader.errors import UsageError
-from uploader.recovery import RecoveryReport
+from uploader.recovery_report import RecoveryReport
 from uploader.states import UNFINISHED_SEGMENT_STATES
-from uploader.store import Store
+
+if TYPE_CHECKING:
+    # The library is imported by the command that runs (each command's body), not by `--help`.
+    from uploader import verify as verify_mod
+    from uploader.store import Store
 
 UNFINISHED = {s.value for s in UNFINISHED_SEGMENT_STATES}
 
@@ -307,6 +310,8 @@ def verify(
     A verified object found missing or different leaves `verified`: uploaded again from its
     intact local file, or `failed` when that is gone too.
     """
+    from uploader import verify as verify_mod
+
     with ctx_store(ctx) as store, _stop_on_signals() as stop:
         metrics, server = _metrics(store, metrics_port)
 

@@ -8,15 +8,17 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from uploader import restore as restore_mod
 from uploader.cli.app import ctx_store
 from uploader.cli.output import JsonOption, _emit_json, _progress, _say, err, out
 from uploader.errors import UsageError
-from uploader.rebuild import RebuiltObject
+
+if TYPE_CHECKING:
+    from uploader import restore as restore_mod
+    from uploader.rebuild import RebuiltObject
 
 
 def demo(
@@ -103,6 +105,8 @@ def restore(
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"{directory}: not a directory")
     directory.mkdir(parents=True, exist_ok=True)
+    from uploader import restore as restore_mod
+
     lock = threading.Lock()
     with ctx_store(ctx) as store, _progress() as progress:
         task = progress.add_task("restoring", total=None)

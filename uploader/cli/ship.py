@@ -6,7 +6,7 @@ import shlex
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -15,7 +15,9 @@ from uploader.cli.app import _ctx, ctx_store
 from uploader.cli.output import JsonOption, _emit_json, _progress, _say, err
 from uploader.cli.signals import _ShipSignals
 from uploader.errors import UploaderError, UsageError
-from uploader.store import Store
+
+if TYPE_CHECKING:
+    from uploader.store import Store
 
 
 def ship(

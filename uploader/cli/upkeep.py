@@ -15,9 +15,9 @@ from rich.table import Table
 from uploader import settings
 from uploader.cli.app import _ctx, _sqlite_file, ctx_store, require_manifest
 from uploader.cli.output import JsonOption, _emit_json, err, out
+from uploader.config import DEFAULT_SWEEP_AGE
 from uploader.errors import UploaderError, UsageError
 from uploader.records import Status
-from uploader.recovery import DEFAULT_SWEEP_AGE
 
 
 def _who() -> str:

@@ -1,22 +1,19 @@
-"""The manifest's tables as SQLAlchemy Core, and rows mapped to the frozen records."""
+"""Rows of the manifest's Core tables mapped to the frozen records; the tables themselves
+(defined in :mod:`uploader.manifest.models`) are importable from here as they always were."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, text
+from sqlalchemy import text
 
-from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL, CommitRow, EventRow, SegmentRow
+from uploader.manifest.models import COMMITS as COMMITS
+from uploader.manifest.models import EVENTS as EVENTS
+from uploader.manifest.models import SEGMENTS as SEGMENTS
+from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL
 from uploader.records import CommitRecord, NewCommit, SegmentRecord
 from uploader.states import CommitState, SegmentState
-
-# The tables as SQLAlchemy Core: transitions are single guarded UPDATE statements, not ORM
-# unit-of-work flushes.
-SEGMENTS = cast(Table, SegmentRow.__table__)
-COMMITS = cast(Table, CommitRow.__table__)
-#: The audit trail: one row per successful transition.
-EVENTS = cast(Table, EventRow.__table__)
 
 #: Unfinished segments are few among millions of verified ones. SQLite's planner, choosing
 #: between the partial index of unfinished ids and a walk of the table in id order (an ORDER BY
