@@ -13,6 +13,7 @@ absent, failed when ``UPLOADER_TEST_RGW=required`` (set by CI).
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 # moto reads the multipart minimum at import time: lower it before moto is imported anywhere, so
@@ -178,6 +179,27 @@ def manifest_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
             yield url
         finally:
             dropper.submit(drop_pg_database, url)
+
+
+# --- A plain fsspec reader of a remote (not our storage layer) --------------------------------
+
+
+@functools.cache
+def _plain_fs(protocol: str, options_json: str) -> Any:
+    import fsspec
+
+    return fsspec.filesystem(protocol, skip_instance_cache=True, **json.loads(options_json))
+
+
+def remote_fs(url: str, options: dict[str, Any]) -> tuple[Any, str]:
+    """(filesystem, root) of a remote, read and written with plain fsspec, as another program
+    would. One filesystem per server and options for the session: making an s3fs filesystem makes
+    an aiobotocore client (botocore's S3 model loaded again), which cost more than most reads. Its
+    listing cache is dropped before every answer, so nothing stale is seen."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    fs = _plain_fs(protocol, json.dumps(options, sort_keys=True))
+    fs.invalidate_cache()
+    return fs, fs._strip_protocol(url)
 
 
 # --- S3 on moto's standalone server, over HTTP -------------------------------------------------

@@ -7,11 +7,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pytest
 
 import uploader
-from tests.conftest import TEST_MIN_PART_SIZE
+from tests.conftest import TEST_MIN_PART_SIZE, remote_fs
 from uploader.manifest import db
 
 PART = TEST_MIN_PART_SIZE
@@ -53,7 +52,7 @@ def make_store(manifest_url: str, remote: tuple[str, dict[str, Any]]) -> Iterato
 def remote_bytes(remote: tuple[str, dict[str, Any]], key: str) -> bytes | None:
     """The object at ``key`` read with plain fsspec (not through our storage layer); None if absent."""
     url, options = remote
-    fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
+    fs, root = remote_fs(url, options)
     path = f"{root.rstrip('/')}/{key}"
     fs.invalidate_cache()
     if not fs.exists(path):
@@ -65,7 +64,7 @@ def remote_bytes(remote: tuple[str, dict[str, Any]], key: str) -> bytes | None:
 def visible_keys(remote: tuple[str, dict[str, Any]]) -> list[str]:
     """Every object a reader listing the root sees (our hidden staging prefix excluded)."""
     url, options = remote
-    fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
+    fs, root = remote_fs(url, options)
     root = root.rstrip("/")
     fs.invalidate_cache()
     if not fs.exists(root):

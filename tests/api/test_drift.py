@@ -13,13 +13,12 @@ import pytest
 import uploader
 from tests.api.conftest import PART, StoreFactory, remote_bytes
 from tests.api.test_no_blind_delete import _write_foreign
+from tests.conftest import remote_fs
 
 
 def _remove(remote: tuple[str, dict[str, Any]], key: str) -> None:
-    import fsspec
-
     url, options = remote
-    fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
+    fs, root = remote_fs(url, options)
     fs.rm(f"{root.rstrip('/')}/{key}")
     fs.invalidate_cache()
 

@@ -17,18 +17,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pytest
 
 import uploader
 from tests.api.conftest import PART, StoreFactory, remote_bytes
+from tests.conftest import remote_fs
 from uploader.errors import SegmentFailedError
 from uploader.storage import Fault, FaultyStorage, open_storage
 
 
 def _write_foreign(remote: tuple[str, dict[str, Any]], key: str, data: bytes) -> None:
     url, options = remote
-    fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
+    fs, root = remote_fs(url, options)
     target = f"{root.rstrip('/')}/{key}"
     fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
     fs.pipe_file(target, data)

@@ -8,12 +8,12 @@ import random
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pytest
 from sqlalchemy import text
 
 import uploader
 from tests.api.conftest import PART, StoreFactory, remote_bytes
+from tests.conftest import remote_fs
 from uploader.manifest import db
 
 Remote = tuple[str, dict[str, Any]]
@@ -22,7 +22,7 @@ Remote = tuple[str, dict[str, Any]]
 def _put_remote(remote: Remote, key: str, data: bytes) -> None:
     """Write bytes at ``key`` behind the uploader's back (a foreign writer, a damaged server)."""
     url, options = remote
-    fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
+    fs, root = remote_fs(url, options)
     fs.pipe_file(f"{root.rstrip('/')}/{key}", data)
     fs.invalidate_cache()
 
@@ -274,7 +274,7 @@ def test_rebuild_refuses_metadata_that_does_not_match_the_bytes(
     assert md["uploader-format"] == "1" and "uploader-parts" in md
     store.close()
     url, options = remote
-    fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
+    fs, root = remote_fs(url, options)
     fs.pipe_file(f"{root.rstrip('/')}/forged/0", bytes(1000), Metadata=md)
     _wipe(manifest_url)
     store = make_store()

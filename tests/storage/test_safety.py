@@ -16,11 +16,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import boto3
-import fsspec
 import pytest
 
 from tests.api.conftest import remote_bytes
-from tests.conftest import TEST_MIN_PART_SIZE, s3_options
+from tests.conftest import TEST_MIN_PART_SIZE, remote_fs, s3_options
 from tests.storage.conftest import payload
 from uploader.digest import multipart_etag
 from uploader.errors import (
@@ -99,7 +98,7 @@ def test_conditional_delete_is_proved_and_the_probe_leaves_nothing(
     assert storage.conditional_delete() is True
     assert storage.conditional_delete() is True  # cached
     url, options = remote
-    fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
+    fs, root = remote_fs(url, options)
     fs.invalidate_cache()
     left = [p for p in fs.find(root) if "/probe/" in p] if fs.exists(root) else []
     assert left == []
