@@ -104,7 +104,8 @@ def object_metadata(seg: SegmentRecord, commits: Sequence[CommitRecord]) -> dict
     }
     if sealed_parts(seg, commits):
         assert seg.size is not None and seg.crc32c is not None and seg.expected_etag is not None
-        text = _parts_text([(c.md5, c.crc32c) for c in commits])
+        # (sealed_parts: an expected ETag, so the md5 mode and every part's MD5 recorded)
+        text = _parts_text([(c.md5 or "", c.crc32c) for c in commits])
         md[P + "size"] = str(seg.size)
         md[P + "crc32c"] = f"{seg.crc32c:08x}"
         md[P + "etag"] = seg.expected_etag

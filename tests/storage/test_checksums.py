@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import TEST_MIN_PART_SIZE, make_remote, s3_options
+from tests.conftest import TEST_MIN_PART_SIZE, make_remote, md5, s3_options
 from tests.limited_s3 import limited_s3
 from tests.storage.conftest import payload
 from uploader.digest import Payload, checksum_matches, composite_crc32c, crc32c_b64
@@ -129,8 +129,8 @@ def test_a_part_whose_bytes_are_not_its_crc32c_is_refused(
         return  # refused by the remote: nothing was stored as that part
     st.upload_part(key, upload_id, 2, last)
     refs = [
-        PartRef(1, damaged.md5, PART, crc32c=good.crc32c),
-        PartRef(2, last.md5, 3, crc32c=last.crc32c),
+        PartRef(1, md5(damaged), PART, crc32c=good.crc32c),
+        PartRef(2, md5(last), 3, crc32c=last.crc32c),
     ]
     info = st.complete(key, upload_id, refs)
     assert info.checksum is not None

@@ -50,10 +50,13 @@ COMMIT_STATES_SQL = _in("state", [s.value for s in CommitState])
 #: that SQLite's planner can prove they imply it.
 #: A segment past ``open`` has its size and checksums, but for ``failed`` and ``unknown`` (an
 #: object of unknown origin found by a rebuild: its checksums are what nobody knows).
+#: A segment in the ``crc32c`` checksum mode has no ETag to expect (no part MD5s were taken):
+#: its object is proven by the CRC32C the remote reports (0006).
 SEALED_CHECKSUM_SQL = (
     "state IN ('open', 'failed', 'unknown') OR (size IS NOT NULL AND crc32c IS NOT NULL "
-    "AND expected_etag IS NOT NULL)"
+    "AND (expected_etag IS NOT NULL OR checksum = 'crc32c'))"
 )
+CHECKSUM_MODE_SQL = "checksum IN ('md5', 'crc32c')"
 UNKNOWN_REASON_SQL = "state <> 'unknown' OR reason IS NOT NULL"
 UNFINISHED_SEGMENTS_SQL = "state IN ('open', 'sealed', 'uploaded')"
 UNFINISHED_COMMITS_SQL = "state IN ('pending', 'uploaded')"
@@ -107,6 +110,11 @@ class SegmentRow(Base):
     remove_etag: Mapped[str | None] = mapped_column(String(64))
     #: When the remote object was last found matching (verify, the scrub, the deletion gate).
     checked_at: Mapped[datetime | None] = mapped_column(DateTime())
+    #: What proves the segment's bytes to the remote, fixed at registration for the segment's
+    #: whole life (see :class:`uploader.config.ChecksumMode`): 'md5' (part MD5s, Content-MD5,
+    #: the multipart ETag; every row before 0006) or 'crc32c' (no MD5: the remote's CRC32C).
+    #: A process configured otherwise resumes the segment in its recorded mode, never a weaker one.
+    checksum: Mapped[str] = mapped_column(String(8), nullable=False, server_default=text("'md5'"))
 
     __table_args__ = (
         UniqueConstraint("key"),
@@ -118,6 +126,7 @@ class SegmentRow(Base):
         CheckConstraint("state <> 'failed' OR reason IS NOT NULL", name="failed_reason"),
         CheckConstraint(SEALED_CHECKSUM_SQL, name="sealed_checksum"),
         CheckConstraint(UNKNOWN_REASON_SQL, name="unknown_reason"),
+        CheckConstraint(CHECKSUM_MODE_SQL, name="checksum"),
         Index(
             "ix_segments_unfinished",
             "id",
@@ -138,7 +147,8 @@ class CommitRow(Base):
     part_number: Mapped[int] = mapped_column(Integer, nullable=False)
     start_offset: Mapped[int] = mapped_column(BigInteger, nullable=False)
     end_offset: Mapped[int] = mapped_column(BigInteger, nullable=False)
-    md5: Mapped[str] = mapped_column(String(32), nullable=False)
+    #: NULL for a part of a segment in the ``crc32c`` checksum mode (0006).
+    md5: Mapped[str | None] = mapped_column(String(32))
     crc32c: Mapped[int] = mapped_column(BigInteger, nullable=False)
     etag: Mapped[str | None] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), nullable=False)
