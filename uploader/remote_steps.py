@@ -150,7 +150,7 @@ class RemoteSteps:
     ) -> None:
         payload = learned.fresh.pop(commit.id, None)
         metadata = objectmeta.object_metadata(seg, [commit])
-        if not objectmeta.metadata_complete(metadata) and seg.expected_etag is not None:
+        if not objectmeta.metadata_complete(metadata) and objectmeta.sealed_parts(seg, [commit]):
             self._write_record(lease, seg, [commit])  # did not fit S3's 2 KB of metadata
         with self.transport.slots:
             if payload is None:
@@ -210,11 +210,9 @@ class RemoteSteps:
     def _write_record(
         self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord]
     ) -> None:
-        if seg.expected_etag is None:
-            # The crc32c mode: no part MD5s, so no ETag to name the record by or to tie it to
-            # the object; a rebuild finds such an object of unknown origin (never verified).
-            return
-        name = objectmeta.record_name(seg.key, seg.expected_etag)
+        # Named by the ETag the object will have; in the crc32c mode (no MD5s, no ETag known
+        # beforehand) by the mode, and tied to the object by its CRC32C instead.
+        name = objectmeta.record_name(seg.key, seg.expected_etag or objectmeta.CRC32C_RECORD)
         body = objectmeta.record_json(seg, commits)
         self._remote(lease, "record sidecar", lambda: self.storage.write_hidden(name, body))
 
