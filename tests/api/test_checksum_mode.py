@@ -243,3 +243,31 @@ def test_recovery_in_the_other_mode_reuses_parts_by_the_segments_proof(
         rec = worker.manifest.segment(key)
         assert rec is not None and rec.state is SegmentState.VERIFIED and rec.checksum == first
         assert _remote_bytes(worker, key, SIZE) == data
+
+
+def test_a_crc32c_part_that_arrived_unrecorded_is_sent_again_where_the_listing_cannot_prove_it(
+    manifest_url: str, moto: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The writer dies right after the remote took part 2, before recording it: recovery lists
+    the upload, and since moto lists no part CRC32C (nothing proves the listed part is ours),
+    sends the part again instead of reusing it; the object ends verified and byte-identical."""
+    migrate(manifest_url)
+    path = tmp_path / "seg"
+    data = _data(path, SIZE, 6)
+    url, options = moto
+    faulty = FaultyStorage(open_storage(url, dict(options), min_part_size=PART))
+    faulty.add(Fault(op="upload_part", when="after", after_calls=1, error=lambda: Crash("dies")))
+    store = _open(manifest_url, moto, concurrency=1, storage=faulty)
+    try:
+        with contextlib.suppress(Crash):
+            store.segment("arrived/a", path).seal().result(timeout=60)
+    finally:
+        store.abandon()
+    with _open(manifest_url, moto) as worker:
+        worker.manifest.clock = lambda: utcnow() + timedelta(minutes=10)
+        rec = worker.manifest.segment("arrived/a")
+        assert rec is not None and rec.checksum == "crc32c"
+        report = worker.recover()
+        assert report.verified == ("arrived/a",), report
+        assert report.parts_reused == 0 and report.parts_sent >= 1, report
+        assert _remote_bytes(worker, "arrived/a", SIZE) == data
