@@ -200,6 +200,10 @@ def main_options(
         ),
     ] = "auto",
 ) -> None:
+    try:
+        parse_checksum(checksum)  # refused before any command runs, like the numbers' ranges
+    except UsageError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--checksum") from None
     ctx.obj = Context(
         manifest,
         remote,
