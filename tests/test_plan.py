@@ -389,6 +389,12 @@ def test_crc32c_mode_reuses_a_listed_part_only_with_its_crc32c_and_size() -> Non
     # An MD5 (the md5 mode's proof) listed for it proves nothing here.
     md5_only = {**listed(1), 2: held(2)[2]}
     assert next_step(Position(s, cs, True, md5_only)).act is Act.SEND
+    # An uploaded part (proven by its echo when acknowledged) listed without a checksum (moto)
+    # is kept by the very ETag it was acknowledged with; with another ETag it is sent again.
+    bare = {1: PartRef(1, "e" * 32, 10)}
+    assert next_step(Position(s, cs, True, bare)).act is Act.SEND
+    other = {1: PartRef(1, "f" * 32, 10)}
+    assert next_step(Position(s, cs, True, other)).act is Act.UNSEND_PARTS
 
 
 def test_crc32c_mode_object_is_proven_by_its_checksum_never_by_its_etag_alone() -> None:

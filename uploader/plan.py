@@ -236,12 +236,18 @@ def _proof(seg: SegmentRecord) -> str:
 def _held(parts: Mapping[int, PartRef], c: CommitRecord) -> bool:
     """The remote lists the part with its MD5, or (an uploaded part) with the very ETag it
     acknowledged for our bytes (SSE-KMS ETags are no MD5s; that acknowledgement was proven by
-    the part's CRC32C). A crc32c-mode part (no MD5): listed with its CRC32C and its size."""
+    the part's CRC32C). A crc32c-mode part (no MD5): listed with its size and its CRC32C; or, an
+    uploaded part (its CRC32C was echoed when it was acknowledged) where the remote lists no part
+    checksums (moto), with the very ETag it acknowledged. A pending one is never reused then."""
     part = parts.get(c.part_number)
     if part is None:
         return False
     if c.md5 is None:
-        return part.crc32c == c.crc32c and part.size == c.size
+        if part.size != c.size:
+            return False
+        if part.crc32c is not None:
+            return part.crc32c == c.crc32c
+        return c.state is CommitState.UPLOADED and bool(c.etag) and part.etag == c.etag
     etag = normalize_etag(part.etag)
     return etag == c.md5 or (c.state is CommitState.UPLOADED and etag == c.etag)
 
