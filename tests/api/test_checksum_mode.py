@@ -273,3 +273,31 @@ def test_a_crc32c_part_that_arrived_unrecorded_is_sent_again_where_the_listing_c
         assert (report.parts_reused, report.parts_sent) == (1, 3), report
         assert report.bytes_sent == SIZE - PART, report
         assert _remote_bytes(worker, "arrived/a", SIZE) == data
+
+
+def test_a_lost_completion_is_adopted_by_its_crc32c_without_reading_it_back(
+    manifest_url: str, moto_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Complete reached the remote, its answer did not: recovery finds the object, whose
+    reported CRC32C is the one of the recorded parts, and adopts it; nothing is read back,
+    sent again or deleted."""
+    migrate(manifest_url)
+    path = tmp_path / "seg"
+    data = _data(path, SIZE, 7)
+    with _proxied(moto_endpoint, s3_bucket, "kept") as (proxy, remote):
+        url, options = remote
+        faulty = FaultyStorage(open_storage(url, dict(options), min_part_size=PART))
+        faulty.add(Fault(op="complete", when="after"))
+        with _open(manifest_url, remote, storage=faulty) as writer:
+            assert writer.segment("lost/a", path).seal().exception(timeout=60) is not None
+        with _open(manifest_url, remote) as store:
+            report = store.recover()
+            assert report.verified == ("lost/a",), report
+            assert report.parts_sent == 0
+            # The writer's, and recovery's (the upload is unknown by then: the object is looked at).
+            assert proxy.count("CompleteMultipartUpload", "lost/a") == 2
+            assert proxy.count("GetObject", "lost/a") == 0
+            assert proxy.count("DeleteObject") == 0
+            rec = store.manifest.segment("lost/a")
+            assert rec is not None and rec.checksum == "crc32c"
+            assert _remote_bytes(store, "lost/a", SIZE) == data
