@@ -18,8 +18,13 @@ on top of ``Content-MD5``, Complete names each part's, and HEAD asks for the obj
 object's own for a PUT. Whether the remote keeps them is learned once per instance from its
 answers (CreateMultipartUpload naming the algorithm back, PutObject echoing the checksum); where
 it does not (Ceph RGW 16, which also refuses part checksums on Complete with InvalidPart), MD5
-alone, as before. The storage option ``checksum`` (``auto``, ``crc32c``, ``md5``) sets it. MD5 is
-never dropped: the manifest records every part's MD5 and the object's expected ETag.
+alone, as before. The storage option ``checksum`` (``auto``, ``crc32c``, ``md5``) sets it.
+
+A payload without an MD5 is a segment in the store's crc32c checksum mode (see
+:class:`uploader.config.ChecksumMode`): no ``Content-MD5``; the body's CRC32C is taken again
+before it goes (moto echoes any header), the part counts only with that CRC32C echoed, and a PUT
+is expected to report it (:attr:`Expected.parts`). ``keeps_crc32c`` (in
+:mod:`uploader.storage.s3_objects`) tells a store whether new segments may use that mode.
 
 Requests. Whether the remote honours ``If-None-Match`` on PutObject and on Complete is probed
 once per instance (a probe object under ``.uploader/probe/``: a conditional second write must be
