@@ -462,3 +462,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
+
+
+def md5(x: Any) -> str:
+    """The MD5 of an md5-mode part or payload (None only in the crc32c checksum mode)."""
+    value = x.md5
+    assert isinstance(value, str), f"{x!r} has no MD5 (crc32c checksum mode)"
+    return value

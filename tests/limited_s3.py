@@ -12,7 +12,12 @@ proxy only changes what a less capable remote changes:
 * ``etags="plain-md5"``: HeadObject and GetObject report a multipart object's ETag as the MD5 of
   its bytes (s3rver); ``etags="opaque"``: every object's and every part's ETag is some other hex
   string, stable per object or part (SSE-KMS); the proxy maps part ETags back for
-  CompleteMultipartUpload and forth in ListParts, as the real server knows its own.
+  CompleteMultipartUpload and forth in ListParts, as the real server knows its own;
+* ``checksums="none"``: no additional checksums (Ceph RGW): the client's ``x-amz-checksum-*`` and
+  ``x-amz-sdk-checksum-algorithm`` headers are dropped before they reach moto, the part checksums
+  named in CompleteMultipartUpload too, and none comes back in headers or XML;
+  ``checksums="unreported"``: kept, but HeadObject reports none for segment objects (the probe
+  object under ``.uploader/probe/`` still reports its own), as a remote or a proxy that drops them.
 
 ``calls`` lists every operation that reached the proxy, in order (tests count retries with it).
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -31,6 +37,10 @@ from urllib.parse import parse_qs, urlsplit
 #: Where the storage's capability probes write (see uploader.storage.s3.PROBE_PREFIX).
 PROBE_PATH = "/.uploader/probe/"
 ERROR_CODES = {405: "MethodNotAllowed", 501: "NotImplemented"}
+#: Request headers that ask for (or carry) an additional checksum.
+CHECKSUM_HEADER = re.compile(r"^x-amz-(checksum-|sdk-checksum-algorithm)", re.IGNORECASE)
+#: XML elements that name one, in request and response bodies.
+CHECKSUM_XML = re.compile(rb"<Checksum(\w*)>[^<]*</Checksum\1>")
 
 
 def operation(method: str, path: str, query: Mapping[str, list[str]]) -> str:
@@ -69,6 +79,7 @@ class LimitedS3:
         refuse: Mapping[str, int] | None = None,
         ignore_if_none_match: bool = False,
         etags: Literal["aws", "plain-md5", "opaque"] = "aws",
+        checksums: Literal["kept", "none", "unreported"] = "kept",
     ) -> None:
         parts = urlsplit(upstream)
         assert parts.hostname is not None and parts.port is not None
@@ -76,6 +87,7 @@ class LimitedS3:
         self.refuse = dict(refuse or {})
         self.ignore_if_none_match = ignore_if_none_match
         self.etags = etags
+        self.checksums = checksums
         self.calls: list[str] = []
         self.paths: list[str] = []
         self._lock = threading.Lock()
@@ -176,6 +188,11 @@ class LimitedS3:
             headers["Content-Length"] = str(len(body))
         if self.ignore_if_none_match:
             headers = {k: v for k, v in headers.items() if k.lower() != "if-none-match"}
+        if self.checksums == "none":
+            headers = {k: v for k, v in headers.items() if not CHECKSUM_HEADER.match(k)}
+            if op == "CompleteMultipartUpload" and body is not None:
+                body = CHECKSUM_XML.sub(b"", body)
+                headers["Content-Length"] = str(len(body))
         if self.etags == "opaque" and op == "CompleteMultipartUpload" and body is not None:
             # The client names the part ETags it was given; the server upstream knows its own.
             with self._lock:
@@ -183,6 +200,13 @@ class LimitedS3:
                     body = body.replace(opaque.encode(), real.encode())
             headers["Content-Length"] = str(len(body))
         status, out_headers, data = self._upstream(h.command, h.path, headers, body)
+        hide = self.checksums == "none" or (
+            self.checksums == "unreported" and op == "HeadObject" and PROBE_PATH not in split.path
+        )
+        if hide:
+            out_headers = [(k, v) for k, v in out_headers if not CHECKSUM_HEADER.match(k)]
+            if h.command != "HEAD":
+                data = CHECKSUM_XML.sub(b"", data)
         if self.etags == "opaque" and op == "ListParts" and status < 300:
             with self._lock:
                 for opaque, real in self._real_part_etags.items():
@@ -236,9 +260,14 @@ def limited_s3(
     refuse: Mapping[str, int] | None = None,
     ignore_if_none_match: bool = False,
     etags: Literal["aws", "plain-md5", "opaque"] = "aws",
+    checksums: Literal["kept", "none", "unreported"] = "kept",
 ) -> Iterator[LimitedS3]:
     proxy = LimitedS3(
-        upstream, refuse=refuse, ignore_if_none_match=ignore_if_none_match, etags=etags
+        upstream,
+        refuse=refuse,
+        ignore_if_none_match=ignore_if_none_match,
+        etags=etags,
+        checksums=checksums,
     ).start()
     try:
         yield proxy

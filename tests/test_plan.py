@@ -356,3 +356,65 @@ def test_a_reported_crc32c_that_is_not_the_parts_is_never_verified() -> None:
     )
     step = next_step(sealed)
     assert step.act is Act.FAIL and "left alone" in step.reason
+
+
+# --- the crc32c checksum mode: no MD5s, the remote's CRC32C is the proof -----------------------
+
+
+def crc_seg(state: SegmentState, **kw: object) -> SegmentRecord:
+    return seg(state, checksum="crc32c", expected_etag=None, **kw)
+
+
+def crc_commits(*states: CommitState) -> list[CommitRecord]:
+    return [
+        dataclasses.replace(c, md5=None, etag="e" * 32 if c.etag else None)
+        for c in commits(*states)
+    ]
+
+
+def test_crc32c_mode_reuses_a_listed_part_only_with_its_crc32c_and_size() -> None:
+    s, cs = crc_seg(SegmentState.SEALED), crc_commits(U, P, P)
+
+    def listed(crc: int | None, size: int = 10) -> dict[int, PartRef]:
+        # Part 1 (uploaded) listed as recorded; part 2 as given.
+        return {1: PartRef(1, "e" * 32, 10, crc32c=0), 2: PartRef(2, "e" * 32, size, crc32c=crc)}
+
+    same = next_step(Position(s, cs, True, listed(1)))
+    assert same.act is Act.ADOPT_PARTS and [c.part_number for c in same.commits] == [2]
+    assert "CRC32C and size" in same.reason
+    # Another CRC32C, another size, or none listed (moto lists none): sent again.
+    for parts in (listed(7), listed(1, size=9), listed(None)):
+        step = next_step(Position(s, cs, True, parts))
+        assert step.act is Act.SEND and [c.part_number for c in step.commits] == [2, 3]
+    # An MD5 (the md5 mode's proof) listed for it proves nothing here.
+    md5_only = {**listed(1), 2: held(2)[2]}
+    assert next_step(Position(s, cs, True, md5_only)).act is Act.SEND
+    # An uploaded part (proven by its echo when acknowledged) listed without a checksum (moto)
+    # is kept by the very ETag it was acknowledged with; with another ETag it is sent again.
+    bare = {1: PartRef(1, "e" * 32, 10)}
+    assert next_step(Position(s, cs, True, bare)).act is Act.SEND
+    other = {1: PartRef(1, "f" * 32, 10)}
+    assert next_step(Position(s, cs, True, other)).act is Act.UNSEND_PARTS
+
+
+def test_crc32c_mode_object_is_proven_by_its_checksum_never_by_its_etag_alone() -> None:
+    from uploader.digest import composite_crc32c
+
+    cs = crc_commits(U, U, U)
+    s = crc_seg(SegmentState.UPLOADED)
+    good = ObjectInfo("k", 30, "0" * 32 + "-3", checksum=composite_crc32c([0, 1, 2]))
+    p = Position(s, cs, object_known=True, obj=good, local_checked=True)
+    assert next_step(p).act is Act.VERIFY
+    # The checksum absent: never accepted as is; the bytes are read back.
+    bare = dataclasses.replace(good, checksum=None)
+    step = next_step(dataclasses.replace(p, obj=bare))
+    assert step.act is Act.DEEP_READ and "no CRC32C" in step.reason
+    read = next_step(dataclasses.replace(p, obj=bare, deep_checked=True))
+    assert read.act is Act.VERIFY
+    # Another checksum: not ours, whatever its ETag.
+    bad = dataclasses.replace(good, checksum=composite_crc32c([0, 1, 3]))
+    assert next_step(dataclasses.replace(p, obj=bad)).act is not Act.VERIFY
+    # Found at the key of a sealed segment whose upload is gone: adopted only by its checksum.
+    sealed = Position(crc_seg(SegmentState.SEALED), cs, True, None, True, good)
+    assert next_step(sealed).act is Act.ADOPT_OBJECT
+    assert next_step(dataclasses.replace(sealed, obj=bare)).act is Act.DEEP_READ

@@ -28,7 +28,7 @@ from uploader.records import CommitRecord, Event, SegmentRecord, Status
 from uploader.states import CommitState, SegmentState
 
 if TYPE_CHECKING:
-    from uploader.config import StoreConfig, UploadMode, VerifyMode
+    from uploader.config import ChecksumMode, StoreConfig, UploadMode, VerifyMode
     from uploader.futures import CommitResult, UploadFuture
     from uploader.readback import ObjectReader, RangeRead
     from uploader.rebuild import RebuildReport
@@ -47,6 +47,7 @@ _LAZY = {
     "StoreConfig": "uploader.config",
     "UploadMode": "uploader.config",
     "VerifyMode": "uploader.config",
+    "ChecksumMode": "uploader.config",
     "ObjectReader": "uploader.readback",
     "RangeRead": "uploader.readback",
     "RebuildReport": "uploader.rebuild",
@@ -73,6 +74,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ChecksumMode",
     "CommitRecord",
     "CommitResult",
     "CommitState",

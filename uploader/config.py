@@ -44,6 +44,34 @@ class VerifyMode(StrEnum):
     DEEP = "deep"
 
 
+class ChecksumMode(StrEnum):
+    """What proves the bytes of a segment's parts and object to the remote.
+
+    * ``md5``: Content-MD5 on every part and PUT, the part ETags and the multipart ETag (the MD5
+      of every byte, on the client);
+    * ``crc32c``: no MD5: a part counts as uploaded only when the remote echoes its CRC32C, a
+      listed part is reused only with its CRC32C and size, the object is proven by the checksum
+      its HEAD reports (or read back where it reports none);
+    * ``auto`` (a setting only, never recorded): ``crc32c`` where the remote proved that it keeps
+      and echoes CRC32C, else ``md5``.
+
+    The mode a segment was registered with is recorded on its row and used for its whole life,
+    whatever the process that resumes it is configured with.
+    """
+
+    AUTO = "auto"
+    MD5 = "md5"
+    CRC32C = "crc32c"
+
+
+def parse_checksum(value: str | ChecksumMode) -> ChecksumMode:
+    try:
+        return ChecksumMode(str(value).lower())
+    except ValueError:
+        known = ", ".join(repr(m.value) for m in ChecksumMode)
+        raise UsageError(f"checksum must be one of {known}, not {value!r}") from None
+
+
 class UploadMode(StrEnum):
     """How a sealed segment's bytes are sent: one PUT (small segments) or a multipart upload."""
 
@@ -70,6 +98,7 @@ class StoreConfig:
     part_size: int = DEFAULT_PART_SIZE
     concurrency: int = DEFAULT_CONCURRENCY
     verify: VerifyMode = VerifyMode.ETAG
+    checksum: ChecksumMode = ChecksumMode.AUTO
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     min_part_size: int | None = None
     node: str | None = None
@@ -80,6 +109,8 @@ class StoreConfig:
         # Accept the plain strings of the CLI and of older callers; store the enum.
         if not isinstance(self.verify, VerifyMode):
             object.__setattr__(self, "verify", parse_verify(self.verify))
+        if not isinstance(self.checksum, ChecksumMode):
+            object.__setattr__(self, "checksum", parse_checksum(self.checksum))
 
     def check(self) -> StoreConfig:
         """Refuse values that cannot work; return ``self`` for chaining."""

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 from uploader import plan
 from uploader.config import VerifyMode
-from uploader.digest import Payload
+from uploader.digest import Payload, normalize_etag
 from uploader.drive_state import DEFAULT_MAX_REUPLOADS, VERIFY_MODES, DriveResult, Learned
 from uploader.errors import (
     LeaseLostError,
@@ -128,7 +128,7 @@ class Driver(RemoteSteps):
                 fresh=frozenset(learned.fresh),
                 inflight=inflight,
                 conditional_delete=self._conditional_delete,
-                reuploads=self._reuploads(seg, learned),
+                reuploads=self._reuploads(seg, commits, learned),
                 max_reuploads=bound,
             )
             step = plan.next_step(position)
@@ -166,11 +166,13 @@ class Driver(RemoteSteps):
             object_etag=seg.object_etag,
         )
 
-    def _reuploads(self, seg: SegmentRecord, learned: Learned) -> int:
+    def _reuploads(
+        self, seg: SegmentRecord, commits: Sequence[CommitRecord], learned: Learned
+    ) -> int:
         """Earlier re-uploads of this segment: counted only when one is being considered."""
         if seg.state is not SegmentState.UPLOADED or not learned.object_known:
             return 0
-        if learned.obj is not None and matches(learned.obj, plan.expected(seg)):
+        if learned.obj is not None and matches(learned.obj, plan.expected(seg, commits)):
             return 0  # the happy path: nothing to count, no read of the audit trail
         return sum(
             1
@@ -216,7 +218,8 @@ class Driver(RemoteSteps):
                     # recorded (uploaded), and recovery verifies it later.
                     commit, etag = learned.put_ack
                     with contextlib.suppress(UploaderError):
-                        self.manifest.put_done(lease, commit, etag)
+                        # (A crc32c-mode put_ack exists only with the part's CRC32C echoed.)
+                        self.manifest.put_done(lease, commit, etag, proven=commit.md5 is None)
                 self._record_error(lease, f"verify: head: {exc}")
                 raise
             learned.object_known = True
@@ -233,7 +236,7 @@ class Driver(RemoteSteps):
             self.manifest.reset_commits(lease, step.reason)
             learned.parts_known, learned.parts = False, None
         elif act is Act.ADOPT_PARTS:
-            self.manifest.parts_uploaded(lease, [(c, c.md5) for c in step.commits], step.reason)
+            self._adopt_parts(lease, step, learned)
             for c in step.commits:
                 counters.reused(c.size)
             self._moved(seg.key, sum(c.size for c in step.commits))
@@ -280,13 +283,15 @@ class Driver(RemoteSteps):
             assert learned.obj is not None and learned.obj.etag is not None
             # The part's ETag is its MD5 (proven: by the object's ETag, or by reading the
             # bytes back where the remote's ETag is another string); the object's is as said.
+            # The crc32c mode has no MD5: the object's CRC32C (or its bytes) proved the part.
             self.manifest.put_verified(
                 lease,
                 commit,
-                commit.md5,
+                commit.md5 if commit.md5 is not None else learned.obj.etag,
                 self._verified_detail(seg, learned),
                 release=release,
                 object_etag=learned.obj.etag,
+                proven=commit.md5 is None,
             )
             if release:
                 self.keeper.drop(seg.id)
@@ -311,13 +316,31 @@ class Driver(RemoteSteps):
             how = "deep: bytes read back"
         elif learned.deep_checked:
             etag = learned.obj.etag if learned.obj is not None else None
-            how = f"size, and bytes read back: the remote's ETag {etag} is not the part MD5s'"
+            what = "CRC32C" if seg.by_crc32c else "ETag"
+            how = f"size, and bytes read back: the remote's {what} did not prove it (etag {etag})"
+        elif seg.by_crc32c:
+            how = "size and the object's CRC32C"
         else:
             how = "size and ETag"
         return (
-            f"verified ({how}; every local byte re-read): {seg.size} bytes, etag "
-            f"{seg.expected_etag}"
+            f"verified ({how}; every local byte re-read): {seg.size} bytes, "
+            f"{plan.sealed_proof(seg)}"
         )
+
+    def _adopt_parts(self, lease: Lease, step: Step, learned: Learned) -> None:
+        """Pending parts the remote lists as held (see ``plan._held``): ``uploaded`` with the
+        ETag recorded for them (their MD5), or in the crc32c mode the ETag listed with the part's
+        CRC32C and size, which prove it."""
+        acks: list[tuple[CommitRecord, str]] = []
+        proven: set[int] = set()
+        for c in step.commits:
+            if c.md5 is not None:
+                acks.append((c, c.md5))
+                continue
+            listed = (learned.parts or {}).get(c.part_number)
+            acks.append((c, normalize_etag(listed.etag) or "" if listed is not None else ""))
+            proven.add(c.id)
+        self.manifest.parts_uploaded(lease, acks, step.reason, proven=frozenset(proven))
 
     def fail(self, lease: Lease, reason: str) -> DriveResult:
         """Declare the leased segment ``failed`` with ``reason`` (recovery: stuck too long)."""

@@ -23,6 +23,12 @@ Rebuild trusts neither blindly: a record is used only if the object's size and E
 remote reports them) equal what the record says, the parts cover ``[0, size)`` without gaps, their
 MD5s give that ETag, and their CRC32Cs combine to the whole-file CRC32C. Anything else is an object
 of unknown origin.
+
+The crc32c checksum mode (no part MD5s, no ETag to expect): the metadata says
+``uploader-checksum: crc32c`` and has no ``etag``; each part is ``-:crc32c``; the record sidecar
+is ``<h>.crc32c.json`` (no ETag to name it by). Such a record is used only if the CRC32C the remote
+reports for the object (HEAD with ``ChecksumMode``) is the one its parts give; a remote that
+reports none leaves the object of unknown origin.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
-from uploader.digest import combine_crcs, multipart_etag, normalize_etag
+from uploader.digest import checksum_matches, combine_crcs, multipart_etag, normalize_etag
 from uploader.records import CommitRecord, SegmentRecord
 from uploader.storage.base import ObjectInfo
 
@@ -48,7 +54,7 @@ class PartInfo:
     number: int
     start: int
     end: int
-    md5: str
+    md5: str | None  # None in the crc32c checksum mode
     crc32c: int
 
 
@@ -60,22 +66,28 @@ class ObjectRecord:
     size: int
     part_size: int
     crc32c: int
-    etag: str
+    etag: str | None  # None in the crc32c checksum mode
     mode: str  # 'put' or 'multipart'
     node: str
     path: str
     parts: tuple[PartInfo, ...]
     source: str  # 'metadata' or 'record'
+    checksum: str = "md5"  # the segment's checksum mode
+
+
+#: What names a crc32c-mode record sidecar in place of an ETag.
+CRC32C_RECORD = "crc32c"
 
 
 def record_name(key: str, etag: str) -> str:
-    """The record sidecar's name under the hidden prefix ``.uploader/``."""
+    """The record sidecar's name under the hidden prefix ``.uploader/`` (``etag``: the ETag the
+    object must have, or :data:`CRC32C_RECORD` in the crc32c mode)."""
     h = hashlib.sha256(key.encode("utf-8")).hexdigest()
     return f"records/{h[:2]}/{h}.{etag}.json"
 
 
-def _parts_text(parts: Sequence[tuple[str, int]]) -> str:
-    return ";".join(f"{md5}:{crc:08x}" for md5, crc in parts)
+def _parts_text(parts: Sequence[tuple[str | None, int]]) -> str:
+    return ";".join(f"{md5 or '-'}:{crc:08x}" for md5, crc in parts)
 
 
 def _size(md: Mapping[str, str]) -> int:
@@ -87,7 +99,7 @@ def sealed_parts(seg: SegmentRecord, commits: Sequence[CommitRecord]) -> bool:
     return (
         seg.size is not None
         and seg.crc32c is not None
-        and seg.expected_etag is not None
+        and (seg.expected_etag is not None or seg.by_crc32c)
         and bool(commits)
         and commits[0].start == 0
         and commits[-1].end == seg.size
@@ -102,12 +114,15 @@ def object_metadata(seg: SegmentRecord, commits: Sequence[CommitRecord]) -> dict
         P + "node": quote(seg.node, safe=""),
         P + "path": quote(seg.path, safe="/"),
     }
+    if seg.by_crc32c:
+        md[P + "checksum"] = CRC32C_RECORD  # (absent: the md5 mode, as every older object)
     if sealed_parts(seg, commits):
-        assert seg.size is not None and seg.crc32c is not None and seg.expected_etag is not None
+        assert seg.size is not None and seg.crc32c is not None
         text = _parts_text([(c.md5, c.crc32c) for c in commits])
         md[P + "size"] = str(seg.size)
         md[P + "crc32c"] = f"{seg.crc32c:08x}"
-        md[P + "etag"] = seg.expected_etag
+        if seg.expected_etag is not None:
+            md[P + "etag"] = seg.expected_etag
         md[P + "mode"] = seg.upload_mode or "multipart"
         md[P + "parts-sha256"] = hashlib.sha256(text.encode()).hexdigest()
         md[P + "parts"] = text
@@ -137,6 +152,7 @@ def record_json(seg: SegmentRecord, commits: Sequence[CommitRecord]) -> bytes:
             "node": seg.node,
             "path": seg.path,
             "parts": [[c.part_number, c.start, c.end, c.md5, c.crc32c] for c in commits],
+            **({"checksum": CRC32C_RECORD} if seg.by_crc32c else {}),
         },
         sort_keys=True,
     ).encode()
@@ -151,16 +167,26 @@ def _from_metadata(key: str, md: Mapping[str, str]) -> ObjectRecord:
         size = int(md[P + "size"])
         part_size = int(md[P + "part-size"])
         parts: list[PartInfo] = []
+        by_crc = md.get(P + "checksum") == CRC32C_RECORD
         for i, item in enumerate(md[P + "parts"].split(";")):
             md5, crc = item.split(":")
             start = i * part_size
-            parts.append(PartInfo(i + 1, start, min(start + part_size, size), md5, int(crc, 16)))
+            parts.append(
+                PartInfo(
+                    i + 1,
+                    start,
+                    min(start + part_size, size),
+                    None if by_crc else md5,
+                    int(crc, 16),
+                )
+            )
         return ObjectRecord(
             key=key,
             size=size,
             part_size=part_size,
             crc32c=int(md[P + "crc32c"], 16),
-            etag=md[P + "etag"],
+            etag=None if by_crc else md[P + "etag"],
+            checksum=CRC32C_RECORD if by_crc else "md5",
             mode=md[P + "mode"],
             node=unquote(md[P + "node"]),
             path=unquote(md[P + "path"]),
@@ -178,19 +204,22 @@ def _from_record(key: str, body: bytes) -> ObjectRecord:
             raise Unusable(f"record sidecar has format {doc['format']!r}, this code reads {FORMAT}")
         if doc["key"] != key:
             raise Unusable(f"record sidecar names key {doc['key']!r}")
+        by_crc = doc.get("checksum") == CRC32C_RECORD
         return ObjectRecord(
             key=key,
             size=int(doc["size"]),
             part_size=int(doc["part_size"]),
             crc32c=int(doc["crc32c"]),
-            etag=str(doc["etag"]),
+            etag=None if by_crc else str(doc["etag"]),
             mode=str(doc["mode"]),
             node=str(doc["node"]),
             path=str(doc["path"]),
             parts=tuple(
-                PartInfo(int(n), int(s), int(e), str(m), int(c)) for n, s, e, m, c in doc["parts"]
+                PartInfo(int(n), int(s), int(e), None if by_crc else str(m), int(c))
+                for n, s, e, m, c in doc["parts"]
             ),
             source="record",
+            checksum=CRC32C_RECORD if by_crc else "md5",
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise Unusable(f"record sidecar is malformed ({exc!r})") from None
@@ -199,7 +228,7 @@ def _from_record(key: str, body: bytes) -> ObjectRecord:
 def check(rec: ObjectRecord, info: ObjectInfo, md: Mapping[str, str]) -> ObjectRecord:
     """``rec`` if it provably describes the object ``info``; else Unusable naming the difference."""
     etag = normalize_etag(info.etag)
-    if etag is None:
+    if etag is None and rec.checksum != CRC32C_RECORD:
         raise Unusable("the remote reports no ETag: the object's bytes cannot be tied to a record")
     if rec.size != info.size:
         raise Unusable(f"the object has {info.size} bytes, its record says {rec.size}")
@@ -212,12 +241,16 @@ def check(rec: ObjectRecord, info: ObjectInfo, md: Mapping[str, str]) -> ObjectR
         pos = p.end
     if pos != rec.size:
         raise Unusable(f"record parts end at {pos}, the object has {rec.size} bytes")
-    want = rec.parts[0].md5 if rec.mode == "put" else multipart_etag([p.md5 for p in rec.parts])
-    if want != rec.etag or etag != want:
-        raise Unusable(
-            f"the object's ETag {etag} is not the one its record's parts give ({want}); it is "
-            "not the object the record describes"
-        )
+    if rec.checksum == CRC32C_RECORD:
+        _check_crc32c(rec, info)
+    else:
+        md5s = [p.md5 or "" for p in rec.parts]
+        want = md5s[0] if rec.mode == "put" else multipart_etag(md5s)
+        if want != rec.etag or etag != want:
+            raise Unusable(
+                f"the object's ETag {etag} is not the one its record's parts give ({want}); it "
+                "is not the object the record describes"
+            )
     if combine_crcs([(p.crc32c, p.end - p.start) for p in rec.parts]) != rec.crc32c:
         raise Unusable("record parts' CRC32Cs do not combine to its whole-file CRC32C")
     digest = md.get(P + "parts-sha256")
@@ -228,6 +261,21 @@ def check(rec: ObjectRecord, info: ObjectInfo, md: Mapping[str, str]) -> ObjectR
         if P + field in md and md[P + field] != value:
             raise Unusable(f"record {field} differs from the object's metadata")
     return rec
+
+
+def _check_crc32c(rec: ObjectRecord, info: ObjectInfo) -> None:
+    """A crc32c-mode record ties to the object only by the CRC32C the remote reports for it."""
+    if info.checksum is None:
+        raise Unusable(
+            "the record is in the crc32c mode (no part MD5s) and the remote reports no CRC32C "
+            "for the object: its bytes cannot be tied to the record"
+        )
+    parts = [(p.crc32c, p.end - p.start) for p in rec.parts]
+    if not checksum_matches(info.checksum, parts, multipart=rec.mode != "put"):
+        raise Unusable(
+            f"the object's CRC32C {info.checksum} is not the one its record's parts give; it is "
+            "not the object the record describes"
+        )
 
 
 def parse_metadata(key: str, md: Mapping[str, str]) -> ObjectRecord | None:

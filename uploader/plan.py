@@ -42,11 +42,21 @@ from uploader.storage.base import Expected, ObjectInfo, PartRef
 from uploader.storage.rules import matches
 
 # The decision's vocabulary lives in uploader.position; imported from here by the driver and tests.
-__all__ = ["Act", "Position", "Step", "checksum_ok", "expected", "next_step"]
+__all__ = ["Act", "Position", "Step", "checksum_ok", "expected", "next_step", "sealed_proof"]
 
 
-def expected(seg: SegmentRecord) -> Expected:
-    assert seg.size is not None and seg.expected_etag is not None
+def expected(seg: SegmentRecord, commits: Sequence[CommitRecord]) -> Expected:
+    """What the sealed object must be: its size and the ETag the part MD5s give, or (the crc32c
+    mode, no MD5s) the CRC32C the parts give, as the remote must report it."""
+    assert seg.size is not None
+    if seg.by_crc32c:
+        ordered = sorted(commits, key=lambda c: c.part_number)
+        return Expected(
+            size=seg.size,
+            parts=tuple((c.crc32c, c.size) for c in ordered),
+            multipart=seg.upload_mode != "put",
+        )
+    assert seg.expected_etag is not None
     return Expected(size=seg.size, etag=seg.expected_etag)
 
 
@@ -74,8 +84,10 @@ def _judge(p: Position) -> bool | None:
         # The remote checksummed other bytes than the recorded parts (or keeps a checksum a
         # reader would see fail): never the seal's object, whatever its ETag says.
         return False
-    if p.deep_checked or matches(obj, expected(p.seg)):
+    if p.deep_checked or matches(obj, expected(p.seg, p.commits)):
         return True
+    # An ETag that is not the expected one -- or, in the crc32c mode, no checksum reported: never
+    # accepted as is, and never judged foreign for that alone. The bytes read back tell.
     return None
 
 
@@ -97,6 +109,12 @@ def _twin(p: Position) -> Step | None:
 
 def _read_back(p: Position) -> Step:
     assert p.obj is not None
+    if p.seg.by_crc32c:
+        return Step(
+            Act.DEEP_READ,
+            reason="the remote reports no CRC32C for the object (the seal's proof in the crc32c "
+            "mode); its bytes are read back and compared part by part",
+        )
     return Step(
         Act.DEEP_READ,
         reason=f"the object's ETag ({p.obj.etag}) is not the one expected from the part MD5s "
@@ -189,7 +207,7 @@ def _parts(p: Position, pending: tuple[CommitRecord, ...]) -> Step:
     if p.parts_known and p.parts is not None:
         held = tuple(c for c in pending if _held(p.parts, c))
         if held:
-            return Step(Act.ADOPT_PARTS, held, reason="held by the remote with the recorded MD5")
+            return Step(Act.ADOPT_PARTS, held, reason=f"held by the remote with the {_proof(seg)}")
         lost = tuple(
             c for c in p.commits if c.state is CommitState.UPLOADED and not _held(p.parts, c)
         )
@@ -197,20 +215,39 @@ def _parts(p: Position, pending: tuple[CommitRecord, ...]) -> Step:
             return Step(
                 Act.UNSEND_PARTS,
                 lost,
-                reason="not held by the remote with the recorded MD5; sending it again",
+                reason=f"not held by the remote with the {_proof(seg)}; sending it again",
             )
     if seg.upload_id is None:
         return Step(Act.START_UPLOAD)
     return Step(Act.SEND, pending)
 
 
+def sealed_proof(seg: SegmentRecord) -> str:
+    """What the seal expects of the object besides its size, for messages."""
+    if seg.by_crc32c:
+        return f"the CRC32C of its parts (whole file {seg.crc32c or 0:08x})"
+    return f"etag {seg.expected_etag}"
+
+
+def _proof(seg: SegmentRecord) -> str:
+    return "recorded CRC32C and size" if seg.by_crc32c else "recorded MD5"
+
+
 def _held(parts: Mapping[int, PartRef], c: CommitRecord) -> bool:
     """The remote lists the part with its MD5, or (an uploaded part) with the very ETag it
     acknowledged for our bytes (SSE-KMS ETags are no MD5s; that acknowledgement was proven by
-    the part's CRC32C)."""
+    the part's CRC32C). A crc32c-mode part (no MD5): listed with its size and its CRC32C; or, an
+    uploaded part (its CRC32C was echoed when it was acknowledged) where the remote lists no part
+    checksums (moto), with the very ETag it acknowledged. A pending one is never reused then."""
     part = parts.get(c.part_number)
     if part is None:
         return False
+    if c.md5 is None:
+        if part.size != c.size:
+            return False
+        if part.crc32c is not None:
+            return part.crc32c == c.crc32c
+        return c.state is CommitState.UPLOADED and bool(c.etag) and part.etag == c.etag
     etag = normalize_etag(part.etag)
     return etag == c.md5 or (c.state is CommitState.UPLOADED and etag == c.etag)
 
@@ -232,7 +269,7 @@ def _foreign(obj: ObjectInfo, seg: SegmentRecord, differs: str | None = None) ->
         Act.FAIL,
         reason=(
             f"object at key {seg.key!r} does not match the local bytes ({_describe(obj)}; the "
-            f"seal expects {seg.size} bytes, etag {seg.expected_etag}"
+            f"seal expects {seg.size} bytes, {sealed_proof(seg)}"
             f"{'; read back: ' + differs if differs else ''}); it was not written by this "
             "segment and is left alone"
         ),
@@ -317,7 +354,7 @@ def _uploaded(p: Position) -> Step:
             return Step(
                 Act.FAIL,
                 reason=f"the object at key {seg.key!r} failed verification {p.reuploads + 1} "
-                f"times ({bad}; expected {seg.size} bytes, etag {seg.expected_etag})",
+                f"times ({bad}; expected {seg.size} bytes, {sealed_proof(seg)})",
             )
         if p.obj.etag is None or p.obj.etag == normalize_etag(seg.expected_etag):
             # A conditional delete could not tell the bad object from the good one.

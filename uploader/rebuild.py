@@ -87,12 +87,15 @@ def read_record(storage: Storage, key: str, info: ObjectInfo, md: dict[str, str]
         if not md:
             raise Unusable("the object has no uploader metadata") from None
         reasons.append(str(exc))
-    if info.etag is None:
+    tag = info.etag
+    if md.get(objectmeta.P + "checksum") == objectmeta.CRC32C_RECORD:
+        tag = objectmeta.CRC32C_RECORD  # the crc32c mode: no ETag names its record
+    if tag is None:
         reasons.append("the remote reports no ETag")
         raise Unusable("; ".join(reasons))
-    body = storage.read_hidden(objectmeta.record_name(key, info.etag))
+    body = storage.read_hidden(objectmeta.record_name(key, tag))
     if body is None:
-        reasons.append(f"no record sidecar for ETag {info.etag}")
+        reasons.append(f"no record sidecar for {tag}")
         raise Unusable("; ".join(reasons))
     try:
         return objectmeta.check(objectmeta.parse_record(key, body), info, md)
@@ -146,8 +149,9 @@ def rebuild_one(
     existing = manifest.segment(key)
     if existing is None:
         if rec is not None:
+            proof = f"etag {rec.etag}" if rec.etag is not None else "its CRC32C"
             detail = (
-                f"rebuilt from the object's {rec.source}: {rec.size} bytes, etag {rec.etag}, "
+                f"rebuilt from the object's {rec.source}: {rec.size} bytes, {proof}, "
                 f"crc32c {rec.crc32c:08x}, {len(rec.parts)} parts, from {rec.node}:{rec.path}"
             )
             row = manifest.rebuilt(
@@ -159,6 +163,8 @@ def rebuild_one(
                 size=rec.size,
                 crc32c=rec.crc32c,
                 etag=rec.etag,
+                object_etag=info.etag,
+                checksum=rec.checksum,
                 upload_mode=rec.mode,
                 parts=[NewCommit(p.number, p.start, p.end, p.md5, p.crc32c) for p in rec.parts],
                 worker=worker,

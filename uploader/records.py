@@ -39,6 +39,13 @@ class SegmentRecord:
     file_inode: int | None = None
     remove_etag: str | None = None
     checked_at: datetime | None = None
+    #: 'md5' or 'crc32c': what proves this segment's bytes (see ``uploader.config.ChecksumMode``).
+    checksum: str = "md5"
+
+    @property
+    def by_crc32c(self) -> bool:
+        """No part MD5s: parts and object are proven by the remote's CRC32C."""
+        return self.checksum == "crc32c"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +55,7 @@ class CommitRecord:
     part_number: int
     start: int
     end: int
-    md5: str
+    md5: str | None  # None in the crc32c checksum mode
     crc32c: int
     etag: str | None
     state: CommitState
@@ -77,7 +84,7 @@ class NewCommit:
     part_number: int
     start: int
     end: int
-    md5: str
+    md5: str | None  # None in the crc32c checksum mode
     crc32c: int
 
 

@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from typing import TypeVar
 
 from uploader import objectmeta, plan
-from uploader.digest import Payload, checksum, normalize_etag
+from uploader.digest import Payload, checksum, crc32c_b64, crc32c_of, normalize_etag
 from uploader.drive_state import Learned
 from uploader.errors import (
     NoSuchUploadError,
@@ -136,7 +136,9 @@ class RemoteSteps:
                 raise
         if learned.parts is not None:
             for c in commits:
-                learned.parts[c.part_number] = PartRef(c.part_number, c.md5, c.size)
+                learned.parts[c.part_number] = PartRef(
+                    c.part_number, c.md5 or "", c.size, crc32c=c.crc32c
+                )
 
     def _put(
         self,
@@ -148,7 +150,7 @@ class RemoteSteps:
     ) -> None:
         payload = learned.fresh.pop(commit.id, None)
         metadata = objectmeta.object_metadata(seg, [commit])
-        if not objectmeta.metadata_complete(metadata) and seg.expected_etag is not None:
+        if not objectmeta.metadata_complete(metadata) and objectmeta.sealed_parts(seg, [commit]):
             self._write_record(lease, seg, [commit])  # did not fit S3's 2 KB of metadata
         with self.transport.slots:
             if payload is None:
@@ -163,7 +165,9 @@ class RemoteSteps:
                     self.manifest.commit_attempt_failed(lease, commit, str(exc))
                 raise
         del payload
-        learned.put_ack = (commit, normalize_etag(info.etag) or commit.md5)
+        if commit.md5 is not None or info.checksum == crc32c_b64(commit.crc32c):
+            # What the response proves (a crc32c-mode part: only its CRC32C echoed).
+            learned.put_ack = (commit, normalize_etag(info.etag) or commit.md5 or "")
         learned.checked.add(commit.part_number)
         counters.sent(commit.size)
         self._moved(seg.key, commit.size)
@@ -187,7 +191,7 @@ class RemoteSteps:
         # named by the ETag the object will have, so it describes exactly those bytes.
         self._write_record(lease, seg, commits)
         try:
-            info = self.storage.complete(seg.key, seg.upload_id, parts, plan.expected(seg))
+            info = self.storage.complete(seg.key, seg.upload_id, parts, plan.expected(seg, commits))
         except NoSuchUploadError:
             learned.parts_known, learned.parts = True, None
             learned.object_changed()
@@ -206,8 +210,9 @@ class RemoteSteps:
     def _write_record(
         self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord]
     ) -> None:
-        assert seg.expected_etag is not None
-        name = objectmeta.record_name(seg.key, seg.expected_etag)
+        # Named by the ETag the object will have; in the crc32c mode (no MD5s, no ETag known
+        # beforehand) by the mode, and tied to the object by its CRC32C instead.
+        name = objectmeta.record_name(seg.key, seg.expected_etag or objectmeta.CRC32C_RECORD)
         body = objectmeta.record_json(seg, commits)
         self._remote(lease, "record sidecar", lambda: self.storage.write_hidden(name, body))
 
@@ -220,9 +225,14 @@ class RemoteSteps:
         self, seg: SegmentRecord, commits: Sequence[CommitRecord]
     ) -> CommitRecord | None:
         """Read the object back part by part: the first part whose MD5 or CRC32C is not the
-        recorded one, or None."""
+        recorded one, or None (the crc32c mode: CRC32C only, no MD5 was recorded)."""
         for c in commits:
-            md5, crc = checksum(self.storage.read(seg.key, c.start, c.end))
+            data = self.storage.read(seg.key, c.start, c.end)
+            if c.md5 is None:
+                if len(data) != c.size or crc32c_of(data) != c.crc32c:
+                    return c
+                continue
+            md5, crc = checksum(data)
             if md5 != c.md5 or crc != c.crc32c:
                 return c
         return None
@@ -259,7 +269,7 @@ class RemoteSteps:
         ``deep`` or when the remote's ETag is not the expected one (none, a plain MD5, an SSE-KMS
         string). Changes nothing: ``uploader verify``, the scrub and the deletion gate use it.
         """
-        if seg.size is None or seg.expected_etag is None:
+        if seg.size is None or (seg.expected_etag is None and not seg.by_crc32c):
             return f"segment {seg.key!r} is {seg.state.value}: nothing sealed to compare with"
         info = self.storage.head(seg.key)
         if info is None:
@@ -276,6 +286,9 @@ class RemoteSteps:
                 )
         if not deep and etag is not None and etag == seg.expected_etag:
             return None
+        if not deep and seg.by_crc32c and info.checksum is not None:
+            return None  # the crc32c mode's proof: the object's CRC32C, compared above
+        # The crc32c mode and no checksum reported: never accepted as is; read back below.
         # No ETag, or one that is not the part MD5s' (s3rver, SSE-KMS): only the bytes can
         # tell, and a correct object is never called drifted for its ETag alone.
         c = self._differing_part(seg, self.manifest.commits(seg.id))

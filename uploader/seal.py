@@ -50,13 +50,13 @@ def seal_single(
     """Read once, record the seal with the checksums of those bytes, then drive: the same
     bytes are PUT, the object checked, uploaded and verified recorded together."""
     with store.transport.slots:
-        payload = read_range(path, 0, size)
+        payload = read_range(path, 0, size, md5=not seg.by_crc32c)
     [commit] = store.manifest.seal(
         lease,
         [NewCommit(1, 0, size, payload.md5, payload.crc32c)],
         size=size,
         crc32c=payload.crc32c,
-        expected_etag=payload.md5,
+        expected_etag=payload.md5,  # None in the crc32c mode: the object's CRC32C proves it
         upload_mode=UploadMode.PUT,
     )
     counters = Counters()
@@ -82,7 +82,7 @@ def seal_multipart(
     commits = manifest.commits(seg.id)
     committed = commits[-1].end if commits else 0
     parts = new_parts(key, committed, size, seg.part_size, len(commits), final=True)
-    final = store.transport.digest(path, parts)
+    final = store.transport.digest(path, parts, md5=not seg.by_crc32c)
     # The seal's intent: size, whole-file CRC32C and the multipart ETag to expect.
     all_commits = manifest.seal(
         lease,
@@ -91,7 +91,7 @@ def seal_multipart(
         crc32c=combine_crcs(
             [(c.crc32c, c.size) for c in commits] + [(c.crc32c, c.end - c.start) for c in final]
         ),
-        expected_etag=multipart_etag([c.md5 for c in commits] + [c.md5 for c in final]),
+        expected_etag=expected_etag([c.md5 for c in commits] + [c.md5 for c in final]),
         upload_mode=UploadMode.MULTIPART,
     )
     counters = Counters()
@@ -100,6 +100,15 @@ def seal_multipart(
     }
     result = store.driver.drive(lease, fresh=fresh, counters=counters, release=True)
     return sealed(key, result, counters, size)
+
+
+def expected_etag(md5s: list[str | None]) -> str | None:
+    """The multipart ETag the part MD5s give; None in the crc32c mode (no MD5 was taken: the
+    object's composite CRC32C proves it instead)."""
+    known = [m for m in md5s if m is not None]
+    if len(known) != len(md5s):
+        return None
+    return multipart_etag(known)
 
 
 def sealed(key: str, result: DriveResult, counters: Counters, size: int) -> CommitResult:

@@ -299,7 +299,7 @@ class Segment(SegmentLease):
             for number, start, end in parts:
                 transport.slots.acquire()
                 try:
-                    payload = read_range(self.path, start, end)
+                    payload = read_range(self.path, start, end, md5=not seg.by_crc32c)
                     [commit] = store.manifest.add_commits(
                         lease, [NewCommit(number, start, end, payload.md5, payload.crc32c)]
                     )

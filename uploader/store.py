@@ -18,7 +18,7 @@ from typing import Any
 
 from uploader import config as config_mod
 from uploader import recovery
-from uploader.config import StoreConfig, VerifyMode
+from uploader.config import ChecksumMode, StoreConfig, VerifyMode
 from uploader.config import resolve as resolve_config
 from uploader.driver import Driver
 from uploader.errors import (
@@ -34,7 +34,7 @@ from uploader.manifest.repo import Manifest, default_node, default_worker
 from uploader.segment import Segment
 from uploader.states import SegmentState
 from uploader.storage import open_storage
-from uploader.storage.base import MAX_PART_SIZE, Storage
+from uploader.storage.base import MAX_PART_SIZE, Storage, keeps_crc32c
 from uploader.transport import Transport, file_identity
 from uploader.upkeep import Upkeep
 
@@ -66,6 +66,7 @@ class Store(Upkeep):
         node: str | None = None,
         worker: str | None = None,
         lease_seconds: float | None = None,
+        checksum: str | ChecksumMode | None = None,
     ) -> None:
         """``config`` holds the settings (:class:`~uploader.config.StoreConfig`); a keyword
         argument given here overrides its field of the same name."""
@@ -77,6 +78,7 @@ class Store(Upkeep):
             node=node,
             worker=worker,
             lease_seconds=lease_seconds,
+            checksum=checksum,
         )
         if cfg.part_size < storage.min_part_size or cfg.part_size > MAX_PART_SIZE:
             raise UsageError(
@@ -231,6 +233,7 @@ class Store(Upkeep):
             worker=self.worker,
             lease_ttl=self.lease_seconds,
             identity=file_identity(apath),
+            checksum=self.new_segment_checksum(),
         )
         if lease is None and record.state is SegmentState.OPEN:
             # A dead predecessor's lease on this node is taken at once (see uploader.holders).
@@ -241,6 +244,22 @@ class Store(Upkeep):
         if lease is not None:
             self.keeper.hold(lease)
         return seg
+
+    def new_segment_checksum(self) -> str:
+        """The checksum mode a new segment is registered with ('md5' or 'crc32c'; see
+        :class:`~uploader.config.ChecksumMode`). ``auto`` asks the remote once per storage
+        instance whether it keeps and echoes CRC32C."""
+        setting = self.config.checksum
+        if setting is ChecksumMode.MD5:
+            return "md5"
+        if keeps_crc32c(self.storage):
+            return "crc32c"
+        if setting is ChecksumMode.CRC32C:
+            raise UsageError(
+                f"checksum='crc32c' but {self.storage.url} did not prove that it keeps and echoes "
+                "CRC32C checksums; use checksum='auto' or 'md5' for this remote"
+            )
+        return "md5"  # never weaker than before where the remote keeps no CRC32C
 
     def _submit_job(self, run: Callable[[], None], fut: Future[Any]) -> None:
         with self._state_lock:
@@ -281,12 +300,13 @@ def open(
     lease_seconds: float | None = None,
     storage: Storage | None = None,
     min_part_size: int | None = None,
+    checksum: str | ChecksumMode | None = None,
 ) -> Store:
     """Open a store: a manifest (SQLAlchemy URL) and a remote root (fsspec URL).
 
     The settings are ``config`` (:class:`~uploader.config.StoreConfig`, defaults if None) with
     any keyword argument given here in place of its field: part size, concurrency, verify mode,
-    node and worker names, lease length. They are checked before the manifest is opened.
+    node and worker names, lease length, checksum mode. They are checked before the manifest is opened.
     ``storage`` replaces the backend built from ``remote`` (e.g. a fault-injecting wrapper);
     ``min_part_size`` lowers S3's 5 MiB part minimum for test servers.
     """
@@ -299,6 +319,7 @@ def open(
         worker=worker,
         lease_seconds=lease_seconds,
         min_part_size=min_part_size,
+        checksum=checksum,
     )
     m = Manifest.open(manifest)
     try:

@@ -30,6 +30,7 @@ S3RVER = {
     "refuse": {"ListParts": 405, "AbortMultipartUpload": 405, "ListMultipartUploads": 501},
     "ignore_if_none_match": True,
     "etags": "plain-md5",
+    "checksums": "none",  # s3rver keeps no additional checksums: the md5 mode
 }
 
 Opener = Callable[..., uploader.Store]

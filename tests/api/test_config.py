@@ -93,3 +93,35 @@ def test_cli_global_options_become_the_store_config(tmp_path: Path) -> None:
     bad = dataclasses.replace(ctx, lease_seconds=0.0)
     with pytest.raises(UsageError, match="lease_seconds"):
         bad.open()
+
+
+def test_checksum_setting() -> None:
+    from uploader.config import ChecksumMode
+
+    assert StoreConfig().checksum is ChecksumMode.AUTO
+    # The CLI's (and a caller's) plain strings, any case, become the enum.
+    assert StoreConfig(checksum="CRC32C").checksum is ChecksumMode.CRC32C  # type: ignore[arg-type]
+    assert resolve(StoreConfig(), checksum="md5").checksum is ChecksumMode.MD5
+    with pytest.raises(UsageError, match="checksum must be one of 'auto', 'md5', 'crc32c'"):
+        StoreConfig(checksum="sha1")  # type: ignore[arg-type]
+
+
+def test_checksum_reaches_the_store_and_crc32c_needs_a_remote_that_keeps_it(
+    tmp_path: Path,
+) -> None:
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    path = tmp_path / "seg"
+    path.write_bytes(b"x" * 10)
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    with uploader.open(url, f"file://{remote}", checksum="md5") as store:
+        assert store.config.checksum is uploader.ChecksumMode.MD5
+        assert store.new_segment_checksum() == "md5"
+    # A local directory keeps no CRC32C: auto is md5 there, crc32c is refused before anything
+    # is recorded.
+    with uploader.open(url, f"file://{remote}") as store:
+        assert store.new_segment_checksum() == "md5"
+    with uploader.open(url, f"file://{remote}", checksum="crc32c") as store:
+        with pytest.raises(UsageError, match="did not prove that it keeps"):
+            store.segment("k", path)
+        assert store.manifest.segment("k") is None

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import md5
 from tests.manifest.conftest import open_manifest
 from uploader.digest import checksum, multipart_etag
 from uploader.errors import StorageError
@@ -142,7 +143,7 @@ def test_the_stuck_gauge_ignores_open_segments(
         [final],
         size=4,
         crc32c=final.crc32c,
-        expected_etag=multipart_etag([final.md5]),
+        expected_etag=multipart_etag([md5(final)]),
         upload_mode="multipart",
     )
     clock.at(6100)

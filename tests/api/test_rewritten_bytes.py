@@ -109,15 +109,17 @@ def test_changed_bytes_fail_recovery(
     lease = writer.keeper.get(rec.id)
     assert lease is not None
     commits = writer.manifest.commits(rec.id)
-    final = writer.transport.digest(str(path), [(3, 2 * PART, size)])
-    from uploader.digest import combine_crcs, multipart_etag
+    # In the segment's own checksum mode (crc32c where the remote keeps it: no MD5s).
+    final = writer.transport.digest(str(path), [(3, 2 * PART, size)], md5=not rec.by_crc32c)
+    from uploader.digest import combine_crcs
+    from uploader.seal import expected_etag
 
     writer.manifest.seal(
         lease,
         final,
         size=size,
         crc32c=combine_crcs([(c.crc32c, c.size) for c in commits] + [(final[0].crc32c, 1234)]),
-        expected_etag=multipart_etag([c.md5 for c in commits] + [final[0].md5]),
+        expected_etag=expected_etag([c.md5 for c in commits] + [final[0].md5]),
         upload_mode="multipart",
     )
     writer.abandon()

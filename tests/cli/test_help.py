@@ -49,3 +49,11 @@ def test_numbers_out_of_range_are_refused() -> None:
     ):
         res = runner.invoke(app, argv)
         assert res.exit_code == 2, (argv, res.output)
+
+
+def test_the_checksum_option_is_a_global_option_checked_before_anything_runs() -> None:
+    runner = CliRunner()
+    top = runner.invoke(app, ["--help"], env={"COLUMNS": "100"}).output
+    assert "--checksum MODE" in top and "crc32c" in top
+    res = runner.invoke(app, ["--checksum", "sha1", "status"])
+    assert res.exit_code == 2, res.output

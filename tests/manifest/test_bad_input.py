@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from tests.conftest import md5
 from uploader.digest import checksum
 from uploader.errors import (
     InvalidKeyError,
@@ -334,7 +335,7 @@ def test_verifying_through_transition_segment_verifies_every_commit(manifest: Ma
         manifest.transition_segment(lease, "sealed", "uploaded")
     assert snapshot(manifest) == before
     [commit] = manifest.commits(lease.segment_id)
-    manifest.commit_uploaded(lease, commit, commit.md5)
+    manifest.commit_uploaded(lease, commit, md5(commit))
     manifest.transition_segment(lease, "sealed", "uploaded")
     manifest.transition_segment(lease, "uploaded", "verified")
     assert {c.state.value for c in manifest.commits(lease.segment_id)} == {"verified"}

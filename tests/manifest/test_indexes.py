@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, insert
 
+from tests.conftest import md5
 from uploader.digest import checksum, multipart_etag
 from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL
 from uploader.manifest.repo import Manifest
@@ -229,11 +230,11 @@ def _verified(m: Manifest, key: str) -> int:
     m.register(key, f"/data/{key}", node="n1", part_size=4, worker="w")
     lease = m.acquire(key, "w")
     [c1] = m.add_commits(lease, [part(1, 0, 4)])
-    m.commit_uploaded(lease, c1, c1.md5)
+    m.commit_uploaded(lease, c1, md5(c1))
     final = part(2, 4, 2)
-    etag = multipart_etag([c1.md5, final.md5])
+    etag = multipart_etag([md5(c1), md5(final)])
     commits = m.seal(lease, [final], size=6, crc32c=1, expected_etag=etag, upload_mode="multipart")
-    m.commit_uploaded(lease, commits[1], commits[1].md5)
+    m.commit_uploaded(lease, commits[1], md5(commits[1]))
     m.segment_uploaded(lease, etag)
     m.segment_verified(lease, "ok")
     m.release(lease)
@@ -267,7 +268,7 @@ def test_status_counts_bytes_and_oldest_age(manifest: Manifest) -> None:
     m.register("b/sealed", "/data/b", node="n1", part_size=4, worker="w")
     lease = m.acquire("b/sealed", "w")
     [c1] = m.add_commits(lease, [part(1, 0, 4)])
-    m.commit_uploaded(lease, c1, c1.md5)
+    m.commit_uploaded(lease, c1, md5(c1))
     m.seal(
         lease, [part(2, 4, 2)], size=6, crc32c=1, expected_etag="e" * 32, upload_mode="multipart"
     )
@@ -319,7 +320,7 @@ def test_deletable_returns_only_verified_segments(manifest: Manifest) -> None:
     [c] = m.seal(
         lease, [part(1, 0, 4)], size=4, crc32c=1, expected_etag="e" * 32, upload_mode="put"
     )
-    m.commit_uploaded(lease, c, c.md5)
+    m.commit_uploaded(lease, c, md5(c))
     m.segment_uploaded(lease, "e" * 32)
     m.register("f/failed", "/data/f", node="n1", part_size=4, worker="w")
     lease = m.acquire("f/failed", "w")

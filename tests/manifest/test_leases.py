@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from tests.conftest import md5
 from uploader.digest import checksum
 from uploader.errors import LeaseLostError, SegmentBusyError, UsageError
 from uploader.manifest.repo import Manifest
@@ -175,7 +176,7 @@ def test_expired_lease_is_taken_over_and_old_writes_are_refused(
     seg = a.register("take/1", "/data/take/1", node="n1", part_size=4, worker="a")
     old = a.acquire(seg.key, "a", ttl=10)
     [c1] = a.add_commits(old, [part(1, 0)])
-    a.commit_uploaded(old, c1, c1.md5)
+    a.commit_uploaded(old, c1, md5(c1))
     a.add_commits(old, [part(2, 4)])
 
     clock.advance(5)
@@ -208,7 +209,7 @@ def test_expired_lease_is_taken_over_and_old_writes_are_refused(
         "transition_commit": lambda: a.transition_commit(
             old, commits[1].id, "pending", "uploaded", etag=commits[1].md5
         ),
-        "commit_uploaded": lambda: a.commit_uploaded(old, commits[1], commits[1].md5),
+        "commit_uploaded": lambda: a.commit_uploaded(old, commits[1], md5(commits[1])),
         "commit_attempt_failed": lambda: a.commit_attempt_failed(old, commits[1], "boom"),
         "record_error": lambda: a.record_error(old, "boom"),
         "set_upload": lambda: a.set_upload(old, "upload-x"),
@@ -243,7 +244,7 @@ def test_old_holder_cannot_move_a_sealed_segment(
     old = a.acquire(seg.key, "a", ttl=10)
     a.seal(old, [part(1, 0)], size=4, crc32c=1, expected_etag="e" * 32, upload_mode="put")
     [c] = a.commits(seg.id)
-    a.commit_uploaded(old, c, c.md5)
+    a.commit_uploaded(old, c, md5(c))
     a.segment_uploaded(old, "e" * 32)
     clock.advance(11)
     new = b.acquire(seg.key, "b", ttl=10)
@@ -367,7 +368,7 @@ def test_claim_next_respects_node_affinity(manifest: Manifest) -> None:
     # open, every part uploaded: nothing to do until it is sealed
     lease = seg_with("c-open-uploaded", "n1")
     [c] = m.add_commits(lease, [part(1, 0)])
-    m.commit_uploaded(lease, c, c.md5)
+    m.commit_uploaded(lease, c, md5(c))
     m.release(lease)
     # sealed with a pending part: needs the local bytes
     lease = seg_with("d-sealed-pending", "n1")
@@ -376,18 +377,18 @@ def test_claim_next_respects_node_affinity(manifest: Manifest) -> None:
     # sealed, all parts uploaded: completing needs no local bytes, any node may
     lease = seg_with("e-sealed-uploaded", "n1")
     [c] = m.seal(lease, [part(1, 0)], size=4, crc32c=1, expected_etag="e" * 32, upload_mode="put")
-    m.commit_uploaded(lease, c, c.md5)
+    m.commit_uploaded(lease, c, md5(c))
     m.release(lease)
     # uploaded: verifying reads every local byte again: only its node may
     lease = seg_with("f-uploaded", "n1")
     [c] = m.seal(lease, [part(1, 0)], size=4, crc32c=1, expected_etag="e" * 32, upload_mode="put")
-    m.commit_uploaded(lease, c, c.md5)
+    m.commit_uploaded(lease, c, md5(c))
     m.segment_uploaded(lease, "e" * 32)
     m.release(lease)
     # verified and failed: finished, nobody claims them
     lease = seg_with("g-verified", "n1")
     [c] = m.seal(lease, [part(1, 0)], size=4, crc32c=1, expected_etag="e" * 32, upload_mode="put")
-    m.commit_uploaded(lease, c, c.md5)
+    m.commit_uploaded(lease, c, md5(c))
     m.segment_uploaded(lease, "e" * 32)
     m.segment_verified(lease, "ok")
     m.release(lease)

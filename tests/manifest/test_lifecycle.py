@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tests.conftest import md5
 from uploader.digest import checksum, multipart_etag
 from uploader.manifest.repo import Manifest
 from uploader.records import NewCommit
@@ -21,10 +22,10 @@ def test_segment_lifecycle_records_every_transition(manifest: Manifest) -> None:
 
     first = manifest.add_commits(lease, [_part(1, b"abcd", 0)])
     assert [c.state for c in first] == [CommitState.PENDING]
-    manifest.commit_uploaded(lease, first[0], first[0].md5)
+    manifest.commit_uploaded(lease, first[0], md5(first[0]))
 
     final = _part(2, b"ef", 4)
-    md5s = [first[0].md5, final.md5]
+    md5s = [md5(first[0]), md5(final)]
     commits = manifest.seal(
         lease,
         [final],
@@ -34,7 +35,7 @@ def test_segment_lifecycle_records_every_transition(manifest: Manifest) -> None:
         upload_mode="multipart",
     )
     assert [c.state for c in commits] == [CommitState.UPLOADED, CommitState.PENDING]
-    manifest.commit_uploaded(lease, commits[1], commits[1].md5)
+    manifest.commit_uploaded(lease, commits[1], md5(commits[1]))
     manifest.segment_uploaded(lease, multipart_etag(md5s))
     manifest.segment_verified(lease, "size and etag match")
 
@@ -64,7 +65,7 @@ def test_progress_and_pending_parts_are_read_without_the_whole_part_list(
     first, second, third = manifest.add_commits(
         lease, [_part(1, b"abcd", 0), _part(2, b"efgh", 4), _part(3, b"ijkl", 8)]
     )
-    manifest.commit_uploaded(lease, second, second.md5)
+    manifest.commit_uploaded(lease, second, md5(second))
     progress = manifest.progress(seg.id)
     assert (progress.committed, progress.parts) == (12, 3)
     assert progress.segment.state is SegmentState.OPEN

@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import pytest
 
+from tests.conftest import md5
 from uploader.digest import checksum, multipart_etag
 from uploader.errors import InvalidStateError, LeaseLostError, SegmentBusyError, UsageError
 from uploader.manifest.repo import Manifest
@@ -22,14 +23,14 @@ def _sealed_then_failed(manifest: Manifest, key: str) -> int:
     seg = manifest.register(key, f"/data/{key}", node="n1", part_size=4, worker="w")
     lease = manifest.acquire(key, "w")
     [first] = manifest.add_commits(lease, [_part(1, b"abcd", 0)])
-    manifest.commit_uploaded(lease, first, first.md5)
+    manifest.commit_uploaded(lease, first, md5(first))
     final = _part(2, b"ef", 4)
     manifest.seal(
         lease,
         [final],
         size=6,
         crc32c=checksum(b"abcdef")[1],
-        expected_etag=multipart_etag([first.md5, final.md5]),
+        expected_etag=multipart_etag([md5(first), md5(final)]),
         upload_mode="multipart",
     )
     manifest.fail_segment(lease, "local bytes unusable: file missing")

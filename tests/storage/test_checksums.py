@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import TEST_MIN_PART_SIZE, make_remote, s3_options
+from tests.conftest import TEST_MIN_PART_SIZE, make_remote, md5, s3_options
 from tests.limited_s3 import limited_s3
 from tests.storage.conftest import payload
 from uploader.digest import Payload, checksum_matches, composite_crc32c, crc32c_b64
@@ -129,8 +129,8 @@ def test_a_part_whose_bytes_are_not_its_crc32c_is_refused(
         return  # refused by the remote: nothing was stored as that part
     st.upload_part(key, upload_id, 2, last)
     refs = [
-        PartRef(1, damaged.md5, PART, crc32c=good.crc32c),
-        PartRef(2, last.md5, 3, crc32c=last.crc32c),
+        PartRef(1, md5(damaged), PART, crc32c=good.crc32c),
+        PartRef(2, md5(last), 3, crc32c=last.crc32c),
     ]
     info = st.complete(key, upload_id, refs)
     assert info.checksum is not None
@@ -194,3 +194,79 @@ def test_an_upload_resumed_by_a_fresh_instance_completes(
         assert checksum_matches(info.checksum, parts, multipart=True)
     else:
         assert info.checksum is None
+
+
+def _crc_only(data: bytes, start: int = 0) -> Payload:
+    """A crc32c-mode payload: no MD5 was taken."""
+    p = payload(data, start)
+    return Payload(p.path, p.start, p.end, p.data, None, p.crc32c)
+
+
+def test_keeps_crc32c_is_probed_once_per_instance(
+    s3_kind: tuple[str, str, dict[str, Any]],
+) -> None:
+    kind, url, options = s3_kind
+    st = _s3(url, options)
+    assert st.keeps_crc32c() is (kind == "s3")  # RGW 16 keeps no CRC32C
+    assert st.keeps_crc32c() is (kind == "s3")
+    assert _s3(url, options, checksum="md5").keeps_crc32c() is False  # never asks
+
+
+def test_crc32c_mode_part_is_proven_by_its_echoed_crc32c_and_listed_with_it(
+    s3_bucket: str, moto_endpoint: str
+) -> None:
+    st = _s3(f"s3://{s3_bucket}/root", s3_options(moto_endpoint))
+    assert st.keeps_crc32c()
+    upload_id = st.start_upload("crc")
+    first, last = _crc_only(b"c" * PART), _crc_only(b"tail", PART)
+    refs = [st.upload_part("crc", upload_id, n, p) for n, p in ((1, first), (2, last))]
+    assert [r.proven_by_checksum for r in refs] == [True, True]
+    assert [r.crc32c for r in refs] == [first.crc32c, last.crc32c]
+    listed = st.list_parts("crc", upload_id)
+    # AWS lists each part's CRC32C (what a crc32c-mode part is reused by, with its size); moto
+    # lists none, so there such a part is never reused from a listing: it is sent again.
+    assert [(p.number, p.size, p.crc32c) for p in listed] == [(1, PART, None), (2, 4, None)]
+    info = st.complete("crc", upload_id, refs)
+    assert info.checksum is not None
+    assert checksum_matches(info.checksum, [(first.crc32c, PART), (last.crc32c, 4)], multipart=True)
+
+
+@pytest.mark.parametrize("op", ["upload_part", "put"])
+def test_crc32c_mode_bytes_that_are_not_the_checksummed_ones_are_never_sent(
+    s3_bucket: str, moto_endpoint: str, op: str
+) -> None:
+    """Without an MD5 the CRC32C header is a body's only proof, and moto echoes it whatever bytes
+    arrive: our code takes the body's CRC32C again and refuses to send a body that differs."""
+    with limited_s3(moto_endpoint) as proxy:
+        st = _s3(f"s3://{s3_bucket}/root", s3_options(proxy.url))
+        good = _crc_only(b"g" * PART)
+        lying = Payload(good.path, 0, PART, b"h" + good.data[1:], None, good.crc32c)
+        if op == "upload_part":
+            upload_id = st.start_upload("lie")
+            with pytest.raises(StorageError, match=r"not the .* recorded for them") as exc:
+                st.upload_part("lie", upload_id, 1, lying)
+            assert st.list_parts("lie", upload_id) == []
+            assert proxy.count("UploadPart", "lie") == 0
+        else:
+            with pytest.raises(StorageError, match=r"not the .* recorded for them") as exc:
+                st.put("lie", lying)
+            assert st.head("lie") is None
+            assert proxy.count("PutObject", "lie") == 0
+        assert exc.value.retryable  # the next attempt reads the file again and checks it
+
+
+def test_crc32c_mode_part_without_its_crc32c_echoed_does_not_count(
+    s3_bucket: str, moto_endpoint: str
+) -> None:
+    """A remote that keeps no checksum (the proxy drops them) cannot prove a crc32c-mode part:
+    the send fails instead of returning an acknowledgement."""
+    with limited_s3(moto_endpoint, checksums="none") as proxy:
+        st = _s3(f"s3://{s3_bucket}/root", s3_options(proxy.url))
+        upload_id = st.start_upload("unproven")  # learns that CRC32C is not kept
+        with pytest.raises(StorageError, match="crc32c checksum mode"):
+            st.upload_part("unproven", upload_id, 1, _crc_only(b"u" * PART))
+        # An instance that has not learned it yet sends the part with its CRC32C; no echo comes
+        # back (the proxy drops it), so the part is not acknowledged.
+        fresh = _s3(f"s3://{s3_bucket}/root", s3_options(proxy.url))
+        with pytest.raises(StorageError, match="acknowledged CRC32C none"):
+            fresh.upload_part("unproven", upload_id, 1, _crc_only(b"u" * PART))

@@ -19,7 +19,7 @@ import typer
 
 from uploader import settings
 from uploader.cli.output import err
-from uploader.config import DEFAULT_LEASE_SECONDS, DEFAULT_PART_SIZE, StoreConfig
+from uploader.config import DEFAULT_LEASE_SECONDS, DEFAULT_PART_SIZE, StoreConfig, parse_checksum
 from uploader.errors import UploaderError, UsageError
 
 if TYPE_CHECKING:
@@ -60,6 +60,7 @@ class Context:
     debug: bool
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     min_part_size: int | None = None
+    checksum: str = "auto"
 
     def settings(self, *, create: bool = True) -> settings.Settings:
         from uploader.manifest import db
@@ -84,6 +85,7 @@ class Context:
             concurrency=self.concurrency,
             lease_seconds=self.lease_seconds,
             min_part_size=self.min_part_size,
+            checksum=parse_checksum(self.checksum),
         ).check()
 
     def open(self, **kwargs: Any) -> Store:
@@ -195,7 +197,19 @@ def main_options(
             help="Smallest part the remote accepts (S3: 5 MiB; lower only for test servers)",
         ),
     ] = None,
+    checksum: Annotated[
+        str,
+        typer.Option(
+            metavar="MODE",
+            help="What proves the bytes of new segments: auto (crc32c where the remote keeps "
+            "and echoes CRC32C, else md5), md5 or crc32c",
+        ),
+    ] = "auto",
 ) -> None:
+    try:
+        parse_checksum(checksum)  # refused before any command runs, like the numbers' ranges
+    except UsageError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--checksum") from None
     ctx.obj = Context(
         manifest,
         remote,
@@ -206,6 +220,7 @@ def main_options(
         debug,
         lease_seconds,
         min_part_size,
+        checksum,
     )
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr

@@ -33,7 +33,18 @@ def check_acknowledged(
     lease: Lease, commit: CommitRecord, etag: str, *, proven: bool = False
 ) -> None:
     """A part counts as uploaded only with the ETag the remote acknowledged equal to our MD5, or
-    (``proven``) with another ETag when the remote echoed the part's CRC32C (SSE-KMS)."""
+    (``proven``) with another ETag when the remote echoed the part's CRC32C (SSE-KMS). A part of
+    a segment in the crc32c mode has no MD5: only ``proven`` counts (its CRC32C echoed or listed,
+    or the object it belongs to proven by its checksum or read back)."""
+    if commit.md5 is None:
+        if not proven:
+            raise StaleStateError(
+                f"{lease.key} part {commit.part_number}",
+                "its CRC32C echoed by the remote",
+                "etag " + etag + " without it",
+                what="commit",
+            )
+        return
     if etag != commit.md5 and not (proven and etag):
         raise StaleStateError(
             f"{lease.key} part {commit.part_number}",

@@ -38,10 +38,17 @@ class Intents(Queries):
         part_size: int,
         worker: str,
         identity: tuple[int, int] | None = None,
+        checksum: str = "md5",
     ) -> SegmentRecord:
         """Register a segment, or return the one registered under ``key`` for the same path."""
         return self.register_leased(
-            key, path, node=node, part_size=part_size, worker=worker, identity=identity
+            key,
+            path,
+            node=node,
+            part_size=part_size,
+            worker=worker,
+            identity=identity,
+            checksum=checksum,
         )[0]
 
     def register_leased(
@@ -54,12 +61,16 @@ class Intents(Queries):
         worker: str,
         lease_ttl: float | None = None,
         identity: tuple[int, int] | None = None,
+        checksum: str = "md5",
     ) -> tuple[SegmentRecord, Lease | None]:
         """Register a segment; with ``lease_ttl``, a new row is born leased to ``worker``.
 
         Registering and leasing a new segment is then one transaction (fence 1), which matters
         when thousands of small segments are shipped. An existing row is returned unleased (the
         caller acquires it if it wants it).
+
+        ``checksum`` ('md5' or 'crc32c') is the mode of a new row, kept for its whole life: a key
+        registered before keeps the mode it was registered with.
         """
         validate_key(key)
         if part_size <= 0:
@@ -84,6 +95,7 @@ class Intents(Queries):
                 updated_at=tx.now,
                 file_device=None if identity is None else identity[0],
                 file_inode=None if identity is None else identity[1],
+                checksum=checksum,
             )
             if row is not None:
                 tx.audit.append(
@@ -182,7 +194,7 @@ class Intents(Queries):
         *,
         size: int,
         crc32c: int,
-        expected_etag: str,
+        expected_etag: str | None,
         upload_mode: str,
     ) -> list[CommitRecord]:
         """The final commit's intent: the last parts as ``pending`` and ``open -> sealed``, at once."""

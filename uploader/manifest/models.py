@@ -55,10 +55,13 @@ COMMIT_STATES_SQL = _in("state", [s.value for s in CommitState])
 #: that SQLite's planner can prove they imply it.
 #: A segment past ``open`` has its size and checksums, but for ``failed`` and ``unknown`` (an
 #: object of unknown origin found by a rebuild: its checksums are what nobody knows).
+#: A segment in the ``crc32c`` checksum mode has no ETag to expect (no part MD5s were taken):
+#: its object is proven by the CRC32C the remote reports (0006).
 SEALED_CHECKSUM_SQL = (
     "state IN ('open', 'failed', 'unknown') OR (size IS NOT NULL AND crc32c IS NOT NULL "
-    "AND expected_etag IS NOT NULL)"
+    "AND (expected_etag IS NOT NULL OR checksum = 'crc32c'))"
 )
+CHECKSUM_MODE_SQL = "checksum IN ('md5', 'crc32c')"
 UNKNOWN_REASON_SQL = "state <> 'unknown' OR reason IS NOT NULL"
 UNFINISHED_SEGMENTS_SQL = "state IN ('open', 'sealed', 'uploaded')"
 UNFINISHED_COMMITS_SQL = "state IN ('pending', 'uploaded')"
@@ -111,6 +114,11 @@ SEGMENTS = Table(
     Column("remove_etag", String(64)),
     # When the remote object was last found matching (verify, the scrub, the deletion gate).
     Column("checked_at", DateTime()),
+    # What proves the segment's bytes to the remote, fixed at registration for the segment's
+    # whole life (see uploader.config.ChecksumMode): 'md5' (part MD5s, Content-MD5, the multipart
+    # ETag; every row before 0006) or 'crc32c' (no MD5: the remote's CRC32C). A process
+    # configured otherwise resumes the segment in its recorded mode, never a weaker one.
+    Column("checksum", String(8), nullable=False, server_default=text("'md5'")),
     UniqueConstraint("key"),
     CheckConstraint(SEGMENT_STATES_SQL, name="state"),
     CheckConstraint("part_size > 0", name="part_size"),
@@ -120,6 +128,7 @@ SEGMENTS = Table(
     CheckConstraint("state <> 'failed' OR reason IS NOT NULL", name="failed_reason"),
     CheckConstraint(SEALED_CHECKSUM_SQL, name="sealed_checksum"),
     CheckConstraint(UNKNOWN_REASON_SQL, name="unknown_reason"),
+    CheckConstraint(CHECKSUM_MODE_SQL, name="checksum"),
     Index(
         "ix_segments_unfinished",
         "id",
@@ -142,7 +151,8 @@ COMMITS = Table(
     Column("part_number", Integer, nullable=False),
     Column("start_offset", BigInteger, nullable=False),
     Column("end_offset", BigInteger, nullable=False),
-    Column("md5", String(32), nullable=False),
+    # NULL for a part of a segment in the ``crc32c`` checksum mode (0006).
+    Column("md5", String(32)),
     Column("crc32c", BigInteger, nullable=False),
     Column("etag", String(64)),
     Column("state", String(16), nullable=False),

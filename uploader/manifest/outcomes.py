@@ -29,12 +29,15 @@ class Outcomes(ManifestCore):
         (one part of :meth:`parts_uploaded`)."""
         self.parts_uploaded(lease, [(commit, etag)])
 
-    def put_done(self, lease: Lease, commit: CommitRecord, etag: str) -> None:
+    def put_done(
+        self, lease: Lease, commit: CommitRecord, etag: str, *, proven: bool = False
+    ) -> None:
         """A single PUT was acknowledged: its part and the segment become ``uploaded`` at once.
+        ``proven``: the response echoed the part's CRC32C (what a crc32c-mode part needs).
 
         Both facts come from the same response, so one transaction records them.
         """
-        check_acknowledged(lease, commit, etag)
+        check_acknowledged(lease, commit, etag, proven=proven)
         with self._write() as tx:
             # The part's audit row first, as the part moves first in the story; in SQL the
             # segment row moves first (guarded; it is also the lock every writer takes first on
@@ -61,12 +64,14 @@ class Outcomes(ManifestCore):
         *,
         release: bool = False,
         object_etag: str | None = None,
+        proven: bool = False,
     ) -> None:
         """A single PUT acknowledged *and* its object checked: ``put_done`` then
         ``segment_verified`` in one transaction (both facts are known when it starts).
         ``object_etag``: what the remote reports for the object when it is not the part's MD5
-        (SSE-KMS; the bytes were read back)."""
-        check_acknowledged(lease, commit, etag)
+        (SSE-KMS; the bytes were read back). ``proven``: the object was proven by its CRC32C or
+        read back (a crc32c-mode part has no MD5 to compare ``etag`` with)."""
+        check_acknowledged(lease, commit, etag, proven=proven)
         with self._write() as tx:
             values = self._verified(tx, release, object_etag=object_etag or etag, upload_id=None)
             # sealed -> uploaded -> verified in one guarded update (both steps are proven when
@@ -255,7 +260,9 @@ class Outcomes(ManifestCore):
                         commit.id,
                         CommitState.PENDING,
                         CommitState.UPLOADED,
-                        {"etag": commit.md5},
+                        # A crc32c-mode part has no MD5 and its own ETag was never seen: the
+                        # object it is part of was proven, by its checksum or its bytes.
+                        {"etag": commit.md5 if commit.md5 is not None else ""},
                         detail,
                     )
             tx.check_all_sent(lease, SegmentState.UPLOADED)

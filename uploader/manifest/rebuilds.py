@@ -33,15 +33,20 @@ class Rebuilds(Queries):
         parts: Sequence[NewCommit],
         worker: str,
         detail: str,
+        object_etag: str | None = None,
+        checksum: str = "md5",
     ) -> SegmentRecord | None:
         """Insert a segment recreated from its object by a rebuild, with its parts, in one
         transaction; ``verified`` (parts verified, ETag = MD5) or ``unknown`` (unknown origin, no
         parts, ``detail`` is the reason). A key already present inserts nothing: None (a row is
-        compared by the caller, never overwritten). Audited with ``detail``."""
+        compared by the caller, never overwritten). Audited with ``detail``. ``checksum``: the
+        segment's mode ('crc32c': no ETag expected, no part MD5s; ``object_etag`` is then what the
+        remote reports for the object)."""
         validate_key(key)
         if state not in (SegmentState.VERIFIED, SegmentState.UNKNOWN):
             raise InvalidStateError(f"a rebuild creates verified or unknown rows, not {state}")
-        if state is SegmentState.VERIFIED and (crc32c is None or etag is None or not parts):
+        no_proof = etag is None and checksum != "crc32c"
+        if state is SegmentState.VERIFIED and (crc32c is None or no_proof or not parts):
             raise InvalidStateError("a rebuilt verified row needs its checksums and parts")
         verified = state is SegmentState.VERIFIED
         with self._write() as tx:
@@ -56,7 +61,8 @@ class Rebuilds(Queries):
                 crc32c=crc32c,
                 expected_etag=etag if verified else None,
                 upload_mode=upload_mode,
-                object_etag=etag,
+                object_etag=object_etag or etag,
+                checksum=checksum,
                 fence=0,
                 attempts=0,
                 reason=None if verified else detail,
@@ -72,7 +78,8 @@ class Rebuilds(Queries):
                 tx.conn.execute(
                     insert(COMMITS),
                     [
-                        new_commit_values(row.id, c, CommitState.VERIFIED, now, etag=c.md5)
+                        # (a crc32c-mode part: no MD5, and no part ETag was ever seen)
+                        new_commit_values(row.id, c, CommitState.VERIFIED, now, etag=c.md5 or "")
                         for c in parts
                     ],
                 )

@@ -50,6 +50,7 @@ def segment_record(row: Any) -> SegmentRecord:
         file_inode=row.file_inode,
         remove_etag=row.remove_etag,
         checked_at=row.checked_at,
+        checksum=row.checksum,
     )
 
 

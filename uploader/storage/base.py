@@ -73,7 +73,12 @@ class Expected:
     """What a completed object must look like: lets complete() accept a lost-response retry."""
 
     size: int
-    etag: str
+    etag: str | None = None
+    #: In the ``crc32c`` checksum mode (no part MD5s, so no ETag to expect): each part's
+    #: ``(crc32c, size)`` in order; the object must report the CRC32C they give (COMPOSITE for
+    #: a multipart object, its own for a PUT). An object reporting none does not match.
+    parts: tuple[tuple[int, int], ...] | None = None
+    multipart: bool = True
 
 
 @runtime_checkable
@@ -193,3 +198,10 @@ class Storage(Protocol):
     def close(self) -> None:
         """Release connections."""
         ...
+
+
+def keeps_crc32c(storage: Storage) -> bool:
+    """Whether ``storage`` proved that it keeps and echoes CRC32C checksums (probed once per
+    instance by S3; a backend without the probe, staged ones included, keeps none we can use)."""
+    probe = getattr(storage, "keeps_crc32c", None)
+    return bool(probe()) if callable(probe) else False

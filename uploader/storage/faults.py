@@ -31,7 +31,14 @@ from typing import Any, Literal
 
 from uploader.digest import Payload
 from uploader.errors import RetryableStorageError, StorageTimeoutError
-from uploader.storage.base import Expected, ObjectInfo, PartRef, Storage, UploadRef
+from uploader.storage.base import (
+    Expected,
+    ObjectInfo,
+    PartRef,
+    Storage,
+    UploadRef,
+    keeps_crc32c,
+)
 
 OPS = (
     "start_upload",
@@ -272,6 +279,10 @@ class FaultyStorage:
     def conditional_delete(self) -> bool:
         """Not a fault site: the capability of the wrapped remote."""
         return self.inner.conditional_delete()
+
+    def keeps_crc32c(self) -> bool:
+        """Not a fault site: the capability of the wrapped remote (False where it has none)."""
+        return keeps_crc32c(self.inner)
 
     def close(self) -> None:
         self.release()

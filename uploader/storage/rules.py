@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from uploader.digest import multipart_etag, normalize_etag
+from uploader.digest import checksum_matches, multipart_etag, normalize_etag
 from uploader.errors import PartRuleError
 from uploader.storage.base import MAX_PART_SIZE, MAX_PARTS, Expected, ObjectInfo, PartRef
 
@@ -67,7 +67,15 @@ def expected_of(parts: Sequence[PartRef]) -> Expected | None:
 
 
 def matches(info: ObjectInfo | None, expected: Expected | None) -> bool:
-    """Whether the object ``info`` is the one ``expected`` describes (size and ETag)."""
-    if info is None or expected is None or info.etag is None:
+    """Whether the object ``info`` is the one ``expected`` describes: size, and the ETag or
+    (``crc32c`` mode) the CRC32C the remote reports for it."""
+    if info is None or expected is None or info.size != expected.size:
         return False
-    return info.size == expected.size and info.etag == normalize_etag(expected.etag)
+    if expected.parts is not None:
+        # No MD5 was taken: only the remote's checksum of the object can tie it to our parts.
+        return info.checksum is not None and checksum_matches(
+            info.checksum, expected.parts, multipart=expected.multipart
+        )
+    if info.etag is None or expected.etag is None:
+        return False
+    return info.etag == normalize_etag(expected.etag)

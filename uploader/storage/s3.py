@@ -18,8 +18,13 @@ on top of ``Content-MD5``, Complete names each part's, and HEAD asks for the obj
 object's own for a PUT. Whether the remote keeps them is learned once per instance from its
 answers (CreateMultipartUpload naming the algorithm back, PutObject echoing the checksum); where
 it does not (Ceph RGW 16, which also refuses part checksums on Complete with InvalidPart), MD5
-alone, as before. The storage option ``checksum`` (``auto``, ``crc32c``, ``md5``) sets it. MD5 is
-never dropped: the manifest records every part's MD5 and the object's expected ETag.
+alone, as before. The storage option ``checksum`` (``auto``, ``crc32c``, ``md5``) sets it.
+
+A payload without an MD5 is a segment in the store's crc32c checksum mode (see
+:class:`uploader.config.ChecksumMode`): no ``Content-MD5``; the body's CRC32C is taken again
+before it goes (moto echoes any header), the part counts only with that CRC32C echoed, and a PUT
+is expected to report it (:attr:`Expected.parts`). ``keeps_crc32c`` (in
+:mod:`uploader.storage.s3_objects`) tells a store whether new segments may use that mode.
 
 Requests. Whether the remote honours ``If-None-Match`` on PutObject and on Complete is probed
 once per instance (a probe object under ``.uploader/probe/``: a conditional second write must be
@@ -37,7 +42,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from uploader.digest import Payload, crc32c_b64, normalize_etag
+from uploader.digest import (
+    Payload,
+    check_body_crc32c,
+    crc32c_b64,
+    crc32c_from_b64,
+    normalize_etag,
+)
 from uploader.errors import NoSuchUploadError, ObjectExistsError, StorageError
 from uploader.storage.base import Expected, ObjectInfo, PartRef, UploadRef
 from uploader.storage.errors_map import client_error_code
@@ -90,6 +101,8 @@ class S3Storage(S3Objects):
     def upload_part(self, key: str, upload_id: str, number: int, payload: Payload) -> PartRef:
         check_part_number(key, number)
         check_part_size(key, number, payload.size)
+        if payload.md5 is None:
+            return self._upload_part_crc32c(key, upload_id, number, payload)
         out = self._call_upload(
             "upload_part",
             key,
@@ -134,6 +147,55 @@ class S3Storage(S3Objects):
             )
         return PartRef(number=number, etag=etag, size=payload.size)
 
+    def _upload_part_crc32c(
+        self, key: str, upload_id: str, number: int, payload: Payload
+    ) -> PartRef:
+        """A part of a segment in the crc32c mode: no MD5, so no Content-MD5 and no ETag to
+        compare. The remote must echo the part's CRC32C (which it checks against the body where it
+        keeps checksums); the body's CRC32C is taken again here first, since a server that does not
+        check (moto) would echo the header whatever the bytes."""
+        crc = crc32c_b64(payload.crc32c)
+        self._require_crc32c("upload_part", key)
+        check_body_crc32c("upload_part", key, number, payload)
+        out = self._call_upload(
+            "upload_part",
+            key,
+            upload_id,
+            Bucket=self.bucket,
+            Key=self._key(key),
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=_PartBody(payload.data),
+            ChecksumCRC32C=crc,
+            ChecksumAlgorithm="CRC32C",
+        )
+        etag = normalize_etag(out.get("ETag"))
+        echoed = out.get("ChecksumCRC32C")
+        if echoed != crc or not etag:
+            # Not proven: the part must not count as uploaded. A remote that keeps no checksum
+            # (or stopped echoing it) cannot prove a crc32c-mode part at all.
+            raise StorageError(
+                f"upload_part of {key!r} part {number}: the remote acknowledged CRC32C "
+                f"{echoed or 'none'} (ETag {etag or 'none'}), expected the part's {crc}",
+                retryable=bool(echoed),
+            )
+        return PartRef(
+            number=number,
+            etag=etag,
+            size=payload.size,
+            crc32c=payload.crc32c,
+            proven_by_checksum=True,
+        )
+
+    def _require_crc32c(self, op: str, key: str) -> None:
+        if self._crc32c is False:
+            raise StorageError(
+                f"{op} of {key!r} in {self.bucket!r}: the segment is recorded in the crc32c "
+                "checksum mode (no part MD5s) but this remote keeps no CRC32C checksums (or the "
+                "storage option checksum='md5' forbids them): its bytes cannot be proven here",
+                retryable=False,
+            )
+
     def list_parts(self, key: str, upload_id: str) -> list[PartRef]:
         parts: list[PartRef] = []
         marker = 0
@@ -154,6 +216,9 @@ class S3Storage(S3Objects):
                         number=int(p["PartNumber"]),
                         etag=normalize_etag(p.get("ETag")) or "",
                         size=int(p.get("Size", -1)),
+                        # What a crc32c-mode part is reused by (with its size): the checksum the
+                        # remote keeps for it, where it keeps one.
+                        crc32c=crc32c_from_b64(p.get("ChecksumCRC32C")),
                     )
                 )
             if not out.get("IsTruncated"):
@@ -258,7 +323,18 @@ class S3Storage(S3Objects):
     def put(
         self, key: str, payload: Payload, metadata: Mapping[str, str] | None = None
     ) -> ObjectInfo:
-        expected = Expected(size=payload.size, etag=payload.md5)
+        crc = crc32c_b64(payload.crc32c)
+        by_crc = payload.md5 is None
+        if by_crc:
+            # The crc32c mode: no MD5, so no Content-MD5 and no ETag to expect; the object's own
+            # CRC32C must be the payload's.
+            self._require_crc32c("put_object", key)
+            check_body_crc32c("put_object", key, 1, payload)
+            expected = Expected(
+                size=payload.size, parts=((payload.crc32c, payload.size),), multipart=False
+            )
+        else:
+            expected = Expected(size=payload.size, etag=payload.md5)
         conditional = self.conditional_put()
         if not conditional:
             # Checked first where the remote ignores If-None-Match on PUT (s3rver): it would
@@ -272,10 +348,11 @@ class S3Storage(S3Objects):
                     f"({existing.size} bytes, etag {existing.etag}); refusing to overwrite it"
                 )
         declare = self._crc32c is not False
-        crc = crc32c_b64(payload.crc32c)
         extra: dict[str, Any] = (
             {"ChecksumAlgorithm": "CRC32C", "ChecksumCRC32C": crc} if declare else {}
         )
+        if payload.md5 is not None:
+            extra["ContentMD5"] = _b64md5(payload.md5)
         try:
             out = self._call(
                 "put_object",
@@ -283,7 +360,6 @@ class S3Storage(S3Objects):
                 Bucket=self.bucket,
                 Key=self._key(key),
                 Body=_PartBody(payload.data),
-                ContentMD5=_b64md5(payload.md5),
                 Metadata=dict(metadata or {}),
                 IfNoneMatch="*",
                 **extra,
@@ -299,7 +375,9 @@ class S3Storage(S3Objects):
         # when the ETag does not prove it (see uploader.plan).
         etag = normalize_etag(out.get("ETag"))
         echoed = out.get("ChecksumCRC32C")
-        if declare:
+        if declare and not (by_crc and not echoed):
+            # (A crc32c-mode PUT whose response lacks the checksum teaches nothing here: the
+            # HEAD that follows finds whether the object has it, else its bytes are read back.)
             self._learn_crc32c(bool(echoed), "put_object", key)
         # Proven by its own response: no object was replaced (the remote honours the condition)
         # and the remote checksummed exactly our bytes. Anything less: the caller HEADs.

@@ -16,11 +16,12 @@ import hashlib
 import uuid
 from typing import Any
 
-from uploader.digest import normalize_etag
+from uploader.digest import crc32c_b64, crc32c_of, normalize_etag
 from uploader.errors import ObjectExistsError, PreconditionFailedError, StorageError
 from uploader.storage.base import ObjectInfo
 from uploader.storage.errors_map import client_error_code
 from uploader.storage.s3_requests import (
+    CRC32C_PROBE,
     HIDDEN_PREFIX,
     PROBE_PREFIX,
     S3Requests,
@@ -157,6 +158,43 @@ class S3Objects(S3Requests):
             if self._conditional_complete is None:
                 self._conditional_complete = self._probe_conditional_write("complete")
             return self._conditional_complete
+
+    def keeps_crc32c(self) -> bool:
+        """Whether this remote keeps and echoes CRC32C checksums: what lets a store run new
+        segments in the crc32c checksum mode (no MD5). Learned once per instance, and recorded
+        at the remote for other processes (see :meth:`_probe_crc32c`)."""
+        with self._write_probe_lock:
+            if self._crc32c_kept is None:
+                self._crc32c_kept = self._crc32c is not False and self._probe_crc32c()
+            return self._crc32c_kept
+
+    def _probe_crc32c(self) -> bool:
+        """The record is the hidden object ``.uploader/probe/crc32c`` itself: one HEAD that
+        reports its CRC32C proves again, in every new process, that the remote keeps it (a remote
+        that keeps none cannot report one). Otherwise it is written with its CRC32C declared: the
+        PUT must echo it and a HEAD must report it. A transport failure raises (nothing learned)."""
+        key = CRC32C_PROBE
+        body = b"segment-uploader: this remote keeps the CRC32C of this object\n"
+        crc = crc32c_b64(crc32c_of(body))
+        found = self.head(key)  # with ChecksumMode: the CRC32C where the remote keeps it
+        if found is not None and found.size == len(body) and found.checksum == crc:
+            return True
+        out = self._call(
+            "put_object",
+            key,
+            Bucket=self.bucket,
+            Key=self._key(key),
+            Body=body,
+            ContentMD5=_b64md5(hashlib.md5(body, usedforsecurity=False).hexdigest()),
+            ChecksumAlgorithm="CRC32C",
+            ChecksumCRC32C=crc,
+        )
+        kept = bool(out.get("ChecksumCRC32C") == crc)
+        if kept:
+            found = self.head(key)
+            kept = found is not None and found.checksum == crc
+        self._learn_crc32c(kept, "put_object", key)  # the option checksum='crc32c': an error
+        return kept
 
     def _probe_conditional_write(self, op: str) -> bool:
         """Write a probe object under ``.uploader/probe/<uuid>``, then try to replace it with a

@@ -58,6 +58,8 @@ T = TypeVar("T")
 
 #: Where the conditional-delete probe puts its object (the hidden prefix no key can reach).
 PROBE_PREFIX = ".uploader/probe"
+#: The object whose reported CRC32C records that the remote keeps CRC32C checksums.
+CRC32C_PROBE = f"{PROBE_PREFIX}/crc32c"
 #: The hidden prefix (no key can reach it): probes, record sidecars.
 HIDDEN_PREFIX = ".uploader/"
 #: The ``checksum`` storage option: what proves the bytes a part or a PUT carries to the remote.
@@ -164,6 +166,8 @@ class S3Requests:
         #: Whether If-None-Match is honoured on PutObject / CompleteMultipartUpload: probed once.
         self._conditional_put: bool | None = None
         self._conditional_complete: bool | None = None
+        #: Whether the remote proved it keeps and echoes CRC32C (see ``S3Objects.keeps_crc32c``).
+        self._crc32c_kept: bool | None = None
         self._write_probe_lock = threading.Lock()
 
     # --- helpers ----------------------------------------------------------------------------------

@@ -122,6 +122,7 @@ class StagedParts(StagedPublish):
         check_part_number(key, number)
         check_part_size(key, number, payload.size)
         self._require(key, upload_id, "upload_part")
+        _md5_required("upload_part", key, payload)
         md5 = hashlib.md5(payload.data, usedforsecurity=False).hexdigest()
         if md5 != payload.md5:
             raise StorageError(
@@ -247,6 +248,7 @@ class StagedParts(StagedPublish):
     def put(
         self, key: str, payload: Payload, metadata: Mapping[str, str] | None = None
     ) -> ObjectInfo:
+        _md5_required("put", key, payload)
         md5 = hashlib.md5(payload.data, usedforsecurity=False).hexdigest()
         if md5 != payload.md5:
             raise StorageError(
@@ -295,3 +297,13 @@ class StagedParts(StagedPublish):
                 )
             )
         return out
+
+
+def _md5_required(op: str, key: str, payload: Payload) -> None:
+    """A staged backend keeps no CRC32C checksums: the crc32c mode cannot prove bytes here."""
+    if payload.md5 is None:
+        raise StorageError(
+            f"{op} of {key!r}: the segment is recorded in the crc32c checksum mode (no part "
+            "MD5s), which this backend cannot prove (it keeps no CRC32C checksums)",
+            retryable=False,
+        )
