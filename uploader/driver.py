@@ -26,7 +26,13 @@ from collections.abc import Mapping, Sequence
 from uploader import plan
 from uploader.config import VerifyMode
 from uploader.digest import Payload
-from uploader.drive_state import DEFAULT_MAX_REUPLOADS, VERIFY_MODES, DriveResult, Learned
+from uploader.drive_state import (
+    DEFAULT_MAX_REUPLOADS,
+    VERIFY_MODES,
+    Deferred,
+    DriveResult,
+    Learned,
+)
 from uploader.errors import (
     LeaseLostError,
     LocalFileError,
@@ -38,7 +44,7 @@ from uploader.errors import (
 from uploader.leases import LeaseKeeper
 from uploader.manifest.repo import Manifest
 from uploader.plan import Act, Position, Step
-from uploader.records import CommitRecord, Lease, SegmentRecord
+from uploader.records import CommitRecord, Lease, PutProven, SegmentRecord
 from uploader.remote_steps import RemoteSteps
 from uploader.states import CommitState, SegmentState
 from uploader.storage.base import Storage
@@ -91,6 +97,7 @@ class Driver(RemoteSteps):
         checked: set[int] | None = None,
         release: bool = False,
         max_reuploads: int | None = None,
+        deferred: Deferred | None = None,
     ) -> DriveResult:
         """Take steps until the segment is verified, failed or blocked; return where it stands.
 
@@ -99,8 +106,11 @@ class Driver(RemoteSteps):
         part numbers whose local bytes the caller read and found equal; ``release``: give the
         lease back with the last transition. Storage and manifest errors are recorded on the
         segment and raised; local bytes gone or changed make the segment ``failed``.
+        ``deferred``: a single PUT's verified or failed outcome is kept there instead of
+        written (the group commit writes a batch of them in one transaction); the drive then
+        returns at once, the segment still ``sealed`` in the manifest.
         """
-        learned = Learned(fresh=dict(fresh or {}), checked=set(checked or ()))
+        learned = Learned(fresh=dict(fresh or {}), checked=set(checked or ()), deferred=deferred)
         counters = counters if counters is not None else Counters()
         bound = self.max_reuploads if max_reuploads is None else max_reuploads
         seg: SegmentRecord | None = None
@@ -142,6 +152,8 @@ class Driver(RemoteSteps):
                 return self._fail(lease, seg, step.reason)
             try:
                 self._take(step, lease, seg, commits, learned, counters, release)
+                if deferred is not None and deferred.proven is not None:
+                    return self._result(seg, blocked="verified; written with its batch")
             except LocalFileError as exc:
                 if exc.retryable:
                     self._record_error(lease, str(exc))
@@ -278,6 +290,12 @@ class Driver(RemoteSteps):
         elif act is Act.VERIFY_PUT:
             [commit] = step.commits
             assert learned.obj is not None and learned.obj.etag is not None
+            if learned.deferred is not None:
+                # Proven exactly as below; the group commit writes it with its batch.
+                learned.deferred.proven = PutProven(
+                    lease, commit, self._verified_detail(seg, learned), learned.obj.etag
+                )
+                return
             # The part's ETag is its MD5 (proven: by the object's ETag, or by reading the
             # bytes back where the remote's ETag is another string); the object's is as said.
             self.manifest.put_verified(

@@ -27,7 +27,7 @@ from uploader.errors import (
 )
 from uploader.leases import LeaseKeeper
 from uploader.manifest.repo import Manifest
-from uploader.records import CommitRecord, Lease, SegmentRecord
+from uploader.records import CommitRecord, Lease, PutFailed, SegmentRecord
 from uploader.storage.base import PartRef, Storage
 from uploader.transport import Counters, Transport, read_checked, wait_all
 
@@ -159,6 +159,9 @@ class RemoteSteps:
                 self._look(lease, seg, learned)  # an object is there already: learn which
                 return
             except StorageError as exc:
+                if learned.deferred is not None:  # written with the group commit's batch
+                    learned.deferred.failed = PutFailed(lease, commit, str(exc))
+                    raise
                 with contextlib.suppress(UploaderError):
                     self.manifest.commit_attempt_failed(lease, commit, str(exc))
                 raise
