@@ -185,7 +185,7 @@ def test_fault_at_the_kth_put_then_recover(
     )
     store = make_store(storage=faulty, concurrency=1)  # one at a time: the 4th is the 4th
     futures = store.ship_many([(f"seg/{p.name}", p) for p, _ in files])
-    outcomes = []
+    outcomes: list[bool | str] = []
     for f in futures:
         try:
             outcomes.append(f.result(timeout=60).verified)
