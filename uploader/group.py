@@ -175,17 +175,18 @@ def _ship_batch(store: Store, batch: list[_Item]) -> None:
         if store.transport.stop.is_set():
             _fail(e, _interrupted(e))
             continue
-        drive = store._puts.submit(
-            store.driver.drive,
-            lease,
-            fresh={commit.id: payload},
-            counters=e.counters,
-            release=True,
-            deferred=e.deferred,
-        )
+        drive = store._puts.submit(_drive, store, e, lease, {commit.id: payload})
         sending.append((e, row, drive))
     wait([d for _e, _row, d in sending])
     _settle(store, sending)
+
+
+def _drive(store: Store, e: _Item, lease: Lease, fresh: dict[int, Payload | None]) -> DriveResult:
+    if store.transport.stop.is_set():  # interrupted while this PUT waited for a thread
+        raise _interrupted(e)
+    return store.driver.drive(
+        lease, fresh=fresh, counters=e.counters, release=True, deferred=e.deferred
+    )
 
 
 def _interrupted(e: _Item) -> WorkInterruptedError:
