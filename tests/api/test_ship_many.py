@@ -312,3 +312,37 @@ def test_bigger_files_take_the_one_at_a_time_seal(
         assert remote_bytes(remote, f"seg/{p.name}") == data
     rec = store.manifest.segment(f"seg/{files[1][0].name}")
     assert rec is not None and rec.upload_mode == "multipart"
+
+
+def test_watcher_seals_files_found_rolled_with_one_group_commit(
+    make_store: StoreFactory,
+    remote: tuple[str, dict[str, Any]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from uploader.watch import Watcher
+
+    files = _files(tmp_path / "log", [1000 + i for i in range(5)])  # 0000 .. 0004
+    calls: list[int] = []
+    original = Manifest.seal_small_many
+
+    def counted(self: Manifest, items: Any, **kwargs: Any) -> Any:
+        calls.append(len(items))
+        return original(self, items, **kwargs)
+
+    monkeypatch.setattr(Manifest, "seal_small_many", counted)
+    store = make_store()
+    watcher = Watcher(store, tmp_path / "log", key_prefix="log/")
+    report = watcher.tick()
+    rolled = [f"log/{p.name}" for p, _ in files[:-1]]
+    assert calls == [4]  # the four rolled files in one batch; the newest stays open
+    assert sorted(report.sealed) == rolled and report.errors == []
+    newest = store.manifest.segment(f"log/{files[-1][0].name}")
+    assert newest is not None and newest.state is uploader.SegmentState.OPEN
+    for p, data in files[:-1]:
+        assert remote_bytes(remote, f"log/{p.name}") == data
+    # A new file rolls the newest: it is sealed by its own writer path, nothing sent twice.
+    (tmp_path / "log" / "0005").write_bytes(b"next")
+    again = watcher.tick()
+    assert again.sealed == [f"log/{files[-1][0].name}"] and calls == [4]
+    assert remote_bytes(remote, f"log/{files[-1][0].name}") == files[-1][1]
