@@ -25,7 +25,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterable
-from concurrent.futures import Future, wait
+from concurrent.futures import Future, InvalidStateError, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -125,7 +125,8 @@ def _prepare(store: Store, e: _Item) -> bool:
 
 
 def _fail(e: _Item, exc: BaseException) -> None:
-    if not e.fut.done():
+    # Answered already (by its seal's relay, racing an error of the whole group): kept.
+    with contextlib.suppress(InvalidStateError):
         e.fut.set_exception(exc)
 
 
@@ -139,9 +140,12 @@ def _one_at_a_time(store: Store, e: _Item) -> None:
 
     def relay(done: Future[CommitResult]) -> None:
         try:
-            e.fut.set_result(done.result())
+            result = done.result()
         except BaseException as exc:  # the seal's failure is this item's
-            e.fut.set_exception(exc)
+            _fail(e, exc)
+        else:
+            with contextlib.suppress(InvalidStateError):
+                e.fut.set_result(result)
 
     inner.add_done_callback(relay)
 
@@ -159,7 +163,7 @@ def _ship_batch(store: Store, batch: list[_Item]) -> None:
             worker=store.worker,
             lease_ttl=store.lease_seconds,
         )
-    except UploaderError as exc:  # nothing of the batch was recorded
+    except Exception as exc:  # nothing of the batch was recorded (an outage, a bad row)
         for e in batch:
             _fail(e, exc)
         return
@@ -202,7 +206,7 @@ def _settle(store: Store, sending: list[tuple[_Item, Sealed, Future[DriveResult]
     failed = [e.deferred.failed for e, _r, _d in sending if e.deferred.failed is not None]
     try:
         refused = store.manifest.settle_puts(proven, failed)
-    except UploaderError as exc:
+    except Exception as exc:
         # Nothing of the outcomes was written: each segment is sealed, its part pending, and
         # recovery finds the objects and checks them again.
         for e, (lease, _s, _c), _d in sending:
