@@ -56,6 +56,12 @@ __all__ = ["DEFAULT_MAX_REUPLOADS", "VERIFY_MODES", "DriveResult", "Driver"]
 
 log = logging.getLogger("uploader")
 
+#: Steps that write nothing to the manifest when they succeed (a failure is recorded and
+#: raised, which ends the drive): the rows read before them still hold after them.
+WROTE_NOTHING = frozenset(
+    {Act.PUT, Act.HEAD, Act.LIST_PARTS, Act.CHECK_LOCAL, Act.DEEP_READ, Act.PROBE}
+)
+
 
 class Driver(RemoteSteps):
     """Finishes leased segments; shared by a store's writer and its recovery job."""
@@ -98,6 +104,7 @@ class Driver(RemoteSteps):
         release: bool = False,
         max_reuploads: int | None = None,
         deferred: Deferred | None = None,
+        known: tuple[SegmentRecord, Sequence[CommitRecord]] | None = None,
     ) -> DriveResult:
         """Take steps until the segment is verified, failed or blocked; return where it stands.
 
@@ -108,14 +115,26 @@ class Driver(RemoteSteps):
         segment and raised; local bytes gone or changed make the segment ``failed``.
         ``deferred``: a single PUT's verified or failed outcome is kept there instead of
         written (the group commit writes a batch of them in one transaction); the drive then
-        returns at once, the segment still ``sealed`` in the manifest.
+        returns at once, the segment still ``sealed`` in the manifest. ``known``: the segment
+        and its parts as the caller just wrote them under ``lease`` (RETURNING), read instead of
+        the manifest for the first step.
+
+        The manifest is read again before each step, except after a step that wrote nothing to
+        it (a PUT, a HEAD, a listing, a local check, a read back) while no writer's part is in
+        flight: only the holder of a newer fence could have moved the rows then, and every
+        write of this drive is guarded by this lease's fence, so it would be refused.
         """
         learned = Learned(fresh=dict(fresh or {}), checked=set(checked or ()), deferred=deferred)
         counters = counters if counters is not None else Counters()
         bound = self.max_reuploads if max_reuploads is None else max_reuploads
         seg: SegmentRecord | None = None
+        if known is not None:
+            seg, commits = known[0], list(known[1])
         for _ in range(64 + 4 * bound):
-            seg, commits = self.manifest.position(lease.segment_id)
+            if known is None:
+                seg, commits = self.manifest.position(lease.segment_id)
+            known = None
+            assert seg is not None
             if seg.fence != lease.fence or seg.lease_owner != lease.owner:
                 if seg.state in (SegmentState.VERIFIED, SegmentState.FAILED) and (
                     seg.fence == lease.fence
@@ -154,6 +173,8 @@ class Driver(RemoteSteps):
                 self._take(step, lease, seg, commits, learned, counters, release)
                 if deferred is not None and deferred.proven is not None:
                     return self._result(seg, blocked="verified; written with its batch")
+                if step.act in WROTE_NOTHING and not inflight:
+                    known = (seg, commits)
             except LocalFileError as exc:
                 if exc.retryable:
                     self._record_error(lease, str(exc))

@@ -179,17 +179,23 @@ def _ship_batch(store: Store, batch: list[_Item]) -> None:
         if store.transport.stop.is_set():
             _fail(e, _interrupted(e))
             continue
-        drive = store._puts.submit(_drive, store, e, lease, {commit.id: payload})
+        drive = store._puts.submit(_drive, store, e, row, {commit.id: payload})
         sending.append((e, row, drive))
     wait([d for _e, _row, d in sending])
     _settle(store, sending)
 
 
-def _drive(store: Store, e: _Item, lease: Lease, fresh: dict[int, Payload | None]) -> DriveResult:
+def _drive(store: Store, e: _Item, row: Sealed, fresh: dict[int, Payload | None]) -> DriveResult:
     if store.transport.stop.is_set():  # interrupted while this PUT waited for a thread
         raise _interrupted(e)
+    lease, seg, commit = row
     return store.driver.drive(
-        lease, fresh=fresh, counters=e.counters, release=True, deferred=e.deferred
+        lease,
+        fresh=fresh,
+        counters=e.counters,
+        release=True,
+        deferred=e.deferred,
+        known=(seg, [commit]),  # as the intents' transaction wrote them
     )
 
 
