@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from uploader.config import VerifyMode
 from uploader.digest import Payload
-from uploader.records import CommitRecord
+from uploader.records import CommitRecord, PutFailed, PutProven
 from uploader.states import SegmentState
 from uploader.storage.base import ObjectInfo, PartRef
 
@@ -53,9 +53,25 @@ class Learned:
     unlistable: bool = False  # the remote answered ListParts "not supported"
     fresh: dict[int, Payload | None] = field(default_factory=dict)  # commit id -> bytes read
     put_ack: tuple[CommitRecord, str] | None = None  # a PUT acknowledged, not yet recorded
+    deferred: Deferred | None = None  # a group commit writes this drive's PUT outcome itself
 
     def object_changed(self) -> None:
         self.object_known = False
         self.obj = None
         self.deep_checked = False
         self.read_back_differs = None
+
+
+@dataclass
+class Deferred:
+    """The outcome of one drive's single PUT, kept for the group commit
+    (:mod:`uploader.group`) to write with the rest of its batch in one transaction.
+
+    Only these two outcomes wait: the plan decided them exactly as for a drive that writes them
+    at once (the proof is the same), and until they are written the segment stays ``sealed``
+    with its part ``pending``, which recovery finishes. Every other step's outcome is written
+    by the driver right away, as always.
+    """
+
+    proven: PutProven | None = None
+    failed: PutFailed | None = None

@@ -26,7 +26,13 @@ from collections.abc import Mapping, Sequence
 from uploader import plan
 from uploader.config import VerifyMode
 from uploader.digest import Payload, normalize_etag
-from uploader.drive_state import DEFAULT_MAX_REUPLOADS, VERIFY_MODES, DriveResult, Learned
+from uploader.drive_state import (
+    DEFAULT_MAX_REUPLOADS,
+    VERIFY_MODES,
+    Deferred,
+    DriveResult,
+    Learned,
+)
 from uploader.errors import (
     LeaseLostError,
     LocalFileError,
@@ -38,7 +44,7 @@ from uploader.errors import (
 from uploader.leases import LeaseKeeper
 from uploader.manifest.repo import Manifest
 from uploader.plan import Act, Position, Step
-from uploader.records import CommitRecord, Lease, SegmentRecord
+from uploader.records import CommitRecord, Lease, PutProven, SegmentRecord
 from uploader.remote_steps import RemoteSteps
 from uploader.states import CommitState, SegmentState
 from uploader.storage.base import Storage
@@ -49,6 +55,12 @@ from uploader.transport import Counters, Transport, check_local
 __all__ = ["DEFAULT_MAX_REUPLOADS", "VERIFY_MODES", "DriveResult", "Driver"]
 
 log = logging.getLogger("uploader")
+
+#: Steps that write nothing to the manifest when they succeed (a failure is recorded and
+#: raised, which ends the drive): the rows read before them still hold after them.
+WROTE_NOTHING = frozenset(
+    {Act.PUT, Act.HEAD, Act.LIST_PARTS, Act.CHECK_LOCAL, Act.DEEP_READ, Act.PROBE}
+)
 
 
 class Driver(RemoteSteps):
@@ -91,6 +103,8 @@ class Driver(RemoteSteps):
         checked: set[int] | None = None,
         release: bool = False,
         max_reuploads: int | None = None,
+        deferred: Deferred | None = None,
+        known: tuple[SegmentRecord, Sequence[CommitRecord]] | None = None,
     ) -> DriveResult:
         """Take steps until the segment is verified, failed or blocked; return where it stands.
 
@@ -99,13 +113,28 @@ class Driver(RemoteSteps):
         part numbers whose local bytes the caller read and found equal; ``release``: give the
         lease back with the last transition. Storage and manifest errors are recorded on the
         segment and raised; local bytes gone or changed make the segment ``failed``.
+        ``deferred``: a single PUT's verified or failed outcome is kept there instead of
+        written (the group commit writes a batch of them in one transaction); the drive then
+        returns at once, the segment still ``sealed`` in the manifest. ``known``: the segment
+        and its parts as the caller just wrote them under ``lease`` (RETURNING), read instead of
+        the manifest for the first step.
+
+        The manifest is read again before each step, except after a step that wrote nothing to
+        it (a PUT, a HEAD, a listing, a local check, a read back) while no writer's part is in
+        flight: only the holder of a newer fence could have moved the rows then, and every
+        write of this drive is guarded by this lease's fence, so it would be refused.
         """
-        learned = Learned(fresh=dict(fresh or {}), checked=set(checked or ()))
+        learned = Learned(fresh=dict(fresh or {}), checked=set(checked or ()), deferred=deferred)
         counters = counters if counters is not None else Counters()
         bound = self.max_reuploads if max_reuploads is None else max_reuploads
         seg: SegmentRecord | None = None
+        if known is not None:
+            seg, commits = known[0], list(known[1])
         for _ in range(64 + 4 * bound):
-            seg, commits = self.manifest.position(lease.segment_id)
+            if known is None:
+                seg, commits = self.manifest.position(lease.segment_id)
+            known = None
+            assert seg is not None
             if seg.fence != lease.fence or seg.lease_owner != lease.owner:
                 if seg.state in (SegmentState.VERIFIED, SegmentState.FAILED) and (
                     seg.fence == lease.fence
@@ -142,6 +171,10 @@ class Driver(RemoteSteps):
                 return self._fail(lease, seg, step.reason)
             try:
                 self._take(step, lease, seg, commits, learned, counters, release)
+                if deferred is not None and deferred.proven is not None:
+                    return self._result(seg, blocked="verified; written with its batch")
+                if step.act in WROTE_NOTHING and not inflight:
+                    known = (seg, commits)
             except LocalFileError as exc:
                 if exc.retryable:
                     self._record_error(lease, str(exc))
@@ -281,6 +314,12 @@ class Driver(RemoteSteps):
         elif act is Act.VERIFY_PUT:
             [commit] = step.commits
             assert learned.obj is not None and learned.obj.etag is not None
+            if learned.deferred is not None:
+                # Proven exactly as below; the group commit writes it with its batch.
+                learned.deferred.proven = PutProven(
+                    lease, commit, self._verified_detail(seg, learned), learned.obj.etag
+                )
+                return
             # The part's ETag is its MD5 (proven: by the object's ETag, or by reading the
             # bytes back where the remote's ETag is another string); the object's is as said.
             # The crc32c mode has no MD5: the object's CRC32C (or its bytes) proved the part.

@@ -89,6 +89,39 @@ class NewCommit:
 
 
 @dataclass(frozen=True, slots=True)
+class SmallSeal:
+    """A new segment no bigger than a part, to be registered and sealed as one PUT by a group
+    commit: its file, the size it is sealed at and the checksums of those bytes."""
+
+    key: str
+    path: str
+    size: int
+    md5: str | None  # None in the crc32c checksum mode
+    crc32c: int
+    identity: tuple[int, int] | None = None  # (device, inode) of the file
+    checksum: str = "md5"  # the segment's checksum mode, recorded with it
+
+
+@dataclass(frozen=True, slots=True)
+class PutProven:
+    """A single PUT acknowledged and its object checked: what ``put_verified`` would write."""
+
+    lease: Lease
+    commit: CommitRecord
+    detail: str
+    object_etag: str
+
+
+@dataclass(frozen=True, slots=True)
+class PutFailed:
+    """A single PUT that failed: what ``commit_attempt_failed`` would write."""
+
+    lease: Lease
+    commit: CommitRecord
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     id: int
     at: datetime

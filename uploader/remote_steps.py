@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
+from dataclasses import dataclass
 from typing import TypeVar
 
 from uploader import objectmeta, plan
@@ -26,14 +27,24 @@ from uploader.errors import (
     UploaderError,
 )
 from uploader.leases import LeaseKeeper
+from uploader.manifest.guard import check_acknowledged
 from uploader.manifest.repo import Manifest
-from uploader.records import CommitRecord, Lease, SegmentRecord
+from uploader.records import CommitRecord, Lease, PutFailed, SegmentRecord
 from uploader.storage.base import PartRef, Storage
 from uploader.transport import Counters, Transport, read_checked, wait_all
 
 log = logging.getLogger("uploader")
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """What the remote acknowledged for one part, not yet written to the manifest."""
+
+    commit: CommitRecord
+    etag: str
+    proven: bool  # the remote echoed the part's own CRC32C with another ETag (SSE-KMS)
 
 
 class RemoteSteps:
@@ -112,33 +123,72 @@ class RemoteSteps:
         learned: Learned,
         counters: Counters,
     ) -> None:
+        """Send recorded parts in parallel; what the remote acknowledged is written in one
+        transaction once they are all done (failed or not), not one per part. A crash before
+        that write leaves acknowledged parts ``pending``: the next drive lists the upload and
+        adopts them (a re-check, nothing lost, nothing sent twice)."""
         futures: list[Future[None]] = []
+        acks: list[Ack] = []
         try:
             for c in commits:
                 payload = learned.fresh.pop(c.id, None)
                 futures.append(
                     self.transport.in_slot(
-                        self.send_recorded,
-                        lease,
-                        seg,
-                        upload_id,
-                        c,
-                        payload,
-                        counters,
-                        learned.checked,
+                        self._send_acked, lease, seg, upload_id, c, payload, counters, acks
                     )
                 )
         finally:
+            wait(futures)
             try:
-                wait_all(futures)
-            except NoSuchUploadError:
-                learned.parts_known, learned.parts = True, None
-                raise
+                self._record_acks(lease, seg, acks, learned)
+            finally:
+                try:
+                    wait_all(futures)
+                except NoSuchUploadError:
+                    learned.parts_known, learned.parts = True, None
+                    raise
         if learned.parts is not None:
             for c in commits:
                 learned.parts[c.part_number] = PartRef(
                     c.part_number, c.md5 or "", c.size, crc32c=c.crc32c
                 )
+
+    def _send_acked(
+        self,
+        lease: Lease,
+        seg: SegmentRecord,
+        upload_id: str,
+        commit: CommitRecord,
+        payload: Payload | None,
+        counters: Counters,
+        acks: list[Ack],
+    ) -> None:
+        """Send one recorded part; keep what the remote acknowledged in ``acks`` (checked now:
+        an ETag that is not the part's MD5 fails this part alone), the failure recorded."""
+        try:
+            ref = self.transport.send_part(seg, upload_id, commit, payload)
+        except StorageError as exc:
+            with contextlib.suppress(UploaderError):  # a lost lease: the new holder retries
+                self.manifest.commit_attempt_failed(lease, commit, str(exc))
+            raise
+        payload = None  # the part's bytes go now, before any manifest round trip
+        ack = Ack(commit, normalize_etag(ref.etag) or "", ref.proven_by_checksum)
+        check_acknowledged(lease, commit, ack.etag, proven=ack.proven)
+        acks.append(ack)  # list.append is atomic: parts of one drive append from their threads
+        counters.sent(commit.size)
+        self._moved(seg.key, commit.size)
+
+    def _record_acks(
+        self, lease: Lease, seg: SegmentRecord, acks: Sequence[Ack], learned: Learned
+    ) -> None:
+        if not acks:
+            return
+        self.manifest.parts_uploaded(
+            lease,
+            [(a.commit, a.etag) for a in acks],
+            proven=frozenset(a.commit.id for a in acks if a.proven),
+        )
+        learned.checked.update(a.commit.part_number for a in acks)
 
     def _put(
         self,
@@ -161,6 +211,9 @@ class RemoteSteps:
                 self._look(lease, seg, learned)  # an object is there already: learn which
                 return
             except StorageError as exc:
+                if learned.deferred is not None:  # written with the group commit's batch
+                    learned.deferred.failed = PutFailed(lease, commit, str(exc))
+                    raise
                 with contextlib.suppress(UploaderError):
                     self.manifest.commit_attempt_failed(lease, commit, str(exc))
                 raise

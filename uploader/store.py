@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
 from uploader import config as config_mod
-from uploader import recovery
+from uploader import group, recovery
 from uploader.config import ChecksumMode, StoreConfig, VerifyMode
 from uploader.config import resolve as resolve_config
 from uploader.driver import Driver
@@ -100,6 +100,11 @@ class Store(Upkeep):
         self._jobs = ThreadPoolExecutor(
             max_workers=max(2, cfg.concurrency), thread_name_prefix="uploader-job"
         )
+        # A group commit's PUTs (ship_many): a pool of their own, as they wait for slots that
+        # parts queued on the transport's pool may hold.
+        self._puts = ThreadPoolExecutor(
+            max_workers=cfg.concurrency, thread_name_prefix="uploader-put"
+        )
         self._pending: set[Future[Any]] = set()
         self._segments: dict[str, Segment] = {}
         self._state_lock = threading.Lock()
@@ -178,6 +183,7 @@ class Store(Upkeep):
                 return
             self._closed = True
         self._jobs.shutdown(wait=wait, cancel_futures=not wait)
+        self._puts.shutdown(wait=True)
         self.transport.shutdown()
         self.keeper.stop(release=True)
         self.storage.close()
@@ -189,6 +195,7 @@ class Store(Upkeep):
             self._closed = True
         self.keeper.stop(release=False)
         self._jobs.shutdown(wait=True, cancel_futures=True)
+        self._puts.shutdown(wait=True, cancel_futures=True)
         self.transport.shutdown()
         self.storage.close()
         self.manifest.close()
@@ -260,6 +267,34 @@ class Store(Upkeep):
                 "CRC32C checksums; use checksum='auto' or 'md5' for this remote"
             )
         return "md5"  # never weaker than before where the remote keeps no CRC32C
+
+    def ship_many(
+        self, items: Iterable[tuple[str, str | os.PathLike[str]]]
+    ) -> list[UploadFuture[CommitResult]]:
+        """Register and seal many whole files as segments (``(key, path)`` each): one future
+        per item, in order, as ``segment(key, path).seal()`` would give.
+
+        New segments no bigger than a part go as a group commit (:mod:`uploader.group`): their
+        intents in one transaction per batch, the PUTs overlapped, their outcomes in one
+        transaction per batch; the others take the one-at-a-time path. Registration runs off
+        the caller's thread: a missing file, a key registered for another path, a segment another
+        process holds (``SegmentBusyError``, not taken from it) fail that item's future only. An
+        invalid or repeated key raises here, before anything is recorded.
+        """
+        return group.submit(self, items)
+
+    def _submit_group(self, run: Callable[[], None], futures: list[UploadFuture[Any]]) -> None:
+        """Run a group commit on the job pool; its futures are cancelled by :meth:`interrupt`
+        while they have not started."""
+        with self._state_lock:
+            if self._closed:
+                raise StoreClosedError(
+                    "the store is closed; open a new one with uploader.open(...)"
+                )
+            for fut in futures:
+                self._pending.add(fut)
+                fut.add_done_callback(self._pending.discard)
+            self._jobs.submit(run)
 
     def _submit_job(self, run: Callable[[], None], fut: Future[Any]) -> None:
         with self._state_lock:

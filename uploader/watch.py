@@ -132,6 +132,7 @@ class Watcher:
         #: Files that cannot go further (key -> the format's problem), as of the last tick.
         self.problems: dict[str, str] = {}
         self._busy: set[str] = set()  # keys found held by another live process, until free
+        self._grouped: set[str] = set()  # keys sealed by ship_many (no Segment of the watcher)
 
     def _segment(self, path: Path, report: TickReport) -> Segment | None:
         key = self.key_prefix + path.name
@@ -242,9 +243,17 @@ class Watcher:
         explicit = self.format.preallocated  # only the format knows the end, not the file size
         seals: list[tuple[str, UploadFuture[CommitResult]]] = []
         commits: list[tuple[str, UploadFuture[CommitResult]]] = []
+        # New files found rolled already (a backlog, a restart after a while): sealed together
+        # by one store.ship_many (a group commit), not registered and sealed one by one.
+        grouped: list[tuple[str, Path]] = []
         for i, path in enumerate(files):
             key = self.key_prefix + path.name
             try:
+                if not explicit and rolled[i] and self._new(key):
+                    scan = self._scan(key, path, True)
+                    if scan.complete and scan.problem is None:
+                        grouped.append((key, path))
+                        continue
                 seg = self._segment(path, report)
                 if seg is None:
                     continue
@@ -263,6 +272,8 @@ class Watcher:
                 report.errors.append((key, str(exc)))
                 log.error("%s: %s", path, exc)
         self.problems = dict(report.problems)
+        if grouped:
+            seals += self._ship_grouped(grouped, report)
         for key, fut in seals:
             result = self._wait(key, "seal", fut, report)
             self._boundary.pop(key, None)
@@ -272,6 +283,8 @@ class Watcher:
                 report.committed[key] = result.sent_bytes
             elif not self._still_open(key):
                 self._done.add(key)  # recorded sealed: recovery finishes it
+            elif key in self._grouped:
+                self._grouped.discard(key)  # not recorded: seen as a new file next tick
             # Still open (the seal was refused before it was recorded): sealed next tick.
         for key, fut in commits:
             result = self._wait(key, "commit", fut, report)
@@ -282,9 +295,32 @@ class Watcher:
     def _still_open(self, key: str) -> bool:
         seg = self._segments.get(key)
         try:
+            if seg is None and key in self._grouped:
+                rec = self.store.manifest.segment(key)
+                return rec is None or rec.state is SegmentState.OPEN
             return seg is not None and seg.state is SegmentState.OPEN
         except UploaderError:  # cannot tell now: look again next tick
             return True
+
+    def _new(self, key: str) -> bool:
+        """A file this watcher has not seen and the manifest does not know."""
+        if key in self._segments or key in self._done:
+            return False
+        return self.store.manifest.segment(key) is None
+
+    def _ship_grouped(
+        self, grouped: list[tuple[str, Path]], report: TickReport
+    ) -> list[tuple[str, UploadFuture[CommitResult]]]:
+        try:
+            futures = self.store.ship_many(grouped)
+        except (UploaderError, OSError) as exc:  # nothing recorded: new files again next tick
+            for key, _path in grouped:
+                report.errors.append((key, str(exc)))
+            log.error("sealing %d rolled file(s) failed: %s", len(grouped), exc)
+            return []
+        self._grouped.update(key for key, _path in grouped)
+        report.registered += [key for key, _path in grouped]
+        return [(key, fut) for (key, _path), fut in zip(grouped, futures, strict=True)]
 
     def seal_open(self) -> TickReport:
         """One last pass for a writer that stopped: every file is sealed as if the writer had

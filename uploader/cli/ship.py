@@ -121,17 +121,23 @@ def _ship(
                 _say(progress, f"verified {e.key} ({e.bytes} bytes, {e.note})")
 
         store.on_bytes = on_bytes
+        # New and open files are sealed together (store.ship_many: a group commit for the small
+        # ones); sealed ones are finished, verified ones skipped, failed ones reported.
+        grouped: dict[str, _Shipped] = {}
         for e in entries:
             if signals.count:
                 break
             try:
-                _ship_start(store, ex, e, started)
+                _ship_start(store, ex, e, started, grouped)
             except UploaderError as exc:
                 e.error = str(exc)
                 _ship_failed(store, e, json_output)
             else:
                 if e.verified:  # already verified: skipped
                     done(e)
+        if grouped and not signals.count:
+            seals = store.ship_many([(e.key, e.path) for e in grouped.values()])
+            started.update(zip(seals, grouped.values(), strict=True))
         pending = set(started)
         while pending:
             if signals.count and not interrupted:
@@ -212,9 +218,17 @@ def _print_interrupted(entries: list[_Shipped]) -> None:
     err.print(line, markup=False)
 
 
-def _ship_start(store: Store, ex: Any, e: _Shipped, started: dict[Any, _Shipped]) -> None:
-    """Start driving one file to verified, from wherever the manifest says it stands."""
+def _ship_start(
+    store: Store,
+    ex: Any,
+    e: _Shipped,
+    started: dict[Any, _Shipped],
+    grouped: dict[str, _Shipped],
+) -> None:
+    """Start driving one file to verified, from wherever the manifest says it stands (new and
+    open files are added to ``grouped``, sealed together by the caller)."""
     from uploader.errors import KeyConflictError, SegmentFailedError
+    from uploader.keys import validate_key
     from uploader.states import SegmentState
 
     rec = store.manifest.segment(e.key)
@@ -225,8 +239,18 @@ def _ship_start(store: Store, ex: Any, e: _Shipped, started: dict[Any, _Shipped]
             "choose another --key-prefix"
         )
     if rec is None or rec.state is SegmentState.OPEN:
+        # Refused here, for this file alone, as store.segment would (ship_many refuses the
+        # whole list for one bad or repeated key).
+        validate_key(e.key)
+        store.storage.check_key(e.key)
+        other = grouped.get(e.key)
+        if other is not None:
+            raise KeyConflictError(
+                f"segment key {e.key!r} is given for {str(other.path.resolve())!r} and for "
+                f"{path!r}; choose another --key-prefix"
+            )
         e.note = "shipped" if rec is None else "sealed (it was open)"
-        started[store.segment(e.key, e.path).seal()] = e
+        grouped[e.key] = e
     elif rec.state is SegmentState.VERIFIED:
         size = e.path.stat().st_size
         if size != rec.size:

@@ -73,31 +73,43 @@ class Outcomes(ManifestCore):
         read back (a crc32c-mode part has no MD5 to compare ``etag`` with)."""
         check_acknowledged(lease, commit, etag, proven=proven)
         with self._write() as tx:
-            values = self._verified(tx, release, object_etag=object_etag or etag, upload_id=None)
-            # sealed -> uploaded -> verified in one guarded update (both steps are proven when
-            # the transaction starts); the audit trail still shows each step.
-            tx.move_segment(
+            self._put_verified_segment(tx, lease, release, object_etag or etag)
+            self._put_verified_part(tx, lease, commit, etag, detail)
+
+    def _put_verified_segment(self, tx: Tx, lease: Lease, release: bool, object_etag: str) -> None:
+        """The first write of :meth:`put_verified`, the guarded move of the segment row: when
+        it raises, nothing of this segment was written (a group commit's batch goes on)."""
+        values = self._verified(tx, release, object_etag=object_etag, upload_id=None)
+        # sealed -> uploaded -> verified in one guarded update (both steps are proven when
+        # the transaction starts); the audit trail still shows each step.
+        tx.move_segment(
+            lease,
+            SegmentState.SEALED,
+            SegmentState.VERIFIED,
+            values,
+            None,
+            check_unsent=False,
+            audit=False,
+        )
+
+    def _put_verified_part(
+        self, tx: Tx, lease: Lease, commit: CommitRecord, etag: str, detail: str
+    ) -> None:
+        """The rest of :meth:`put_verified`, after its segment row moved: the part, and the
+        audit rows of every step."""
+        self._put_part(tx, lease, commit, CommitState.VERIFIED, etag)
+        pending, uploaded = CommitState.PENDING, CommitState.UPLOADED
+        tx.audit += [
+            Audit.by(lease, pending, uploaded, commit_id=commit.id),
+            Audit.by(
                 lease,
                 SegmentState.SEALED,
-                SegmentState.VERIFIED,
-                values,
-                None,
-                check_unsent=False,
-                audit=False,
-            )
-            self._put_part(tx, lease, commit, CommitState.VERIFIED, etag)
-            pending, uploaded = CommitState.PENDING, CommitState.UPLOADED
-            tx.audit += [
-                Audit.by(lease, pending, uploaded, commit_id=commit.id),
-                Audit.by(
-                    lease,
-                    SegmentState.SEALED,
-                    SegmentState.UPLOADED,
-                    detail=f"object complete (single PUT), etag {etag}",
-                ),
-                Audit.by(lease, SegmentState.UPLOADED, SegmentState.VERIFIED, detail=detail),
-                Audit.by(lease, uploaded, CommitState.VERIFIED, commit_id=commit.id),
-            ]
+                SegmentState.UPLOADED,
+                detail=f"object complete (single PUT), etag {etag}",
+            ),
+            Audit.by(lease, SegmentState.UPLOADED, SegmentState.VERIFIED, detail=detail),
+            Audit.by(lease, uploaded, CommitState.VERIFIED, commit_id=commit.id),
+        ]
 
     @staticmethod
     def _put_part(tx: Tx, lease: Lease, commit: CommitRecord, new: CommitState, etag: str) -> None:
@@ -120,12 +132,18 @@ class Outcomes(ManifestCore):
     def commit_attempt_failed(self, lease: Lease, commit: CommitRecord, error: str) -> None:
         """A send failed: the row stays ``pending``, with attempts and the last error recorded."""
         with self._write() as tx:
-            tx.guard(lease, attempts=SEGMENTS.c.attempts + 1, last_error=clip(error))
-            tx.conn.execute(
-                update(COMMITS)
-                .where(COMMITS.c.id == commit.id, COMMITS.c.segment_id == lease.segment_id)
-                .values(attempts=COMMITS.c.attempts + 1, last_error=clip(error), updated_at=tx.now)
-            )
+            self._attempt_failed(tx, lease, commit, error)
+
+    @staticmethod
+    def _attempt_failed(tx: Tx, lease: Lease, commit: CommitRecord, error: str) -> None:
+        """:meth:`commit_attempt_failed` within ``tx``; the guard is the first write (when it
+        raises, nothing was written)."""
+        tx.guard(lease, attempts=SEGMENTS.c.attempts + 1, last_error=clip(error))
+        tx.conn.execute(
+            update(COMMITS)
+            .where(COMMITS.c.id == commit.id, COMMITS.c.segment_id == lease.segment_id)
+            .values(attempts=COMMITS.c.attempts + 1, last_error=clip(error), updated_at=tx.now)
+        )
 
     def record_error(self, lease: Lease, error: str) -> None:
         """A failed attempt on the segment (complete, verify): attempts and last error."""

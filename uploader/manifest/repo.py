@@ -10,6 +10,8 @@ of transaction, all going through one guarded-transaction unit:
 * :mod:`~uploader.manifest.leases` -- acquire, claim, renew, release;
 * :mod:`~uploader.manifest.intents` -- what is recorded before a remote call;
 * :mod:`~uploader.manifest.outcomes` -- what a remote call answered, recorded after it;
+* :mod:`~uploader.manifest.batches` -- a group commit's intents and outcomes, a batch per
+  transaction;
 * :mod:`~uploader.manifest.resets` -- rows moved backwards, ``failed``, a human's retry;
 * :mod:`~uploader.manifest.transitions` -- single transitions checked against the state machine;
 * :mod:`~uploader.manifest.rebuilds` -- rows recreated from the objects by a rebuild;
@@ -38,6 +40,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from uploader.manifest import db
+from uploader.manifest.batches import Batches
 from uploader.manifest.core import DEFAULT_LEASE_SECONDS, default_node, default_worker, utcnow
 from uploader.manifest.intents import Intents
 from uploader.manifest.leases import Leases
@@ -57,7 +60,7 @@ __all__ = [
 ]
 
 
-class Manifest(Leases, Intents, Transitions, Resets, Rebuilds, Overview):
+class Manifest(Leases, Intents, Transitions, Batches, Resets, Rebuilds, Overview):
     """The SQL manifest behind a store and the recovery job. Thread-safe (one engine, a pool)."""
 
     @classmethod

@@ -1,0 +1,278 @@
+"""Group commit: ``Store.ship_many(items)`` ships many whole files as segments, a batch at a time.
+
+Per batch of new segments no bigger than a part (at most :data:`BATCH` of them, and at most
+``concurrency x part_size`` bytes held in memory):
+
+1. each file is read once and its checksums taken (off the caller's thread);
+2. ONE transaction registers, leases and seals them all, each part ``pending``: the same rows,
+   states and audit events as ``store.segment(key, path).seal()`` (intent before action);
+3. the PUTs go out overlapped, up to the store's concurrency, each through the one driver, which
+   proves it exactly as for a single seal (the remote's answer or a HEAD, the local bytes) but
+   keeps the outcome (:class:`~uploader.drive_state.Deferred`) instead of writing it;
+4. ONE transaction writes every outcome: ``verified`` (the lease given back) or the failed
+   attempt with its error, each guarded by its own lease.
+
+A crash anywhere leaves sealed segments whose parts are ``pending``: the recovery job finishes
+them (the object found at the key is checked and adopted, or the PUT is sent again). A key
+already in the manifest (a segment another process holds, one sealed before, a bigger file)
+takes the one-at-a-time path, ``store.segment(key, path).seal()``, which refuses what it must
+(``SegmentBusyError`` for a segment another live process holds: it is never taken from it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterable
+from concurrent.futures import Future, InvalidStateError, wait
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from uploader.digest import Payload, read_range, stat_file
+from uploader.drive_state import Deferred, DriveResult
+from uploader.errors import UploaderError, UsageError, VerificationError, WorkInterruptedError
+from uploader.futures import CommitResult, UploadFuture
+from uploader.keys import validate_key
+from uploader.records import Lease, SmallSeal
+from uploader.seal import sealed
+from uploader.transport import Counters
+
+if TYPE_CHECKING:
+    from uploader.manifest.batches import Sealed
+    from uploader.store import Store
+
+log = logging.getLogger("uploader")
+
+#: Segments per intents transaction (and per outcomes transaction).
+BATCH = 256
+
+
+@dataclass
+class _Item:
+    key: str
+    path: str
+    fut: UploadFuture[CommitResult]
+    size: int = 0
+    identity: tuple[int, int] | None = None
+    payload: Payload | None = None
+    counters: Counters = field(default_factory=Counters)
+    deferred: Deferred = field(default_factory=Deferred)
+
+
+def submit(
+    store: Store, items: Iterable[tuple[str, str | os.PathLike[str]]]
+) -> list[UploadFuture[CommitResult]]:
+    """Check the keys on the caller's thread, then ship on the store's job pool; one future per
+    item, in order (see :meth:`uploader.store.Store.ship_many`)."""
+    store._check_open()
+    entries: list[_Item] = []
+    seen: set[str] = set()
+    for key, path in items:
+        validate_key(key)
+        store.storage.check_key(key)
+        if key in seen:
+            raise UsageError(f"segment key {key!r} is given twice (nothing was recorded)")
+        seen.add(key)
+        apath = os.path.abspath(os.fspath(path))
+        entries.append(_Item(key, apath, UploadFuture(f"seal of segment {key!r}")))
+    futures = [e.fut for e in entries]
+    if entries:
+        store._submit_group(lambda: _run(store, entries), futures)
+    return futures
+
+
+def _run(store: Store, entries: list[_Item]) -> None:
+    try:
+        batch: list[_Item] = []
+        held = 0
+        budget = store.concurrency * store.part_size
+        # One mode for the group's new segments, as segment() would record for each (the
+        # remote's answer is cached per storage instance).
+        checksum = store.new_segment_checksum()
+        for e in entries:
+            if not e.fut.set_running_or_notify_cancel():
+                continue  # cancelled (interrupted) before it started: nothing recorded
+            if not _prepare(store, e):
+                continue
+            if e.size > store.part_size:
+                _one_at_a_time(store, e)
+                continue
+            if batch and (len(batch) >= BATCH or held + e.size > budget):
+                _ship_batch(store, batch)
+                batch, held = [], 0
+            try:
+                e.payload = read_range(e.path, 0, e.size, md5=checksum == "md5")
+            except UploaderError as exc:  # gone or shrunk since its stat: nothing recorded
+                _fail(e, exc)
+                continue
+            batch.append(e)
+            held += e.size
+        if batch:
+            _ship_batch(store, batch)
+    except BaseException as exc:
+        for e in entries:
+            _fail(e, exc)
+        raise
+
+
+def _prepare(store: Store, e: _Item) -> bool:
+    """The file's size and identity, or the item's future fails (nothing recorded)."""
+    try:
+        st = stat_file(e.path)
+    except UploaderError as exc:
+        _fail(e, exc)
+        return False
+    e.size, e.identity = st.st_size, (st.st_dev, st.st_ino)
+    return True
+
+
+def _fail(e: _Item, exc: BaseException) -> None:
+    # Answered already (by its seal's relay, racing an error of the whole group): kept.
+    with contextlib.suppress(InvalidStateError):
+        e.fut.set_exception(exc)
+
+
+def _one_at_a_time(store: Store, e: _Item) -> None:
+    """The writer's seal for this item: a registered key or a file bigger than a part."""
+    try:
+        inner = store.segment(e.key, e.path).seal()
+    except UploaderError as exc:
+        _fail(e, exc)
+        return
+
+    def relay(done: Future[CommitResult]) -> None:
+        try:
+            result = done.result()
+        except BaseException as exc:  # the seal's failure is this item's
+            _fail(e, exc)
+        else:
+            with contextlib.suppress(InvalidStateError):
+                e.fut.set_result(result)
+
+    inner.add_done_callback(relay)
+
+
+def _ship_batch(store: Store, batch: list[_Item]) -> None:
+    try:
+        rows = store.manifest.seal_small_many(
+            [
+                SmallSeal(
+                    e.key,
+                    e.path,
+                    e.size,
+                    p.md5,
+                    p.crc32c,
+                    e.identity,
+                    checksum="md5" if p.md5 is not None else "crc32c",
+                )
+                for e in batch
+                if (p := e.payload) is not None
+            ],
+            node=store.node,
+            part_size=store.part_size,
+            worker=store.worker,
+            lease_ttl=store.lease_seconds,
+        )
+    except Exception as exc:  # nothing of the batch was recorded (an outage, a bad row)
+        for e in batch:
+            _fail(e, exc)
+        return
+    sending: list[tuple[_Item, Sealed, Future[DriveResult]]] = []
+    for e, row in zip(batch, rows, strict=True):
+        if row is None:  # registered before: the one-at-a-time path says what it is
+            e.payload = None
+            _one_at_a_time(store, e)
+            continue
+        lease, _seg, commit = row
+        store.keeper.hold(lease)
+        payload, e.payload = e.payload, None
+        if store.transport.stop.is_set():
+            _fail(e, _interrupted(e))
+            continue
+        drive = store._puts.submit(_drive, store, e, row, {commit.id: payload})
+        sending.append((e, row, drive))
+    wait([d for _e, _row, d in sending])
+    _settle(store, sending)
+
+
+def _drive(store: Store, e: _Item, row: Sealed, fresh: dict[int, Payload | None]) -> DriveResult:
+    if store.transport.stop.is_set():  # interrupted while this PUT waited for a thread
+        raise _interrupted(e)
+    lease, seg, commit = row
+    return store.driver.drive(
+        lease,
+        fresh=fresh,
+        counters=e.counters,
+        release=True,
+        deferred=e.deferred,
+        known=(seg, [commit]),  # as the intents' transaction wrote them
+    )
+
+
+def _interrupted(e: _Item) -> WorkInterruptedError:
+    return WorkInterruptedError(
+        f"interrupted: segment {e.key!r} is sealed, its PUT not started; `uploader recover` "
+        "finishes it"
+    )
+
+
+def _settle(store: Store, sending: list[tuple[_Item, Sealed, Future[DriveResult]]]) -> None:
+    """Write the batch's outcomes in one transaction, then answer each item's future."""
+    proven = [e.deferred.proven for e, _r, _d in sending if e.deferred.proven is not None]
+    failed = [e.deferred.failed for e, _r, _d in sending if e.deferred.failed is not None]
+    try:
+        refused = store.manifest.settle_puts(proven, failed)
+    except Exception as exc:
+        # Nothing of the outcomes was written: each segment is sealed, its part pending, and
+        # recovery finds the objects and checks them again.
+        for e, (lease, _s, _c), _d in sending:
+            _fail(e, exc)
+            _let_go(store, lease)
+        return
+    for e, (lease, seg, _c), drive in sending:
+        why = refused.get(seg.id)
+        if why is not None:
+            store.keeper.forget(lease)
+            _fail(e, why)
+            continue
+        proof = e.deferred.proven
+        if proof is not None:
+            store.keeper.drop(seg.id)  # given back by the outcome's transaction
+            e.fut.set_result(
+                CommitResult(
+                    key=e.key,
+                    sent_bytes=e.counters.bytes_sent,
+                    sent_parts=e.counters.parts_sent,
+                    committed=e.size,
+                    carried_bytes=0,
+                    sealed=True,
+                    verified=True,
+                    object_etag=proof.object_etag,
+                )
+            )
+            continue
+        error = drive.exception()
+        if error is None:  # the drive wrote its own outcome (a path other than a proven PUT)
+            try:
+                e.fut.set_result(sealed(e.key, drive.result(), e.counters, e.size))
+            except (UploaderError, VerificationError) as err:
+                _fail(e, err)
+            if not drive.result().verified:
+                _let_go(store, lease)
+            else:
+                store.keeper.drop(seg.id)
+            continue
+        _fail(e, error)
+        _let_go(store, lease)
+
+
+def _let_go(store: Store, lease: Lease) -> None:
+    """Give back the lease of a segment this batch did not finish, so that a recovery worker
+    claims it at once (as a writer's seal does); if that fails too, the lease expires."""
+    try:
+        store.keeper.release(lease.segment_id)
+    except Exception as exc:
+        log.warning("could not release the lease on %r: %s", lease.key, exc)
+        with contextlib.suppress(Exception):
+            store.keeper.forget(lease)
