@@ -5,6 +5,10 @@
 * multipart ETag: ``md5(concat(part md5 bytes)) + "-" + number of parts``; a single PUT's ETag is
   the MD5 of the object. Verification compares it with one HEAD, no download;
 * whole-file CRC32C: combined from the part CRCs (no second read of the file).
+
+A part bound for S3 is not held in memory: :func:`digest_range` takes its checksums in one
+streaming pass (a :data:`STREAM_CHUNK` buffer reused), and its body is read from the file again
+as it is sent (:mod:`uploader.part_stream`), checked against those checksums.
 """
 
 from __future__ import annotations
@@ -19,15 +23,22 @@ import crc32c as _crc32c
 
 from uploader.errors import LocalFileError
 
+#: Read size of the streaming passes: a few of these per part in flight, never a whole part.
+STREAM_CHUNK = 256 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class Payload:
-    """The bytes of one part, read from ``path[start:end]``, with their checksums."""
+    """The bytes of one part, ``path[start:end]``, with their checksums.
+
+    ``data`` holds them when they were read whole (a small segment's single PUT); None when they
+    stay in the file and are read again as they are sent, checked against ``crc32c``
+    (:func:`uploader.part_stream.part_bytes` for backends that want them whole)."""
 
     path: str
     start: int
     end: int
-    data: bytes
+    data: bytes | None
     md5: str  # hex
     crc32c: int
 
@@ -76,6 +87,45 @@ def read_range(path: str, start: int, end: int) -> Payload:
     data = read_bytes(path, start, end)
     md5, crc = checksum(data)
     return Payload(path=path, start=start, end=end, data=data, md5=md5, crc32c=crc)
+
+
+def digest_range(path: str, start: int, end: int) -> Payload:
+    """The checksums of ``[start, end)`` of a local file, read in :data:`STREAM_CHUNK` blocks into
+    one reused buffer (the digest pass of a part that is streamed when sent): no copy of the
+    part is kept, the returned payload holds none. Raises :class:`LocalFileError` like
+    :func:`read_bytes`."""
+    if start < 0 or end < start:
+        raise LocalFileError(f"{path}: invalid byte range [{start}, {end})")
+    md5 = hashlib.md5(usedforsecurity=False)
+    crc = 0
+    buf = memoryview(bytearray(max(1, min(STREAM_CHUNK, end - start))))
+    try:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            left = end - start
+            while left:
+                n = f.readinto(buf[: min(len(buf), left)])
+                if not n:
+                    size = os.fstat(f.fileno()).st_size
+                    raise LocalFileError(
+                        f"{path}: local file is shorter ({size} bytes) than the committed "
+                        f"range [{start}, {end})"
+                    )
+                # Both release the GIL on blocks this size: parts hash in parallel.
+                md5.update(buf[:n])
+                crc = int(_crc32c.crc32c(buf[:n], crc))
+                left -= n
+    except FileNotFoundError:
+        raise LocalFileError(
+            f"{path}: local file is missing; its bytes were not yet verified remotely"
+        ) from None
+    except LocalFileError:
+        raise
+    except OSError as exc:
+        raise LocalFileError(
+            f"{path}: cannot read local file: {exc.strerror or exc}", retryable=True
+        ) from None
+    return Payload(path=path, start=start, end=end, data=None, md5=md5.hexdigest(), crc32c=crc)
 
 
 def stat_file(path: str) -> os.stat_result:

@@ -29,7 +29,7 @@ from uploader.leases import LeaseKeeper
 from uploader.manifest.repo import Manifest
 from uploader.records import CommitRecord, Lease, SegmentRecord
 from uploader.storage.base import PartRef, Storage
-from uploader.transport import Counters, Transport, read_checked, wait_all
+from uploader.transport import Counters, Transport, recorded_payload, wait_all
 
 log = logging.getLogger("uploader")
 
@@ -152,7 +152,7 @@ class RemoteSteps:
             self._write_record(lease, seg, [commit])  # did not fit S3's 2 KB of metadata
         with self.transport.slots:
             if payload is None:
-                payload = read_checked(seg.path, commit, seg.key)
+                payload = recorded_payload(seg.path, commit)
             try:
                 info = self.storage.put(seg.key, payload, metadata=metadata)
             except ObjectExistsError:

@@ -34,11 +34,14 @@ HEAD, reads, listings, the conditional delete and the probes are :mod:`uploader.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import io
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from uploader.digest import Payload, crc32c_b64, normalize_etag
 from uploader.errors import NoSuchUploadError, ObjectExistsError, StorageError
+from uploader.part_stream import part_bytes, streamed
 from uploader.storage.base import Expected, ObjectInfo, PartRef, UploadRef
 from uploader.storage.errors_map import client_error_code
 from uploader.storage.rules import check_part_number, check_part_size, check_parts, matches
@@ -66,6 +69,18 @@ __all__ = [
 ]
 
 
+@contextlib.contextmanager
+def _body(payload: Payload, key: str, number: int) -> Iterator[io.IOBase]:
+    """The request body of a part or a PUT: the bytes held, shared (a small segment's PUT), or
+    read from the file as they are sent, checked against the payload's CRC32C (every part: no
+    whole part in memory). An empty range has nothing to stream."""
+    if payload.data is not None or payload.size == 0:
+        yield _PartBody(part_bytes(payload, key=key, number=number))
+        return
+    with streamed(payload, key=key, number=number) as reader:
+        yield reader
+
+
 class S3Storage(S3Objects):
     """A bucket and prefix (``s3://bucket/prefix``) on S3 or an S3-compatible server."""
 
@@ -90,26 +105,27 @@ class S3Storage(S3Objects):
     def upload_part(self, key: str, upload_id: str, number: int, payload: Payload) -> PartRef:
         check_part_number(key, number)
         check_part_size(key, number, payload.size)
-        out = self._call_upload(
-            "upload_part",
-            key,
-            upload_id,
-            Bucket=self.bucket,
-            Key=self._key(key),
-            UploadId=upload_id,
-            PartNumber=number,
-            Body=_PartBody(payload.data),
-            ContentMD5=_b64md5(payload.md5),
-            # Sent while the remote may keep it (also before this instance learned it: an
-            # upload started with CRC32C declared needs every part's), checked by the remote.
-            # With the algorithm named too, as AWS's SDKs send it: servers then echo the
-            # checksum they computed (moto only does then), which proves an SSE-KMS part.
-            **(
-                {"ChecksumCRC32C": crc32c_b64(payload.crc32c), "ChecksumAlgorithm": "CRC32C"}
-                if self._crc32c is not False
-                else {}
-            ),
-        )
+        with _body(payload, key, number) as body:
+            out = self._call_upload(
+                "upload_part",
+                key,
+                upload_id,
+                Bucket=self.bucket,
+                Key=self._key(key),
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
+                ContentMD5=_b64md5(payload.md5),
+                # Sent while the remote may keep it (also before this instance learned it: an
+                # upload started with CRC32C declared needs every part's), checked by the
+                # remote. With the algorithm named too, as AWS's SDKs send it: servers then echo
+                # the checksum they computed (moto only does then), which proves an SSE-KMS part.
+                **(
+                    {"ChecksumCRC32C": crc32c_b64(payload.crc32c), "ChecksumAlgorithm": "CRC32C"}
+                    if self._crc32c is not False
+                    else {}
+                ),
+            )
         etag = normalize_etag(out.get("ETag"))
         echoed = out.get("ChecksumCRC32C")
         if echoed and echoed != crc32c_b64(payload.crc32c):
@@ -277,17 +293,18 @@ class S3Storage(S3Objects):
             {"ChecksumAlgorithm": "CRC32C", "ChecksumCRC32C": crc} if declare else {}
         )
         try:
-            out = self._call(
-                "put_object",
-                key,
-                Bucket=self.bucket,
-                Key=self._key(key),
-                Body=_PartBody(payload.data),
-                ContentMD5=_b64md5(payload.md5),
-                Metadata=dict(metadata or {}),
-                IfNoneMatch="*",
-                **extra,
-            )
+            with _body(payload, key, 1) as body:
+                out = self._call(
+                    "put_object",
+                    key,
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    Body=body,
+                    ContentMD5=_b64md5(payload.md5),
+                    Metadata=dict(metadata or {}),
+                    IfNoneMatch="*",
+                    **extra,
+                )
         except ObjectExistsError:
             info = self.head(key)
             if matches(info, expected):
