@@ -4,8 +4,10 @@ It reads local bytes (checking them against the checksums recorded for them), se
 objects on a bounded pool, and returns what the remote said. It never writes the manifest and
 never decides what to do next: that is :mod:`uploader.driver`'s one job.
 
-``slots`` bounds the parts held in memory at once across every segment of a store: peak memory
-stays near ``concurrency x part_size`` whatever the segment sizes.
+``slots`` bounds the parts in flight at once across every segment of a store. On S3 none of them
+is held whole: the digest pass and the send read the file a few hundred KiB at a time
+(:mod:`uploader.part_stream`); backends that write whole parts hold at most ``concurrency`` of
+them.
 """
 
 from __future__ import annotations

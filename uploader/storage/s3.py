@@ -7,6 +7,9 @@ one S3 request through s3fs's ``_call_s3`` and its answer goes back to the calle
 What we check ourselves because S3-compatible servers (moto among them) may not:
 
 * each part is sent with ``Content-MD5`` and the returned ETag must equal our MD5;
+* each part's body is streamed from the local file and its CRC32C re-computed as it is sent
+  (:mod:`uploader.part_stream`): bytes rewritten since their checksums were taken never make a
+  whole request, whether or not the server checks ``Content-MD5``;
 * the part rules (sizes, count, ascending order) before ``complete``;
 * ``complete`` and ``put`` are conditional (``If-None-Match: *``): an existing object is never
   overwritten; an object that matches what we expected (a lost response) is accepted.
