@@ -20,6 +20,8 @@ from tests.conftest import REMOTES_WITH_RGW, TEST_MIN_PART_SIZE, make_remote
 from uploader.digest import Payload, digest_range
 from uploader.errors import LocalFileError
 from uploader.storage import PartRef, Storage
+from uploader.storage.faults import Fault, FaultyStorage
+from uploader.storage.retry import RetryingStorage, RetryPolicy
 
 PART = TEST_MIN_PART_SIZE
 
@@ -99,3 +101,27 @@ def test_a_put_rewritten_after_its_digest_publishes_nothing(
     with pytest.raises(LocalFileError, match="stream/c"):
         storage.put("stream/c", payload)
     assert storage.head("stream/c") is None
+
+
+def test_a_streamed_part_whose_response_was_lost_is_sent_again_identical(
+    storage: Storage, remote: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The remote received the part, the answer was lost, the retry layer sends it again from
+    the file: the remote's ETag (the MD5 of what it received the second time) is the recorded
+    one, and the object is the file."""
+    path = _file(tmp_path, PART + 77, seed=4)
+    payloads = _parts(path)
+    faulty = FaultyStorage(storage, [Fault(op="upload_part", when="after", times=1)])
+    retrying = RetryingStorage(faulty, RetryPolicy(attempts=3, base=0.0))
+    upload_id = retrying.start_upload("stream/retry")
+    refs = [
+        retrying.upload_part("stream/retry", upload_id, i, p) for i, p in enumerate(payloads, 1)
+    ]
+    assert faulty.injected == [("upload_part", "after", "error")]
+    assert retrying.retries == 1
+    assert [r.etag for r in refs] == [p.md5 for p in payloads]
+    parts = [
+        PartRef(r.number, r.etag, r.size, p.crc32c) for r, p in zip(refs, payloads, strict=True)
+    ]
+    retrying.complete("stream/retry", upload_id, parts)
+    assert remote_bytes(remote, "stream/retry") == path.read_bytes()
