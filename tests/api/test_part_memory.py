@@ -15,16 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.api.conftest import migrate, remote_bytes
+from tests.api.conftest import remote_bytes
 
 MiB = 1024 * 1024
 PART = 8 * MiB
 
 
 def test_sealing_four_8_mib_parts_allocates_well_under_one_part(
-    manifest_url: str, s3_remote: tuple[str, dict[str, Any]], tmp_path: Path
+    manifest_url: str, at_head: None, s3_remote: tuple[str, dict[str, Any]], tmp_path: Path
 ) -> None:
-    migrate(manifest_url)
     url, options = s3_remote
     path = tmp_path / "seg"
     data = os.urandom(4 * PART)
