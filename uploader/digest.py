@@ -5,6 +5,10 @@
 * multipart ETag: ``md5(concat(part md5 bytes)) + "-" + number of parts``; a single PUT's ETag is
   the MD5 of the object. Verification compares it with one HEAD, no download;
 * whole-file CRC32C: combined from the part CRCs (no second read of the file).
+
+A part bound for S3 is not held in memory: :func:`digest_range` takes its checksums in one
+streaming pass (a :data:`STREAM_CHUNK` buffer reused), and its body is read from the file again
+as it is sent (:mod:`uploader.part_stream`), checked against those checksums.
 """
 
 from __future__ import annotations
@@ -19,15 +23,24 @@ import crc32c as _crc32c
 
 from uploader.errors import LocalFileError, StorageError
 
+#: Read size of the streaming passes: a few of these per part in flight, never a whole part.
+STREAM_CHUNK = 256 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class Payload:
-    """The bytes of one part, read from ``path[start:end]``, with their checksums."""
+    """The bytes of one part, ``path[start:end]``, with their checksums.
+
+    ``data`` holds them when they were read whole (a small segment's single PUT); None when they
+    stay in the file and are read again as they are sent, checked against ``crc32c``
+    (:func:`uploader.part_stream.part_bytes` for backends that want them whole)."""
 
     path: str
     start: int
     end: int
-    data: bytes
+    #: None: the bytes stay in the file and are streamed from it when sent (checked against
+    #: ``crc32c`` as they go; see uploader.part_stream).
+    data: bytes | None
     #: Hex; None for a segment in the ``crc32c`` checksum mode, where the remote's echo of the
     #: part's CRC32C proves it and no MD5 is taken (1.4 s of client CPU per GiB).
     md5: str | None
@@ -81,6 +94,47 @@ def read_range(path: str, start: int, end: int, *, md5: bool = True) -> Payload:
         return Payload(path=path, start=start, end=end, data=data, md5=None, crc32c=crc32c_of(data))
     digest, crc = checksum(data)
     return Payload(path=path, start=start, end=end, data=data, md5=digest, crc32c=crc)
+
+
+def digest_range(path: str, start: int, end: int, *, md5: bool = True) -> Payload:
+    """The checksums of ``[start, end)`` of a local file, read in :data:`STREAM_CHUNK` blocks into
+    one reused buffer (the digest pass of a part that is streamed when sent): no copy of the
+    part is kept, the returned payload holds none. Raises :class:`LocalFileError` like
+    :func:`read_bytes`. No MD5 unless ``md5`` (the crc32c checksum mode takes none)."""
+    if start < 0 or end < start:
+        raise LocalFileError(f"{path}: invalid byte range [{start}, {end})")
+    md5_of = hashlib.md5(usedforsecurity=False) if md5 else None
+    crc = 0
+    buf = memoryview(bytearray(max(1, min(STREAM_CHUNK, end - start))))
+    try:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            left = end - start
+            while left:
+                n = f.readinto(buf[: min(len(buf), left)])
+                if not n:
+                    size = os.fstat(f.fileno()).st_size
+                    raise LocalFileError(
+                        f"{path}: local file is shorter ({size} bytes) than the committed "
+                        f"range [{start}, {end})"
+                    )
+                # Both release the GIL on blocks this size: parts hash in parallel.
+                if md5_of is not None:
+                    md5_of.update(buf[:n])
+                crc = int(_crc32c.crc32c(buf[:n], crc))
+                left -= n
+    except FileNotFoundError:
+        raise LocalFileError(
+            f"{path}: local file is missing; its bytes were not yet verified remotely"
+        ) from None
+    except LocalFileError:
+        raise
+    except OSError as exc:
+        raise LocalFileError(
+            f"{path}: cannot read local file: {exc.strerror or exc}", retryable=True
+        ) from None
+    digest = None if md5_of is None else md5_of.hexdigest()
+    return Payload(path=path, start=start, end=end, data=None, md5=digest, crc32c=crc)
 
 
 def stat_file(path: str) -> os.stat_result:
@@ -207,7 +261,11 @@ def check_body_crc32c(op: str, key: str, number: int, payload: Payload) -> None:
 
     Without an MD5, the CRC32C header is the only proof a body carries; a server that does not
     check it (moto) would echo it whatever bytes arrived. Hardware CRC32C: ~0.07 s per GiB.
+    A streamed body (no bytes held) is checked by its reader as it is sent instead, which
+    withholds the last block of bytes that differ (uploader.part_stream).
     """
+    if payload.data is None:
+        return
     actual = crc32c_of(payload.data)
     if actual != payload.crc32c:
         raise StorageError(

@@ -31,7 +31,7 @@ from uploader.manifest.guard import check_acknowledged
 from uploader.manifest.repo import Manifest
 from uploader.records import CommitRecord, Lease, PutFailed, SegmentRecord
 from uploader.storage.base import PartRef, Storage
-from uploader.transport import Counters, Transport, read_checked, wait_all
+from uploader.transport import Counters, Transport, recorded_payload, wait_all
 
 log = logging.getLogger("uploader")
 
@@ -204,7 +204,7 @@ class RemoteSteps:
             self._write_record(lease, seg, [commit])  # did not fit S3's 2 KB of metadata
         with self.transport.slots:
             if payload is None:
-                payload = read_checked(seg.path, commit, seg.key)
+                payload = recorded_payload(seg.path, commit)
             try:
                 info = self.storage.put(seg.key, payload, metadata=metadata)
             except ObjectExistsError:

@@ -20,7 +20,7 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from uploader.digest import file_size, read_range, stat_file
+from uploader.digest import digest_range, file_size, stat_file
 from uploader.errors import (
     LocalFileError,
     SegmentFailedError,
@@ -299,7 +299,7 @@ class Segment(SegmentLease):
             for number, start, end in parts:
                 transport.slots.acquire()
                 try:
-                    payload = read_range(self.path, start, end, md5=not seg.by_crc32c)
+                    payload = digest_range(self.path, start, end, md5=not seg.by_crc32c)
                     [commit] = store.manifest.add_commits(
                         lease, [NewCommit(number, start, end, payload.md5, payload.crc32c)]
                     )

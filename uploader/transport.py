@@ -4,8 +4,10 @@ It reads local bytes (checking them against the checksums recorded for them), se
 objects on a bounded pool, and returns what the remote said. It never writes the manifest and
 never decides what to do next: that is :mod:`uploader.driver`'s one job.
 
-``slots`` bounds the parts held in memory at once across every segment of a store: peak memory
-stays near ``concurrency x part_size`` whatever the segment sizes.
+``slots`` bounds the parts in flight at once across every segment of a store. On S3 none of them
+is held whole: the digest pass and the send read the file a few hundred KiB at a time
+(:mod:`uploader.part_stream`); backends that write whole parts hold at most ``concurrency`` of
+them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, TypeVar
 
 import crc32c as _crc32c
 
-from uploader.digest import Payload, crc32c_of, read_bytes, read_range, stat_file
+from uploader.digest import Payload, digest_range, stat_file
 from uploader.errors import LocalFileError, WorkInterruptedError
 from uploader.records import CommitRecord, NewCommit, SegmentRecord
 from uploader.storage.base import PartRef, Storage
@@ -29,8 +31,10 @@ T = TypeVar("T")
 CHECK_CHUNK = 4 * 1024 * 1024
 
 
-def read_checked(path: str, commit: CommitRecord, key: str) -> Payload:
-    """Read a recorded part again; LocalFileError if its bytes changed or vanished.
+def recorded_payload(path: str, commit: CommitRecord) -> Payload:
+    """A recorded part to send again, its bytes left in the file: they are read as they are sent
+    and checked against the recorded CRC32C then (:mod:`uploader.part_stream`; LocalFileError if
+    they changed or vanished, and the part is not recorded uploaded).
 
     Only the CRC32C is recomputed (hardware, ~15 GB/s, against ~0.7 GB/s for MD5): the recorded
     MD5 goes out as ``Content-MD5`` and must come back as the part's ETag, so the remote checks
@@ -38,16 +42,13 @@ def read_checked(path: str, commit: CommitRecord, key: str) -> Payload:
     keep the part from becoming ``uploaded``. In the crc32c mode (no MD5 recorded) the CRC32C
     goes out instead and must be echoed.
     """
-    data = read_bytes(path, commit.start, commit.end)
-    crc = crc32c_of(data)
-    if crc != commit.crc32c:
-        raise LocalFileError(
-            f"{path}: bytes [{commit.start}, {commit.end}) of segment {key!r} (part "
-            f"{commit.part_number}) changed after they were committed (crc32c {commit.crc32c} "
-            f"recorded, {crc} now); the local file must not be rewritten before it is verified"
-        )
     return Payload(
-        path=path, start=commit.start, end=commit.end, data=data, md5=commit.md5, crc32c=crc
+        path=path,
+        start=commit.start,
+        end=commit.end,
+        data=None,
+        md5=commit.md5,
+        crc32c=commit.crc32c,
     )
 
 
@@ -190,7 +191,7 @@ class Transport:
         of each ``(number, start, end)`` part of ``path``.
 
         Parts are read and hashed in parallel on the pool (hashing releases the GIL), each
-        within a slot, and their bytes dropped at once: only the checksums are kept.
+        within a slot, a few hundred KiB at a time: only the checksums are kept.
         """
         futures: list[Future[NewCommit]] = []
         try:
@@ -203,14 +204,15 @@ class Transport:
     def send_part(
         self, seg: SegmentRecord, upload_id: str, commit: CommitRecord, payload: Payload | None
     ) -> PartRef:
-        """Send one part (re-read and checked when no ``payload`` is given)."""
+        """Send one part (read from the file as it is sent, and checked, when no ``payload`` is
+        given)."""
         if payload is None:
-            payload = read_checked(seg.path, commit, seg.key)
+            payload = recorded_payload(seg.path, commit)
         return self.storage.upload_part(seg.key, upload_id, commit.part_number, payload)
 
 
 def _digest_one(path: str, number: int, start: int, end: int, md5: bool) -> NewCommit:
-    payload = read_range(path, start, end, md5=md5)
+    payload = digest_range(path, start, end, md5=md5)
     return NewCommit(number, start, end, payload.md5, payload.crc32c)
 
 

@@ -7,6 +7,9 @@ one S3 request through s3fs's ``_call_s3`` and its answer goes back to the calle
 What we check ourselves because S3-compatible servers (moto among them) may not:
 
 * each part is sent with ``Content-MD5`` and the returned ETag must equal our MD5;
+* each part's body is streamed from the local file and its CRC32C re-computed as it is sent
+  (:mod:`uploader.part_stream`): bytes rewritten since their checksums were taken never make a
+  whole request, whether or not the server checks ``Content-MD5``;
 * the part rules (sizes, count, ascending order) before ``complete``;
 * ``complete`` and ``put`` are conditional (``If-None-Match: *``): an existing object is never
   overwritten; an object that matches what we expected (a lost response) is accepted.
@@ -39,7 +42,9 @@ HEAD, reads, listings, the conditional delete and the probes are :mod:`uploader.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import io
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from uploader.digest import (
@@ -50,6 +55,7 @@ from uploader.digest import (
     normalize_etag,
 )
 from uploader.errors import NoSuchUploadError, ObjectExistsError, StorageError
+from uploader.part_stream import part_bytes, streamed
 from uploader.storage.base import Expected, ObjectInfo, PartRef, UploadRef
 from uploader.storage.errors_map import client_error_code
 from uploader.storage.rules import check_part_number, check_part_size, check_parts, matches
@@ -75,6 +81,18 @@ __all__ = [
     "S3Storage",
     "_PartBody",
 ]
+
+
+@contextlib.contextmanager
+def _body(payload: Payload, key: str, number: int) -> Iterator[io.IOBase]:
+    """The request body of a part or a PUT: the bytes held, shared (a small segment's PUT), or
+    read from the file as they are sent, checked against the payload's CRC32C (every part: no
+    whole part in memory). An empty range has nothing to stream."""
+    if payload.data is not None or payload.size == 0:
+        yield _PartBody(part_bytes(payload, key=key, number=number))
+        return
+    with streamed(payload, key=key, number=number) as reader:
+        yield reader
 
 
 class S3Storage(S3Objects):
@@ -103,26 +121,27 @@ class S3Storage(S3Objects):
         check_part_size(key, number, payload.size)
         if payload.md5 is None:
             return self._upload_part_crc32c(key, upload_id, number, payload)
-        out = self._call_upload(
-            "upload_part",
-            key,
-            upload_id,
-            Bucket=self.bucket,
-            Key=self._key(key),
-            UploadId=upload_id,
-            PartNumber=number,
-            Body=_PartBody(payload.data),
-            ContentMD5=_b64md5(payload.md5),
-            # Sent while the remote may keep it (also before this instance learned it: an
-            # upload started with CRC32C declared needs every part's), checked by the remote.
-            # With the algorithm named too, as AWS's SDKs send it: servers then echo the
-            # checksum they computed (moto only does then), which proves an SSE-KMS part.
-            **(
-                {"ChecksumCRC32C": crc32c_b64(payload.crc32c), "ChecksumAlgorithm": "CRC32C"}
-                if self._crc32c is not False
-                else {}
-            ),
-        )
+        with _body(payload, key, number) as body:
+            out = self._call_upload(
+                "upload_part",
+                key,
+                upload_id,
+                Bucket=self.bucket,
+                Key=self._key(key),
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
+                ContentMD5=_b64md5(payload.md5),
+                # Sent while the remote may keep it (also before this instance learned it: an
+                # upload started with CRC32C declared needs every part's), checked by the
+                # remote. With the algorithm named too, as AWS's SDKs send it: servers then echo
+                # the checksum they computed (moto only does then), which proves an SSE-KMS part.
+                **(
+                    {"ChecksumCRC32C": crc32c_b64(payload.crc32c), "ChecksumAlgorithm": "CRC32C"}
+                    if self._crc32c is not False
+                    else {}
+                ),
+            )
         etag = normalize_etag(out.get("ETag"))
         echoed = out.get("ChecksumCRC32C")
         if echoed and echoed != crc32c_b64(payload.crc32c):
@@ -157,18 +176,19 @@ class S3Storage(S3Objects):
         crc = crc32c_b64(payload.crc32c)
         self._require_crc32c("upload_part", key)
         check_body_crc32c("upload_part", key, number, payload)
-        out = self._call_upload(
-            "upload_part",
-            key,
-            upload_id,
-            Bucket=self.bucket,
-            Key=self._key(key),
-            UploadId=upload_id,
-            PartNumber=number,
-            Body=_PartBody(payload.data),
-            ChecksumCRC32C=crc,
-            ChecksumAlgorithm="CRC32C",
-        )
+        with _body(payload, key, number) as body:
+            out = self._call_upload(
+                "upload_part",
+                key,
+                upload_id,
+                Bucket=self.bucket,
+                Key=self._key(key),
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
+                ChecksumCRC32C=crc,
+                ChecksumAlgorithm="CRC32C",
+            )
         etag = normalize_etag(out.get("ETag"))
         echoed = out.get("ChecksumCRC32C")
         if echoed != crc or not etag:
@@ -354,16 +374,17 @@ class S3Storage(S3Objects):
         if payload.md5 is not None:
             extra["ContentMD5"] = _b64md5(payload.md5)
         try:
-            out = self._call(
-                "put_object",
-                key,
-                Bucket=self.bucket,
-                Key=self._key(key),
-                Body=_PartBody(payload.data),
-                Metadata=dict(metadata or {}),
-                IfNoneMatch="*",
-                **extra,
-            )
+            with _body(payload, key, 1) as body:
+                out = self._call(
+                    "put_object",
+                    key,
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    Body=body,
+                    Metadata=dict(metadata or {}),
+                    IfNoneMatch="*",
+                    **extra,
+                )
         except ObjectExistsError:
             info = self.head(key)
             if matches(info, expected):

@@ -27,6 +27,7 @@ from uploader.errors import (
     PartRuleError,
     StorageError,
 )
+from uploader.part_stream import part_bytes
 from uploader.storage.base import Expected, ObjectInfo, PartRef, UploadRef
 from uploader.storage.rules import check_part_number, check_part_size, check_parts, matches
 from uploader.storage.staged.layout import HIDDEN, fsync_dir
@@ -123,7 +124,10 @@ class StagedParts(StagedPublish):
         check_part_size(key, number, payload.size)
         self._require(key, upload_id, "upload_part")
         _md5_required("upload_part", key, payload)
-        md5 = hashlib.md5(payload.data, usedforsecurity=False).hexdigest()
+        # Whole, checked against the recorded CRC32C when read from the file: a staged part is
+        # written in one piece (parts are bounded by the part size; S3 streams them instead).
+        data = part_bytes(payload, key=key, number=number)
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
         if md5 != payload.md5:
             raise StorageError(
                 f"upload_part of {key!r} part {number}: the bytes do not match their recorded MD5",
@@ -132,7 +136,7 @@ class StagedParts(StagedPublish):
         final = f"{self._upload_dir(upload_id)}/{number:05d}.{time.time_ns()}.{md5}"
         try:
             tmp = self._tmp()
-            self._write_new(tmp, [payload.data])
+            self._write_new(tmp, [data])
             self._stage_part(key, upload_id, tmp, final)
             for _seq, _md5, path in [
                 v for n, v in self._staged(upload_id).items() if n == number and v[2] != final
@@ -249,7 +253,8 @@ class StagedParts(StagedPublish):
         self, key: str, payload: Payload, metadata: Mapping[str, str] | None = None
     ) -> ObjectInfo:
         _md5_required("put", key, payload)
-        md5 = hashlib.md5(payload.data, usedforsecurity=False).hexdigest()
+        data = part_bytes(payload, key=key, number=1)
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
         if md5 != payload.md5:
             raise StorageError(
                 f"put of {key!r}: the bytes do not match their recorded MD5", retryable=True
@@ -265,7 +270,7 @@ class StagedParts(StagedPublish):
             )
         try:
             tmp = self._tmp()
-            self._write_new(tmp, [payload.data])
+            self._write_new(tmp, [data])
             return self._publish_new(
                 "put", key, tmp, payload.size, md5, md5, expected, dict(metadata or {})
             )
