@@ -240,6 +240,7 @@ def test_crc32c_mode_bytes_that_are_not_the_checksummed_ones_are_never_sent(
     with limited_s3(moto_endpoint) as proxy:
         st = _s3(f"s3://{s3_bucket}/root", s3_options(proxy.url))
         good = _crc_only(b"g" * PART)
+        assert good.data is not None  # held bytes (a streamed body is checked by its reader)
         lying = Payload(good.path, 0, PART, b"h" + good.data[1:], None, good.crc32c)
         if op == "upload_part":
             upload_id = st.start_upload("lie")
