@@ -9,6 +9,7 @@ caller never looked at (the RocketMQ ``commitAsync`` loss cannot happen here).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -24,6 +25,7 @@ from uploader.driver import Driver
 from uploader.errors import (
     KeyConflictError,
     LocalFileError,
+    StorageError,
     StoreClosedError,
     UsageError,
 )
@@ -37,6 +39,8 @@ from uploader.storage import open_storage
 from uploader.storage.base import MAX_PART_SIZE, Storage, keeps_crc32c
 from uploader.transport import Transport, file_identity
 from uploader.upkeep import Upkeep
+
+log = logging.getLogger("uploader")
 
 DEFAULT_PART_SIZE = config_mod.DEFAULT_PART_SIZE  # kept importable from here
 
@@ -255,11 +259,24 @@ class Store(Upkeep):
     def new_segment_checksum(self) -> str:
         """The checksum mode a new segment is registered with ('md5' or 'crc32c'; see
         :class:`~uploader.config.ChecksumMode`). ``auto`` asks the remote once per storage
-        instance whether it keeps and echoes CRC32C."""
+        instance whether it keeps and echoes CRC32C. Registering never waits for the remote:
+        where it cannot answer now (unreachable, an outage), ``auto`` registers in md5, which
+        every remote proves, and asks again for the next segment."""
         setting = self.config.checksum
         if setting is ChecksumMode.MD5:
             return "md5"
-        if keeps_crc32c(self.storage):
+        try:
+            kept = keeps_crc32c(self.storage)
+        except StorageError as exc:
+            if setting is ChecksumMode.CRC32C:
+                raise
+            log.info(
+                "checksum mode md5 for now: %s cannot say whether it keeps CRC32C (%s)",
+                self.storage.url,
+                exc,
+            )
+            return "md5"
+        if kept:
             return "crc32c"
         if setting is ChecksumMode.CRC32C:
             raise UsageError(

@@ -301,3 +301,26 @@ def test_a_lost_completion_is_adopted_by_its_crc32c_without_reading_it_back(
             rec = store.manifest.segment("lost/a")
             assert rec is not None and rec.checksum == "crc32c"
             assert _remote_bytes(store, "lost/a", SIZE) == data
+
+
+def test_registering_never_waits_for_an_unreachable_remote(
+    manifest_url: str, at_head: None, tmp_path: Path
+) -> None:
+    """``auto`` cannot learn whether a remote it cannot reach keeps CRC32C: the segment is
+    registered in md5 (which every remote proves) instead of failing; ``crc32c`` asked for
+    explicitly cannot be honoured, and says so before anything is recorded."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]  # closed when the block ends: nothing listens there
+    remote = ("s3://bucket-unreachable/root", s3_options(f"http://127.0.0.1:{port}"))
+    path = tmp_path / "seg"
+    path.write_bytes(b"x" * 100)
+    with _open(manifest_url, remote) as store:
+        seg = store.segment("down/0", path)
+        rec = store.manifest.segment("down/0")
+        assert rec is not None and rec.checksum == "md5" and seg.state is SegmentState.OPEN
+    with _open(manifest_url, remote, checksum="crc32c") as strict:
+        with pytest.raises(uploader.StorageError, match="crc32c"):
+            strict.segment("down/1", path)
+        assert strict.manifest.segment("down/1") is None
