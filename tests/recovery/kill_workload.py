@@ -34,6 +34,9 @@ def main() -> None:
         min_part_size=PART,
         concurrency=4,
     )
+    # Set up before saying so: the S3 client made and the remote asked once which checksum mode
+    # new segments take (what the first registration would otherwise do inside the kill window).
+    store.new_segment_checksum()
     print("ready", flush=True)
     n = 0
     while True:

@@ -55,7 +55,7 @@ from hypothesis.stateful import (
 import uploader
 from tests.api.conftest import PART, migrate
 from tests.conftest import create_pg_database, drop_pg_database, require_postgres, s3_options
-from uploader.digest import checksum
+from uploader.digest import checksum, crc32c_of
 from uploader.errors import RetryableStorageError
 from uploader.manifest.repo import utcnow
 from uploader.states import COMMIT_TRANSITIONS, SEGMENT_TRANSITIONS, CommitState, SegmentState
@@ -511,10 +511,13 @@ class UploaderModel(RuleBasedStateMachine):
             pos = 0
             for number, c in enumerate(m.commits(rec.id), start=1):
                 assert (c.part_number, c.start) == (number, pos), (rec.key, c)
-                assert any(c.md5 == checksum(v[c.start : c.end])[0] for v in versions), (
-                    rec.key,
-                    c,
-                )
+                # Both checksums where an MD5 was taken; the crc32c checksum mode takes none.
+                assert any(
+                    c.crc32c == crc32c_of(v[c.start : c.end])
+                    and c.md5 in (None, checksum(v[c.start : c.end])[0])
+                    for v in versions
+                ), (rec.key, rec.checksum, c)
+                assert (c.md5 is None) == (rec.checksum == "crc32c"), (rec.key, c)
                 pos = c.end
             assert pos <= len(versions[0]), rec.key
             if rec.state not in (SegmentState.OPEN, SegmentState.FAILED):
