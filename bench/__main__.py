@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from bench.common import MiB, Result, moto_server, rgw_server, save
+from bench.common import MiB, Result, drop_buckets, moto_server, rgw_server, save
 
 NAMES = (
     "seal",
@@ -98,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
             break
         with moto_server() if server == "moto" else rgw_server() as endpoint:
             print(f"\n##### S3 server: {server} ({endpoint})")
-            for name in remote:
-                run(name, endpoint, server)
+            try:
+                for name in remote:
+                    run(name, endpoint, server)
+            finally:
+                drop_buckets(endpoint)
     if local:
         # The local benchmarks start what they need themselves (kill: its own moto server).
         with moto_server() as endpoint:

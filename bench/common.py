@@ -213,10 +213,29 @@ def boto3_client(endpoint: str) -> Any:
     )
 
 
+_made: dict[str, list[str]] = {}
+
+
 def new_bucket(endpoint: str) -> str:
     name = f"bench-{uuid.uuid4().hex[:10]}"
     boto3_client(endpoint).create_bucket(Bucket=name)
+    _made.setdefault(endpoint, []).append(name)
     return name
+
+
+def drop_buckets(endpoint: str) -> None:
+    """Empty and remove the buckets this run made on ``endpoint``: Ceph RGW's memstore keeps every
+    byte in memory (a full run leaves several GiB in its OSD otherwise)."""
+    client = boto3_client(endpoint)
+    for bucket in _made.pop(endpoint, []):
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
+            for u in page.get("Uploads", []):
+                client.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+        client.delete_bucket(Bucket=bucket)
 
 
 def timed(fn: Callable[[], object]) -> float:

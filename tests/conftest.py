@@ -26,6 +26,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 import shutil
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -361,28 +362,50 @@ def _lower_rgw_part_minimum() -> str | None:
     return None
 
 
+def _probe_rgw() -> str | None:
+    client = _rgw_client()
+    client.list_buckets()
+    if _rgw_takes_small_parts(client):
+        return None
+    why = _lower_rgw_part_minimum()
+    if why is None and _rgw_takes_small_parts(client):
+        return None
+    return (
+        f"Ceph RGW at {RGW_ENDPOINT} refuses {TEST_MIN_PART_SIZE}-byte parts "
+        f"(EntityTooSmall; {why or 'still after lowering it'}): run `ceph -c "
+        f"{RGW_CEPH_CONF} config set client.rgw.x rgw_multipart_min_part_size "
+        f"{TEST_MIN_PART_SIZE}`"
+    )
+
+
 def rgw_unavailable() -> str | None:
-    """None if RGW answers and takes the suite's part size, else why not (cached per session)."""
+    """None if RGW answers and takes the suite's part size, else why not (cached per session).
+
+    The xdist workers probe one at a time (a file lock): four at once, each creating a bucket and
+    possibly reconfiguring the cluster, once kept one of them waiting past its read timeout, and
+    that worker then failed every RGW test. A probe that fails on the way is tried again (3
+    times) before RGW is called unusable."""
     if "reason" not in _rgw_status:
+        import fcntl
+        import tempfile
+
         reason: str | None = None
-        try:
-            client = _rgw_client()
-            client.list_buckets()
-            if not _rgw_takes_small_parts(client):
-                why = _lower_rgw_part_minimum()
-                if why is not None or not _rgw_takes_small_parts(client):
+        lock_path = os.path.join(tempfile.gettempdir(), "uploader-tests-rgw-probe.lock")
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for attempt in range(3):
+                try:
+                    reason = _probe_rgw()
+                    break
+                except Exception as exc:  # pragma: no cover - depends on the machine
                     reason = (
-                        f"Ceph RGW at {RGW_ENDPOINT} refuses {TEST_MIN_PART_SIZE}-byte parts "
-                        f"(EntityTooSmall; {why or 'still after lowering it'}): run `ceph -c "
-                        f"{RGW_CEPH_CONF} config set client.rgw.x rgw_multipart_min_part_size "
-                        f"{TEST_MIN_PART_SIZE}`"
+                        f"Ceph RGW at {RGW_ENDPOINT} is not usable (3 probes): "
+                        f"{type(exc).__name__}: {exc}; start it with ../shared/s3/start-rgw.sh "
+                        "(or set UPLOADER_TEST_RGW_ENDPOINT, UPLOADER_TEST_RGW_ACCESS_KEY, "
+                        "UPLOADER_TEST_RGW_SECRET_KEY)"
                     )
-        except Exception as exc:  # pragma: no cover - depends on the machine
-            reason = (
-                f"Ceph RGW at {RGW_ENDPOINT} is not usable: {type(exc).__name__}: {exc}; start it "
-                "with ../shared/s3/start-rgw.sh (or set UPLOADER_TEST_RGW_ENDPOINT, "
-                "UPLOADER_TEST_RGW_ACCESS_KEY, UPLOADER_TEST_RGW_SECRET_KEY)"
-            )
+                    if attempt < 2:
+                        threading.Event().wait(2.0)  # RGW busy: give it a moment
         _rgw_status["reason"] = reason
     return _rgw_status["reason"]
 
