@@ -14,9 +14,10 @@ as it is sent (:mod:`uploader.part_stream`), checked against those checksums.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import crc32c as _crc32c
@@ -59,25 +60,32 @@ def checksum(data: bytes) -> tuple[str, int]:
     return hashlib.md5(data, usedforsecurity=False).hexdigest(), crc32c_of(data)
 
 
-def read_bytes(path: str, start: int, end: int) -> bytes:
-    """Read ``[start, end)`` of a local file, all of it. Raises :class:`LocalFileError`."""
-    if start < 0 or end < start:
-        raise LocalFileError(f"{path}: invalid byte range [{start}, {end})")
+@contextlib.contextmanager
+def local_file_errors(path: str, doing: str = "read") -> Iterator[None]:
+    """OS errors on a local file as :class:`LocalFileError`: missing is terminal (its bytes are
+    gone), any other is retryable. Our own ``LocalFileError`` passes through unchanged."""
     try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            data = f.read(end - start)
-            # The file's real size for the message (start + len(data) is not it when the file
-            # ends before start).
-            size = os.fstat(f.fileno()).st_size if len(data) != end - start else -1
+        yield
     except FileNotFoundError:
         raise LocalFileError(
             f"{path}: local file is missing; its bytes were not yet verified remotely"
         ) from None
     except OSError as exc:
         raise LocalFileError(
-            f"{path}: cannot read local file: {exc.strerror or exc}", retryable=True
+            f"{path}: cannot {doing} local file: {exc.strerror or exc}", retryable=True
         ) from None
+
+
+def read_bytes(path: str, start: int, end: int) -> bytes:
+    """Read ``[start, end)`` of a local file, all of it. Raises :class:`LocalFileError`."""
+    if start < 0 or end < start:
+        raise LocalFileError(f"{path}: invalid byte range [{start}, {end})")
+    with local_file_errors(path), open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+        # The file's real size for the message (start + len(data) is not it when the file
+        # ends before start).
+        size = os.fstat(f.fileno()).st_size if len(data) != end - start else -1
     if len(data) != end - start:
         raise LocalFileError(
             f"{path}: local file is shorter ({size} bytes) than the committed "
@@ -106,49 +114,30 @@ def digest_range(path: str, start: int, end: int, *, md5: bool = True) -> Payloa
     md5_of = hashlib.md5(usedforsecurity=False) if md5 else None
     crc = 0
     buf = memoryview(bytearray(max(1, min(STREAM_CHUNK, end - start))))
-    try:
-        with open(path, "rb", buffering=0) as f:
-            f.seek(start)
-            left = end - start
-            while left:
-                n = f.readinto(buf[: min(len(buf), left)])
-                if not n:
-                    size = os.fstat(f.fileno()).st_size
-                    raise LocalFileError(
-                        f"{path}: local file is shorter ({size} bytes) than the committed "
-                        f"range [{start}, {end})"
-                    )
-                # Both release the GIL on blocks this size: parts hash in parallel.
-                if md5_of is not None:
-                    md5_of.update(buf[:n])
-                crc = int(_crc32c.crc32c(buf[:n], crc))
-                left -= n
-    except FileNotFoundError:
-        raise LocalFileError(
-            f"{path}: local file is missing; its bytes were not yet verified remotely"
-        ) from None
-    except LocalFileError:
-        raise
-    except OSError as exc:
-        raise LocalFileError(
-            f"{path}: cannot read local file: {exc.strerror or exc}", retryable=True
-        ) from None
+    with local_file_errors(path), open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        left = end - start
+        while left:
+            n = f.readinto(buf[: min(len(buf), left)])
+            if not n:
+                size = os.fstat(f.fileno()).st_size
+                raise LocalFileError(
+                    f"{path}: local file is shorter ({size} bytes) than the committed "
+                    f"range [{start}, {end})"
+                )
+            # Both release the GIL on blocks this size: parts hash in parallel.
+            if md5_of is not None:
+                md5_of.update(buf[:n])
+            crc = int(_crc32c.crc32c(buf[:n], crc))
+            left -= n
     digest = None if md5_of is None else md5_of.hexdigest()
     return Payload(path=path, start=start, end=end, data=None, md5=digest, crc32c=crc)
 
 
 def stat_file(path: str) -> os.stat_result:
     """``stat`` a local file: missing is terminal (its bytes are gone), any other error is not."""
-    try:
+    with local_file_errors(path, "stat"):
         return os.stat(path)
-    except FileNotFoundError:
-        raise LocalFileError(
-            f"{path}: local file is missing; its bytes were not yet verified remotely"
-        ) from None
-    except OSError as exc:
-        raise LocalFileError(
-            f"{path}: cannot stat local file: {exc.strerror or exc}", retryable=True
-        ) from None
 
 
 def file_size(path: str) -> int:

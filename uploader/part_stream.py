@@ -31,7 +31,7 @@ from collections.abc import Iterator
 
 import crc32c as _crc32c
 
-from uploader.digest import Payload, crc32c_of, read_bytes
+from uploader.digest import Payload, crc32c_of, local_file_errors, read_bytes
 from uploader.errors import LocalFileError, StorageError
 
 
@@ -66,16 +66,8 @@ class RangeReader(io.RawIOBase):
         self._checked = 0
         self.failure: LocalFileError | None = None
         path = payload.path
-        try:
+        with local_file_errors(path):
             self._fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise LocalFileError(
-                f"{path}: local file is missing; its bytes were not yet verified remotely"
-            ) from None
-        except OSError as exc:
-            raise LocalFileError(
-                f"{path}: cannot read local file: {exc.strerror or exc}", retryable=True
-            ) from None
         size = os.fstat(self._fd).st_size
         if size < payload.end:
             os.close(self._fd)
