@@ -97,17 +97,12 @@ class RemoteSteps:
         checked: set[int] | None = None,
     ) -> None:
         """Send one recorded part and record what the remote acknowledged (or the failure)."""
-        try:
-            ref = self.transport.send_part(seg, upload_id, commit, payload)
-        except StorageError as exc:
-            with contextlib.suppress(UploaderError):  # a lost lease: the new holder retries
-                self.manifest.commit_attempt_failed(lease, commit, str(exc))
-            raise
+        ack = self._send_one(lease, seg, upload_id, commit, payload)
         payload = None  # let the part's bytes go before the manifest round trip
         self.manifest.parts_uploaded(
             lease,
-            [(commit, normalize_etag(ref.etag) or "")],
-            proven=frozenset({commit.id}) if ref.proven_by_checksum else frozenset(),
+            [(commit, ack.etag)],
+            proven=frozenset({commit.id}) if ack.proven else frozenset(),
         )
         counters.sent(commit.size)
         self._moved(seg.key, commit.size)
@@ -165,18 +160,30 @@ class RemoteSteps:
     ) -> None:
         """Send one recorded part; keep what the remote acknowledged in ``acks`` (checked now:
         an ETag that is not the part's MD5 fails this part alone), the failure recorded."""
+        ack = self._send_one(lease, seg, upload_id, commit, payload)
+        payload = None  # the part's bytes go now, before any manifest round trip
+        check_acknowledged(lease, commit, ack.etag, proven=ack.proven)
+        acks.append(ack)  # list.append is atomic: parts of one drive append from their threads
+        counters.sent(commit.size)
+        self._moved(seg.key, commit.size)
+
+    def _send_one(
+        self,
+        lease: Lease,
+        seg: SegmentRecord,
+        upload_id: str,
+        commit: CommitRecord,
+        payload: Payload | None,
+    ) -> Ack:
+        """Send one recorded part: what the remote acknowledged, or its failure recorded on the
+        part and raised."""
         try:
             ref = self.transport.send_part(seg, upload_id, commit, payload)
         except StorageError as exc:
             with contextlib.suppress(UploaderError):  # a lost lease: the new holder retries
                 self.manifest.commit_attempt_failed(lease, commit, str(exc))
             raise
-        payload = None  # the part's bytes go now, before any manifest round trip
-        ack = Ack(commit, normalize_etag(ref.etag) or "", ref.proven_by_checksum)
-        check_acknowledged(lease, commit, ack.etag, proven=ack.proven)
-        acks.append(ack)  # list.append is atomic: parts of one drive append from their threads
-        counters.sent(commit.size)
-        self._moved(seg.key, commit.size)
+        return Ack(commit, normalize_etag(ref.etag) or "", ref.proven_by_checksum)
 
     def _record_acks(
         self, lease: Lease, seg: SegmentRecord, acks: Sequence[Ack], learned: Learned
