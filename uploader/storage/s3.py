@@ -121,27 +121,22 @@ class S3Storage(S3Objects):
         check_part_size(key, number, payload.size)
         if payload.md5 is None:
             return self._upload_part_crc32c(key, upload_id, number, payload)
-        with _body(payload, key, number) as body:
-            out = self._call_upload(
-                "upload_part",
-                key,
-                upload_id,
-                Bucket=self.bucket,
-                Key=self._key(key),
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=body,
-                ContentMD5=_b64md5(payload.md5),
-                # Sent while the remote may keep it (also before this instance learned it: an
-                # upload started with CRC32C declared needs every part's), checked by the
-                # remote. With the algorithm named too, as AWS's SDKs send it: servers then echo
-                # the checksum they computed (moto only does then), which proves an SSE-KMS part.
-                **(
-                    {"ChecksumCRC32C": crc32c_b64(payload.crc32c), "ChecksumAlgorithm": "CRC32C"}
-                    if self._crc32c is not False
-                    else {}
-                ),
-            )
+        out = self._send_part(
+            key,
+            upload_id,
+            number,
+            payload,
+            ContentMD5=_b64md5(payload.md5),
+            # Sent while the remote may keep it (also before this instance learned it: an upload
+            # started with CRC32C declared needs every part's), checked by the remote. With the
+            # algorithm named too, as AWS's SDKs send it: servers then echo the checksum they
+            # computed (moto only does then), which proves an SSE-KMS part.
+            **(
+                {"ChecksumCRC32C": crc32c_b64(payload.crc32c), "ChecksumAlgorithm": "CRC32C"}
+                if self._crc32c is not False
+                else {}
+            ),
+        )
         etag = normalize_etag(out.get("ETag"))
         echoed = out.get("ChecksumCRC32C")
         if echoed and echoed != crc32c_b64(payload.crc32c):
@@ -166,6 +161,23 @@ class S3Storage(S3Objects):
             )
         return PartRef(number=number, etag=etag, size=payload.size)
 
+    def _send_part(
+        self, key: str, upload_id: str, number: int, payload: Payload, **checksums: Any
+    ) -> Any:
+        """The UploadPart request of either mode, its body held or streamed (see ``_body``)."""
+        with _body(payload, key, number) as body:
+            return self._call_upload(
+                "upload_part",
+                key,
+                upload_id,
+                Bucket=self.bucket,
+                Key=self._key(key),
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
+                **checksums,
+            )
+
     def _upload_part_crc32c(
         self, key: str, upload_id: str, number: int, payload: Payload
     ) -> PartRef:
@@ -176,19 +188,9 @@ class S3Storage(S3Objects):
         crc = crc32c_b64(payload.crc32c)
         self._require_crc32c("upload_part", key)
         check_body_crc32c("upload_part", key, number, payload)
-        with _body(payload, key, number) as body:
-            out = self._call_upload(
-                "upload_part",
-                key,
-                upload_id,
-                Bucket=self.bucket,
-                Key=self._key(key),
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=body,
-                ChecksumCRC32C=crc,
-                ChecksumAlgorithm="CRC32C",
-            )
+        out = self._send_part(
+            key, upload_id, number, payload, ChecksumCRC32C=crc, ChecksumAlgorithm="CRC32C"
+        )
         etag = normalize_etag(out.get("ETag"))
         echoed = out.get("ChecksumCRC32C")
         if echoed != crc or not etag:
