@@ -75,17 +75,22 @@ class S3Objects(S3Requests):
             kwargs["ContinuationToken"] = token
         return sorted(keys)
 
-    def write_hidden(self, name: str, data: bytes) -> None:
-        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-        key = f"{HIDDEN_PREFIX}{name}"
-        self._call(
+    def _put_small(self, key: str, body: bytes, **extra: Any) -> Any:
+        """One plain PUT of a small body of our own (a record, a probe), its MD5 checked by the
+        remote (``Content-MD5``)."""
+        md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
+        return self._call(
             "put_object",
             key,
             Bucket=self.bucket,
             Key=self._key(key),
-            Body=data,
+            Body=body,
             ContentMD5=_b64md5(md5),
+            **extra,
         )
+
+    def write_hidden(self, name: str, data: bytes) -> None:
+        self._put_small(f"{HIDDEN_PREFIX}{name}", data)
 
     def read_hidden(self, name: str) -> bytes | None:
         key = f"{HIDDEN_PREFIX}{name}"
@@ -179,16 +184,7 @@ class S3Objects(S3Requests):
         found = self.head(key)  # with ChecksumMode: the CRC32C where the remote keeps it
         if found is not None and found.size == len(body) and found.checksum == crc:
             return True
-        out = self._call(
-            "put_object",
-            key,
-            Bucket=self.bucket,
-            Key=self._key(key),
-            Body=body,
-            ContentMD5=_b64md5(hashlib.md5(body, usedforsecurity=False).hexdigest()),
-            ChecksumAlgorithm="CRC32C",
-            ChecksumCRC32C=crc,
-        )
+        out = self._put_small(key, body, ChecksumAlgorithm="CRC32C", ChecksumCRC32C=crc)
         kept = bool(out.get("ChecksumCRC32C") == crc)
         if kept:
             found = self.head(key)
@@ -274,14 +270,7 @@ class S3Objects(S3Requests):
         body = f"segment-uploader conditional delete probe {key}".encode()
         md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
         wrong = "0" * 32 if md5 != "0" * 32 else "1" * 32
-        self._call(
-            "put_object",
-            key,
-            Bucket=self.bucket,
-            Key=self._key(key),
-            Body=body,
-            ContentMD5=_b64md5(md5),
-        )
+        self._put_small(key, body)
         failed = True
         try:
             try:
