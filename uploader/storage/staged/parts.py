@@ -53,12 +53,14 @@ class StagedParts(StagedPublish):
         return upload_id
 
     def _meta(self, upload_id: str) -> dict[str, Any] | None:
+        # cat_file, not open: parts of one upload are sent in parallel and each reads this, and
+        # fsspec's memory:// hands every reader the same file object (one shared position: a
+        # reader could get b"" and fail on the JSON; seen once in CI).
         try:
-            with self.fs.open(self._meta_path(upload_id), "rb") as f:
-                meta: dict[str, Any] = json.loads(f.read())
-                return meta
+            meta: dict[str, Any] = json.loads(self.fs.cat_file(self._meta_path(upload_id)))
         except FileNotFoundError:
             return None
+        return meta
 
     def _require(self, key: str, upload_id: str, op: str) -> None:
         meta = self._meta(upload_id)
