@@ -5,10 +5,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Integer,
+    Interval,
+    and_,
+    bindparam,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 
 from uploader import holders
 from uploader.errors import SegmentBusyError, UsageError
@@ -38,6 +51,13 @@ _LEASE_COLUMNS = (
     SEGMENTS.c.lease_owner,
     SEGMENTS.c.lease_expires,
 )
+
+
+#: The columns :func:`holder_values` fills.
+HOLDER_VALUE_NAMES = ("lease_node", "lease_pid", "lease_started", "lease_pid_space")
+#: Statements built once from bound parameters (see :meth:`Leases._claim_statement`), by what
+#: changes their shape: which statement, dead holders matched, whose clock, which database.
+_STATEMENTS: dict[tuple[str, int, bool, bool], Any] = {}
 
 
 def holder_values(node: str | None) -> dict[str, Any]:
@@ -165,52 +185,29 @@ class Leases(ManifestCore):
         """
         if limit < 1:
             return []
-        now = self.clock()
-        dead = self._dead_holders(node, after_id)
-        pending = exists().where(
-            COMMITS.c.segment_id == SEGMENTS.c.id, COMMITS.c.state == CommitState.PENDING.value
-        )
-        q = (
-            select(SEGMENTS.c.id)
-            .where(
-                text(UNFINISHED_SEGMENTS_SQL),  # the partial index's own predicate
-                SEGMENTS.c.id > after_id,
-                or_(
-                    SEGMENTS.c.lease_owner.is_(None),
-                    SEGMENTS.c.lease_expires < self._lease_now(),
-                    # Live leases whose holder process on this node is gone (same fence).
-                    *(and_(SEGMENTS.c.id == d.id, SEGMENTS.c.fence == d.fence) for d in dead),
-                ),
-                # Another node's segment only to complete it (all parts uploaded): verifying
-                # reads every local byte again, which only a worker on its node can.
-                or_(
-                    SEGMENTS.c.node == node,
-                    and_(SEGMENTS.c.state == SegmentState.SEALED.value, ~pending),
-                ),
-                or_(SEGMENTS.c.state != SegmentState.OPEN.value, pending),
-            )
-            .order_by(SEGMENTS.c.id)
-            .limit(limit)
-        )
-        # PostgreSQL: skip rows another claimer holds; SQLite: the rarity hint (see above).
-        q = q.with_for_update(skip_locked=True) if self.is_postgres else q.where(RARE_UNFINISHED)
-        expires = self._lease_until(ttl)
+        params: dict[str, Any] = {
+            "p_after_id": after_id,
+            "p_lim": limit,
+            "p_node": node,
+            "p_owner": owner,
+            "p_now": self.clock(),
+            **{f"p_{k}": v for k, v in holder_values(node).items()},
+        }
+        if self._db_leases():
+            params["p_ttl"] = timedelta(seconds=ttl)
+        else:
+            params["p_lease_now"] = self._lease_now()
+            params["p_expires"] = self._lease_until(ttl)
+        # One connection and one transaction for the lookup of dead holders and the claim:
+        # each checkout costs a round trip (the pool's pre-ping).
         with self._begin() as conn:
-            ids = list(conn.execute(q).scalars())
-            if not ids:
-                return []
-            rows = conn.execute(
-                update(SEGMENTS)
-                .where(SEGMENTS.c.id.in_(ids))
-                .values(
-                    fence=SEGMENTS.c.fence + 1,
-                    lease_owner=owner,
-                    lease_expires=expires,
-                    updated_at=now,
-                    **holder_values(node),
-                )
-                .returning(*SEGMENTS.c)
-            ).all()
+            dead = self._dead_holders(conn, node, after_id)
+            for i, d in enumerate(dead):
+                params[f"p_dead_id_{i}"] = d.id
+                params[f"p_dead_fence_{i}"] = d.fence
+            rows = conn.execute(self._claim_statement(len(dead)), params).all()
+        if not rows:
+            return []
         segs = sorted((segment_record(r) for r in rows), key=lambda seg: seg.id)
         claimed_ids = {seg.id for seg in segs}
         for d in dead:
@@ -230,23 +227,103 @@ class Leases(ManifestCore):
             for seg in segs
         ]
 
-    def _dead_holders(self, node: str, after_id: int) -> list[Any]:
+    def _claim_statement(self, dead: int) -> Any:
+        """The claim as one statement: pick (a CTE, so evaluated and locked once) and take.
+
+        Built from bound parameters (``p_*``: an UPDATE reserves its columns' names; see
+        :meth:`claim`) and kept, since a recovery pass claims
+        over and over: building it costs more than the round trip it saves. ``dead`` live
+        leases of gone holders (rare) are matched by id and fence, ``p_dead_id_N``/``p_dead_fence_N``.
+        """
+        key = ("claim", dead, self._db_leases(), self.is_postgres)
+        stmt = _STATEMENTS.get(key)
+        if stmt is not None:
+            return stmt
+        if self._db_leases():
+            lease_now: Any = func.timezone("UTC", func.now())
+            expires: Any = lease_now + bindparam("p_ttl", type_=Interval())
+        else:
+            lease_now = bindparam("p_lease_now", type_=DateTime())
+            expires = bindparam("p_expires", type_=DateTime())
+        pending = exists().where(
+            COMMITS.c.segment_id == SEGMENTS.c.id, COMMITS.c.state == CommitState.PENDING.value
+        )
+        pick = (
+            select(SEGMENTS.c.id)
+            .where(
+                text(UNFINISHED_SEGMENTS_SQL),  # the partial index's own predicate
+                SEGMENTS.c.id > bindparam("p_after_id"),
+                or_(
+                    SEGMENTS.c.lease_owner.is_(None),
+                    SEGMENTS.c.lease_expires < lease_now,
+                    # Live leases whose holder process on this node is gone (same fence).
+                    *(
+                        and_(
+                            SEGMENTS.c.id == bindparam(f"p_dead_id_{i}"),
+                            SEGMENTS.c.fence == bindparam(f"p_dead_fence_{i}"),
+                        )
+                        for i in range(dead)
+                    ),
+                ),
+                # Another node's segment only to complete it (all parts uploaded): verifying
+                # reads every local byte again, which only a worker on its node can.
+                or_(
+                    SEGMENTS.c.node == bindparam("p_node"),
+                    and_(SEGMENTS.c.state == SegmentState.SEALED.value, ~pending),
+                ),
+                or_(SEGMENTS.c.state != SegmentState.OPEN.value, pending),
+            )
+            .order_by(SEGMENTS.c.id)
+            .limit(bindparam("p_lim", type_=Integer()))
+        )
+        # PostgreSQL: skip rows another claimer holds; SQLite: the rarity hint (see above).
+        pick = (
+            pick.with_for_update(skip_locked=True)
+            if self.is_postgres
+            else pick.where(RARE_UNFINISHED)
+        )
+        picked = pick.cte("picked")
+        stmt = (
+            update(SEGMENTS)
+            .where(SEGMENTS.c.id.in_(select(picked.c.id)))
+            .values(
+                fence=SEGMENTS.c.fence + 1,
+                lease_owner=bindparam("p_owner"),
+                lease_expires=expires,
+                updated_at=bindparam("p_now", type_=DateTime()),
+                **{name: bindparam(f"p_{name}") for name in HOLDER_VALUE_NAMES},
+            )
+            .returning(*SEGMENTS.c)
+        )
+        if dead == 0:
+            _STATEMENTS[key] = stmt
+        return stmt
+
+    def _dead_holders(self, conn: Connection, node: str, after_id: int) -> list[Any]:
         """Unfinished segments (ids > ``after_id``) under a live lease whose holder process on
         ``node`` is gone. Few rows: what this node's processes hold right now."""
         if holders.this_process() is None:
             return []
-        q = select(*HOLDER_COLUMNS).where(
-            text(UNFINISHED_SEGMENTS_SQL),
-            SEGMENTS.c.id > after_id,
-            SEGMENTS.c.lease_node == node,
-            SEGMENTS.c.lease_owner.is_not(None),
-            SEGMENTS.c.lease_expires >= self._lease_now(),
-        )
-        if not self.is_postgres:
-            q = q.where(RARE_UNFINISHED)
-        with self.engine.connect() as conn:
-            rows = conn.execute(q).all()
-        return [r for r in rows if holder_gone(r, node)]
+        key = ("dead", 0, self._db_leases(), self.is_postgres)
+        q = _STATEMENTS.get(key)
+        if q is None:
+            q = select(*HOLDER_COLUMNS).where(
+                text(UNFINISHED_SEGMENTS_SQL),
+                SEGMENTS.c.id > bindparam("p_after_id"),
+                SEGMENTS.c.lease_node == bindparam("p_node"),
+                SEGMENTS.c.lease_owner.is_not(None),
+                SEGMENTS.c.lease_expires
+                >= (
+                    func.timezone("UTC", func.now())
+                    if self._db_leases()
+                    else bindparam("p_lease_now", type_=DateTime())
+                ),
+            )
+            if not self.is_postgres:
+                q = q.where(RARE_UNFINISHED)
+            _STATEMENTS[key] = q
+        params = {"p_after_id": after_id, "p_node": node, "p_lease_now": self.clock()}
+        return [r for r in conn.execute(q, params).all() if holder_gone(r, node)]
 
     def renew(self, lease: Lease, ttl: float = DEFAULT_LEASE_SECONDS) -> Lease:
         """Extend a lease we still hold; LeaseLostError if it expired or was taken over."""
