@@ -30,7 +30,7 @@ from uploader.leases import LeaseKeeper
 from uploader.manifest.guard import check_acknowledged
 from uploader.manifest.repo import Manifest
 from uploader.records import CommitRecord, Lease, PutFailed, SegmentRecord
-from uploader.storage.base import PartRef, Storage
+from uploader.storage.base import PartRef, Storage, prepare_complete
 from uploader.transport import Counters, Transport, recorded_payload, wait_all
 
 log = logging.getLogger("uploader")
@@ -82,6 +82,8 @@ class RemoteSteps:
         upload_id = self._remote(
             lease, "start_upload", lambda: self.storage.start_upload(seg.key, metadata=metadata)
         )
+        # What the Complete will need to know about the remote is learned while parts are sent.
+        prepare_complete(self.storage)
         # Started before it is recorded: a crash in between leaves an unreferenced upload, which
         # the sweep aborts (invariant 9); recording first would need an id we do not have yet.
         return self.manifest.set_upload(lease, upload_id, "multipart")

@@ -205,3 +205,11 @@ def keeps_crc32c(storage: Storage) -> bool:
     instance by S3; a backend without the probe, staged ones included, keeps none we can use)."""
     probe = getattr(storage, "keeps_crc32c", None)
     return bool(probe()) if callable(probe) else False
+
+
+def prepare_complete(storage: Storage) -> None:
+    """Let ``storage`` learn what its Complete needs to know ahead of time (S3: whether
+    If-None-Match is honoured, probed in the background); nothing for other backends."""
+    prepare = getattr(storage, "prepare_complete", None)
+    if callable(prepare):
+        prepare()

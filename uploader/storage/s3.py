@@ -31,7 +31,8 @@ is expected to report it (:attr:`Expected.parts`). ``keeps_crc32c`` (in
 
 Requests. Whether the remote honours ``If-None-Match`` on PutObject and on Complete is probed
 once per instance (a probe object under ``.uploader/probe/``: a conditional second write must be
-refused with 412). Where it is honoured no HEAD precedes the write: a multipart upload costs one
+refused with 412); a store starts the Complete probe in the background with its first upload
+(:meth:`S3Storage.prepare_complete`), so the first Complete does not wait for it. Where it is honoured no HEAD precedes the write: a multipart upload costs one
 HEAD (after Complete: the object's ETag and checksum), a PUT whose response echoes our CRC32C
 none (:attr:`ObjectInfo.proven`). Where it is ignored, the HEAD before the write stays.
 
@@ -44,6 +45,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -95,6 +98,9 @@ def _body(payload: Payload, key: str, number: int) -> Iterator[io.IOBase]:
         yield reader
 
 
+log = logging.getLogger("uploader")
+
+
 class S3Storage(S3Objects):
     """A bucket and prefix (``s3://bucket/prefix``) on S3 or an S3-compatible server."""
 
@@ -115,6 +121,27 @@ class S3Storage(S3Objects):
             echoed = str(out.get("ChecksumAlgorithm") or "").upper() == "CRC32C"
             self._learn_crc32c(echoed, "create_multipart_upload", key)
         return str(out["UploadId"])
+
+    def prepare_complete(self) -> None:
+        """Start learning whether Complete honours If-None-Match (a probe of several requests)
+        on a thread of its own, so that the first Complete does not wait for it: a store calls
+        this when it starts an upload, and the probe runs while the parts are sent. A probe that
+        fails learns nothing; Complete probes again. Its probe object and upload exist (under
+        ``.uploader/probe/``) while it runs."""
+
+        def learn() -> None:
+            try:
+                self.conditional_complete()
+            except StorageError as exc:
+                log.debug("probing conditional complete on %s: %s", self.url, exc)
+
+        with self._complete_probe_lock:
+            if self._conditional_complete is not None or self._complete_probe is not None:
+                return
+            self._complete_probe = threading.Thread(
+                target=learn, name="uploader-complete-probe", daemon=True
+            )
+        self._complete_probe.start()
 
     def upload_part(self, key: str, upload_id: str, number: int, payload: Payload) -> PartRef:
         check_part_number(key, number)

@@ -159,7 +159,7 @@ class S3Objects(S3Requests):
     def conditional_complete(self) -> bool:
         """Whether this server honours ``If-None-Match: *`` on CompleteMultipartUpload (Ceph
         RGW 16 does not): probed once."""
-        with self._write_probe_lock:
+        with self._complete_probe_lock:
             if self._conditional_complete is None:
                 self._conditional_complete = self._probe_conditional_write("complete")
             return self._conditional_complete

@@ -189,6 +189,11 @@ class S3Requests:
         #: Whether the remote proved it keeps and echoes CRC32C (see ``S3Objects.keeps_crc32c``).
         self._crc32c_kept: bool | None = None
         self._write_probe_lock = threading.Lock()
+        #: Its own lock: the Complete probe may run in the background (see
+        #: ``S3Storage.start_upload``) while a registration asks about CRC32C.
+        self._complete_probe_lock = threading.Lock()
+        #: The background Complete probe (``S3Storage.prepare_complete``), once started.
+        self._complete_probe: threading.Thread | None = None
 
     # --- helpers ----------------------------------------------------------------------------------
 
