@@ -98,11 +98,13 @@ def main(argv: list[str] | None = None) -> int:
             break
         with moto_server() if server == "moto" else rgw_server() as endpoint:
             print(f"\n##### S3 server: {server} ({endpoint})")
-            try:
-                for name in remote:
+            for name in remote:
+                try:
                     run(name, endpoint, server)
-            finally:
-                drop_buckets(endpoint)
+                finally:
+                    # After each benchmark: Ceph RGW's memstore (4 GiB) fills up within one run
+                    # otherwise, and a full OSD makes RGW stop answering.
+                    drop_buckets(endpoint)
     if local:
         # The local benchmarks start what they need themselves (kill: its own moto server).
         with moto_server() as endpoint:

@@ -236,6 +236,28 @@ def drop_buckets(endpoint: str) -> None:
             if keys:
                 client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
         client.delete_bucket(Bucket=bucket)
+    server = SERVERS.get(endpoint)
+    if server is not None and server.name == "rgw":
+        _rgw_collect_garbage()
+
+
+def _rgw_collect_garbage() -> None:
+    """RGW frees a deleted object's data only when its garbage collector runs (two hours after
+    the delete by default): run it now, so the memstore gets the memory back."""
+    import shutil
+    import subprocess
+
+    admin = shutil.which("radosgw-admin")
+    conf = RGW_DIR / "ceph.conf"
+    if admin is None or not conf.exists():
+        return
+    subprocess.run(
+        [admin, "-c", str(conf), "-n", "client.admin", "gc", "process", "--include-all"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=300,
+        check=False,
+    )
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -265,15 +265,34 @@ def bench_appends(endpoint: str, *, total: int = 256 * MiB, chunk: int = 1 * MiB
                     store.manifest.commits(store.manifest.segment("appends/0").id)
                 )
 
+        plain = tmp / "plain"
+
+        def appends_alone() -> None:
+            # The broker's own work, the same in both worlds: the appends with nothing shipped.
+            with src.open("rb") as f, plain.open("ab") as out:
+                while block := f.read(chunk):
+                    out.write(block)
+                    out.flush()
+
         t_boto = timed(boto)
         t_ours = timed(ours)
+        t_alone = timed(appends_alone)
     res.measurements.update(
         {
             "boto3 upload_file of the same bytes (s)": t_boto,
             "uploader appends + commits + seal (s)": t_ours,
+            "the appends alone, nothing shipped (s)": t_alone,
             "commit() calls per second": (total // chunk) / t_ours,
             "manifest rows per second": res.measurements["manifest rows (commits)"] / t_ours,
         }
     )
-    res.ratios = {"overhead (ours / boto3)": t_ours / t_boto}
+    # The ratio: our appends, commits and seal against boto3 uploading a file that
+    # already exists. Beside it, like for like: a broker shipping with boto3 appends first and
+    # uploads the finished file (appends alone + upload_file), against ours, which ships while
+    # it appends.
+    res.ratios = {
+        "overhead (ours / boto3)": t_ours / t_boto,
+        "like for like (ours / (appends alone + boto3))": t_ours / (t_alone + t_boto),
+    }
+    res.targets = {"overhead (ours / boto3)": "target <= 1.10"}
     return res

@@ -134,3 +134,22 @@ def test_a_store_starts_the_probe_before_its_first_complete(
         result = store.segment("seg/0", path).seal().result()
     assert result.verified
     assert events == ["prepare", "complete"], events
+
+
+def test_a_probe_upload_is_never_listed_so_sweep_leaves_it_to_its_probe(
+    moto_endpoint: str, s3_bucket: str, moto_client: Any
+) -> None:
+    """A probe running in the background has an upload of its own under ``.uploader/probe/``;
+    a sweep at that moment must not see it (it would abort it under the probe)."""
+    storage = open_storage(f"s3://{s3_bucket}/root", s3_options(moto_endpoint))
+    try:
+        probe = moto_client.create_multipart_upload(
+            Bucket=s3_bucket, Key="root/.uploader/probe/0123"
+        )["UploadId"]
+        other = storage.start_upload("seg/1")
+        assert [(u.key, u.upload_id) for u in storage.list_uploads()] == [("seg/1", other)]
+        # Still there: only its probe aborts it.
+        listed = moto_client.list_multipart_uploads(Bucket=s3_bucket)["Uploads"]
+        assert probe in {u["UploadId"] for u in listed}
+    finally:
+        storage.close()

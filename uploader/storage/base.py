@@ -175,7 +175,8 @@ class Storage(Protocol):
         ...
 
     def list_uploads(self, prefix: str = "") -> list[UploadRef]:
-        """Unfinished uploads whose key starts with ``prefix`` (relative to the root)."""
+        """Unfinished uploads whose key starts with ``prefix`` (relative to the root); a
+        capability probe's own upload (under ``.uploader/probe/``) is never listed."""
         ...
 
     def delete_if_match(self, key: str, etag: str) -> None:

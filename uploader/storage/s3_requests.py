@@ -318,6 +318,10 @@ class S3Requests:
         while True:
             out = self._call("list_multipart_uploads", None, **kwargs)
             for u in out.get("Uploads", []):
+                if self._rel(u["Key"]).startswith(PROBE_PREFIX + "/"):
+                    # A capability probe's own upload (it may be running on a thread of this
+                    # process right now); the probe aborts it itself. Not the sweep's business.
+                    continue
                 initiated = u.get("Initiated")
                 if initiated is not None and initiated.tzinfo is not None:
                     initiated = initiated.astimezone(UTC).replace(tzinfo=None)
