@@ -236,7 +236,8 @@ class RemoteSteps:
         learned.object_changed()
         if info.proven:
             # The remote honoured the condition (nothing was replaced) and echoed our bytes'
-            # CRC32C: its answer is what a HEAD would say, so none is sent.
+            # CRC32C (or their MD5 as the ETag): its answer is what a HEAD would say, so none
+            # is sent.
             learned.obj, learned.object_known = info, True
         # Otherwise the object is checked with a HEAD of its own: a response that proves less
         # is not proof that the object is at the key now.

@@ -81,7 +81,18 @@ def test_single_put_echoes_its_crc32c_and_needs_no_head(
         head = st.head("small")
         assert head is not None and head.checksum == info.checksum
     else:
-        assert info.checksum is None and not info.proven and st.crc32c is False
+        # RGW keeps no CRC32C: its ETag, the MD5 it checked against Content-MD5, proves it.
+        assert info.checksum is None and info.proven and st.crc32c is False
+
+
+def test_a_put_whose_etag_is_not_its_md5_is_not_proven(s3_bucket: str, moto_endpoint: str) -> None:
+    """SSE-KMS: the ETag is some other string, so the response proves nothing about the bytes
+    (in the md5 mode) and the caller checks the object with a HEAD."""
+    with limited_s3(moto_endpoint, etags="opaque", checksums="none") as proxy:
+        st = _s3(f"s3://{s3_bucket}/root", s3_options(proxy.url), checksum="md5")
+        p = payload(b"one put")
+        info = st.put("one", p)
+        assert info.etag != p.md5 and info.checksum is None and not info.proven
 
 
 def test_checksum_md5_sends_no_crc32c(s3_bucket: str, moto_endpoint: str) -> None:
@@ -89,7 +100,8 @@ def test_checksum_md5_sends_no_crc32c(s3_bucket: str, moto_endpoint: str) -> Non
     _multipart(st, "mp", [b"a" * PART, b"z"])
     p = payload(b"one put")
     put = st.put("one", p)
-    assert st.crc32c is False and put.checksum is None and not put.proven
+    # No CRC32C: the ETag (the MD5, checked against Content-MD5) proves the PUT.
+    assert st.crc32c is False and put.checksum is None and put.proven and put.etag == p.md5
     for key in ("mp", "one"):
         info = st.head(key)
         assert info is not None and info.checksum is None
@@ -271,3 +283,33 @@ def test_crc32c_mode_part_without_its_crc32c_echoed_does_not_count(
         fresh = _s3(f"s3://{s3_bucket}/root", s3_options(proxy.url))
         with pytest.raises(StorageError, match="acknowledged CRC32C none"):
             fresh.upload_part("unproven", upload_id, 1, _crc_only(b"u" * PART))
+
+
+def test_a_small_segment_needs_no_head_on_either_server(
+    s3_kind: tuple[str, str, dict[str, Any]], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shipped by a store: one conditional PUT whose response proves the object (moto: its
+    CRC32C echoed; Ceph RGW, md5 mode: its ETag is the MD5), so the segment is verified with no
+    HEAD of its key; the object holds the bytes."""
+    import uploader
+
+    kind, url, options = s3_kind
+    heads: list[str] = []
+    head = S3Storage.head
+
+    def spy(self: S3Storage, key: str) -> Any:
+        heads.append(key)
+        return head(self, key)
+
+    monkeypatch.setattr(S3Storage, "head", spy)
+    path = tmp_path / "small"
+    path.write_bytes(b"a small segment" * 100)
+    with uploader.open(
+        f"sqlite:///{tmp_path / 'm.db'}", url, storage_options=dict(options)
+    ) as store:
+        result = store.segment("small/0", path).seal().result(timeout=60)
+        assert result.verified
+        seg = store.manifest.segment("small/0")
+        assert seg is not None and seg.checksum == ("crc32c" if kind == "s3" else "md5")
+        assert store.storage.read("small/0", 0, 1500) == path.read_bytes()
+    assert "small/0" not in heads, heads

@@ -30,11 +30,10 @@ is expected to report it (:attr:`Expected.parts`). ``keeps_crc32c`` (in
 :mod:`uploader.storage.s3_objects`) tells a store whether new segments may use that mode.
 
 Requests. Whether the remote honours ``If-None-Match`` on PutObject and on Complete is probed
-once per instance (a probe object under ``.uploader/probe/``: a conditional second write must be
-refused with 412); a store starts the Complete probe in the background with its first upload
-(:meth:`S3Storage.prepare_complete`), so the first Complete does not wait for it. Where it is honoured no HEAD precedes the write: a multipart upload costs one
-HEAD (after Complete: the object's ETag and checksum), a PUT whose response echoes our CRC32C
-none (:attr:`ObjectInfo.proven`). Where it is ignored, the HEAD before the write stays.
+once per instance (``.uploader/probe/``: a conditional second write must get 412; the Complete
+probe runs in the background from a store's first upload, ``prepare_complete``). Where honoured,
+no HEAD precedes the write: a multipart upload costs one HEAD (after Complete), a PUT whose
+response echoes our CRC32C, or whose ETag is our MD5, none (:attr:`ObjectInfo.proven`).
 
 The request layer (errors, deadlines, unknown upload ids) is :mod:`uploader.storage.s3_requests`;
 HEAD, reads, listings, the conditional delete and the probes are :mod:`uploader.storage.s3_objects`
@@ -45,8 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -98,9 +95,6 @@ def _body(payload: Payload, key: str, number: int) -> Iterator[io.IOBase]:
         yield reader
 
 
-log = logging.getLogger("uploader")
-
-
 class S3Storage(S3Objects):
     """A bucket and prefix (``s3://bucket/prefix``) on S3 or an S3-compatible server."""
 
@@ -121,27 +115,6 @@ class S3Storage(S3Objects):
             echoed = str(out.get("ChecksumAlgorithm") or "").upper() == "CRC32C"
             self._learn_crc32c(echoed, "create_multipart_upload", key)
         return str(out["UploadId"])
-
-    def prepare_complete(self) -> None:
-        """Start learning whether Complete honours If-None-Match (a probe of several requests)
-        on a thread of its own, so that the first Complete does not wait for it: a store calls
-        this when it starts an upload, and the probe runs while the parts are sent. A probe that
-        fails learns nothing; Complete probes again. Its probe object and upload exist (under
-        ``.uploader/probe/``) while it runs."""
-
-        def learn() -> None:
-            try:
-                self.conditional_complete()
-            except StorageError as exc:
-                log.debug("probing conditional complete on %s: %s", self.url, exc)
-
-        with self._complete_probe_lock:
-            if self._conditional_complete is not None or self._complete_probe is not None:
-                return
-            self._complete_probe = threading.Thread(
-                target=learn, name="uploader-complete-probe", daemon=True
-            )
-        self._complete_probe.start()
 
     def upload_part(self, key: str, upload_id: str, number: int, payload: Payload) -> PartRef:
         check_part_number(key, number)
@@ -429,9 +402,12 @@ class S3Storage(S3Objects):
             # (A crc32c-mode PUT whose response lacks the checksum teaches nothing here: the
             # HEAD that follows finds whether the object has it, else its bytes are read back.)
             self._learn_crc32c(bool(echoed), "put_object", key)
-        # Proven by its own response: no object was replaced (the remote honours the condition)
-        # and the remote checksummed exactly our bytes. Anything less: the caller HEADs.
-        proven = conditional and echoed == crc
+        # Proven by its own response: nothing was replaced (the condition is honoured) and the
+        # remote checksummed our bytes: it echoed their CRC32C, or its ETag is their MD5 (the md5
+        # mode, Ceph RGW). Anything less (SSE-KMS ETags): the caller HEADs.
+        proven = conditional and (
+            echoed == crc or (payload.md5 is not None and etag == payload.md5)
+        )
         return ObjectInfo(
             key=key, size=payload.size, etag=etag, checksum=echoed or None, proven=proven
         )

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import threading
 import uuid
 from typing import Any
 
@@ -28,6 +30,8 @@ from uploader.storage.s3_requests import (
     _b64md5,
     _client_error,
 )
+
+log = logging.getLogger("uploader")
 
 
 class S3Objects(S3Requests):
@@ -163,6 +167,27 @@ class S3Objects(S3Requests):
             if self._conditional_complete is None:
                 self._conditional_complete = self._probe_conditional_write("complete")
             return self._conditional_complete
+
+    def prepare_complete(self) -> None:
+        """Start learning whether Complete honours If-None-Match (a probe of several requests)
+        on a thread of its own, so that the first Complete does not wait for it: a store calls
+        this when it starts an upload, and the probe runs while the parts are sent. A probe that
+        fails learns nothing; Complete probes again. Its probe object and upload exist (under
+        ``.uploader/probe/``) while it runs."""
+
+        def learn() -> None:
+            try:
+                self.conditional_complete()
+            except StorageError as exc:
+                log.debug("probing conditional complete on %s: %s", self.url, exc)
+
+        with self._complete_probe_lock:
+            if self._conditional_complete is not None or self._complete_probe is not None:
+                return
+            self._complete_probe = threading.Thread(
+                target=learn, name="uploader-complete-probe", daemon=True
+            )
+        self._complete_probe.start()
 
     def keeps_crc32c(self) -> bool:
         """Whether this remote keeps and echoes CRC32C checksums: what lets a store run new
