@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 import uploader
 from tests.api.conftest import PART, StoreFactory, remote_bytes
@@ -22,12 +23,14 @@ from uploader import group
 from uploader.errors import (
     InvalidKeyError,
     KeyConflictError,
+    LeaseLostError,
     LocalFileError,
     SegmentBusyError,
     StorageError,
     UsageError,
 )
 from uploader.manifest.repo import Manifest, utcnow
+from uploader.manifest.rowmap import SEGMENTS
 from uploader.storage import Fault, FaultyStorage, open_storage
 
 
@@ -232,6 +235,52 @@ def test_crash_between_intents_and_outcomes_then_recover(
             assert remote_bytes(remote, f"seg/{p.name}") == data
     finally:
         m.close()
+    _all_verified(make_store, remote, files, "seg/")
+
+
+def test_a_lease_taken_over_before_the_outcomes_refuses_that_segment_alone(
+    make_store: StoreFactory,
+    remote: tuple[str, dict[str, Any]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The outcomes of a batch are written set-based when every segment is still ours; one
+    segment whose lease was taken over meanwhile (its fence moved) turns that write back, and
+    the batch is written one segment at a time instead: the others verified, that one refused
+    and left to its new holder (here: recovery, once the lease is free)."""
+    files = _files(tmp_path / "seg", [300 + i for i in range(5)])
+    store = make_store()
+    stolen = f"seg/{files[2][0].name}"
+    original = Manifest.settle_puts
+
+    def take_over_then_settle(self: Manifest, *args: Any, **kwargs: Any) -> Any:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(SEGMENTS)
+                .where(SEGMENTS.c.key == stolen)
+                .values(fence=SEGMENTS.c.fence + 1, lease_owner="another-worker")
+            )
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Manifest, "settle_puts", take_over_then_settle)
+    futures = store.ship_many([(f"seg/{p.name}", p) for p, _ in files])
+    for (p, _), f in zip(files, futures, strict=True):
+        if f"seg/{p.name}" == stolen:
+            assert isinstance(f.exception(timeout=60), LeaseLostError)
+        else:
+            assert f.result(timeout=60).verified
+    monkeypatch.undo()
+    rec = store.manifest.segment(stolen)
+    assert rec is not None and rec.state is uploader.SegmentState.SEALED
+    assert rec.lease_owner == "another-worker"
+    # The other worker goes away and gives its lease back: recovery finishes the segment.
+    with store.manifest.engine.begin() as conn:
+        conn.execute(
+            update(SEGMENTS)
+            .where(SEGMENTS.c.key == stolen)
+            .values(lease_owner=None, lease_expires=None)
+        )
+    store.close()
     _all_verified(make_store, remote, files, "seg/")
 
 

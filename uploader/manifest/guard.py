@@ -112,8 +112,12 @@ class Tx:
             SEGMENTS.c.id == lease.segment_id,
             SEGMENTS.c.fence == lease.fence,
             SEGMENTS.c.lease_owner == lease.owner,
-            SEGMENTS.c.lease_expires > self._lease_now(),
+            self.lease_live(),
         )
+
+    def lease_live(self) -> Any:
+        """The leased row's lease has not expired (on the lease clock)."""
+        return SEGMENTS.c.lease_expires > self._lease_now()
 
     def lease_error(self, lease: Lease) -> LeaseLostError | None:
         """Why a guarded write found nothing: our fence is stale, the row is someone else's, or

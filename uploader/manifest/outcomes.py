@@ -98,8 +98,15 @@ class Outcomes(ManifestCore):
         """The rest of :meth:`put_verified`, after its segment row moved: the part, and the
         audit rows of every step."""
         self._put_part(tx, lease, commit, CommitState.VERIFIED, etag)
+        tx.audit += self.put_verified_audit(lease, commit, etag, detail)
+
+    @staticmethod
+    def put_verified_audit(
+        lease: Lease, commit: CommitRecord, etag: str, detail: str
+    ) -> list[Audit]:
+        """The audit rows of :meth:`put_verified`: every step, though one write made them."""
         pending, uploaded = CommitState.PENDING, CommitState.UPLOADED
-        tx.audit += [
+        return [
             Audit.by(lease, pending, uploaded, commit_id=commit.id),
             Audit.by(
                 lease,
