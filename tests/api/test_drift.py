@@ -116,6 +116,7 @@ class _RecordingStop(threading.Event):
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("manifest_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("remote", ["file"], indirect=True)
 def test_scrub_of_a_thousand_checks_each_once_finds_drift_and_counts_it(

@@ -24,6 +24,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from tests.cli.conftest import uploader_cmd, uploader_env
 from tests.cli.test_watch import _wait_for
 from tests.conftest import TEST_MIN_PART_SIZE
@@ -208,6 +210,7 @@ def kill_watchers_beside_a_producer(
     }
 
 
+@pytest.mark.slow
 def test_watch_sigkilled_beside_a_live_commit_log_loses_nothing(home: Path, tmp_path: Path) -> None:
     stats = kill_watchers_beside_a_producer(
         home, tmp_path / "store" / "commitlog", kills=KILLS, files=8

@@ -631,6 +631,7 @@ def probe(url: str, options: dict[str, Any]) -> bool:
     return PROBED[scheme]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite-file", "postgresql-s3"])
 def test_model(
     backend: str, moto_endpoint: str, sqlite_at_head: Path, request: pytest.FixtureRequest
