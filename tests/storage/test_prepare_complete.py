@@ -4,6 +4,7 @@ requests; a probe that fails learns nothing and Complete probes again. moto and 
 
 from __future__ import annotations
 
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 import uploader
 from tests.api.conftest import PART
 from tests.conftest import TEST_MIN_PART_SIZE, make_remote, s3_options
+from tests.limited_s3 import limited_s3
 from tests.storage.conftest import payload
 from uploader.storage import open_storage
 from uploader.storage.base import PartRef, prepare_complete
@@ -152,4 +154,52 @@ def test_a_probe_upload_is_never_listed_so_sweep_leaves_it_to_its_probe(
         listed = moto_client.list_multipart_uploads(Bucket=s3_bucket)["Uploads"]
         assert probe in {u["UploadId"] for u in listed}
     finally:
+        storage.close()
+
+
+def test_a_server_error_in_the_probe_learns_nothing(moto_endpoint: str, s3_bucket: str) -> None:
+    """A 5xx on the probe's own Complete is a blip, not an answer: the probe's upload is still
+    listed (so the error stays retryable) and nothing is learned; Complete probes again."""
+    with limited_s3(moto_endpoint, refuse={"CompleteMultipartUpload": 500}) as proxy:
+        storage = open_storage(f"s3://{s3_bucket}/root", s3_options(proxy.url))
+        s3 = _s3(storage)
+        try:
+            prepare_complete(storage)
+            probe = s3._complete_probe
+            assert probe is not None
+            probe.join(timeout=60)
+            assert not probe.is_alive()
+            assert "CompleteMultipartUpload" in proxy.calls  # the probe's, refused
+            assert s3._conditional_complete is None
+        finally:
+            storage.close()
+
+
+def test_a_second_upload_does_not_wait_for_the_running_probe(
+    moto_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = open_storage(f"s3://{s3_bucket}/root", s3_options(moto_endpoint))
+    s3 = _s3(storage)
+    probing, release = threading.Event(), threading.Event()
+
+    def slow_probe(op: str) -> bool:
+        probing.set()
+        assert release.wait(timeout=60)
+        return True
+
+    monkeypatch.setattr(s3, "_probe_conditional_write", slow_probe)
+    try:
+        prepare_complete(storage)
+        assert probing.wait(timeout=60)  # the probe runs and holds its lock
+        second = threading.Thread(target=prepare_complete, args=(storage,))
+        second.start()
+        second.join(timeout=30)
+        assert not second.is_alive(), "the second upload waited for the probe"
+        release.set()
+        probe = s3._complete_probe
+        assert probe is not None
+        probe.join(timeout=60)
+        assert s3._conditional_complete is True
+    finally:
+        release.set()
         storage.close()

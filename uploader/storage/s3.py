@@ -414,7 +414,4 @@ class S3Storage(S3Objects):
 
     def list_uploads(self, prefix: str = "") -> list[UploadRef]:
         full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
-        return self._list_uploads(full)
-
-    def close(self) -> None:
-        """Nothing to do: s3fs closes its session when the filesystem object is collected."""
+        return self._list_uploads(full, probes=False)

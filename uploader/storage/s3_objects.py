@@ -181,13 +181,21 @@ class S3Objects(S3Requests):
             except StorageError as exc:
                 log.debug("probing conditional complete on %s: %s", self.url, exc)
 
-        with self._complete_probe_lock:
+        with self._complete_probe_start:
             if self._conditional_complete is not None or self._complete_probe is not None:
                 return
             self._complete_probe = threading.Thread(
                 target=learn, name="uploader-complete-probe", daemon=True
             )
         self._complete_probe.start()
+
+    def close(self) -> None:
+        """Let a background probe finish (it removes its own object and upload, which a sweep
+        does not list), waiting at most a few request deadlines; s3fs closes its session when
+        the filesystem object is collected."""
+        probe = self._complete_probe
+        if probe is not None and probe.is_alive():
+            probe.join(timeout=3 * (self.request_timeout or 10.0))
 
     def keeps_crc32c(self) -> bool:
         """Whether this remote keeps and echoes CRC32C checksums: what lets a store run new

@@ -192,8 +192,10 @@ class S3Requests:
         #: Its own lock: the Complete probe may run in the background (see
         #: ``S3Storage.start_upload``) while a registration asks about CRC32C.
         self._complete_probe_lock = threading.Lock()
-        #: The background Complete probe (``S3Storage.prepare_complete``), once started.
+        #: The background Complete probe (``S3Objects.prepare_complete``), once started; its
+        #: own lock, since the probe holds ``_complete_probe_lock`` while it runs.
         self._complete_probe: threading.Thread | None = None
+        self._complete_probe_start = threading.Lock()
 
     # --- helpers ----------------------------------------------------------------------------------
 
@@ -312,15 +314,16 @@ class S3Requests:
         """Whether the remote keeps CRC32C checksums (None: not learned yet)."""
         return self._crc32c
 
-    def _list_uploads(self, full_prefix: str) -> list[UploadRef]:
+    def _list_uploads(self, full_prefix: str, *, probes: bool = True) -> list[UploadRef]:
+        """Unfinished uploads under ``full_prefix``; ``probes=False`` leaves out a capability
+        probe's own (under ``.uploader/probe/``: its probe, maybe running on a thread of this
+        process, aborts it itself). Deciding whether an upload is known keeps them all."""
         uploads: list[UploadRef] = []
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full_prefix}
         while True:
             out = self._call("list_multipart_uploads", None, **kwargs)
             for u in out.get("Uploads", []):
-                if self._rel(u["Key"]).startswith(PROBE_PREFIX + "/"):
-                    # A capability probe's own upload (it may be running on a thread of this
-                    # process right now); the probe aborts it itself. Not the sweep's business.
+                if not probes and self._rel(u["Key"]).startswith(PROBE_PREFIX + "/"):
                     continue
                 initiated = u.get("Initiated")
                 if initiated is not None and initiated.tzinfo is not None:
