@@ -231,9 +231,9 @@ class Leases(ManifestCore):
         """The claim as one statement: pick (a CTE, so evaluated and locked once) and take.
 
         Built from bound parameters (``p_*``: an UPDATE reserves its columns' names; see
-        :meth:`claim`) and kept, since a recovery pass claims
-        over and over: building it costs more than the round trip it saves. ``dead`` live
-        leases of gone holders (rare) are matched by id and fence, ``p_dead_id_N``/``p_dead_fence_N``.
+        :meth:`claim`) and kept, since a recovery pass claims over and over and building it
+        cost about 0.7 ms per claim. ``dead`` live leases of gone holders (rare) are matched by
+        id and fence (``p_dead_id_N``, ``p_dead_fence_N``); only the shape without them is kept.
         """
         key = ("claim", dead, self._db_leases(), self.is_postgres)
         stmt = _STATEMENTS.get(key)
