@@ -19,7 +19,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from uploader.config import UploadMode
 from uploader.errors import LeaseLostError, StaleStateError, UploaderError, UsageError
 from uploader.keys import validate_key
-from uploader.manifest.guard import Audit, Tx, check_acknowledged
+from uploader.manifest.guard import PART_UNSENT, Audit, Tx, check_acknowledged
 from uploader.manifest.leases import holder_values
 from uploader.manifest.outcomes import Outcomes
 from uploader.manifest.rowmap import (
@@ -189,7 +189,7 @@ class Batches(Outcomes):
         if proven and not failed:
             try:
                 with self._write() as tx:
-                    _settle_proven_at_once(tx, proven)
+                    self._settle_proven_at_once(tx, proven)
                 return refused
             except _NotAllOurs:
                 pass  # rolled back: one segment at a time, which names each refusal
@@ -209,75 +209,72 @@ class Batches(Outcomes):
                     refused[f.lease.segment_id] = exc
         return refused
 
+    def _settle_proven_at_once(self, tx: Tx, proven: Sequence[PutProven]) -> None:
+        """Every proven PUT of a batch as :meth:`Outcomes.put_verified` writes it (the lease given
+        back), in two updates and one check instead of three statements per segment: the usual
+        case, where every segment is still ours and sealed and its one part pending. Anything else
+        raises :class:`_NotAllOurs` (the transaction rolls back, nothing is written)."""
+        owners = {p.lease.owner for p in proven}
+        if len(owners) != 1 or len({p.lease.segment_id for p in proven}) != len(proven):
+            raise _NotAllOurs
+        ids = [p.lease.segment_id for p in proven]
+        moved = tx.conn.execute(
+            update(SEGMENTS)
+            .where(
+                # The guard of each row (Tx.guard_clause), for all of them at once.
+                tuple_(SEGMENTS.c.id, SEGMENTS.c.fence).in_(
+                    [(p.lease.segment_id, p.lease.fence) for p in proven]
+                ),
+                SEGMENTS.c.lease_owner == owners.pop(),
+                tx.lease_live(),
+                SEGMENTS.c.state == SegmentState.SEALED.value,
+            )
+            .values(
+                # What _put_verified_segment writes (through the same _verified), each row's ETag.
+                state=SegmentState.VERIFIED.value,
+                updated_at=tx.now,
+                **self._verified(
+                    tx,
+                    True,
+                    object_etag=case(
+                        {p.lease.segment_id: p.object_etag for p in proven}, value=SEGMENTS.c.id
+                    ),
+                    upload_id=None,
+                ),
+            )
+            .returning(SEGMENTS.c.id)
+        ).all()
+        if len(moved) != len(proven):
+            raise _NotAllOurs
+        parts = tx.conn.execute(
+            update(COMMITS)
+            .where(
+                tuple_(COMMITS.c.id, COMMITS.c.segment_id).in_(
+                    [(p.commit.id, p.lease.segment_id) for p in proven]
+                ),
+                COMMITS.c.state == CommitState.PENDING.value,
+            )
+            .values(
+                state=CommitState.VERIFIED.value,
+                etag=case({p.commit.id: _part_etag(p) for p in proven}, value=COMMITS.c.id),
+                updated_at=tx.now,
+            )
+            .returning(COMMITS.c.id)
+        ).all()
+        if len(parts) != len(proven):
+            raise _NotAllOurs
+        # As Tx.check_all_sent: a verified object speaks for every part of its segment.
+        unsent = tx.conn.execute(
+            select(COMMITS.c.id).where(COMMITS.c.segment_id.in_(ids), PART_UNSENT).limit(1)
+        ).first()
+        if unsent is not None:
+            raise _NotAllOurs
+        for p in proven:
+            tx.audit += self.put_verified_audit(p.lease, p.commit, _part_etag(p), p.detail)
+
 
 class _NotAllOurs(Exception):
     """A batch's set-based write did not find every row as expected (rolls it back)."""
-
-
-def _settle_proven_at_once(tx: Tx, proven: Sequence[PutProven]) -> None:
-    """Every proven PUT of a batch as :meth:`Outcomes.put_verified` writes it (the lease given
-    back), in two updates and one check instead of three statements per segment: the usual
-    case, where every segment is still ours and sealed and its one part pending. Anything else
-    raises :class:`_NotAllOurs` (the transaction rolls back, nothing is written)."""
-    owners = {p.lease.owner for p in proven}
-    if len(owners) != 1 or len({p.lease.segment_id for p in proven}) != len(proven):
-        raise _NotAllOurs
-    ids = [p.lease.segment_id for p in proven]
-    moved = tx.conn.execute(
-        update(SEGMENTS)
-        .where(
-            # The guard of each row (Tx.guard_clause), for all of them at once.
-            tuple_(SEGMENTS.c.id, SEGMENTS.c.fence).in_(
-                [(p.lease.segment_id, p.lease.fence) for p in proven]
-            ),
-            SEGMENTS.c.lease_owner == owners.pop(),
-            tx.lease_live(),
-            SEGMENTS.c.state == SegmentState.SEALED.value,
-        )
-        .values(
-            state=SegmentState.VERIFIED.value,
-            object_etag=case(
-                {p.lease.segment_id: p.object_etag for p in proven}, value=SEGMENTS.c.id
-            ),
-            upload_id=None,
-            verified_at=tx.now,
-            last_error=None,
-            lease_owner=None,
-            lease_expires=None,
-            updated_at=tx.now,
-        )
-        .returning(SEGMENTS.c.id)
-    ).all()
-    if len(moved) != len(proven):
-        raise _NotAllOurs
-    parts = tx.conn.execute(
-        update(COMMITS)
-        .where(
-            tuple_(COMMITS.c.id, COMMITS.c.segment_id).in_(
-                [(p.commit.id, p.lease.segment_id) for p in proven]
-            ),
-            COMMITS.c.state == CommitState.PENDING.value,
-        )
-        .values(
-            state=CommitState.VERIFIED.value,
-            etag=case({p.commit.id: _part_etag(p) for p in proven}, value=COMMITS.c.id),
-            updated_at=tx.now,
-        )
-        .returning(COMMITS.c.id)
-    ).all()
-    if len(parts) != len(proven):
-        raise _NotAllOurs
-    # As Tx.check_all_sent: a verified object speaks for every part of its segment.
-    sent = [CommitState.UPLOADED.value, CommitState.VERIFIED.value]
-    unsent = tx.conn.execute(
-        select(COMMITS.c.id)
-        .where(COMMITS.c.segment_id.in_(ids), COMMITS.c.state.not_in(sent))
-        .limit(1)
-    ).first()
-    if unsent is not None:
-        raise _NotAllOurs
-    for p in proven:
-        tx.audit += Outcomes.put_verified_audit(p.lease, p.commit, _part_etag(p), p.detail)
 
 
 def _part_etag(p: PutProven) -> str:

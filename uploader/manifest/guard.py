@@ -93,6 +93,11 @@ class Audit:
         )
 
 
+#: A part the remote does not hold yet (neither uploaded nor verified): none may be left when
+#: its segment's object is complete (:meth:`Tx.check_all_sent`).
+PART_UNSENT = COMMITS.c.state.not_in([CommitState.UPLOADED.value, CommitState.VERIFIED.value])
+
+
 class Tx:
     """One write transaction: its connection, its time (``now`` stamps ``updated_at``), the
     guard and compare-and-set every write goes through, and the audit rows it collects; they
@@ -286,12 +291,7 @@ class Tx:
         unsent = (
             self.conn.execute(
                 select(COMMITS.c.part_number)
-                .where(
-                    COMMITS.c.segment_id == lease.segment_id,
-                    COMMITS.c.state.not_in(
-                        [CommitState.UPLOADED.value, CommitState.VERIFIED.value]
-                    ),
-                )
+                .where(COMMITS.c.segment_id == lease.segment_id, PART_UNSENT)
                 .order_by(COMMITS.c.part_number)
             )
             .scalars()

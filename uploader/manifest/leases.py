@@ -53,8 +53,6 @@ _LEASE_COLUMNS = (
 )
 
 
-#: The columns :func:`holder_values` fills.
-HOLDER_VALUE_NAMES = ("lease_node", "lease_pid", "lease_started", "lease_pid_space")
 #: Statements built once from bound parameters (see :meth:`Leases._claim_statement`), by what
 #: changes their shape: which statement, dead holders matched, whose clock, which database.
 _STATEMENTS: dict[tuple[str, int, bool, bool], Any] = {}
@@ -70,6 +68,10 @@ def holder_values(node: str | None) -> dict[str, Any]:
         "lease_started": None if me is None else me.started,
         "lease_pid_space": None if me is None else me.space,
     }
+
+
+#: The columns :func:`holder_values` fills.
+HOLDER_VALUE_NAMES = tuple(holder_values(None))
 
 
 def holder_gone(row: Any, node: str) -> bool:
@@ -201,7 +203,7 @@ class Leases(ManifestCore):
         # One connection and one transaction for the lookup of dead holders and the claim:
         # each checkout costs a round trip (the pool's pre-ping).
         with self._begin() as conn:
-            dead = self._dead_holders(conn, node, after_id)
+            dead = self._dead_holders(conn, node, params)
             for i, d in enumerate(dead):
                 params[f"p_dead_id_{i}"] = d.id
                 params[f"p_dead_fence_{i}"] = d.fence
@@ -239,12 +241,12 @@ class Leases(ManifestCore):
         stmt = _STATEMENTS.get(key)
         if stmt is not None:
             return stmt
-        if self._db_leases():
-            lease_now: Any = func.timezone("UTC", func.now())
-            expires: Any = lease_now + bindparam("p_ttl", type_=Interval())
-        else:
-            lease_now = bindparam("p_lease_now", type_=DateTime())
-            expires = bindparam("p_expires", type_=DateTime())
+        lease_now = self._bound_lease_now()
+        expires = (
+            lease_now + bindparam("p_ttl", type_=Interval())
+            if self._db_leases()
+            else bindparam("p_expires", type_=DateTime())
+        )
         pending = exists().where(
             COMMITS.c.segment_id == SEGMENTS.c.id, COMMITS.c.state == CommitState.PENDING.value
         )
@@ -299,9 +301,16 @@ class Leases(ManifestCore):
             _STATEMENTS[key] = stmt
         return stmt
 
-    def _dead_holders(self, conn: Connection, node: str, after_id: int) -> list[Any]:
-        """Unfinished segments (ids > ``after_id``) under a live lease whose holder process on
-        ``node`` is gone. Few rows: what this node's processes hold right now."""
+    def _bound_lease_now(self) -> Any:
+        """:meth:`_lease_now` for a kept statement: the database's clock, or ``p_lease_now``."""
+        if self._db_leases():
+            return func.timezone("UTC", func.now())
+        return bindparam("p_lease_now", type_=DateTime())
+
+    def _dead_holders(self, conn: Connection, node: str, params: dict[str, Any]) -> list[Any]:
+        """Unfinished segments (ids > ``p_after_id``) under a live lease whose holder process
+        on ``node`` (``p_node``) is gone: the claim's own parameters. Few rows: what this node's
+        processes hold right now."""
         if holders.this_process() is None:
             return []
         key = ("dead", 0, self._db_leases(), self.is_postgres)
@@ -312,17 +321,11 @@ class Leases(ManifestCore):
                 SEGMENTS.c.id > bindparam("p_after_id"),
                 SEGMENTS.c.lease_node == bindparam("p_node"),
                 SEGMENTS.c.lease_owner.is_not(None),
-                SEGMENTS.c.lease_expires
-                >= (
-                    func.timezone("UTC", func.now())
-                    if self._db_leases()
-                    else bindparam("p_lease_now", type_=DateTime())
-                ),
+                SEGMENTS.c.lease_expires >= self._bound_lease_now(),
             )
             if not self.is_postgres:
                 q = q.where(RARE_UNFINISHED)
             _STATEMENTS[key] = q
-        params = {"p_after_id": after_id, "p_node": node, "p_lease_now": self.clock()}
         return [r for r in conn.execute(q, params).all() if holder_gone(r, node)]
 
     def renew(self, lease: Lease, ttl: float = DEFAULT_LEASE_SECONDS) -> Lease:
