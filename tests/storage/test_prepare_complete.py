@@ -27,6 +27,14 @@ def _s3(storage: Any) -> S3Storage:
     return storage
 
 
+def _probe_ended(s3: S3Storage) -> None:
+    """Wait for the event "the background probe started by prepare_complete has ended"."""
+    probe = s3._complete_probe
+    assert probe is not None, "prepare_complete started no probe"
+    probe.join(timeout=60)
+    assert not probe.is_alive()
+
+
 def _calls(s3: S3Storage, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The S3 operations ``s3`` sends from now on, by name."""
     seen: list[str] = []
@@ -65,11 +73,9 @@ def test_the_probe_runs_in_the_background_and_complete_does_not_repeat_it(
         upload = storage.start_upload(key)
         prepare_complete(storage)
         probe = s3._complete_probe
-        assert probe is not None
         prepare_complete(storage)  # a second upload starts no second probe
         assert s3._complete_probe is probe
-        probe.join(timeout=60)
-        assert not probe.is_alive()
+        _probe_ended(s3)
         # moto refuses a conditional Complete over an existing object; Ceph RGW ignores it.
         assert s3._conditional_complete is (server == "s3")
         data = [bytes([i]) * TEST_MIN_PART_SIZE for i in range(2)]
@@ -95,10 +101,7 @@ def test_a_probe_that_fails_learns_nothing_and_raises_nowhere() -> None:
     s3 = _s3(storage)
     try:
         prepare_complete(storage)
-        probe = s3._complete_probe
-        assert probe is not None
-        probe.join(timeout=60)
-        assert not probe.is_alive()
+        _probe_ended(s3)
         assert s3._conditional_complete is None  # Complete will probe again
     finally:
         storage.close()
@@ -165,10 +168,7 @@ def test_a_server_error_in_the_probe_learns_nothing(moto_endpoint: str, s3_bucke
         s3 = _s3(storage)
         try:
             prepare_complete(storage)
-            probe = s3._complete_probe
-            assert probe is not None
-            probe.join(timeout=60)
-            assert not probe.is_alive()
+            _probe_ended(s3)
             assert "CompleteMultipartUpload" in proxy.calls  # the probe's, refused
             assert s3._conditional_complete is None
         finally:
@@ -196,9 +196,7 @@ def test_a_second_upload_does_not_wait_for_the_running_probe(
         second.join(timeout=30)
         assert not second.is_alive(), "the second upload waited for the probe"
         release.set()
-        probe = s3._complete_probe
-        assert probe is not None
-        probe.join(timeout=60)
+        _probe_ended(s3)
         assert s3._conditional_complete is True
     finally:
         release.set()
