@@ -72,41 +72,25 @@ def bench_rss(
         from uploader.manifest.repo import Manifest
 
         Manifest.open(f"sqlite:///{tmp / 'm.db'}").close()
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                CHILD,
-                f"sqlite:///{tmp / 'm.db'}",
-                f"s3://{bucket}/rss",
-                json.dumps(s3_options(endpoint)),
-                str(path),
-                str(part),
-                str(conc),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
+        data = _child(
+            CHILD,
+            f"sqlite:///{tmp / 'm.db'}",
+            f"s3://{bucket}/rss",
+            json.dumps(s3_options(endpoint)),
+            str(path),
+            str(part),
+            str(conc),
         )
-        data = json.loads(out.stdout.strip().splitlines()[-1])
         opts = s3_options(endpoint)
-        theirs = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                BOTO3_CHILD,
-                str(opts.get("endpoint_url", endpoint)),
-                bucket,
-                str(path),
-                str(part),
-                str(conc),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
+        boto = _child(
+            BOTO3_CHILD,
+            str(opts.get("endpoint_url", endpoint)),
+            bucket,
+            str(path),
+            str(part),
+            str(conc),
             env=_boto3_env(opts),
         )
-        boto = json.loads(theirs.stdout.strip().splitlines()[-1])
     peak = data["peak_kib"] / 1024
     warm = data["warm_kib"] / 1024
     boto_peak = boto["peak_kib"] / 1024
@@ -133,6 +117,15 @@ def bench_rss(
         "client's service model) is the RSS before the seal; the seal's own growth is the rest"
     ]
     return res
+
+
+def _child(code: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``code`` in a fresh interpreter (its own peak RSS); the JSON of its last line."""
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], check=True, capture_output=True, text=True, env=env
+    )
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 def _boto3_env(options: dict[str, Any]) -> dict[str, str]:
