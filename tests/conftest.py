@@ -116,7 +116,8 @@ def pg_url() -> Iterator[str]:
         drop_pg_database(url)
 
 
-def _migrate(url: str) -> None:
+def migrate(url: str) -> None:
+    """What an operator runs once per database (``uploader db upgrade``): the manifest at head."""
     from uploader.manifest import db
 
     engine = db.create_manifest_engine(url)
@@ -130,7 +131,7 @@ def _migrate(url: str) -> None:
 def sqlite_at_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One SQLite manifest migrated to head per session; tests that need one get a copy."""
     path = tmp_path_factory.mktemp("template") / "manifest.db"
-    _migrate(f"sqlite:///{path}")
+    migrate(f"sqlite:///{path}")
     # Closed cleanly, the write-ahead log is checkpointed into the file and removed: the one file
     # is the whole database.
     assert not path.with_name("manifest.db-wal").exists()
@@ -142,7 +143,7 @@ def pg_at_head() -> Iterator[str]:
     """One PostgreSQL database migrated to head per session, the template of tests' databases."""
     require_postgres()
     url = create_pg_database()
-    _migrate(url)
+    migrate(url)
     try:
         yield url.rpartition("/")[2]
     finally:

@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import TEST_MIN_PART_SIZE
+from tests.conftest import TEST_MIN_PART_SIZE, migrate
 from tests.test_modules import PACKAGE, _module_level, _modules
-from uploader.manifest import db
 
 #: The heavy modules, each loaded only by what uses it.
 HEAVY = (
@@ -79,15 +78,6 @@ def test_import_uploader_loads_none_of_them() -> None:
     assert not set(after) & (NEVER | CLI_ONLY | S3_ONLY | {"prometheus_client", "alembic"})
 
 
-def _migrate(url: str) -> None:
-    """What an operator runs once (``uploader db upgrade``): the store then opens at head."""
-    engine = db.create_manifest_engine(url)
-    try:
-        db.upgrade(engine)
-    finally:
-        engine.dispose()
-
-
 SHIP = """
 import uploader
 manifest, remote, options, path = sys.argv[1:5]
@@ -102,7 +92,7 @@ print(json.dumps(loaded()))
 def _ship(manifest_url: str, remote: str, options: dict[str, Any], tmp_path: Path) -> set[str]:
     """Open a store in a fresh interpreter, seal a segment of 2.5 parts to ``verified``; the
     heavy modules it loaded."""
-    _migrate(manifest_url)
+    migrate(manifest_url)
     path = tmp_path / "seg"
     path.write_bytes(b"x" * (5 * TEST_MIN_PART_SIZE // 2))
     body = SHIP.format(part=TEST_MIN_PART_SIZE)

@@ -11,18 +11,8 @@ import pytest
 
 import uploader
 from tests.conftest import TEST_MIN_PART_SIZE, remote_fs
-from uploader.manifest import db
 
 PART = TEST_MIN_PART_SIZE
-
-
-def migrate(url: str) -> None:
-    """What an operator runs once per server database: ``uploader db upgrade``."""
-    engine = db.create_manifest_engine(url)
-    try:
-        db.upgrade(engine)
-    finally:
-        engine.dispose()
 
 
 StoreFactory = Callable[..., uploader.Store]

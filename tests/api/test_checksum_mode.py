@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 import uploader
-from tests.api.conftest import PART, migrate
-from tests.conftest import s3_options
+from tests.api.conftest import PART
+from tests.conftest import migrate, s3_options
 from tests.limited_s3 import LimitedS3, limited_s3
 from uploader import CommitState, SegmentState
 from uploader.digest import multipart_etag

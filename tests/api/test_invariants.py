@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 import uploader
-from tests.api.conftest import PART, StoreFactory, migrate, remote_bytes
-from tests.conftest import s3_options
+from tests.api.conftest import PART, StoreFactory, remote_bytes
+from tests.conftest import migrate, s3_options
 from tests.limited_s3 import limited_s3
 from uploader.digest import Payload
 from uploader.errors import RetryableStorageError

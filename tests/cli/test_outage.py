@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.conftest import migrate
 from tests.cli.conftest import uploader_env
 from tests.cli.outage_helpers import (
     BACK,
@@ -35,6 +34,7 @@ from tests.cli.outage_helpers import (
     verified_keys,
     wait_for,
 )
+from tests.conftest import migrate
 from uploader.manifest.repo import Manifest
 
 __all__ = ["private_cluster"]  # the fixture, imported for this module

@@ -4,17 +4,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from uploader.manifest import db
+from tests.conftest import migrate
 from uploader.manifest.repo import Manifest
 
 
 def open_manifest(url: str) -> Manifest:
     """Open a manifest, running the migrations first on a server database (as an operator would)."""
-    engine = db.create_manifest_engine(url)
-    try:
-        db.upgrade(engine)
-    finally:
-        engine.dispose()
+    migrate(url)
     return Manifest.open(url)
 
 

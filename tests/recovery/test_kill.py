@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 import uploader
-from tests.api.conftest import migrate, remote_bytes
+from tests.api.conftest import remote_bytes
+from tests.conftest import migrate
 from uploader.manifest.repo import utcnow
 
 WORKLOAD = Path(__file__).with_name("kill_workload.py")

@@ -53,8 +53,14 @@ from hypothesis.stateful import (
 )
 
 import uploader
-from tests.api.conftest import PART, migrate
-from tests.conftest import create_pg_database, drop_pg_database, require_postgres, s3_options
+from tests.api.conftest import PART
+from tests.conftest import (
+    create_pg_database,
+    drop_pg_database,
+    migrate,
+    require_postgres,
+    s3_options,
+)
 from uploader.digest import checksum, crc32c_of
 from uploader.errors import RetryableStorageError
 from uploader.manifest.repo import utcnow

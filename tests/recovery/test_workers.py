@@ -20,7 +20,8 @@ import pytest
 from sqlalchemy import select
 
 import uploader
-from tests.api.conftest import PART, migrate, remote_bytes
+from tests.api.conftest import PART, remote_bytes
+from tests.conftest import migrate
 from uploader.manifest.repo import Manifest
 from uploader.manifest.rowmap import EVENTS as E
 from uploader.manifest.rowmap import SEGMENTS as S

@@ -28,8 +28,9 @@ from typing import Any
 from sqlalchemy import func, select, text
 
 import uploader
-from tests.api.conftest import PART, migrate, remote_bytes
+from tests.api.conftest import PART, remote_bytes
 from tests.cli.outage_helpers import sealed_work
+from tests.conftest import migrate
 from uploader.manifest.repo import Manifest
 from uploader.manifest.rowmap import EVENTS as E
 from uploader.manifest.rowmap import SEGMENTS as S
