@@ -81,7 +81,7 @@ def bench_resume(endpoint: str, *, parts: int = 40, part: int = 5 * MiB) -> Resu
 
 def bench_kill(*, kills: int = 200) -> Result:
     sys.path.insert(0, str(ROOT))
-    from tests.api.conftest import migrate
+    from tests.conftest import migrate
     from tests.recovery.test_kill import finish_and_check, run_kills
 
     res = Result(f"SIGKILL a writer {kills} times (SQLite manifest, file remote), then recover")
