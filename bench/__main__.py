@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", choices=[*NAMES, []], default=[])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results.json")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of the seal, small and appends comparisons (each ratio: median [min..max])",
+    )
     parser.add_argument("--kills", type=int, default=200, help="SIGKILLs for the kill benchmark")
     parser.add_argument(
         "--server",
@@ -61,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(name: str, endpoint: str, server: str) -> None:
         if name == "seal":
-            r = bench_seal(endpoint, size=(16 if quick else 64) * MiB)
+            r = bench_seal(endpoint, size=(16 if quick else 64) * MiB, rounds=args.rounds)
         elif name == "small":
-            r = bench_small(endpoint, count=200 if quick else 2000)
+            r = bench_small(endpoint, count=200 if quick else 2000, rounds=args.rounds)
         elif name == "appends":
-            r = bench_appends(endpoint, total=(32 if quick else 256) * MiB)
+            r = bench_appends(endpoint, total=(32 if quick else 256) * MiB, rounds=args.rounds)
         elif name == "rss":
             r = bench_rss(endpoint, size=(128 if quick else 1024) * MiB)
         elif name == "recovery":

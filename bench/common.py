@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import statistics
 import tempfile
 import time
 import uuid
@@ -27,6 +29,8 @@ class Result:
     ratios: dict[str, float] = field(default_factory=dict)
     targets: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: Per ratio measured in several rounds: (min, max) of the rounds; the ratio is their median.
+    spreads: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def show(self) -> None:
         print(f"\n== {self.name}")
@@ -34,7 +38,9 @@ class Result:
             print(f"  {k:<48} {v:12.3f}")
         for k, v in self.ratios.items():
             target = self.targets.get(k, "")
-            print(f"  ratio {k:<42} {v:12.2f}  {target}")
+            spread = self.spreads.get(k)
+            shown = f"[{spread[0]:.2f}..{spread[1]:.2f}]" if spread else ""
+            print(f"  ratio {k:<42} {v:12.2f} {shown:>13}  {target}")
         for n in self.notes:
             print(f"  note: {n}")
 
@@ -90,6 +96,54 @@ def timed_both(fn: Callable[[], object]) -> tuple[float, float, float]:
     s0, c0 = server_cpu(), client_cpu()
     wall = timed(fn)
     return wall, server_cpu() - s0, client_cpu() - c0
+
+
+@dataclass
+class Rounds:
+    """Each client's wall, server-CPU and client-CPU seconds, one entry per round."""
+
+    wall: dict[str, list[float]] = field(default_factory=dict)
+    server: dict[str, list[float]] = field(default_factory=dict)
+    client: dict[str, list[float]] = field(default_factory=dict)
+
+    def of(self, what: str) -> dict[str, list[float]]:
+        table: dict[str, list[float]] = getattr(self, what)
+        return table
+
+    def median(self, name: str, what: str = "wall") -> float:
+        return statistics.median(self.of(what)[name])
+
+    def ratio(self, res: Result, label: str, num: str, den: str, what: str = "wall") -> None:
+        """Put the per-round ratio ``num / den`` into ``res``: its median, and its spread."""
+        values = [a / b for a, b in zip(self.of(what)[num], self.of(what)[den], strict=True)]
+        res.ratios[label] = statistics.median(values)
+        if len(values) > 1:
+            res.spreads[label] = (min(values), max(values))
+
+
+def alternate(
+    clients: dict[str, Callable[[int], object]],
+    rounds: int,
+    between: Callable[[], None] | None = None,
+) -> Rounds:
+    """Run every client once per round, in an order rotated from round to round (so none always
+    runs first, on a cold server, or last), ``between`` after each round (not timed).
+
+    One run of each client is noise on two shared cores (the same seal moved by +-0.2x between
+    identical runs), so the benchmarks report each ratio's median over rounds with its spread.
+    """
+    out = Rounds()
+    names = list(clients)
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            wall, server, client = timed_both(functools.partial(clients[name], r))
+            out.wall.setdefault(name, []).append(wall)
+            out.server.setdefault(name, []).append(server)
+            out.client.setdefault(name, []).append(client)
+        if between is not None:
+            between()
+    return out
 
 
 @contextmanager
@@ -228,14 +282,28 @@ def drop_buckets(endpoint: str) -> None:
     byte in memory (a full run leaves several GiB in its OSD otherwise)."""
     client = boto3_client(endpoint)
     for bucket in _made.pop(endpoint, []):
-        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
-            for u in page.get("Uploads", []):
-                client.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if keys:
-                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+        _empty(client, bucket)
         client.delete_bucket(Bucket=bucket)
+    _collect_garbage(endpoint)
+
+
+def empty_bucket(endpoint: str, bucket: str) -> None:
+    """Remove every object and unfinished upload of ``bucket`` (between rounds: see drop_buckets)."""
+    _empty(boto3_client(endpoint), bucket)
+    _collect_garbage(endpoint)
+
+
+def _empty(client: Any, bucket: str) -> None:
+    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
+        for u in page.get("Uploads", []):
+            client.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+
+
+def _collect_garbage(endpoint: str) -> None:
     server = SERVERS.get(endpoint)
     if server is not None and server.name == "rgw":
         _rgw_collect_garbage()
@@ -293,6 +361,7 @@ def save(results: list[Result], path: Path) -> None:
             "ratios": r.ratios,
             "targets": r.targets,
             "notes": r.notes,
+            "spreads": r.spreads,
         }
         for r in results
     ]

@@ -29,12 +29,12 @@ from fsspec.asyn import sync
 from bench.common import (
     MiB,
     Result,
+    alternate,
     boto3_client,
+    empty_bucket,
     new_bucket,
     s3_options,
-    timed,
     timed_both,
-    timed_cpu,
     workdir,
     write_file,
 )
@@ -65,7 +65,9 @@ def _warm(client, fs, bucket: str) -> None:  # type: ignore[no-untyped-def]
         fs.exists(f"{bucket}/warm-up")
 
 
-def bench_seal(endpoint: str, *, segments: int = 4, size: int = 64 * MiB) -> Result:
+def bench_seal(
+    endpoint: str, *, segments: int = 4, size: int = 64 * MiB, rounds: int = 3
+) -> Result:
     import s3fs
     from boto3.s3.transfer import TransferConfig
 
@@ -87,7 +89,7 @@ def bench_seal(endpoint: str, *, segments: int = 4, size: int = 64 * MiB) -> Res
             multipart_threshold=part, multipart_chunksize=part, max_concurrency=conc
         )
 
-        def boto() -> None:
+        def boto(_r: int) -> None:
             # boto3 runs one file at a time with `conc` threads per file: give it the same total
             # concurrency by running the files one after the other (its usual use).
             for p in files:
@@ -95,7 +97,7 @@ def bench_seal(endpoint: str, *, segments: int = 4, size: int = 64 * MiB) -> Res
 
         fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options(endpoint))
 
-        def s3fs_put() -> None:
+        def s3fs_put(_r: int) -> None:
             for p in files:
                 fs.put_file(str(p), f"{bucket}/s3fs/{p.name}", chunksize=part)
 
@@ -104,36 +106,36 @@ def bench_seal(endpoint: str, *, segments: int = 4, size: int = 64 * MiB) -> Res
         store = _store(tmp, endpoint, bucket, part, conc)
         t_open = time.perf_counter() - t_open
 
-        def ours() -> None:
-            futures = [store.segment(f"seg/{p.name}", p).seal() for p in files]
+        def ours(r: int) -> None:
+            futures = [store.segment(f"seg{r}/{p.name}", p).seal() for p in files]
             for f in futures:
                 assert f.result().verified
 
         try:
-            t_boto, c_boto, k_boto = timed_both(boto)
-            t_s3fs, c_s3fs, k_s3fs = timed_both(s3fs_put)
-            t_ours, c_ours, k_ours = timed_both(ours)
+            m = alternate(
+                {"boto3": boto, "s3fs": s3fs_put, "ours": ours},
+                rounds,
+                between=lambda: empty_bucket(endpoint, bucket),
+            )
         finally:
             store.close()
     gib = total / (1024 * MiB)
     res.measurements = {
-        "boto3 upload_file (s)": t_boto,
-        "s3fs put_file (s)": t_s3fs,
-        "uploader seal + verify (s)": t_ours,
-        "server CPU during boto3 (s)": c_boto,
-        "server CPU during s3fs (s)": c_s3fs,
-        "server CPU during uploader (s)": c_ours,
-        "client CPU per GiB, boto3 (s)": k_boto / gib,
-        "client CPU per GiB, s3fs (s)": k_s3fs / gib,
-        "client CPU per GiB, uploader (s)": k_ours / gib,
-        "uploader MiB/s": total / MiB / t_ours,
+        f"boto3 upload_file (s, median of {rounds})": m.median("boto3"),
+        "s3fs put_file (s)": m.median("s3fs"),
+        "uploader seal + verify (s)": m.median("ours"),
+        "server CPU during boto3 (s)": m.median("boto3", "server"),
+        "server CPU during s3fs (s)": m.median("s3fs", "server"),
+        "server CPU during uploader (s)": m.median("ours", "server"),
+        "client CPU per GiB, boto3 (s)": m.median("boto3", "client") / gib,
+        "client CPU per GiB, s3fs (s)": m.median("s3fs", "client") / gib,
+        "client CPU per GiB, uploader (s)": m.median("ours", "client") / gib,
+        "uploader MiB/s": total / MiB / m.median("ours"),
         "uploader store open, new manifest (s, not in the above)": t_open,
     }
-    res.ratios = {
-        "vs boto3 (boto3 time / ours)": t_boto / t_ours,
-        "vs s3fs": t_s3fs / t_ours,
-        "client CPU per GiB (ours / boto3)": k_ours / k_boto,
-    }
+    m.ratio(res, "vs boto3 (boto3 time / ours)", "boto3", "ours")
+    m.ratio(res, "vs s3fs", "s3fs", "ours")
+    m.ratio(res, "client CPU per GiB (ours / boto3)", "ours", "boto3", "client")
     res.targets = {
         "vs boto3 (boto3 time / ours)": "target >= 1.0",
         "client CPU per GiB (ours / boto3)": "target <= 1.0",
@@ -141,7 +143,9 @@ def bench_seal(endpoint: str, *, segments: int = 4, size: int = 64 * MiB) -> Res
     return res
 
 
-def bench_small(endpoint: str, *, count: int = 2000, size: int = 64 * 1024) -> Result:
+def bench_small(
+    endpoint: str, *, count: int = 2000, size: int = 64 * 1024, rounds: int = 3
+) -> Result:
     import s3fs
 
     res = Result(f"{count} segments of {size // 1024} KiB")
@@ -155,34 +159,34 @@ def bench_small(endpoint: str, *, count: int = 2000, size: int = 64 * 1024) -> R
         bucket = new_bucket(endpoint)
         fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options(endpoint))
 
-        def pipe_loop() -> None:
+        def pipe_loop(r: int) -> None:
             for p in files:
-                fs.pipe_file(f"{bucket}/s3fs/{p.name}", p.read_bytes())
+                fs.pipe_file(f"{bucket}/s3fs{r}/{p.name}", p.read_bytes())
 
-        def bare(head: bool) -> Callable[[], None]:
+        def bare(head: bool) -> Callable[[int], None]:
             """The server's ceiling: 8 requests at a time, nothing recorded, nothing checked."""
 
-            async def run() -> None:
+            async def run(r: int) -> None:
                 sem = asyncio.Semaphore(8)
 
                 async def one(p: Path) -> None:
                     async with sem:
-                        key = f"bare{int(head)}/{p.name}"
+                        key = f"bare{int(head)}-{r}/{p.name}"
                         await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=p.read_bytes())
                         if head:
                             await fs._call_s3("head_object", Bucket=bucket, Key=key)
 
                 await asyncio.gather(*(one(p) for p in files))
 
-            return lambda: sync(fs.loop, run)
+            return lambda r: sync(fs.loop, run, r)
 
         client = boto3_client(endpoint)
         _warm(client, fs, bucket)
         store = _store(tmp, endpoint, bucket, 8 * MiB, 8)
 
-        def ours() -> None:
+        def ours(r: int) -> None:
             # The group commit: intents and outcomes of up to 256 segments per transaction.
-            futures = store.ship_many([(f"small/{p.name}", p) for p in files])
+            futures = store.ship_many([(f"small{r}/{p.name}", p) for p in files])
             for f in futures:
                 assert f.result().verified
 
@@ -192,36 +196,46 @@ def bench_small(endpoint: str, *, count: int = 2000, size: int = 64 * 1024) -> R
                 assert f.result().verified
 
         try:
-            t_s3fs, c_s3fs = timed_cpu(pipe_loop)
-            t_put = timed(bare(head=False))
-            t_put_head = timed(bare(head=True))
-            t_ours, c_ours, k_ours = timed_both(ours)
+            m = alternate(
+                {
+                    "s3fs": pipe_loop,
+                    "put": bare(head=False),
+                    "put+head": bare(head=True),
+                    "ours": ours,
+                },
+                rounds,
+                between=lambda: empty_bucket(endpoint, bucket),
+            )
             t_single, _c_single, k_single = timed_both(one_by_one)
         finally:
             store.close()
     res.measurements = {
-        "s3fs pipe_file loop (s)": t_s3fs,
-        "server CPU during the s3fs loop (s)": c_s3fs,
-        "server CPU during uploader (s)": c_ours,
-        "client CPU per segment, uploader (ms)": 1000 * k_ours / count,
-        "bare PUTs, 8 at a time (s)": t_put,
-        "bare PUT + HEAD, 8 at a time (s)": t_put_head,
-        "uploader ship_many, concurrency 8 (s)": t_ours,
-        "uploader segments/s": count / t_ours,
-        "uploader seals one at a time, concurrency 8 (s)": t_single,
+        f"s3fs pipe_file loop (s, median of {rounds})": m.median("s3fs"),
+        "server CPU during the s3fs loop (s)": m.median("s3fs", "server"),
+        "server CPU during uploader (s)": m.median("ours", "server"),
+        "client CPU per segment, uploader (ms)": 1000 * m.median("ours", "client") / count,
+        "bare PUTs, 8 at a time (s)": m.median("put"),
+        "bare PUT + HEAD, 8 at a time (s)": m.median("put+head"),
+        "uploader ship_many, concurrency 8 (s)": m.median("ours"),
+        "uploader segments/s": count / m.median("ours"),
+        "uploader seals one at a time, concurrency 8 (s, once)": t_single,
         "client CPU per segment, one at a time (ms)": 1000 * k_single / count,
     }
-    res.ratios = {
-        "vs sequential s3fs": t_s3fs / t_ours,
-        "one at a time vs sequential s3fs": t_s3fs / t_single,
-        "server ceiling, bare PUTs vs sequential s3fs": t_s3fs / t_put,
-        "server ceiling, bare PUT + HEAD vs sequential s3fs": t_s3fs / t_put_head,
+    m.ratio(res, "vs sequential s3fs", "s3fs", "ours")
+    m.ratio(res, "vs bare PUTs 8 at a time", "put", "ours")
+    m.ratio(res, "server ceiling, bare PUTs vs sequential s3fs", "s3fs", "put")
+    m.ratio(res, "server ceiling, bare PUT + HEAD vs sequential s3fs", "s3fs", "put+head")
+    res.ratios["one at a time vs sequential s3fs"] = m.median("s3fs") / t_single
+    res.targets = {
+        "vs sequential s3fs": "target >= 2.0",
+        "vs bare PUTs 8 at a time": "target >= 1.0",
     }
-    res.targets = {"vs sequential s3fs": "target >= 2.0"}
     return res
 
 
-def bench_appends(endpoint: str, *, total: int = 256 * MiB, chunk: int = 1 * MiB) -> Result:
+def bench_appends(
+    endpoint: str, *, total: int = 256 * MiB, chunk: int = 1 * MiB, rounds: int = 3
+) -> Result:
     from boto3.s3.transfer import TransferConfig
 
     part = 8 * MiB
@@ -237,18 +251,17 @@ def bench_appends(endpoint: str, *, total: int = 256 * MiB, chunk: int = 1 * MiB
             multipart_threshold=part, multipart_chunksize=part, max_concurrency=4
         )
 
-        def boto() -> None:
+        def boto(_r: int) -> None:
             client.upload_file(str(src), bucket, "boto/appends", Config=config)
-
-        seg = tmp / "segment"
-        seg.write_bytes(b"")
 
         _warm(client, None, bucket)
         store = _store(tmp, endpoint, bucket, part, 4)
+        rows: list[int] = []
 
-        def ours() -> None:
-            with store, src.open("rb") as f:
-                s = store.segment("appends/0", seg)
+        def ours(r: int) -> None:
+            seg = tmp / f"segment{r}"
+            with src.open("rb") as f:
+                s = store.segment(f"appends/{r}", seg)
                 # A broker commits after every append and does not block on it (the futures are
                 # checked at the end): consecutive commits overlap on the network.
                 futures = []
@@ -261,38 +274,40 @@ def bench_appends(endpoint: str, *, total: int = 256 * MiB, chunk: int = 1 * MiB
                 for fut in futures:
                     fut.result()
                 assert sealed.result().verified
-                res.measurements["manifest rows (commits)"] = len(
-                    store.manifest.commits(store.manifest.segment("appends/0").id)
-                )
+                rows.append(len(store.manifest.commits(store.manifest.segment(f"appends/{r}").id)))
 
-        plain = tmp / "plain"
-
-        def appends_alone() -> None:
+        def appends_alone(r: int) -> None:
             # The broker's own work, the same in both worlds: the appends with nothing shipped.
-            with src.open("rb") as f, plain.open("ab") as out:
+            with src.open("rb") as f, (tmp / f"plain{r}").open("ab") as out:
                 while block := f.read(chunk):
                     out.write(block)
                     out.flush()
 
-        t_boto = timed(boto)
-        t_ours = timed(ours)
-        t_alone = timed(appends_alone)
-    res.measurements.update(
-        {
-            "boto3 upload_file of the same bytes (s)": t_boto,
-            "uploader appends + commits + seal (s)": t_ours,
-            "the appends alone, nothing shipped (s)": t_alone,
-            "commit() calls per second": (total // chunk) / t_ours,
-            "manifest rows per second": res.measurements["manifest rows (commits)"] / t_ours,
-        }
-    )
+        for p in (tmp / f"segment{r}" for r in range(rounds)):
+            p.write_bytes(b"")
+        try:
+            m = alternate(
+                {"boto3": boto, "ours": ours, "alone": appends_alone},
+                rounds,
+                between=lambda: empty_bucket(endpoint, bucket),
+            )
+        finally:
+            store.close()
+    t_ours = m.median("ours")
+    res.measurements = {
+        f"boto3 upload_file of the same bytes (s, median of {rounds})": m.median("boto3"),
+        "uploader appends + commits + seal (s)": t_ours,
+        "the appends alone, nothing shipped (s)": m.median("alone"),
+        "commit() calls per second": (total // chunk) / t_ours,
+        "manifest rows (commits) per segment": float(rows[-1]),
+        "manifest rows per second": rows[-1] / t_ours,
+    }
     # The issue's ratio: our appends, commits and seal against boto3 uploading a file that
     # already exists. Beside it, like for like: a broker shipping with boto3 appends first and
     # uploads the finished file (appends alone + upload_file), against ours, which ships while
     # it appends.
-    res.ratios = {
-        "overhead (ours / boto3)": t_ours / t_boto,
-        "like for like (ours / (appends alone + boto3))": t_ours / (t_alone + t_boto),
-    }
+    m.ratio(res, "overhead (ours / boto3)", "ours", "boto3")
+    m.wall["boto3+alone"] = [a + b for a, b in zip(m.wall["boto3"], m.wall["alone"], strict=True)]
+    m.ratio(res, "like for like (ours / (appends alone + boto3))", "ours", "boto3+alone")
     res.targets = {"overhead (ours / boto3)": "target <= 1.10"}
     return res
