@@ -13,7 +13,8 @@ them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -26,6 +27,9 @@ from uploader.records import CommitRecord, NewCommit, SegmentRecord
 from uploader.storage.base import PartRef, Storage
 
 T = TypeVar("T")
+
+#: Parts of one commit whose digest may run ahead of the part being recorded and sent.
+DIGEST_AHEAD = 2
 
 #: Read size of the whole-file check: big enough for sequential throughput, small in memory.
 CHECK_CHUNK = 4 * 1024 * 1024
@@ -146,11 +150,43 @@ class Transport:
         self.storage = storage
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="uploader-part")
         self.slots = threading.BoundedSemaphore(concurrency)
+        # The digest pass of a commit's parts runs ahead of their sends here (see digest_ahead):
+        # its own threads, so that a digest never waits for a send to free a pool worker.
+        self._ahead = ThreadPoolExecutor(
+            max_workers=min(concurrency, DIGEST_AHEAD), thread_name_prefix="uploader-digest"
+        )
         #: Set by :meth:`Store.interrupt`: no new part starts; those in flight finish.
         self.stop = threading.Event()
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)
+        self._ahead.shutdown(wait=True)
+
+    def digest_ahead(
+        self, path: str, parts: Sequence[tuple[int, int, int]], *, md5: bool
+    ) -> Generator[Payload, None, None]:
+        """The checksums of each ``(number, start, end)`` part of ``path``, in order, computed up
+        to :data:`DIGEST_AHEAD` parts ahead of the one handed out (hashing releases the GIL: on
+        a commit that covers several parts, the MD5s of the md5 mode run in parallel while the
+        caller records and sends). Only checksums are kept; a digest not yet taken when the
+        caller stops is cancelled or waited for."""
+        pending: deque[Future[Payload]] = deque()
+        todo = iter(parts)
+        try:
+            while True:
+                while len(pending) < DIGEST_AHEAD:
+                    nxt = next(todo, None)
+                    if nxt is None:
+                        break
+                    _number, start, end = nxt
+                    pending.append(self._ahead.submit(digest_range, path, start, end, md5=md5))
+                if not pending:
+                    return
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+            wait(pending)
 
     def in_slot(self, task: Callable[..., T], *args: Any) -> Future[T]:
         """Take a slot, then run ``task`` on the pool; the slot is given back when it is done.
