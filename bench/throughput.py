@@ -215,6 +215,7 @@ def bench_small(
         "server CPU during uploader (s)": m.median("ours", "server"),
         "client CPU per segment, uploader (ms)": 1000 * m.median("ours", "client") / count,
         "bare PUTs, 8 at a time (s)": m.median("put"),
+        "client CPU per segment, bare PUTs (ms)": 1000 * m.median("put", "client") / count,
         "bare PUT + HEAD, 8 at a time (s)": m.median("put+head"),
         "uploader ship_many, concurrency 8 (s)": m.median("ours"),
         "uploader segments/s": count / m.median("ours"),
