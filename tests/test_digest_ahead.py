@@ -2,8 +2,8 @@
 
 A commit that covers several parts (a writer catching up, a watcher shipping a backlog) used to
 hash them one after the other on its job thread; in the md5 mode that serial MD5 paced the sends.
-The parts are now hashed up to ``DIGEST_AHEAD`` at a time, handed out in order, and nothing is
-left running once the caller stops taking them.
+Now the next part is hashed on a pool while the job thread hashes the current one: handed out in
+order, never waiting for a busy pool, and nothing left running once the caller stops.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 from uploader.digest import Payload, digest_range
 from uploader.errors import LocalFileError
 from uploader.storage.base import Storage
-from uploader.transport import DIGEST_AHEAD, Transport
+from uploader.transport import Transport
 
 PART = 64 * 1024
 PARTS = [(n + 1, n * PART, (n + 1) * PART) for n in range(6)]
@@ -54,40 +54,66 @@ def test_hands_out_every_part_in_order_with_its_checksums(
     assert all((p.md5 is not None) == md5 for p in got)
 
 
-def test_parts_are_hashed_in_parallel(
+def test_parts_are_hashed_two_at_a_time(
     seg: Path, transport: Transport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Each digest waits until DIGEST_AHEAD of them run at once: a serial pass would time out
-    # here (BrokenBarrierError) instead of handing out the first part.
-    barrier = threading.Barrier(DIGEST_AHEAD, timeout=10)
+    # The first two parts' digests wait for each other: a serial pass would time out here
+    # (BrokenBarrierError) instead of handing out the first part.
+    barrier = threading.Barrier(2, timeout=10)
     real = digest_range
 
     def meeting(path: str, start: int, end: int, *, md5: bool) -> Payload:
-        if start < DIGEST_AHEAD * PART:
+        if start < 2 * PART:
             barrier.wait()
         return real(path, start, end, md5=md5)
 
     monkeypatch.setattr("uploader.transport.digest_range", meeting)
-    first = next(iter(transport.digest_ahead(str(seg), PARTS, md5=True)))
+    gen = transport.digest_ahead(str(seg), PARTS, md5=True)
+    first = next(gen)
     assert (first.start, first.end) == (0, PART)
+    gen.close()
 
 
-def test_runs_no_more_than_its_window_ahead(
+def test_one_part_ahead_at_most(
     seg: Path, transport: Transport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    started: list[int] = []
+    lock = threading.Lock()
+    running = [0]
+    most = [0]
     real = digest_range
 
     def counted(path: str, start: int, end: int, *, md5: bool) -> Payload:
-        started.append(start)
-        return real(path, start, end, md5=md5)
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return real(path, start, end, md5=md5)
+        finally:
+            with lock:
+                running[0] -= 1
 
     monkeypatch.setattr("uploader.transport.digest_range", counted)
-    gen = transport.digest_ahead(str(seg), PARTS, md5=True)
-    next(gen)
-    # The part handed out, and at most the window after it: nothing more was read.
-    assert len(started) <= DIGEST_AHEAD + 1
-    gen.close()
+    assert len(list(transport.digest_ahead(str(seg), PARTS, md5=True))) == len(PARTS)
+    assert most[0] <= 2  # the part handed out next and the one after it, never more
+
+
+def test_a_busy_pool_is_not_waited_for(seg: Path) -> None:
+    # One worker, held by someone else's work: every look-ahead stays queued, and each part is
+    # hashed on the caller's thread instead (the queued look-ahead cancelled).
+    t = Transport(cast(Storage, object()), concurrency=1)
+    release = threading.Event()
+    blocker = t._ahead.submit(release.wait, 30)
+    got: list[Payload] = []
+    caller = threading.Thread(target=lambda: got.extend(t.digest_ahead(str(seg), PARTS, md5=True)))
+    caller.start()
+    caller.join(20)
+    finished = not caller.is_alive()
+    release.set()
+    blocker.result(timeout=10)
+    t.shutdown()
+    assert finished, "the caller waited for a busy pool"
+    want = [digest_range(str(seg), start, end, md5=True) for _n, start, end in PARTS]
+    assert [(p.start, p.md5, p.crc32c) for p in got] == [(p.start, p.md5, p.crc32c) for p in want]
 
 
 def test_a_caller_that_stops_leaves_nothing_running(
@@ -126,7 +152,7 @@ def test_a_caller_that_stops_leaves_nothing_running(
     assert not closer.is_alive()
     # ...so when it returns every digest that started has ended, and none started after it.
     assert sorted(finished) == sorted(started)
-    assert len(started) <= DIGEST_AHEAD + 1
+    assert len(started) <= 2  # the part handed out and the one ahead of it
 
 
 def test_a_part_past_the_end_of_the_file_raises_when_reached(

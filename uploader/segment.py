@@ -289,7 +289,7 @@ class Segment(SegmentLease):
         """Record each new part ``pending`` with the checksums of its bytes, then send it.
 
         Pipelined: part N+1 is recorded while part N is in flight, within the store's slots, and
-        the checksums of the next parts are taken ahead, in parallel
+        part N+1's checksums are taken on a pool while part N's are taken here
         (:meth:`~uploader.transport.Transport.digest_ahead`). Returns the end of the recorded
         bytes.
         """

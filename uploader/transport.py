@@ -13,7 +13,6 @@ them.
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -27,9 +26,6 @@ from uploader.records import CommitRecord, NewCommit, SegmentRecord
 from uploader.storage.base import PartRef, Storage
 
 T = TypeVar("T")
-
-#: Parts of one commit whose digest may run ahead of the part being recorded and sent.
-DIGEST_AHEAD = 2
 
 #: Read size of the whole-file check: big enough for sequential throughput, small in memory.
 CHECK_CHUNK = 4 * 1024 * 1024
@@ -150,10 +146,10 @@ class Transport:
         self.storage = storage
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="uploader-part")
         self.slots = threading.BoundedSemaphore(concurrency)
-        # The digest pass of a commit's parts runs ahead of their sends here (see digest_ahead):
-        # its own threads, so that a digest never waits for a send to free a pool worker.
+        # A commit's next part is hashed here while its job thread hashes the current one (see
+        # digest_ahead): threads of their own, never waiting for a send to free a pool worker.
         self._ahead = ThreadPoolExecutor(
-            max_workers=min(concurrency, DIGEST_AHEAD), thread_name_prefix="uploader-digest"
+            max_workers=concurrency, thread_name_prefix="uploader-digest"
         )
         #: Set by :meth:`Store.interrupt`: no new part starts; those in flight finish.
         self.stop = threading.Event()
@@ -165,28 +161,31 @@ class Transport:
     def digest_ahead(
         self, path: str, parts: Sequence[tuple[int, int, int]], *, md5: bool
     ) -> Generator[Payload, None, None]:
-        """The checksums of each ``(number, start, end)`` part of ``path``, in order, computed up
-        to :data:`DIGEST_AHEAD` parts ahead of the one handed out (hashing releases the GIL: on
-        a commit that covers several parts, the MD5s of the md5 mode run in parallel while the
-        caller records and sends). Only checksums are kept; a digest not yet taken when the
-        caller stops is cancelled or waited for."""
-        pending: deque[Future[Payload]] = deque()
-        todo = iter(parts)
+        """The checksums of each ``(number, start, end)`` part of ``path``, in order, the next
+        part's taken on a pool while the caller's thread hashes the current one (or records and
+        sends it): hashing releases the GIL, so on a commit that covers several parts the MD5s
+        of the md5 mode run two at a time.
+
+        The caller never waits for a pool worker: a look-ahead that has not started when its part
+        is reached (every worker busy with other segments' look-aheads) is cancelled and hashed on
+        the caller's thread, as before there was a pool. Only checksums are kept; a look-ahead not
+        taken when the caller stops is cancelled or waited for.
+        """
+        ahead: Future[Payload] | None = None
         try:
-            while True:
-                while len(pending) < DIGEST_AHEAD:
-                    nxt = next(todo, None)
-                    if nxt is None:
-                        break
-                    _number, start, end = nxt
-                    pending.append(self._ahead.submit(digest_range, path, start, end, md5=md5))
-                if not pending:
-                    return
-                yield pending.popleft().result()
+            for i, (_number, start, end) in enumerate(parts):
+                current, ahead = ahead, None
+                if i + 1 < len(parts):
+                    _next, next_start, next_end = parts[i + 1]
+                    ahead = self._ahead.submit(digest_range, path, next_start, next_end, md5=md5)
+                if current is not None and not current.cancel():
+                    yield current.result()
+                else:
+                    yield digest_range(path, start, end, md5=md5)
         finally:
-            for f in pending:
-                f.cancel()
-            wait(pending)
+            if ahead is not None:
+                ahead.cancel()
+                wait([ahead])
 
     def in_slot(self, task: Callable[..., T], *args: Any) -> Future[T]:
         """Take a slot, then run ``task`` on the pool; the slot is given back when it is done.
