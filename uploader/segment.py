@@ -20,7 +20,7 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from uploader.digest import file_size, stat_file
+from uploader.digest import digest_range, file_size, stat_file
 from uploader.errors import (
     LocalFileError,
     SegmentFailedError,
@@ -288,20 +288,18 @@ class Segment(SegmentLease):
     ) -> int:
         """Record each new part ``pending`` with the checksums of its bytes, then send it.
 
-        Pipelined: part N+1 is recorded while part N is in flight, within the store's slots, and
-        part N+1's checksums are taken on a pool while part N's are taken here
-        (:meth:`~uploader.transport.Transport.digest_ahead`). Returns the end of the recorded
-        bytes.
+        Pipelined: part N+1 is read and recorded while part N is in flight, within the store's
+        slots. Returns the end of the recorded bytes.
         """
         store = self._store
         transport = store.transport
         futures: list[Future[None]] = []
         committed = parts[0][1]
-        digests = transport.digest_ahead(self.path, parts, md5=not seg.by_crc32c)
         try:
-            for (number, start, end), payload in zip(parts, digests, strict=True):
+            for number, start, end in parts:
                 transport.slots.acquire()
                 try:
+                    payload = digest_range(self.path, start, end, md5=not seg.by_crc32c)
                     [commit] = store.manifest.add_commits(
                         lease, [NewCommit(number, start, end, payload.md5, payload.crc32c)]
                     )
@@ -318,7 +316,6 @@ class Segment(SegmentLease):
                 part.add_done_callback(functools.partial(self._sent, commit.id))
                 futures.append(part)
         finally:
-            digests.close()  # digests taken ahead and not used: cancelled or waited for
             recorded.set()  # the next commit may start recording while these are in flight
             wait_all(futures)
         return committed

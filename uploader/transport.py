@@ -13,7 +13,7 @@ them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -146,46 +146,11 @@ class Transport:
         self.storage = storage
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="uploader-part")
         self.slots = threading.BoundedSemaphore(concurrency)
-        # A commit's next part is hashed here while its job thread hashes the current one (see
-        # digest_ahead): threads of their own, never waiting for a send to free a pool worker.
-        self._ahead = ThreadPoolExecutor(
-            max_workers=concurrency, thread_name_prefix="uploader-digest"
-        )
         #: Set by :meth:`Store.interrupt`: no new part starts; those in flight finish.
         self.stop = threading.Event()
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)
-        self._ahead.shutdown(wait=True)
-
-    def digest_ahead(
-        self, path: str, parts: Sequence[tuple[int, int, int]], *, md5: bool
-    ) -> Generator[Payload, None, None]:
-        """The checksums of each ``(number, start, end)`` part of ``path``, in order, the next
-        part's taken on a pool while the caller's thread hashes the current one (or records and
-        sends it): hashing releases the GIL, so on a commit that covers several parts the MD5s
-        of the md5 mode run two at a time.
-
-        The caller never waits for a pool worker: a look-ahead that has not started when its part
-        is reached (every worker busy with other segments' look-aheads) is cancelled and hashed on
-        the caller's thread, as before there was a pool. Only checksums are kept; a look-ahead not
-        taken when the caller stops is cancelled or waited for.
-        """
-        ahead: Future[Payload] | None = None
-        try:
-            for i, (_number, start, end) in enumerate(parts):
-                current, ahead = ahead, None
-                if i + 1 < len(parts):
-                    _next, next_start, next_end = parts[i + 1]
-                    ahead = self._ahead.submit(digest_range, path, next_start, next_end, md5=md5)
-                if current is not None and not current.cancel():
-                    yield current.result()
-                else:
-                    yield digest_range(path, start, end, md5=md5)
-        finally:
-            if ahead is not None:
-                ahead.cancel()
-                wait([ahead])
 
     def in_slot(self, task: Callable[..., T], *args: Any) -> Future[T]:
         """Take a slot, then run ``task`` on the pool; the slot is given back when it is done.

@@ -1,6 +1,6 @@
-"""A commit that covers several whole parts takes their checksums two at a time
-(``Transport.digest_ahead``) and still records and sends them in order; a file cut short under it
-fails that commit with the file named, leaves every slot free and loses nothing recorded."""
+"""A commit that covers several whole parts (a writer catching up) records and sends them in order,
+each row with the checksums of its own range; a file cut short under it fails that commit with
+the file named, leaves every slot free and loses nothing recorded."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_a_file_cut_short_under_a_catching_up_commit(
             os.truncate(path, 2 * PART + PART // 2)
         return real(p, start, end, md5=md5)
 
-    monkeypatch.setattr("uploader.transport.digest_range", cutting)
+    monkeypatch.setattr("uploader.segment.digest_range", cutting)
     with pytest.raises(LocalFileError, match=re.escape(str(path))):
         seg.commit().result(timeout=120)
     record = store.manifest.segment("cut/0")
