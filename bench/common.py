@@ -78,13 +78,6 @@ def server_cpu() -> float:
     return sum(_cpu_of(pid) for pid in CURRENT.pids)
 
 
-def timed_cpu(fn: Callable[[], object]) -> tuple[float, float]:
-    """Wall seconds of ``fn`` and the server's CPU seconds meanwhile."""
-    c0 = server_cpu()
-    wall = timed(fn)
-    return wall, server_cpu() - c0
-
-
 def client_cpu() -> float:
     """CPU seconds (user + system) this process has used so far."""
     t = os.times()
