@@ -74,20 +74,18 @@ class Batches(Outcomes):
         mode = UploadMode.PUT
         with self._write() as tx:
             insert_new = pg_insert if tx.conn.dialect.name == "postgresql" else sqlite_insert
-            # One multi-row INSERT (VALUES lists, so the lease clock's SQL expression can be a
-            # value); a key registered before, or twice in the batch, inserts nothing.
-            until = self._lease_until(lease_ttl)
-            holder = holder_values(node)
+            # One statement for the batch, compiled once and cached: the values every row
+            # shares (the lease clock, which may be an SQL expression, the holder, the
+            # times) are the statement's, each row's own are executemany parameters, which
+            # SQLAlchemy sends as multi-row VALUES ("insertmanyvalues"). A key registered
+            # before, or twice in the batch, inserts nothing (rows are matched by key).
+            shared = self._born_sealed_shared(node, part_size, worker, lease_ttl, tx.now)
             rows = tx.conn.execute(
                 insert_new(SEGMENTS)
-                .values(
-                    [
-                        self._born_sealed(it, node, part_size, worker, until, holder, tx.now)
-                        for it in items
-                    ]
-                )
+                .values(**shared)
                 .on_conflict_do_nothing(index_elements=[SEGMENTS.c.key])
-                .returning(*SEGMENTS.c)
+                .returning(*SEGMENTS.c),
+                [self._born_sealed(it) for it in items],
             ).all()
             by_key = {row.key: segment_record(row) for row in rows}
             born = [by_key.get(it.key) for it in items]
@@ -136,38 +134,38 @@ class Batches(Outcomes):
                 out[it.key] = (lease, seg, commit)
         return [out.get(it.key) for it in items]
 
-    @staticmethod
-    def _born_sealed(
-        it: SmallSeal,
-        node: str,
-        part_size: int,
-        worker: str,
-        until: Any,
-        holder: dict[str, Any],
-        now: Any,
+    def _born_sealed_shared(
+        self, node: str, part_size: int, worker: str, lease_ttl: float, now: Any
     ) -> dict[str, Any]:
-        """The row of a new segment after ``register_leased`` and ``seal`` of one PUT."""
+        """The columns every new segment of a batch shares after ``register_leased`` and
+        ``seal`` of one PUT (see :meth:`_born_sealed` for each row's own)."""
         return {
-            "key": it.key,
-            "path": it.path,
             "node": node,
             "state": SegmentState.SEALED.value,
             "part_size": part_size,
             "fence": 1,
             "lease_owner": worker,
-            "lease_expires": until,
-            **holder,
+            "lease_expires": self._lease_until(lease_ttl),
+            **holder_values(node),
             "attempts": 0,
             "created_at": now,
             "updated_at": now,
+            "upload_mode": UploadMode.PUT.value,
+            "sealed_at": now,
+        }
+
+    @staticmethod
+    def _born_sealed(it: SmallSeal) -> dict[str, Any]:
+        """A new segment's own columns (see :meth:`_born_sealed_shared` for the others)."""
+        return {
+            "key": it.key,
+            "path": it.path,
             "file_device": None if it.identity is None else it.identity[0],
             "file_inode": None if it.identity is None else it.identity[1],
             "size": it.size,
             "crc32c": it.crc32c,
             "expected_etag": it.md5,  # None in the crc32c mode (proven by the CRC32C)
             "checksum": it.checksum,
-            "upload_mode": UploadMode.PUT.value,
-            "sealed_at": now,
         }
 
     def settle_puts(
