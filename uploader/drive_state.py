@@ -13,7 +13,7 @@ from uploader.config import VerifyMode
 from uploader.digest import Payload
 from uploader.records import CommitRecord, PutFailed, PutProven
 from uploader.states import SegmentState
-from uploader.storage.base import ObjectInfo, PartRef
+from uploader.storage.base import ObjectInfo, PartRef, PutAnswer
 
 #: How many times a completed object that failed verification is uploaded again before the
 #: segment is declared ``failed``.
@@ -54,6 +54,7 @@ class Learned:
     fresh: dict[int, Payload | None] = field(default_factory=dict)  # commit id -> bytes read
     put_ack: tuple[CommitRecord, str] | None = None  # a PUT acknowledged, not yet recorded
     deferred: Deferred | None = None  # a group commit writes this drive's PUT outcome itself
+    answered: dict[int, PutAnswer] = field(default_factory=dict)  # commit id -> PUT sent already
 
     def object_changed(self) -> None:
         self.object_known = False

@@ -47,7 +47,7 @@ from uploader.plan import Act, Position, Step
 from uploader.records import CommitRecord, Lease, PutProven, SegmentRecord
 from uploader.remote_steps import RemoteSteps
 from uploader.states import CommitState, SegmentState
-from uploader.storage.base import Storage
+from uploader.storage.base import PutAnswer, Storage
 from uploader.storage.rules import matches
 from uploader.transport import Counters, Transport, check_local
 
@@ -105,6 +105,7 @@ class Driver(RemoteSteps):
         max_reuploads: int | None = None,
         deferred: Deferred | None = None,
         known: tuple[SegmentRecord, Sequence[CommitRecord]] | None = None,
+        answered: Mapping[int, PutAnswer] | None = None,
     ) -> DriveResult:
         """Take steps until the segment is verified, failed or blocked; return where it stands.
 
@@ -117,14 +118,21 @@ class Driver(RemoteSteps):
         written (the group commit writes a batch of them in one transaction); the drive then
         returns at once, the segment still ``sealed`` in the manifest. ``known``: the segment
         and its parts as the caller just wrote them under ``lease`` (RETURNING), read instead of
-        the manifest for the first step.
+        the manifest for the first step. ``answered``: single PUTs the caller sent already
+        for this drive's first step (a group commit's batch, by commit id): their answers are
+        taken as that step's PUT would take its own.
 
         The manifest is read again before each step, except after a step that wrote nothing to
         it (a PUT, a HEAD, a listing, a local check, a read back) while no writer's part is in
         flight: only the holder of a newer fence could have moved the rows then, and every
         write of this drive is guarded by this lease's fence, so it would be refused.
         """
-        learned = Learned(fresh=dict(fresh or {}), checked=set(checked or ()), deferred=deferred)
+        learned = Learned(
+            fresh=dict(fresh or {}),
+            checked=set(checked or ()),
+            deferred=deferred,
+            answered=dict(answered or {}),
+        )
         counters = counters if counters is not None else Counters()
         bound = self.max_reuploads if max_reuploads is None else max_reuploads
         seg: SegmentRecord | None = None

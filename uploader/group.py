@@ -6,9 +6,12 @@ Per batch of new segments no bigger than a part (at most :data:`BATCH` of them, 
 1. each file is read once and its checksums taken (off the caller's thread);
 2. ONE transaction registers, leases and seals them all, each part ``pending``: the same rows,
    states and audit events as ``store.segment(key, path).seal()`` (intent before action);
-3. the PUTs go out overlapped, up to the store's concurrency, each through the one driver, which
-   proves it exactly as for a single seal (the remote's answer or a HEAD, the local bytes) but
-   keeps the outcome (:class:`~uploader.drive_state.Deferred`) instead of writing it;
+3. the PUTs go out together, up to the store's concurrency at a time
+   (:func:`~uploader.storage.base.put_many`: on S3 as coroutines on one event loop, no thread
+   per request); each is the first step its drive would take, and the one driver takes its
+   answer as that step's own and proves the segment exactly as for a single seal (the remote's
+   answer or a HEAD, the local bytes), keeping the outcome
+   (:class:`~uploader.drive_state.Deferred`) instead of writing it;
 4. ONE transaction writes every outcome: ``verified`` (the lease given back) or the failed
    attempt with its error, each guarded by its own lease.
 
@@ -24,11 +27,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, InvalidStateError, wait
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from uploader import objectmeta
 from uploader.digest import Payload, read_range, stat_file
 from uploader.drive_state import Deferred, DriveResult
 from uploader.errors import UploaderError, UsageError, VerificationError, WorkInterruptedError
@@ -36,6 +40,7 @@ from uploader.futures import CommitResult, UploadFuture
 from uploader.keys import validate_key
 from uploader.records import Lease, SmallSeal
 from uploader.seal import sealed
+from uploader.storage.base import PutAnswer, PutItem, put_many
 from uploader.transport import Counters
 
 if TYPE_CHECKING:
@@ -179,26 +184,69 @@ def _ship_batch(store: Store, batch: list[_Item]) -> None:
             _fail(e, exc)
         return
     sending: list[tuple[_Item, Sealed, Future[DriveResult]]] = []
+    ready: list[tuple[_Item, Sealed, Payload, dict[str, str]]] = []
     for e, row in zip(batch, rows, strict=True):
         if row is None:  # registered before: the one-at-a-time path says what it is
             e.payload = None
             _one_at_a_time(store, e)
             continue
-        lease, _seg, commit = row
+        lease, seg, commit = row
         store.keeper.hold(lease)
         payload, e.payload = e.payload, None
+        assert payload is not None  # read before its intent was written
         if store.transport.stop.is_set():
             _fail(e, _interrupted(e))
             continue
-        drive = store._puts.submit(_drive, store, e, row, {commit.id: payload})
-        sending.append((e, row, drive))
+        metadata, record_first = objectmeta.put_metadata(seg, commit)
+        if record_first:  # its record sidecar goes first: the driver's own PUT step writes it
+            fresh = {commit.id: payload}
+            sending.append((e, row, store._puts.submit(_drive, store, e, row, fresh)))
+            continue
+        ready.append((e, row, payload, metadata))
+    # The PUTs the drives would send first (their first step, as the intents left them), sent
+    # together: on S3 as coroutines, `concurrency` at a time, no thread per request. Each drive
+    # then takes its PUT's answer as its own, with the same proof.
+    answers = put_many(
+        store.storage,
+        [PutItem(seg.key, payload, md) for _e, (_l, seg, _c), payload, md in ready],
+        concurrency=store.concurrency,
+        stop=store.transport.stop.is_set,
+    )
+    for (e, row, payload, _md), answer in zip(ready, answers, strict=True):
+        if not answer.sent:  # interrupted before its turn: sealed, its part pending
+            _fail(e, _interrupted(e))
+            continue
+        commit = row[2]
+        fresh = {commit.id: payload}
+        args = (store, e, row, fresh, {commit.id: answer})
+        if answer.info is not None and answer.info.proven:
+            # Nothing left to ask the remote: taken here, no thread needed.
+            sending.append((e, row, _now(_drive, *args)))
+        else:  # a HEAD or a read back may follow: overlapped on the pool
+            sending.append((e, row, store._puts.submit(_drive, *args)))
     wait([d for _e, _row, d in sending])
     _settle(store, sending)
 
 
-def _drive(store: Store, e: _Item, row: Sealed, fresh: dict[int, Payload | None]) -> DriveResult:
-    if store.transport.stop.is_set():  # interrupted while this PUT waited for a thread
-        raise _interrupted(e)
+def _now(fn: Callable[..., DriveResult], *args: Any) -> Future[DriveResult]:
+    """``fn(*args)`` run on this thread, as a finished future (like the pool's)."""
+    done: Future[DriveResult] = Future()
+    try:
+        done.set_result(fn(*args))
+    except BaseException as exc:  # the drive's failure is the item's, as on the pool
+        done.set_exception(exc)
+    return done
+
+
+def _drive(
+    store: Store,
+    e: _Item,
+    row: Sealed,
+    fresh: Mapping[int, Payload | None],
+    answered: Mapping[int, PutAnswer] | None = None,
+) -> DriveResult:
+    if not answered and store.transport.stop.is_set():
+        raise _interrupted(e)  # interrupted while this PUT waited for a thread
     lease, seg, commit = row
     return store.driver.drive(
         lease,
@@ -207,6 +255,7 @@ def _drive(store: Store, e: _Item, row: Sealed, fresh: dict[int, Payload | None]
         release=True,
         deferred=e.deferred,
         known=(seg, [commit]),  # as the intents' transaction wrote them
+        answered=answered,
     )
 
 

@@ -138,6 +138,13 @@ def metadata_complete(md: Mapping[str, str]) -> bool:
     return all(P + k in md for k in ("size", "parts", "path", "node"))
 
 
+def put_metadata(seg: SegmentRecord, commit: CommitRecord) -> tuple[dict[str, str], bool]:
+    """A single PUT's object metadata, and whether the record sidecar must be written before
+    the PUT (the seal's record did not fit S3's 2 KB of metadata)."""
+    metadata = object_metadata(seg, [commit])
+    return metadata, not metadata_complete(metadata) and sealed_parts(seg, [commit])
+
+
 def record_json(seg: SegmentRecord, commits: Sequence[CommitRecord]) -> bytes:
     """The full manifest record of a sealed segment, for the record sidecar."""
     return json.dumps(

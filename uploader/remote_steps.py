@@ -208,24 +208,33 @@ class RemoteSteps:
         counters: Counters,
     ) -> None:
         payload = learned.fresh.pop(commit.id, None)
-        metadata = objectmeta.object_metadata(seg, [commit])
-        if not objectmeta.metadata_complete(metadata) and objectmeta.sealed_parts(seg, [commit]):
-            self._write_record(lease, seg, [commit])  # did not fit S3's 2 KB of metadata
-        with self.transport.slots:
-            if payload is None:
-                payload = recorded_payload(seg.path, commit)
-            try:
-                info = self.storage.put(seg.key, payload, metadata=metadata)
-            except ObjectExistsError:
-                self._look(lease, seg, learned)  # an object is there already: learn which
-                return
-            except StorageError as exc:
-                if learned.deferred is not None:  # written with the group commit's batch
-                    learned.deferred.failed = PutFailed(lease, commit, str(exc))
-                    raise
-                with contextlib.suppress(UploaderError):
-                    self.manifest.commit_attempt_failed(lease, commit, str(exc))
+        answer = learned.answered.pop(commit.id, None)
+        try:
+            if answer is not None:
+                # Sent already, with its batch (uploader.group: the same plan's PUT, the same
+                # metadata): its answer is taken here exactly as this PUT's own would be.
+                if answer.error is not None:
+                    raise answer.error
+                assert answer.info is not None
+                info = answer.info
+            else:
+                metadata, record_first = objectmeta.put_metadata(seg, commit)
+                if record_first:
+                    self._write_record(lease, seg, [commit])  # did not fit S3's 2 KB
+                with self.transport.slots:
+                    if payload is None:
+                        payload = recorded_payload(seg.path, commit)
+                    info = self.storage.put(seg.key, payload, metadata=metadata)
+        except ObjectExistsError:
+            self._look(lease, seg, learned)  # an object is there already: learn which
+            return
+        except StorageError as exc:
+            if learned.deferred is not None:  # written with the group commit's batch
+                learned.deferred.failed = PutFailed(lease, commit, str(exc))
                 raise
+            with contextlib.suppress(UploaderError):
+                self.manifest.commit_attempt_failed(lease, commit, str(exc))
+            raise
         del payload
         if commit.md5 is not None or info.checksum == crc32c_b64(commit.crc32c):
             # What the response proves (a crc32c-mode part: only its CRC32C echoed).

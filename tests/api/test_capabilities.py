@@ -261,3 +261,47 @@ def test_a_segment_stuck_on_an_unsupported_call_fails_after_the_bound(
         assert store.manifest.segment("s/seg").reason == reason  # type: ignore[union-attr]
         assert store.storage.head("s/seg") is None
         next(opener, None)
+
+
+def test_ship_many_on_s3rver(
+    on_s3rver: Opener, s3rver: LimitedS3, moto_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    _ship_many_where_a_puts_answer_proves_less(
+        on_s3rver(), s3rver, moto_endpoint, s3_bucket, tmp_path
+    )
+    # Each of the four keys HEADed before its PUT, each of the three objects written after it.
+    assert s3rver.count("HeadObject") >= 4 + 3
+
+
+def test_ship_many_on_kms(
+    on_kms: Opener, kms: LimitedS3, moto_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    _ship_many_where_a_puts_answer_proves_less(on_kms(), kms, moto_endpoint, s3_bucket, tmp_path)
+
+
+def _ship_many_where_a_puts_answer_proves_less(
+    store: uploader.Store, proxy: LimitedS3, moto_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    """The group commit sends a batch's PUTs together; each segment is proven as a seal alone
+    proves it where the answers prove less than a PUT on AWS (s3rver: no condition, so a HEAD
+    before each PUT and one after it; SSE-KMS: no MD5 ETag, the CRC32C echoed),
+    and a foreign object is left alone."""
+    boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).put_object(Bucket=s3_bucket, Key="root/g/2", Body=b"x" * 500)  # someone else's
+    files = [_file(tmp_path, str(i), size, seed=i) for i, size in enumerate([0, 1, 500, 4000])]
+    futures = store.ship_many([(f"g/{p.name}", p) for p, _ in files])
+    for i, ((_p, data), fut) in enumerate(zip(files, futures, strict=True)):
+        if i == 2:
+            with pytest.raises(SegmentFailedError, match="not written by this segment"):
+                fut.result(timeout=60)
+            assert _object(moto_endpoint, s3_bucket, "g/2") == b"x" * 500
+            continue
+        assert fut.result(timeout=60).verified
+        _verified(store, f"g/{i}")
+        assert _object(moto_endpoint, s3_bucket, f"g/{i}") == data
+    assert proxy.count("DeleteObject") == 0

@@ -28,10 +28,11 @@ from uploader.errors import (
     SegmentBusyError,
     StorageError,
     UsageError,
+    WorkInterruptedError,
 )
 from uploader.manifest.repo import Manifest, utcnow
 from uploader.manifest.rowmap import SEGMENTS
-from uploader.storage import Fault, FaultyStorage, open_storage
+from uploader.storage import Fault, FaultyStorage, base, open_storage
 
 
 class Crash(BaseException):
@@ -306,6 +307,36 @@ def test_crash_after_the_intents_before_any_put(
     monkeypatch.undo()
     for p, _ in files:
         assert remote_bytes(remote, f"seg/{p.name}") is None  # nothing was sent
+    _all_verified(make_store, remote, files, "seg/")
+
+
+def test_interrupted_before_the_batch_is_sent(
+    make_store: StoreFactory,
+    remote: tuple[str, dict[str, Any]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Told to stop (SIGINT) once the intents are written, just as the batch's PUTs go: none is
+    sent, each item says so, and recovery finishes every segment."""
+    files = _files(tmp_path / "seg", [70, 71, 72])
+    store = make_store()
+    original = base.put_many
+
+    def stop_first(*args: Any, **kwargs: Any) -> Any:
+        store.transport.stop.set()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(group, "put_many", stop_first)
+    futures = store.ship_many([(f"seg/{p.name}", p) for p, _ in files])
+    for f in futures:
+        error = f.exception(timeout=60)
+        assert isinstance(error, WorkInterruptedError) and "uploader recover" in str(error)
+    for p, _ in files:
+        rec = store.manifest.segment(f"seg/{p.name}")
+        assert rec is not None and rec.state is uploader.SegmentState.SEALED
+        assert remote_bytes(remote, f"seg/{p.name}") is None
+    store.abandon()
+    monkeypatch.undo()
     _all_verified(make_store, remote, files, "seg/")
 
 

@@ -14,6 +14,7 @@ from tests.storage.conftest import payload
 from uploader.digest import multipart_etag
 from uploader.errors import NoSuchUploadError, ObjectExistsError, PartRuleError
 from uploader.storage import Expected, PartRef, Storage
+from uploader.storage.base import PutItem, put_many
 
 PART = TEST_MIN_PART_SIZE
 
@@ -218,3 +219,49 @@ def test_read_ranges(storage: Storage) -> None:
     assert storage.read("r/x", 1000, 1001) == data[1000:1001]
     assert storage.read("r/x", 2999, 3000) == data[-1:]
     assert storage.read("r/x", 10, 10) == b""
+
+
+def test_put_many_answers_each_put_in_order(
+    storage: Storage, remote: tuple[str, dict[str, Any]]
+) -> None:
+    """A batch of PUTs (the group commit's) is each PUT as :meth:`Storage.put` alone would do it:
+    new objects written whole, an object already at a key kept (refused unless it is ours, as
+    after a lost response), one item's failure its own answer, the answers in order."""
+    rng = random.Random(9)
+    blobs = [rng.randbytes(size) for size in (0, 1, 1000, 70_000, 5)]
+    storage.put("many/ours", payload(blobs[2]))  # ours already: a lost response
+    storage.put("many/foreign", payload(b"someone else's"))
+    keys = ["many/a", "many/b", "many/ours", "many/foreign", "many/e"]
+    answers = put_many(
+        storage,
+        [
+            PutItem(k, payload(b), {"n": str(i)})
+            for i, (k, b) in enumerate(zip(keys, blobs, strict=True))
+        ],
+        concurrency=3,
+    )
+    assert [a.sent for a in answers] == [True] * 5
+    assert isinstance(answers[3].error, ObjectExistsError)
+    assert "many/foreign" in str(answers[3].error)
+    assert remote_bytes(remote, "many/foreign") == b"someone else's"
+    for i in (0, 1, 2, 4):
+        info = answers[i].info
+        assert answers[i].error is None and info is not None
+        assert (info.key, info.size, info.etag) == (keys[i], len(blobs[i]), payload(blobs[i]).md5)
+        assert remote_bytes(remote, keys[i]) == blobs[i]
+        head = storage.head(keys[i])
+        assert head is not None and (head.size, head.etag) == (info.size, info.etag)
+
+
+def test_put_many_told_to_stop_sends_nothing_more(
+    storage: Storage, remote: tuple[str, dict[str, Any]]
+) -> None:
+    answers = put_many(
+        storage,
+        [PutItem(f"stop/{i}", payload(b"x" * i)) for i in range(4)],
+        concurrency=2,
+        stop=lambda: True,
+    )
+    assert [a.sent for a in answers] == [False] * 4
+    assert [(a.info, a.error) for a in answers] == [(None, None)] * 4
+    assert visible_keys(remote) == []

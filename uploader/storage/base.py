@@ -16,7 +16,7 @@ faults. The same contract suite (``tests/storage/test_contract.py``) runs agains
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
@@ -79,6 +79,28 @@ class Expected:
     #: a multipart object, its own for a PUT). An object reporting none does not match.
     parts: tuple[tuple[int, int], ...] | None = None
     multipart: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class PutItem:
+    """One :meth:`Storage.put` of a batch (:func:`put_many`)."""
+
+    key: str
+    payload: Payload
+    metadata: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PutAnswer:
+    """What one PUT of a batch came to: what :meth:`Storage.put` returned (``info``) or raised
+    (``error``), or neither: it was not sent (the batch was told to stop before its turn)."""
+
+    info: ObjectInfo | None = None
+    error: Exception | None = None
+
+    @property
+    def sent(self) -> bool:
+        return self.info is not None or self.error is not None
 
 
 @runtime_checkable
@@ -214,3 +236,35 @@ def prepare_complete(storage: Storage) -> None:
     prepare = getattr(storage, "prepare_complete", None)
     if callable(prepare):
         prepare()
+
+
+def put_many(
+    storage: Storage,
+    items: Sequence[PutItem],
+    *,
+    concurrency: int,
+    stop: Callable[[], bool] | None = None,
+) -> list[PutAnswer]:
+    """Each item's :meth:`Storage.put`, answered in order; one item's failure is its own answer,
+    not the batch's. ``stop`` is asked before each PUT starts: once it says yes, the PUTs not yet
+    started are not sent.
+
+    A backend whose class defines ``put_many`` (S3: the PUTs as coroutines on its event loop,
+    ``concurrency`` at a time, no thread per request) does the same in one go; any other storage
+    is called one PUT at a time. Only the class is asked, never the instance: a wrapper that
+    forwards unknown attributes to the storage it wraps must not let a batch go around its own
+    ``put``."""
+    batched = getattr(type(storage), "put_many", None)
+    if callable(batched):
+        answers: list[PutAnswer] = batched(storage, items, concurrency=concurrency, stop=stop)
+        return answers
+    out: list[PutAnswer] = []
+    for it in items:
+        if stop is not None and stop():
+            out.append(PutAnswer())
+            continue
+        try:
+            out.append(PutAnswer(info=storage.put(it.key, it.payload, it.metadata)))
+        except Exception as exc:  # this item's answer; the others are still sent
+            out.append(PutAnswer(error=exc))
+    return out

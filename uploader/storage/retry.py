@@ -15,6 +15,7 @@ left running behind a retry.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -25,7 +26,16 @@ from typing import Any, TypeVar
 
 from uploader.digest import Payload
 from uploader.errors import StorageError
-from uploader.storage.base import Expected, ObjectInfo, PartRef, Storage, UploadRef
+from uploader.storage.base import (
+    Expected,
+    ObjectInfo,
+    PartRef,
+    PutAnswer,
+    PutItem,
+    Storage,
+    UploadRef,
+    put_many,
+)
 
 T = TypeVar("T")
 
@@ -108,12 +118,17 @@ class RetryingStorage:
     def check_key(self, key: str) -> None:
         self.inner.check_key(key)  # computed locally: nothing to retry or inject
 
-    def _run(self, op: str, fn: Callable[[], T]) -> T:
+    def _run(self, op: str, fn: Callable[[], T], first: StorageError | None = None) -> T:
+        """``fn()`` until it succeeds, fails for good or has had its attempts; ``first``: the
+        failure of an attempt already made (a batch's), counted as the first."""
         attempt = 0
         while True:
             try:
+                if first is not None:
+                    raise first
                 return fn()  # on this thread: the attempt has ended before any retry
             except StorageError as exc:
+                first = None
                 attempt += 1
                 if not exc.retryable or attempt >= self.policy.attempts:
                     raise
@@ -162,6 +177,33 @@ class RetryingStorage:
         self, key: str, payload: Payload, metadata: Mapping[str, str] | None = None
     ) -> ObjectInfo:
         return self._run("put", lambda: self.inner.put(key, payload, metadata))
+
+    def put_many(
+        self,
+        items: Sequence[PutItem],
+        *,
+        concurrency: int,
+        stop: Callable[[], bool] | None = None,
+    ) -> list[PutAnswer]:
+        """The batch as the storage it wraps sends it (see :func:`put_many`); then each PUT that
+        failed with a retryable error is retried here like :meth:`put`, one at a time, its
+        first attempt counted. Every attempt of the batch has ended before any retry."""
+        answers = put_many(self.inner, items, concurrency=concurrency, stop=stop)
+        out: list[PutAnswer] = []
+        for it, answer in zip(items, answers, strict=True):
+            error = answer.error
+            if not isinstance(error, StorageError) or not error.retryable:
+                out.append(answer)
+                continue
+            try:
+                info = self._run(
+                    "put", functools.partial(self.inner.put, it.key, it.payload, it.metadata), error
+                )
+            except Exception as exc:  # this item's answer, as the batch's own failures
+                out.append(PutAnswer(error=exc))
+            else:
+                out.append(PutAnswer(info=info))
+        return out
 
     def head_metadata(self, key: str) -> tuple[ObjectInfo, dict[str, str]] | None:
         return self._run("head_metadata", lambda: self.inner.head_metadata(key))

@@ -35,6 +35,7 @@ probe runs in the background from a store's first upload, ``prepare_complete``).
 no HEAD precedes the write: a multipart upload costs one HEAD (after Complete), a PUT whose
 response echoes our CRC32C, or whose ETag is our MD5, none (:attr:`ObjectInfo.proven`).
 
+The PUTs (``put``, and ``put_many``: a batch as coroutines) are :mod:`uploader.storage.s3_put`.
 The request layer (errors, deadlines, unknown upload ids) is :mod:`uploader.storage.s3_requests`;
 HEAD, reads, listings, the conditional delete and the probes are :mod:`uploader.storage.s3_objects`
 (this class's bases).
@@ -42,9 +43,7 @@ HEAD, reads, listings, the conditional delete and the probes are :mod:`uploader.
 
 from __future__ import annotations
 
-import contextlib
-import io
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from uploader.digest import (
@@ -55,11 +54,10 @@ from uploader.digest import (
     normalize_etag,
 )
 from uploader.errors import NoSuchUploadError, ObjectExistsError, StorageError
-from uploader.part_stream import part_bytes, streamed
 from uploader.storage.base import Expected, ObjectInfo, PartRef, UploadRef
 from uploader.storage.errors_map import client_error_code
 from uploader.storage.rules import check_part_number, check_part_size, check_parts, matches
-from uploader.storage.s3_objects import S3Objects
+from uploader.storage.s3_put import S3Puts, _body
 from uploader.storage.s3_requests import (
     CHECKSUM_MODES,
     CHECKSUM_REFUSED_CODES,
@@ -83,19 +81,7 @@ __all__ = [
 ]
 
 
-@contextlib.contextmanager
-def _body(payload: Payload, key: str, number: int) -> Iterator[io.IOBase]:
-    """The request body of a part or a PUT: the bytes held, shared (a small segment's PUT), or
-    read from the file as they are sent, checked against the payload's CRC32C (every part: no
-    whole part in memory). An empty range has nothing to stream."""
-    if payload.data is not None or payload.size == 0:
-        yield _PartBody(part_bytes(payload, key=key, number=number))
-        return
-    with streamed(payload, key=key, number=number) as reader:
-        yield reader
-
-
-class S3Storage(S3Objects):
+class S3Storage(S3Puts):
     """A bucket and prefix (``s3://bucket/prefix``) on S3 or an S3-compatible server."""
 
     def start_upload(self, key: str, metadata: Mapping[str, str] | None = None) -> str:
@@ -208,15 +194,6 @@ class S3Storage(S3Objects):
             crc32c=payload.crc32c,
             proven_by_checksum=True,
         )
-
-    def _require_crc32c(self, op: str, key: str) -> None:
-        if self._crc32c is False:
-            raise StorageError(
-                f"{op} of {key!r} in {self.bucket!r}: the segment is recorded in the crc32c "
-                "checksum mode (no part MD5s) but this remote keeps no CRC32C checksums (or the "
-                "storage option checksum='md5' forbids them): its bytes cannot be proven here",
-                retryable=False,
-            )
 
     def list_parts(self, key: str, upload_id: str) -> list[PartRef]:
         parts: list[PartRef] = []
@@ -341,76 +318,6 @@ class S3Storage(S3Objects):
             )
         except NoSuchUploadError:
             return
-
-    def put(
-        self, key: str, payload: Payload, metadata: Mapping[str, str] | None = None
-    ) -> ObjectInfo:
-        crc = crc32c_b64(payload.crc32c)
-        by_crc = payload.md5 is None
-        if by_crc:
-            # The crc32c mode: no MD5, so no Content-MD5 and no ETag to expect; the object's own
-            # CRC32C must be the payload's.
-            self._require_crc32c("put_object", key)
-            check_body_crc32c("put_object", key, 1, payload)
-            expected = Expected(
-                size=payload.size, parts=((payload.crc32c, payload.size),), multipart=False
-            )
-        else:
-            expected = Expected(size=payload.size, etag=payload.md5)
-        conditional = self.conditional_put()
-        if not conditional:
-            # Checked first where the remote ignores If-None-Match on PUT (s3rver): it would
-            # replace the object there with ours.
-            existing = self.head(key)
-            if existing is not None:
-                if matches(existing, expected):
-                    return existing
-                raise ObjectExistsError(
-                    f"put of {key!r} in {self.bucket!r}: an object already exists at the key "
-                    f"({existing.size} bytes, etag {existing.etag}); refusing to overwrite it"
-                )
-        declare = self._crc32c is not False
-        extra: dict[str, Any] = (
-            {"ChecksumAlgorithm": "CRC32C", "ChecksumCRC32C": crc} if declare else {}
-        )
-        if payload.md5 is not None:
-            extra["ContentMD5"] = _b64md5(payload.md5)
-        try:
-            with _body(payload, key, 1) as body:
-                out = self._call(
-                    "put_object",
-                    key,
-                    Bucket=self.bucket,
-                    Key=self._key(key),
-                    Body=body,
-                    Metadata=dict(metadata or {}),
-                    IfNoneMatch="*",
-                    **extra,
-                )
-        except ObjectExistsError:
-            info = self.head(key)
-            if matches(info, expected):
-                assert info is not None
-                return info
-            raise
-        # The server checked the body against Content-MD5. Its ETag may still not be the MD5
-        # (SSE-KMS, SSE-C): returned as said; the caller proves the object by reading it back
-        # when the ETag does not prove it (see uploader.plan).
-        etag = normalize_etag(out.get("ETag"))
-        echoed = out.get("ChecksumCRC32C")
-        if declare and not (by_crc and not echoed):
-            # (A crc32c-mode PUT whose response lacks the checksum teaches nothing here: the
-            # HEAD that follows finds whether the object has it, else its bytes are read back.)
-            self._learn_crc32c(bool(echoed), "put_object", key)
-        # Proven by its own response: nothing was replaced (the condition is honoured) and the
-        # remote checksummed our bytes: it echoed their CRC32C, or its ETag is their MD5 (the md5
-        # mode, Ceph RGW). Anything less (SSE-KMS ETags): the caller HEADs.
-        proven = conditional and (
-            echoed == crc or (payload.md5 is not None and etag == payload.md5)
-        )
-        return ObjectInfo(
-            key=key, size=payload.size, etag=etag, checksum=echoed or None, proven=proven
-        )
 
     def list_uploads(self, prefix: str = "") -> list[UploadRef]:
         full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")

@@ -234,16 +234,17 @@ class S3Requests:
 
     def _bounded(self, op: str, make: Callable[[], Awaitable[T]]) -> T:
         """Run ``make()`` on s3fs's loop; at the deadline cancel it and await the cancellation."""
-        timeout = self.request_timeout
+        result: T = sync(self.fs.loop, self._abounded, op, make)
+        return result
 
-        async def run() -> T:
+    async def _abounded(self, op: str, make: Callable[[], Awaitable[T]]) -> T:
+        """``make()`` on the running loop (s3fs's), cut at ``request_timeout``."""
+        timeout = self.request_timeout
+        try:
             if timeout is None:
                 return await make()
             async with asyncio.timeout(timeout):
                 return await make()
-
-        try:
-            result: T = sync(self.fs.loop, run)
         except TimeoutError as exc:
             # asyncio.timeout raises only once the cancelled request has unwound (its connection
             # closed): nothing of this attempt is still being sent.
@@ -252,11 +253,17 @@ class S3Requests:
                 f"{op} in {self.bucket!r}: no answer {limit}; the request was cancelled and "
                 "its cancellation awaited"
             ) from exc
-        return result
 
     def _request(self, op: str, **kwargs: Any) -> Any:
         """One raw S3 request (no retries), cut at ``request_timeout``."""
         return self._bounded(op, lambda: self.fs._call_s3(op, **kwargs))
+
+    async def _acall(self, op: str, key: str | None, **kwargs: Any) -> Any:
+        """:meth:`_call` as a coroutine on s3fs's loop (a batch's requests, no thread each)."""
+        try:
+            return await self._abounded(op, lambda: self.fs._call_s3(op, **kwargs))
+        except Exception as exc:
+            self._raise(exc, op, key)
 
     def _call(self, op: str, key: str | None, **kwargs: Any) -> Any:
         try:
