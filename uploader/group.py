@@ -11,7 +11,9 @@ Per batch of new segments no bigger than a part (at most :data:`BATCH` of them, 
    per request); each is the first step its drive would take, and the one driver takes its
    answer as that step's own and proves the segment exactly as for a single seal (the remote's
    answer or a HEAD, the local bytes), keeping the outcome
-   (:class:`~uploader.drive_state.Deferred`) instead of writing it;
+   (:class:`~uploader.drive_state.Deferred`) instead of writing it. (The batch's bytes are
+   held already, within the budget above, so its requests take no transport slot: while other
+   segments' parts are sent, up to twice ``concurrency`` requests may be in flight.)
 4. ONE transaction writes every outcome: ``verified`` (the lease given back) or the failed
    attempt with its error, each guarded by its own lease.
 
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from uploader import objectmeta
+from uploader.config import VerifyMode
 from uploader.digest import Payload, read_range, stat_file
 from uploader.drive_state import Deferred, DriveResult
 from uploader.errors import UploaderError, UsageError, VerificationError, WorkInterruptedError
@@ -195,6 +198,7 @@ def _ship_batch(store: Store, batch: list[_Item]) -> None:
         payload, e.payload = e.payload, None
         assert payload is not None  # read before its intent was written
         if store.transport.stop.is_set():
+            _let_go(store, lease)  # a recovery worker claims it at once
             _fail(e, _interrupted(e))
             continue
         metadata, record_first = objectmeta.put_metadata(seg, commit)
@@ -206,20 +210,25 @@ def _ship_batch(store: Store, batch: list[_Item]) -> None:
     # The PUTs the drives would send first (their first step, as the intents left them), sent
     # together: on S3 as coroutines, `concurrency` at a time, no thread per request. Each drive
     # then takes its PUT's answer as its own, with the same proof.
-    answers = put_many(
-        store.storage,
-        [PutItem(seg.key, payload, md) for _e, (_l, seg, _c), payload, md in ready],
-        concurrency=store.concurrency,
-        stop=store.transport.stop.is_set,
-    )
+    deep = store.driver.verify_mode is VerifyMode.DEEP  # each object read back: on the pool
+    try:
+        answers = put_many(
+            store.storage,
+            [PutItem(seg.key, payload, md) for _e, (_l, seg, _c), payload, md in ready],
+            concurrency=store.concurrency,
+            stop=store.transport.stop.is_set,
+        )
+    except Exception as exc:  # no answer is known: each item's attempt failed with it
+        answers = [PutAnswer(error=exc) for _ in ready]
     for (e, row, payload, _md), answer in zip(ready, answers, strict=True):
         if not answer.sent:  # interrupted before its turn: sealed, its part pending
+            _let_go(store, row[0])  # a recovery worker claims it at once
             _fail(e, _interrupted(e))
             continue
         commit = row[2]
         fresh = {commit.id: payload}
         args = (store, e, row, fresh, {commit.id: answer})
-        if answer.info is not None and answer.info.proven:
+        if answer.info is not None and answer.info.proven and not deep:
             # Nothing left to ask the remote: taken here, no thread needed.
             sending.append((e, row, _now(_drive, *args)))
         else:  # a HEAD or a read back may follow: overlapped on the pool

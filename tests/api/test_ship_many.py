@@ -317,7 +317,7 @@ def test_interrupted_before_the_batch_is_sent(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Told to stop (SIGINT) once the intents are written, just as the batch's PUTs go: none is
-    sent, each item says so, and recovery finishes every segment."""
+    sent, each item says so, its lease is given back, and recovery finishes every segment."""
     files = _files(tmp_path / "seg", [70, 71, 72])
     store = make_store()
     original = base.put_many
@@ -334,10 +334,39 @@ def test_interrupted_before_the_batch_is_sent(
     for p, _ in files:
         rec = store.manifest.segment(f"seg/{p.name}")
         assert rec is not None and rec.state is uploader.SegmentState.SEALED
+        assert rec.lease_owner is None  # given back: a recovery worker claims it at once
         assert remote_bytes(remote, f"seg/{p.name}") is None
     store.abandon()
     monkeypatch.undo()
     _all_verified(make_store, remote, files, "seg/")
+
+
+def test_deep_verification_reads_every_object_back(
+    make_store: StoreFactory,
+    remote: tuple[str, dict[str, Any]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``verify="deep"`` every object of a batch is read back before it is verified, as a
+    seal alone does, even where the PUT's own answer proved it."""
+    files = _files(tmp_path / "seg", [0, 10, 3000, PART])
+    store = make_store(verify="deep")
+    reads: list[str] = []
+    original = store.storage.read
+
+    def read(key: str, start: int, end: int) -> bytes:
+        reads.append(key)
+        return original(key, start, end)
+
+    monkeypatch.setattr(store.storage, "read", read)
+    results = [
+        f.result(timeout=60) for f in store.ship_many([(f"d/{p.name}", p) for p, _ in files])
+    ]
+    assert all(r.verified for r in results)
+    # Every non-empty object read back (an empty one has no byte to read).
+    assert set(reads) >= {f"d/{p.name}" for p, data in files if data}
+    for p, data in files:
+        assert remote_bytes(remote, f"d/{p.name}") == data
 
 
 def test_a_segment_another_process_holds_is_reported_not_taken(

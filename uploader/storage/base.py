@@ -17,6 +17,7 @@ faults. The same contract suite (``tests/storage/test_contract.py``) runs agains
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
@@ -247,24 +248,45 @@ def put_many(
 ) -> list[PutAnswer]:
     """Each item's :meth:`Storage.put`, answered in order; one item's failure is its own answer,
     not the batch's. ``stop`` is asked before each PUT starts: once it says yes, the PUTs not yet
-    started are not sent.
+    started are not sent. At most ``concurrency`` PUTs are in flight.
 
-    A backend whose class defines ``put_many`` (S3: the PUTs as coroutines on its event loop,
-    ``concurrency`` at a time, no thread per request) does the same in one go; any other storage
-    is called one PUT at a time. Only the class is asked, never the instance: a wrapper that
-    forwards unknown attributes to the storage it wraps must not let a batch go around its own
-    ``put``."""
+    A backend whose class defines ``put_many`` (S3: the PUTs as coroutines on its event loop, no
+    thread per request) sends the batch itself; any other storage gets :func:`put_each`. Only
+    the class is asked, never the instance: a wrapper that forwards unknown attributes to the
+    storage it wraps must not let a batch go around its own ``put``."""
     batched = getattr(type(storage), "put_many", None)
     if callable(batched):
         answers: list[PutAnswer] = batched(storage, items, concurrency=concurrency, stop=stop)
         return answers
-    out: list[PutAnswer] = []
-    for it in items:
+    return put_each(storage, items, concurrency=concurrency, stop=stop)
+
+
+class _Puts(Protocol):
+    def put(
+        self, key: str, payload: Payload, metadata: Mapping[str, str] | None = None
+    ) -> ObjectInfo: ...
+
+
+def put_each(
+    storage: _Puts,
+    items: Sequence[PutItem],
+    *,
+    concurrency: int,
+    stop: Callable[[], bool] | None = None,
+) -> list[PutAnswer]:
+    """:func:`put_many` as one :meth:`Storage.put` per item, ``concurrency`` threads at a time."""
+
+    def one(it: PutItem) -> PutAnswer:
         if stop is not None and stop():
-            out.append(PutAnswer())
-            continue
+            return PutAnswer()
         try:
-            out.append(PutAnswer(info=storage.put(it.key, it.payload, it.metadata)))
+            return PutAnswer(info=storage.put(it.key, it.payload, it.metadata))
         except Exception as exc:  # this item's answer; the others are still sent
-            out.append(PutAnswer(error=exc))
-    return out
+            return PutAnswer(error=exc)
+
+    if len(items) <= 1 or concurrency <= 1:
+        return [one(it) for it in items]
+    with ThreadPoolExecutor(
+        min(concurrency, len(items)), thread_name_prefix="uploader-put"
+    ) as pool:
+        return list(pool.map(one, items))

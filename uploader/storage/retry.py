@@ -15,7 +15,6 @@ left running behind a retry.
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 import threading
@@ -118,17 +117,12 @@ class RetryingStorage:
     def check_key(self, key: str) -> None:
         self.inner.check_key(key)  # computed locally: nothing to retry or inject
 
-    def _run(self, op: str, fn: Callable[[], T], first: StorageError | None = None) -> T:
-        """``fn()`` until it succeeds, fails for good or has had its attempts; ``first``: the
-        failure of an attempt already made (a batch's), counted as the first."""
+    def _run(self, op: str, fn: Callable[[], T]) -> T:
         attempt = 0
         while True:
             try:
-                if first is not None:
-                    raise first
                 return fn()  # on this thread: the attempt has ended before any retry
             except StorageError as exc:
-                first = None
                 attempt += 1
                 if not exc.retryable or attempt >= self.policy.attempts:
                     raise
@@ -185,25 +179,33 @@ class RetryingStorage:
         concurrency: int,
         stop: Callable[[], bool] | None = None,
     ) -> list[PutAnswer]:
-        """The batch as the storage it wraps sends it (see :func:`put_many`); then each PUT that
-        failed with a retryable error is retried here like :meth:`put`, one at a time, its
-        first attempt counted. Every attempt of the batch has ended before any retry."""
+        """The batch as the storage it wraps sends it (see :func:`put_many`), then the PUTs that
+        failed with a retryable error sent again together, one wait between rounds, each PUT
+        given the policy's attempts in all (the batch's counted as the first). Every attempt
+        of a round has ended before the next round; once ``stop`` says yes, no round starts."""
         answers = put_many(self.inner, items, concurrency=concurrency, stop=stop)
-        out: list[PutAnswer] = []
-        for it, answer in zip(items, answers, strict=True):
-            error = answer.error
-            if not isinstance(error, StorageError) or not error.retryable:
-                out.append(answer)
-                continue
-            try:
-                info = self._run(
-                    "put", functools.partial(self.inner.put, it.key, it.payload, it.metadata), error
-                )
-            except Exception as exc:  # this item's answer, as the batch's own failures
-                out.append(PutAnswer(error=exc))
-            else:
-                out.append(PutAnswer(info=info))
-        return out
+        for attempt in range(1, self.policy.attempts):
+            failed = [
+                i
+                for i, a in enumerate(answers)
+                if isinstance(a.error, StorageError) and a.error.retryable
+            ]
+            if not failed or (stop is not None and stop()):
+                break
+            with self._lock:
+                self.retries += len(failed)
+            wait = self.policy.backoff(attempt - 1)
+            first = answers[failed[0]].error
+            assert isinstance(first, StorageError)
+            self._notify("put", attempt, wait, first)
+            time.sleep(wait)
+            again = put_many(
+                self.inner, [items[i] for i in failed], concurrency=concurrency, stop=stop
+            )
+            for i, answer in zip(failed, again, strict=True):
+                if answer.sent:  # one not sent (stopped) keeps its last failure
+                    answers[i] = answer
+        return answers
 
     def head_metadata(self, key: str) -> tuple[ObjectInfo, dict[str, str]] | None:
         return self._run("head_metadata", lambda: self.inner.head_metadata(key))

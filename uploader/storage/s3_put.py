@@ -25,7 +25,7 @@ from fsspec.asyn import sync
 from uploader.digest import Payload, check_body_crc32c, crc32c_b64, normalize_etag
 from uploader.errors import ObjectExistsError, StorageError
 from uploader.part_stream import part_bytes, streamed
-from uploader.storage.base import Expected, ObjectInfo, PutAnswer, PutItem
+from uploader.storage.base import Expected, ObjectInfo, PutAnswer, PutItem, put_each
 from uploader.storage.rules import matches
 from uploader.storage.s3_objects import S3Objects
 from uploader.storage.s3_requests import _b64md5, _PartBody
@@ -55,6 +55,17 @@ class _Plan:
     conditional: bool
 
 
+def _unknown(plan: _Plan, exc: BaseException) -> StorageError:
+    """A PUT whose request ended without an answer (cancelled, or the loop failed): whether the
+    object was written is not known; retryable (the PUT is conditional: a retry that finds our
+    object adopts it)."""
+    return StorageError(
+        f"put_object of {plan.key!r}: no answer ({type(exc).__name__}: {exc}); whether the "
+        "object was written is unknown",
+        retryable=True,
+    )
+
+
 class S3Puts(S3Objects):
     """The PUTs of :class:`~uploader.storage.s3.S3Storage`."""
 
@@ -79,12 +90,21 @@ class S3Puts(S3Objects):
         stop: Callable[[], bool] | None = None,
     ) -> list[PutAnswer]:
         """Each item's :meth:`put`, its requests sent as coroutines, ``concurrency`` at a time;
-        see :func:`uploader.storage.base.put_many`."""
+        see :func:`uploader.storage.base.put_many`.
+
+        Where the remote ignores ``If-None-Match`` on PUT (each PUT needs a HEAD first), or a
+        payload's bytes are not held (they would be read from its file on the event loop's
+        thread), the batch is :func:`~uploader.storage.base.put_each`: the same PUTs on threads.
+        """
+        try:
+            conditional = self.conditional_put()  # probed once per instance
+        except Exception as exc:  # as each put would raise it (the retry layer may try again)
+            return [PutAnswer(error=exc) for _ in items]
+        if not conditional or any(it.payload.data is None and it.payload.size for it in items):
+            return put_each(self, items, concurrency=concurrency, stop=stop)
         answers: list[PutAnswer] = [PutAnswer() for _ in items]
         plans: list[tuple[int, _Plan]] = []
         for i, it in enumerate(items):
-            if stop is not None and stop():
-                break
             try:
                 plan = self._put_plan(it.key, it.payload, it.metadata)
             except Exception as exc:  # this item's answer; the others are still sent
@@ -102,25 +122,31 @@ class S3Puts(S3Objects):
                 async with gate:
                     if stop is not None and stop():
                         return None  # not sent
-                    try:
-                        with _body(plan.payload, plan.key, 1) as body:
-                            return await self._acall(
-                                "put_object", plan.key, Body=body, **plan.request
-                            )
-                    except Exception as exc:
-                        return exc
+                    with _body(plan.payload, plan.key, 1) as body:
+                        return await self._acall("put_object", plan.key, Body=body, **plan.request)
 
-            return await asyncio.gather(*(send(p) for _i, p in plans))
+            # Every request has ended (answered, failed or cancelled) before this returns: no
+            # PUT of the batch is still in flight when its answers are taken.
+            return await asyncio.gather(*(send(p) for _i, p in plans), return_exceptions=True)
 
-        outs = sync(self.fs.loop, send_all) if plans else []
+        try:
+            outs = sync(self.fs.loop, send_all) if plans else []
+        except Exception as exc:  # the loop itself failed: no answer is known
+            outs = [exc] * len(plans)
         for (i, plan), out in zip(plans, outs, strict=True):
             if out is None:
                 continue
             try:
                 if isinstance(out, ObjectExistsError):
                     answers[i] = PutAnswer(info=self._put_exists(plan, out))
+                elif isinstance(out, asyncio.CancelledError):
+                    answers[i] = PutAnswer(error=_unknown(plan, out))
                 elif isinstance(out, Exception):
-                    answers[i] = PutAnswer(error=out)
+                    answers[i] = PutAnswer(
+                        error=out if isinstance(out, StorageError) else _unknown(plan, out)
+                    )
+                elif isinstance(out, BaseException):
+                    raise out  # KeyboardInterrupt, SystemExit: not an answer
                 else:
                     answers[i] = PutAnswer(info=self._put_answer(plan, out))
             except Exception as exc:
