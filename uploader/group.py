@@ -1,7 +1,8 @@
 """Group commit: ``Store.ship_many(items)`` ships many whole files as segments, a batch at a time.
 
 Per batch of new segments no bigger than a part (at most :data:`BATCH` of them, and at most
-``concurrency x part_size`` bytes held in memory):
+half of ``concurrency x part_size`` bytes, one part at least, held in memory; the next batch is
+read and registered while this one's PUTs are out, so at most two are held):
 
 1. each file is read once and its checksums taken (off the caller's thread);
 2. ONE transaction registers, leases and seals them all, each part ``pending``: the same rows,
@@ -30,7 +31,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, InvalidStateError, wait
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -91,10 +92,15 @@ def submit(
 
 
 def _run(store: Store, entries: list[_Item]) -> None:
+    # Batch k+1's files are read and its intents written while batch k's PUTs are out (on the
+    # sender thread): the manifest's work and the network's overlap. At most two batches are
+    # held, each within half the budget (one part at least).
+    sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uploader-group")
+    sending: Future[None] | None = None
     try:
         batch: list[_Item] = []
         held = 0
-        budget = store.concurrency * store.part_size
+        budget = max(store.part_size, store.concurrency * store.part_size // 2)
         # One mode for the group's new segments, as segment() would record for each (the
         # remote's answer is cached per storage instance).
         checksum = store.new_segment_checksum()
@@ -107,7 +113,7 @@ def _run(store: Store, entries: list[_Item]) -> None:
                 _one_at_a_time(store, e)
                 continue
             if batch and (len(batch) >= BATCH or held + e.size > budget):
-                _ship_batch(store, batch)
+                sending = _next_batch(store, sender, sending, batch)
                 batch, held = [], 0
             try:
                 e.payload = read_range(e.path, 0, e.size, md5=checksum == "md5")
@@ -117,11 +123,28 @@ def _run(store: Store, entries: list[_Item]) -> None:
             batch.append(e)
             held += e.size
         if batch:
-            _ship_batch(store, batch)
+            sending = _next_batch(store, sender, sending, batch)
+        if sending is not None:
+            sending.result()
     except BaseException as exc:
         for e in entries:
             _fail(e, exc)
         raise
+    finally:
+        sender.shutdown(wait=True)
+
+
+def _next_batch(
+    store: Store, sender: ThreadPoolExecutor, previous: Future[None] | None, batch: list[_Item]
+) -> Future[None] | None:
+    """Write ``batch``'s intents, then, once the previous batch is settled, send it on
+    ``sender``; its future (None when nothing of it was recorded)."""
+    rows = _register(store, batch)
+    if previous is not None:
+        previous.result()
+    if rows is None:
+        return None
+    return sender.submit(_ship_batch, store, batch, rows)
 
 
 def _prepare(store: Store, e: _Item) -> bool:
@@ -161,7 +184,9 @@ def _one_at_a_time(store: Store, e: _Item) -> None:
     inner.add_done_callback(relay)
 
 
-def _ship_batch(store: Store, batch: list[_Item]) -> None:
+def _register(store: Store, batch: list[_Item]) -> list[Sealed | None] | None:
+    """The batch's intents in one transaction, each new segment's lease held from here; None
+    when nothing of it was recorded (each item's future has failed)."""
     try:
         rows = store.manifest.seal_small_many(
             [
@@ -185,7 +210,14 @@ def _ship_batch(store: Store, batch: list[_Item]) -> None:
     except Exception as exc:  # nothing of the batch was recorded (an outage, a bad row)
         for e in batch:
             _fail(e, exc)
-        return
+        return None
+    for row in rows:
+        if row is not None:
+            store.keeper.hold(row[0])
+    return rows
+
+
+def _ship_batch(store: Store, batch: list[_Item], rows: list[Sealed | None]) -> None:
     sending: list[tuple[_Item, Sealed, Future[DriveResult]]] = []
     ready: list[tuple[_Item, Sealed, Payload, dict[str, str]]] = []
     for e, row in zip(batch, rows, strict=True):
@@ -194,7 +226,6 @@ def _ship_batch(store: Store, batch: list[_Item]) -> None:
             _one_at_a_time(store, e)
             continue
         lease, seg, commit = row
-        store.keeper.hold(lease)
         payload, e.payload = e.payload, None
         assert payload is not None  # read before its intent was written
         if store.transport.stop.is_set():

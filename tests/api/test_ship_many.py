@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,50 @@ def test_a_batch_is_two_transactions(
     futures = store.ship_many([(f"more/{p.name}", p) for p, _ in more])
     assert all(f.result(timeout=60).verified for f in futures)
     assert len(writes) == 6  # three batches (5, 5, 2), two transactions each
+
+
+def test_the_next_batch_is_registered_while_the_last_ones_puts_are_out(
+    make_store: StoreFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group commit's pipeline: batch 2's intents are written while batch 1's PUTs are held
+    back (they go only once batch 2 is registered; a group that waited for batch 1 first would
+    never register batch 2 and the held PUTs would give up), and no batch is sent before the
+    one before it is settled."""
+    monkeypatch.setattr(group, "BATCH", 3)
+    files = _files(tmp_path / "seg", [40 + i for i in range(7)])  # batches of 3, 3, 1
+    store = make_store()
+    order: list[str] = []
+    second_registered = threading.Event()
+    intents, settle, send = Manifest.seal_small_many, Manifest.settle_puts, base.put_many
+
+    def registering(self: Manifest, items: Any, **kwargs: Any) -> Any:
+        order.append(f"intents {len(items)}")
+        rows = intents(self, items, **kwargs)
+        if sum(what.startswith("intents") for what in order) == 2:
+            second_registered.set()
+        return rows
+
+    def sending(storage: Any, items: Any, **kwargs: Any) -> Any:
+        if not order.count("puts"):
+            assert second_registered.wait(timeout=60), "batch 2 was not registered meanwhile"
+        order.append("puts")
+        return send(storage, items, **kwargs)
+
+    def settling(self: Manifest, proven: Any, failed: Any) -> Any:
+        order.append("outcomes")
+        return settle(self, proven, failed)
+
+    monkeypatch.setattr(Manifest, "seal_small_many", registering)
+    monkeypatch.setattr(Manifest, "settle_puts", settling)
+    monkeypatch.setattr(group, "put_many", sending)
+    futures = store.ship_many([(f"seg/{p.name}", p) for p, _ in files])
+    assert all(f.result(timeout=60).verified for f in futures)
+    assert order[:3] == ["intents 3", "intents 3", "puts"]
+    # Each batch's PUTs after the outcomes of the one before (at most two batches held).
+    sends = [i for i, what in enumerate(order) if what == "puts"]
+    outcomes = [i for i, what in enumerate(order) if what == "outcomes"]
+    assert len(sends) == len(outcomes) == 3
+    assert all(outcomes[k] < sends[k + 1] for k in range(2))
 
 
 def _later(store: uploader.Store) -> uploader.Store:
