@@ -1,5 +1,6 @@
 """The sweep: abort multipart uploads (and staged parts) under the remote root that no unfinished
-manifest row references, and clear a staged backend's leftovers.
+manifest row references, and clear a staged backend's leftovers and old capability probes'
+uploads (S3: left by a process killed mid-probe).
 
 An upload is started before its id is recorded, so an orphan younger than ``older_than`` is left
 alone; the manifest is read again just before each abort.
@@ -13,6 +14,10 @@ from datetime import timedelta
 from uploader.config import DEFAULT_SWEEP_AGE as DEFAULT_SWEEP_AGE
 from uploader.crew import Crew
 from uploader.errors import UnsupportedOperationError
+
+#: Seconds: a capability probe's upload younger than this is never aborted (a probe takes
+#: seconds; another process's may be running even when ``older_than`` is 0).
+PROBE_MIN_AGE = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +70,19 @@ def sweep(
         # live, not an orphan.
         if up.upload_id in crew.manifest.live_upload_ids():
             kept_live += 1
+            continue
+        if not dry_run:
+            crew.storage.abort(up.key, up.upload_id)
+        aborted.append((up.key, up.upload_id))
+    # A capability probe's own upload (S3, under .uploader/probe/; never in the manifest): its
+    # probe aborts it within seconds, so one older than the cutoff (and than PROBE_MIN_AGE,
+    # whatever the cutoff) was left by a process killed mid-probe. A younger one may be a
+    # running probe's: left alone.
+    probe_cutoff = crew.manifest.clock() - timedelta(seconds=max(older_than, PROBE_MIN_AGE))
+    probe_uploads = getattr(crew.storage, "probe_uploads", None)
+    for up in probe_uploads() if callable(probe_uploads) and not prefix else []:
+        if up.initiated is not None and up.initiated > probe_cutoff:
+            kept_young += 1
             continue
         if not dry_run:
             crew.storage.abort(up.key, up.upload_id)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.api.conftest import PART, StoreFactory
+from tests.conftest import rgw_options
+from uploader.manifest.repo import utcnow
+from uploader.sweep import PROBE_MIN_AGE
 
 
 def test_sweep_aborts_orphans_only(
@@ -106,3 +109,36 @@ def test_sweep_removes_old_upload_directories_without_metadata(
         assert [u.upload_id for u in staged.list_uploads()] == [live]
         # A second sweep finds nothing more.
         assert store.sweep(older_than=3600).tmp_removed == ()
+
+
+@pytest.mark.parametrize("remote", ["s3", "rgw"], indirect=True)
+def test_sweep_aborts_an_old_probe_upload_left_by_a_killed_process(
+    make_store: StoreFactory, remote: tuple[str, dict[str, Any]]
+) -> None:
+    """A capability probe's own upload (under ``.uploader/probe/``) is aborted by its probe
+    within seconds and never listed; one left by a process killed mid-probe is aborted by the
+    sweep once it is older than the cutoff, never before (it may be a running probe's)."""
+    with make_store() as store:
+        s3: Any = store.storage.inner  # type: ignore[attr-defined]
+        key = f".uploader/probe/{uuid.uuid4().hex}"
+        killed = s3._call("create_multipart_upload", key, Bucket=s3.bucket, Key=s3._key(key))[
+            "UploadId"
+        ]
+        assert [u.upload_id for u in s3.probe_uploads()] == [killed]
+        assert store.storage.list_uploads() == []
+
+        if remote[1] == rgw_options():
+            # Ceph RGW reports when the upload began (moto says 2010-11-10 for every upload):
+            # younger than the cutoff, or than PROBE_MIN_AGE with a cutoff of 0, it stays.
+            for older_than in (3600, 0):
+                young = store.sweep(older_than=older_than)
+                assert young.aborted == () and young.kept_young == 1
+            store.manifest.clock = lambda: utcnow() + timedelta(seconds=PROBE_MIN_AGE + 60)
+
+        dry = store.sweep(older_than=0, dry_run=True)
+        assert dry.aborted == ((key, killed),) and dry.dry_run
+        assert [u.upload_id for u in s3.probe_uploads()] == [killed]
+
+        real = store.sweep(older_than=0)
+        assert real.aborted == ((key, killed),)
+        assert s3.probe_uploads() == [] and store.storage.list_uploads() == []

@@ -145,7 +145,8 @@ def test_a_probe_upload_is_never_listed_so_sweep_leaves_it_to_its_probe(
     moto_endpoint: str, s3_bucket: str, moto_client: Any
 ) -> None:
     """A probe running in the background has an upload of its own under ``.uploader/probe/``;
-    a sweep at that moment must not see it (it would abort it under the probe)."""
+    ``list_uploads`` never lists it, so the sweep's orphan pass cannot abort it under the probe
+    (only its own pass for old probe uploads does, past the cutoff: tests/api/test_sweep.py)."""
     storage = open_storage(f"s3://{s3_bucket}/root", s3_options(moto_endpoint))
     try:
         probe = moto_client.create_multipart_upload(

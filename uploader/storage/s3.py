@@ -319,6 +319,14 @@ class S3Storage(S3Puts):
         except NoSuchUploadError:
             return
 
+    def probe_uploads(self) -> list[UploadRef]:
+        """The unfinished uploads of capability probes (under ``.uploader/probe/``), which
+        :meth:`list_uploads` never lists: a probe aborts its own within seconds, so an old one
+        was left by a process killed mid-probe (the sweep aborts it). This instance's own
+        background probe is waited for first: its upload is never among them."""
+        self._probe_ended()
+        return self._list_uploads(self._key(PROBE_PREFIX + "/"))
+
     def list_uploads(self, prefix: str = "") -> list[UploadRef]:
         full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
         return self._list_uploads(full, probes=False)

@@ -193,6 +193,10 @@ class S3Objects(S3Requests):
         """Let a background probe finish (it removes its own object and upload, which a sweep
         does not list), waiting at most a few request deadlines; s3fs closes its session when
         the filesystem object is collected."""
+        self._probe_ended()
+
+    def _probe_ended(self) -> None:
+        """Wait (a few request deadlines at most) for this instance's background probe."""
         probe = self._complete_probe
         if probe is not None and probe.is_alive():
             probe.join(timeout=3 * (self.request_timeout or 10.0))
