@@ -107,7 +107,7 @@ def check_one(crew: Crew, rec: SegmentRecord, *, deep: bool, repair: bool) -> Ch
 def drift(crew: Crew, rec: SegmentRecord, problem: str, *, repair: bool) -> Check:
     """The verified object of ``rec`` is missing or different: the segment leaves ``verified``."""
     try:
-        lease = crew.manifest.acquire(rec.key, crew.worker, crew.lease_seconds)
+        lease = crew.manifest.acquire(rec.key, crew.worker, crew.lease_seconds, node=crew.node)
     except SegmentBusyError as exc:
         return Check(rec.key, False, problem, f"not changed: {exc}")
     crew.keeper.hold(lease)

@@ -3,17 +3,21 @@ deletion, and shipped again from the intact local file; with the local file gone
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 import uploader
 from tests.api.conftest import PART, StoreFactory, remote_bytes
 from tests.api.test_no_blind_delete import _write_foreign
 from tests.conftest import remote_fs
+from uploader.manifest.repo import Manifest
+from uploader.manifest.rowmap import SEGMENTS
 
 
 def _remove(remote: tuple[str, dict[str, Any]], key: str) -> None:
@@ -191,3 +195,30 @@ def test_deep_verification_reads_every_part_back_before_verified(
     assert store.segment("deep/0", p).seal().result(timeout=60).verified
     assert storage.reads == [(0, PART), (PART, 2 * PART), (2 * PART, 2 * PART + 11)]
     assert remote_bytes(remote, "deep/0") == data
+
+
+def test_a_drift_lease_names_this_process_as_its_holder(
+    shipped: tuple[uploader.Store, str, Path, bytes],
+    remote: tuple[str, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`verify` takes the segment's lease to move it out of ``verified``; the lease names this
+    process on this node, so a verify killed there is freed at once by the next worker on the
+    node (not only when the lease expires), as every other lease is."""
+    store, key, _path, _data = shipped
+    _remove(remote, key)
+    seen: list[tuple[Any, ...]] = []
+    original = Manifest.drifted
+
+    def drifted(self: Manifest, lease: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(SEGMENTS.c.lease_node, SEGMENTS.c.lease_pid).where(SEGMENTS.c.key == key)
+            ).one()
+        seen.append(tuple(row))
+        return original(self, lease, *args, **kwargs)
+
+    monkeypatch.setattr(Manifest, "drifted", drifted)
+    report = store.verify(repair=False)
+    assert not report.ok
+    assert seen == [(store.node, os.getpid())]
