@@ -30,6 +30,14 @@ DEFAULT_CONCURRENCY = 4
 #: orphans younger than this alone so it cannot abort an upload whose id is about to be recorded.
 #: (Here, not in ``uploader.sweep``: the CLI's option default, read without loading the manifest.)
 DEFAULT_SWEEP_AGE = 3600.0
+#: How many times a completed object that failed verification is uploaded again before the
+#: segment is declared ``failed``.
+DEFAULT_MAX_REUPLOADS = 3
+#: A segment whose recovery passes end on the same error retrying cannot cure (a call the
+#: remote does not support, a refused request) this many times in a row becomes ``failed`` with
+#: that error: `uploader status` shows it and `uploader retry` takes it up once the cause is fixed.
+#: (These two here too: the CLI's option defaults, read without loading the manifest.)
+DEFAULT_STUCK_PASSES = 3
 
 
 class VerifyMode(StrEnum):

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from uploader.config import DEFAULT_MAX_REUPLOADS as DEFAULT_MAX_REUPLOADS
 from uploader.config import VerifyMode
 from uploader.digest import Payload
 from uploader.records import CommitRecord, PutFailed, PutProven
 from uploader.states import SegmentState
 from uploader.storage.base import ObjectInfo, PartRef, PutAnswer
-
-#: How many times a completed object that failed verification is uploaded again before the
-#: segment is declared ``failed``.
-DEFAULT_MAX_REUPLOADS = 3
 
 #: The verify modes by name (the enum is :class:`~uploader.config.VerifyMode`).
 VERIFY_MODES = tuple(m.value for m in VerifyMode)

@@ -48,6 +48,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from uploader.config import DEFAULT_STUCK_PASSES
 from uploader.crew import Crew
 from uploader.driver import DEFAULT_MAX_REUPLOADS
 from uploader.errors import (
@@ -74,10 +75,6 @@ from uploader.transport import Counters
 
 log = logging.getLogger("uploader.recovery")
 
-#: A segment whose recovery passes end on the same error retrying cannot cure (a call the
-#: remote does not support, a refused request) this many times in a row becomes ``failed`` with
-#: that error: `uploader status` shows it and `uploader retry` takes it up once the cause is fixed.
-DEFAULT_STUCK_PASSES = 3
 
 # Crew, the reports and the sweep live in their own modules; importable from here as before.
 __all__ = [
@@ -321,7 +318,8 @@ def _stuck(crew: Crew, lease: Lease, seg: SegmentRecord, error: str, limit: int)
             error,
         )
         return None
-    reason = f"stuck on the same error for {run} recovery passes: {error}"
+    passes = "pass" if run == 1 else "passes"
+    reason = f"stuck on the same error for {run} recovery {passes}: {error}"
     try:
         crew.driver.fail(lease, reason)
     except UploaderError:
@@ -339,6 +337,7 @@ def recover_loop(
     max_reuploads: int = DEFAULT_MAX_REUPLOADS,
     backoff: Backoff | None = None,
     clock: Callable[[], float] = time.monotonic,
+    stuck_passes: int = DEFAULT_STUCK_PASSES,
 ) -> RecoveryReport:
     """Run a pass every ``interval`` seconds until ``stop`` is set; return the last report.
 
@@ -363,6 +362,7 @@ def recover_loop(
                 max_reuploads=max_reuploads,
                 on_segment=on_segment,
                 unreleased=unreleased,
+                stuck_passes=stuck_passes,
             )
         except Exception as exc:
             if not guard.survive(exc, stop):

@@ -19,6 +19,7 @@ from uploader import deletable as deletable_mod
 from uploader import readback, recovery
 from uploader import rebuild as rebuild_mod
 from uploader import verify as verify_mod
+from uploader.config import DEFAULT_STUCK_PASSES
 from uploader.driver import DEFAULT_MAX_REUPLOADS
 from uploader.errors import UsageError
 from uploader.records import SegmentRecord, Status
@@ -174,14 +175,25 @@ class Upkeep:
         max_reuploads: int = DEFAULT_MAX_REUPLOADS,
         stop: threading.Event | None = None,
         on_segment: Callable[[recovery.SegmentOutcome], None] | None = None,
+        stuck_passes: int = DEFAULT_STUCK_PASSES,
     ) -> recovery.RecoveryReport:
         """Finish every interrupted segment this worker can act on; see :mod:`uploader.recovery`.
 
         ``on_segment`` is called with each segment's outcome as it is known (progress).
+        ``stuck_passes``: a segment whose passes end on the same error that no retry can fix
+        (a call the remote does not support, a request it refuses) this many times in a row
+        becomes ``failed`` with it.
         """
         self._check_open()
+        if stuck_passes < 1:
+            raise UsageError(f"stuck_passes must be at least 1, not {stuck_passes}")
         return recovery.recover(
-            self.crew, limit=limit, max_reuploads=max_reuploads, stop=stop, on_segment=on_segment
+            self.crew,
+            limit=limit,
+            max_reuploads=max_reuploads,
+            stop=stop,
+            on_segment=on_segment,
+            stuck_passes=stuck_passes,
         )
 
     def finish(self, key: str) -> recovery.SegmentOutcome:

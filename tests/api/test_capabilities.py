@@ -22,7 +22,7 @@ import uploader
 from tests.api.conftest import PART
 from tests.conftest import migrate, s3_options
 from tests.limited_s3 import LimitedS3, limited_s3
-from uploader.errors import SegmentFailedError, UnsupportedOperationError
+from uploader.errors import SegmentFailedError, UnsupportedOperationError, UsageError
 from uploader.manifest.repo import utcnow
 from uploader.storage import Fault, FaultyStorage, open_storage
 
@@ -305,3 +305,21 @@ def _ship_many_where_a_puts_answer_proves_less(
         _verified(store, f"g/{i}")
         assert _object(moto_endpoint, s3_bucket, f"g/{i}") == data
     assert proxy.count("DeleteObject") == 0
+
+
+def test_the_stuck_bound_is_the_callers(
+    manifest_url: str, s3_bucket: str, moto_endpoint: str, tmp_path: Path
+) -> None:
+    """``recover(stuck_passes=1)`` fails a segment stuck on an unsupported call in its first
+    pass; a bound below one is refused before anything is claimed."""
+    with limited_s3(moto_endpoint, refuse={"CompleteMultipartUpload": 405}) as proxy:
+        open_store = next(_opener(manifest_url, s3_bucket, proxy.url))
+        store = open_store()
+        path, _ = _file(tmp_path, "seg", 2 * PART + 3)
+        assert store.segment("s/one", path).seal().exception(timeout=60) is not None
+        with pytest.raises(UsageError, match="stuck_passes"):
+            store.recover(stuck_passes=0)
+        report = store.recover(stuck_passes=1)
+        [(key, reason)] = report.failed
+        assert key == "s/one" and "for 1 recovery pass:" in reason
+        assert proxy.count("CompleteMultipartUpload") == 2  # the seal's and one pass's

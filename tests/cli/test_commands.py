@@ -200,3 +200,36 @@ def test_signal_handlers_come_before_the_slow_imports() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
     assert res.stdout.strip() == "[] True", res.stdout + res.stderr
+
+
+def test_recover_takes_its_bounds_from_the_command_line(
+    run: Run, home: Path, tmp_path: Path, moto_endpoint: str, s3_bucket: str
+) -> None:
+    """`recover --stuck-passes 1`: a segment stuck on a call the remote does not support fails
+    in the first pass, naming it (the default waits for three)."""
+    from tests.conftest import s3_options
+    from tests.limited_s3 import limited_s3
+
+    data = random.Random(3).randbytes(2 * PART + 3)
+    path = tmp_path / "seg"
+    path.write_bytes(data)
+    with limited_s3(moto_endpoint, refuse={"CompleteMultipartUpload": 405}) as proxy:
+        options = s3_options(proxy.url)
+        remote = f"s3://{s3_bucket}/root"
+        with uploader.open(
+            f"sqlite:///{home}/manifest.db",
+            remote,
+            storage_options=options,
+            part_size=PART,
+            min_part_size=PART,
+        ) as store:
+            assert store.segment("s/seg", path).seal().exception(timeout=60) is not None
+        args = ("--remote", remote, "--storage-options", json.dumps(options), "recover", "--json")
+        res = run(*args, "--stuck-passes", "1", "--max-reuploads", "2")
+        assert res.returncode == 1, res.stdout + res.stderr
+        [entry] = json.loads(res.stdout)["failed"]
+        assert entry["key"] == "s/seg"
+        assert (
+            "for 1 recovery pass:" in entry["reason"]
+            and "CompleteMultipartUpload" in entry["reason"]
+        )

@@ -37,6 +37,8 @@ def test_help_shows_metavars_not_python_types() -> None:
     assert "{FILE}..." in ship and "--key-prefix PREFIX" in ship
     verify = runner.invoke(app, ["verify", "--help"], env={"COLUMNS": "100"}).output
     assert "--interval SECONDS" in verify and "--rate BYTES/S" in verify
+    recover = runner.invoke(app, ["recover", "--help"], env={"COLUMNS": "100"}).output
+    assert "--stuck-passes N" in recover and "--max-reuploads N" in recover
 
 
 def test_numbers_out_of_range_are_refused() -> None:
@@ -45,6 +47,8 @@ def test_numbers_out_of_range_are_refused() -> None:
         ["--concurrency", "0", "status"],
         ["sweep", "--older-than", "-5"],
         ["recover", "--metrics-port", "70000"],
+        ["recover", "--stuck-passes", "0"],
+        ["recover", "--max-reuploads", "-1"],
         ["verify", "--batch", "0"],
     ):
         res = runner.invoke(app, argv)

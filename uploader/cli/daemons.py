@@ -15,6 +15,7 @@ from rich.progress import Progress
 from uploader.cli.app import ctx_store
 from uploader.cli.output import JsonOption, MetricsPortOption, _emit_json, _progress, err, out
 from uploader.cli.signals import _stop_on_signals
+from uploader.config import DEFAULT_MAX_REUPLOADS, DEFAULT_STUCK_PASSES
 from uploader.errors import UsageError
 from uploader.recovery_report import RecoveryReport
 from uploader.states import UNFINISHED_SEGMENT_STATES
@@ -174,7 +175,9 @@ def watch(
         raise typer.Exit(1)
 
 
-def _recover_pass(store: Store, progress: Progress, stop: threading.Event) -> RecoveryReport:
+def _recover_pass(
+    store: Store, progress: Progress, stop: threading.Event, max_reuploads: int, stuck_passes: int
+) -> RecoveryReport:
     """One recovery pass under a bar of bytes: the pending bytes to send, advanced as the remote
     acknowledges parts (or they are found there already); segments counted in its label."""
     st = store.status()
@@ -191,7 +194,12 @@ def _recover_pass(store: Store, progress: Progress, stop: threading.Event) -> Re
 
     store.on_bytes = lambda _key, nbytes: progress.advance(task, nbytes)
     try:
-        return store.recover(stop=stop, on_segment=on_segment)
+        return store.recover(
+            stop=stop,
+            on_segment=on_segment,
+            max_reuploads=max_reuploads,
+            stuck_passes=stuck_passes,
+        )
     finally:
         store.on_bytes = None
 
@@ -215,6 +223,23 @@ def recover(
     worker: Annotated[
         str | None, typer.Option(metavar="NAME", help="Worker name (default host:pid:random)")
     ] = None,
+    max_reuploads: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            min=0,
+            help="Fail a segment whose object vanished or failed verification more than N times",
+        ),
+    ] = DEFAULT_MAX_REUPLOADS,
+    stuck_passes: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            min=1,
+            help="Fail a segment after N passes in a row end on the same error no retry fixes "
+            "(a call the remote does not support, a request it refuses)",
+        ),
+    ] = DEFAULT_STUCK_PASSES,
     metrics_port: MetricsPortOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -245,7 +270,7 @@ def recover(
         try:
             if not loop:
                 with _progress(transfer=True) as progress:
-                    report = _recover_pass(store, progress, stop)
+                    report = _recover_pass(store, progress, stop, max_reuploads, stuck_passes)
                 on_report(report)
             else:
                 with _progress(transfer=True) as progress:  # bytes sent, over every pass
@@ -253,7 +278,12 @@ def recover(
                     store.on_bytes = lambda _key, nbytes: progress.advance(task, nbytes)
                     try:
                         report = recover_loop(
-                            store.crew, interval=interval, stop=stop, on_report=on_report
+                            store.crew,
+                            interval=interval,
+                            stop=stop,
+                            on_report=on_report,
+                            max_reuploads=max_reuploads,
+                            stuck_passes=stuck_passes,
                         )
                     finally:
                         store.on_bytes = None
