@@ -47,7 +47,8 @@ class Daemon:
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uploader.cli", *args],
-            env=env,
+            # SIGABRT dumps every thread's stack on stderr (a daemon that does not stop, below).
+            env={**env, "PYTHONFAULTHANDLER": "1"},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -84,11 +85,26 @@ class Daemon:
             raise AssertionError(f"{exc}\nstderr so far:\n{self.stderr}") from None
 
     def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM, then the exit code."""
+        """SIGTERM, then the exit code; a daemon still running ``timeout`` seconds later fails
+        the test with its stderr (what it was doing when told to stop)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # its threads' stacks, then it dies
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            for t in self._readers:
+                t.join(timeout=10)
+            raise AssertionError(
+                f"the daemon did not stop within {timeout:g} s of SIGTERM; its stderr, with "
+                "its threads' stacks at the end:\n"
+                f"{self.stderr}"
+            ) from None
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
