@@ -72,7 +72,7 @@ class S3Puts(S3Objects):
     def put(
         self, key: str, payload: Payload, metadata: Mapping[str, str] | None = None
     ) -> ObjectInfo:
-        plan = self._put_plan(key, payload, metadata)
+        plan = self._put_plan(key, payload, metadata, self.conditional_put())
         if isinstance(plan, ObjectInfo):
             return plan
         try:
@@ -106,14 +106,12 @@ class S3Puts(S3Objects):
         plans: list[tuple[int, _Plan]] = []
         for i, it in enumerate(items):
             try:
-                plan = self._put_plan(it.key, it.payload, it.metadata)
+                plan = self._put_plan(it.key, it.payload, it.metadata, conditional=True)
             except Exception as exc:  # this item's answer; the others are still sent
                 answers[i] = PutAnswer(error=exc)
                 continue
-            if isinstance(plan, ObjectInfo):
-                answers[i] = PutAnswer(info=plan)
-            else:
-                plans.append((i, plan))
+            assert isinstance(plan, _Plan)  # conditional: no HEAD first, so nothing found
+            plans.append((i, plan))
 
         async def send_all() -> list[Any]:
             gate = asyncio.Semaphore(max(1, concurrency))
@@ -132,7 +130,7 @@ class S3Puts(S3Objects):
         try:
             outs = sync(self.fs.loop, send_all) if plans else []
         except Exception as exc:  # the loop itself failed: no answer is known
-            outs = [exc] * len(plans)
+            outs = [_unknown(plan, exc) for _i, plan in plans]
         for (i, plan), out in zip(plans, outs, strict=True):
             if out is None:
                 continue
@@ -141,10 +139,8 @@ class S3Puts(S3Objects):
                     answers[i] = PutAnswer(info=self._put_exists(plan, out))
                 elif isinstance(out, asyncio.CancelledError):
                     answers[i] = PutAnswer(error=_unknown(plan, out))
-                elif isinstance(out, Exception):
-                    answers[i] = PutAnswer(
-                        error=out if isinstance(out, StorageError) else _unknown(plan, out)
-                    )
+                elif isinstance(out, Exception):  # as put() would raise it
+                    answers[i] = PutAnswer(error=out)
                 elif isinstance(out, BaseException):
                     raise out  # KeyboardInterrupt, SystemExit: not an answer
                 else:
@@ -154,10 +150,11 @@ class S3Puts(S3Objects):
         return answers
 
     def _put_plan(
-        self, key: str, payload: Payload, metadata: Mapping[str, str] | None
+        self, key: str, payload: Payload, metadata: Mapping[str, str] | None, conditional: bool
     ) -> _Plan | ObjectInfo:
         """The PUT's checks and arguments; or the object already at the key when it is ours
-        (only where the remote ignores ``If-None-Match`` on PUT, found by a HEAD first)."""
+        (only where the remote ignores ``If-None-Match`` on PUT, ``conditional`` False: found
+        by a HEAD first)."""
         crc = crc32c_b64(payload.crc32c)
         if payload.md5 is None:
             # The crc32c mode: no MD5, so no Content-MD5 and no ETag to expect; the object's own
@@ -169,7 +166,6 @@ class S3Puts(S3Objects):
             )
         else:
             expected = Expected(size=payload.size, etag=payload.md5)
-        conditional = self.conditional_put()
         if not conditional:
             # Checked first where the remote ignores If-None-Match on PUT (s3rver): it would
             # replace the object there with ours.
