@@ -48,9 +48,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from uploader.config import DEFAULT_STUCK_PASSES
+from uploader.config import DEFAULT_MAX_REUPLOADS, DEFAULT_STUCK_PASSES
 from uploader.crew import Crew
-from uploader.driver import DEFAULT_MAX_REUPLOADS
 from uploader.errors import (
     AccessDeniedError,
     LeaseLostError,

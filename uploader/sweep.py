@@ -47,7 +47,8 @@ def sweep(
 ) -> SweepReport:
     """Abort orphaned multipart uploads (and their staged parts) under the remote root."""
     live = crew.manifest.live_upload_ids()
-    cutoff = crew.manifest.clock() - timedelta(seconds=older_than)
+    now = crew.manifest.clock()
+    cutoff = now - timedelta(seconds=older_than)
     aborted: list[tuple[str, str]] = []
     kept_live = kept_young = 0
     try:
@@ -78,7 +79,7 @@ def sweep(
     # probe aborts it within seconds, so one older than the cutoff (and than PROBE_MIN_AGE,
     # whatever the cutoff) was left by a process killed mid-probe. A younger one may be a
     # running probe's: left alone.
-    probe_cutoff = crew.manifest.clock() - timedelta(seconds=max(older_than, PROBE_MIN_AGE))
+    probe_cutoff = now - timedelta(seconds=max(older_than, PROBE_MIN_AGE))
     probe_uploads = getattr(crew.storage, "probe_uploads", None)
     for up in probe_uploads() if callable(probe_uploads) and not prefix else []:
         if up.initiated is not None and up.initiated > probe_cutoff:

@@ -19,8 +19,7 @@ from uploader import deletable as deletable_mod
 from uploader import readback, recovery
 from uploader import rebuild as rebuild_mod
 from uploader import verify as verify_mod
-from uploader.config import DEFAULT_STUCK_PASSES
-from uploader.driver import DEFAULT_MAX_REUPLOADS
+from uploader.config import DEFAULT_MAX_REUPLOADS, DEFAULT_STUCK_PASSES
 from uploader.errors import UsageError
 from uploader.records import SegmentRecord, Status
 from uploader.stalled import find_stalled
