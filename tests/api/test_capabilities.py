@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -264,35 +265,46 @@ def test_a_segment_stuck_on_an_unsupported_call_fails_after_the_bound(
 
 
 def test_ship_many_on_s3rver(
-    on_s3rver: Opener, s3rver: LimitedS3, moto_endpoint: str, s3_bucket: str, tmp_path: Path
+    on_s3rver: Opener,
+    s3rver: LimitedS3,
+    moto_client: Any,
+    moto_endpoint: str,
+    s3_bucket: str,
+    tmp_path: Path,
 ) -> None:
     _ship_many_where_a_puts_answer_proves_less(
-        on_s3rver(), s3rver, moto_endpoint, s3_bucket, tmp_path
+        on_s3rver(), s3rver, moto_client, moto_endpoint, s3_bucket, tmp_path
     )
     # Each of the four keys HEADed before its PUT, each of the three objects written after it.
     assert s3rver.count("HeadObject") >= 4 + 3
 
 
 def test_ship_many_on_kms(
-    on_kms: Opener, kms: LimitedS3, moto_endpoint: str, s3_bucket: str, tmp_path: Path
+    on_kms: Opener,
+    kms: LimitedS3,
+    moto_client: Any,
+    moto_endpoint: str,
+    s3_bucket: str,
+    tmp_path: Path,
 ) -> None:
-    _ship_many_where_a_puts_answer_proves_less(on_kms(), kms, moto_endpoint, s3_bucket, tmp_path)
+    _ship_many_where_a_puts_answer_proves_less(
+        on_kms(), kms, moto_client, moto_endpoint, s3_bucket, tmp_path
+    )
 
 
 def _ship_many_where_a_puts_answer_proves_less(
-    store: uploader.Store, proxy: LimitedS3, moto_endpoint: str, s3_bucket: str, tmp_path: Path
+    store: uploader.Store,
+    proxy: LimitedS3,
+    moto_client: Any,
+    moto_endpoint: str,
+    s3_bucket: str,
+    tmp_path: Path,
 ) -> None:
     """The group commit sends a batch's PUTs together; each segment is proven as a seal alone
     proves it where the answers prove less than a PUT on AWS (s3rver: no condition, so a HEAD
     before each PUT and one after it; SSE-KMS: no MD5 ETag, the CRC32C echoed),
     and a foreign object is left alone."""
-    boto3.client(
-        "s3",
-        endpoint_url=moto_endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    ).put_object(Bucket=s3_bucket, Key="root/g/2", Body=b"x" * 500)  # someone else's
+    moto_client.put_object(Bucket=s3_bucket, Key="root/g/2", Body=b"x" * 500)  # someone else's
     files = [_file(tmp_path, str(i), size, seed=i) for i, size in enumerate([0, 1, 500, 4000])]
     futures = store.ship_many([(f"g/{p.name}", p) for p, _ in files])
     for i, ((_p, data), fut) in enumerate(zip(files, futures, strict=True)):
