@@ -19,16 +19,19 @@ carries what the manifest knows of it, written with the upload itself:
   by the ETag, it describes exactly the bytes that ETag stands for; a stale one (a completion that
   never happened) names an ETag no object has, and is never read.
 
-Rebuild trusts neither blindly: a record is used only if the object's size and ETag (as the
-remote reports them) equal what the record says, the parts cover ``[0, size)`` without gaps, their
-MD5s give that ETag, and their CRC32Cs combine to the whole-file CRC32C. Anything else is an object
-of unknown origin.
+Rebuild trusts neither blindly: a record is used only if the object's size (as the remote reports
+it) is what the record says, the parts cover ``[0, size)`` without gaps, their MD5s give the
+record's ETag, their CRC32Cs combine to the whole-file CRC32C, and the object's ETag is that ETag.
+Where the ETag is another (s3rver's plain MD5 of a multipart object, SSE-KMS) or missing, the
+record is :class:`Unproven`: only the object's bytes, read back, can tie it (rebuild does). A
+record whose bytes differ, or that does not hold together, leaves an object of unknown origin.
 
 The crc32c checksum mode (no part MD5s, no ETag to expect): the metadata says
 ``uploader-checksum: crc32c`` and has no ``etag``; each part is ``-:crc32c``; the record sidecar
-is ``<h>.crc32c.json`` (no ETag to name it by). Such a record is used only if the CRC32C the remote
-reports for the object (HEAD with ``ChecksumMode``) is the one its parts give; a remote that
-reports none leaves the object of unknown origin.
+is ``<h>.crc32c.json`` (no ETag to name it by). Such a record is tied by the CRC32C the remote
+reports for the object (HEAD with ``ChecksumMode``) being the one its parts give; a remote that
+reports none leaves it :class:`Unproven`. A CRC32C reported that is not the parts' refuses the
+record in either mode: the remote checksummed other bytes.
 """
 
 from __future__ import annotations
@@ -84,6 +87,12 @@ def record_name(key: str, etag: str) -> str:
     object must have, or :data:`CRC32C_RECORD` in the crc32c mode)."""
     h = hashlib.sha256(key.encode("utf-8")).hexdigest()
     return f"records/{h[:2]}/{h}.{etag}.json"
+
+
+def record_prefix(key: str) -> str:
+    """What every record sidecar of ``key`` is named with first (whatever ETag names it)."""
+    h = hashlib.sha256(key.encode("utf-8")).hexdigest()
+    return f"records/{h[:2]}/{h}."
 
 
 def _parts_text(parts: Sequence[tuple[str | None, int]]) -> str:
@@ -169,6 +178,16 @@ class Unusable(Exception):
     """The metadata or record cannot vouch for the object (the message says why)."""
 
 
+class Unproven(Unusable):
+    """A whole, consistent record that what the remote reports neither contradicts nor ties to the
+    object (see :func:`check`): it vouches for the object only if the object's bytes, read back
+    part by part, are the record's parts."""
+
+    def __init__(self, record: ObjectRecord, why: str) -> None:
+        super().__init__(why)
+        self.record = record
+
+
 def _from_metadata(key: str, md: Mapping[str, str]) -> ObjectRecord:
     try:
         size = int(md[P + "size"])
@@ -233,10 +252,10 @@ def _from_record(key: str, body: bytes) -> ObjectRecord:
 
 
 def check(rec: ObjectRecord, info: ObjectInfo, md: Mapping[str, str]) -> ObjectRecord:
-    """``rec`` if it provably describes the object ``info``; else Unusable naming the difference."""
-    etag = normalize_etag(info.etag)
-    if etag is None and rec.checksum != CRC32C_RECORD:
-        raise Unusable("the remote reports no ETag: the object's bytes cannot be tied to a record")
+    """``rec`` if it provably describes the object ``info``; else :class:`Unusable` naming the
+    difference, or :class:`Unproven` when the record is whole and consistent and nothing the
+    remote reports contradicts it, but nothing it reports ties it to the object either (an ETag
+    that is not the one the part MD5s give, no CRC32C reported): only the bytes can tell."""
     if rec.size != info.size:
         raise Unusable(f"the object has {info.size} bytes, its record says {rec.size}")
     if rec.mode not in ("put", "multipart") or not rec.parts:
@@ -248,16 +267,12 @@ def check(rec: ObjectRecord, info: ObjectInfo, md: Mapping[str, str]) -> ObjectR
         pos = p.end
     if pos != rec.size:
         raise Unusable(f"record parts end at {pos}, the object has {rec.size} bytes")
-    if rec.checksum == CRC32C_RECORD:
-        _check_crc32c(rec, info)
-    else:
+    want = None
+    if rec.checksum != CRC32C_RECORD:
         md5s = [p.md5 or "" for p in rec.parts]
         want = md5s[0] if rec.mode == "put" else multipart_etag(md5s)
-        if want != rec.etag or etag != want:
-            raise Unusable(
-                f"the object's ETag {etag} is not the one its record's parts give ({want}); it "
-                "is not the object the record describes"
-            )
+        if want != rec.etag:
+            raise Unusable(f"record's parts give the ETag {want}, the record says {rec.etag}")
     if combine_crcs([(p.crc32c, p.end - p.start) for p in rec.parts]) != rec.crc32c:
         raise Unusable("record parts' CRC32Cs do not combine to its whole-file CRC32C")
     digest = md.get(P + "parts-sha256")
@@ -267,22 +282,31 @@ def check(rec: ObjectRecord, info: ObjectInfo, md: Mapping[str, str]) -> ObjectR
     for field, value in (("size", str(rec.size)), ("crc32c", f"{rec.crc32c:08x}")):
         if P + field in md and md[P + field] != value:
             raise Unusable(f"record {field} differs from the object's metadata")
-    return rec
-
-
-def _check_crc32c(rec: ObjectRecord, info: ObjectInfo) -> None:
-    """A crc32c-mode record ties to the object only by the CRC32C the remote reports for it."""
-    if info.checksum is None:
-        raise Unusable(
-            "the record is in the crc32c mode (no part MD5s) and the remote reports no CRC32C "
-            "for the object: its bytes cannot be tied to the record"
-        )
     parts = [(p.crc32c, p.end - p.start) for p in rec.parts]
-    if not checksum_matches(info.checksum, parts, multipart=rec.mode != "put"):
+    if info.checksum is not None and not checksum_matches(
+        info.checksum, parts, multipart=rec.mode != "put"
+    ):
+        # The remote checksummed other bytes than the record's parts: never its object.
         raise Unusable(
             f"the object's CRC32C {info.checksum} is not the one its record's parts give; it is "
             "not the object the record describes"
         )
+    if rec.checksum == CRC32C_RECORD:
+        if info.checksum is None:
+            raise Unproven(
+                rec,
+                "the record is in the crc32c mode (no part MD5s) and the remote reports no "
+                "CRC32C for the object",
+            )
+        return rec
+    etag = normalize_etag(info.etag)
+    if etag is None:
+        raise Unproven(rec, "the remote reports no ETag for the object")
+    if etag != want:
+        raise Unproven(
+            rec, f"the object's ETag {etag} is not the one its record's parts give ({want})"
+        )
+    return rec
 
 
 def parse_metadata(key: str, md: Mapping[str, str]) -> ObjectRecord | None:

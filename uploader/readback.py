@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from uploader.digest import crc32c_of
+from uploader.digest import checksum, crc32c_of
 from uploader.errors import (
     CorruptObjectError,
     UnverifiedObjectError,
@@ -84,6 +84,27 @@ def windows(size: int, part_size: int, commits: Sequence[CommitRecord]) -> list[
         pos = c.end
     gap(size)
     return out
+
+
+#: A recorded part to compare with the object's bytes: its range, its MD5 (None in the crc32c
+#: mode: CRC32C only) and its CRC32C.
+Recorded = tuple[int, int, str | None, int]
+
+
+def first_differing(storage: Storage, key: str, parts: Sequence[Recorded]) -> int | None:
+    """Read the object at ``key`` back one recorded part at a time (at most one part in memory):
+    the index of the first part whose bytes are not the recorded ones (length, MD5 where one is
+    recorded, CRC32C), or None when every part is as recorded."""
+    for i, (start, end, md5, crc) in enumerate(parts):
+        data = storage.read(key, start, end)
+        if len(data) != end - start:
+            return i
+        if md5 is None:
+            if crc32c_of(data) != crc:
+                return i
+        elif checksum(data) != (md5, crc):
+            return i
+    return None
 
 
 def _check(key: str, w: Window, data: bytes) -> None:

@@ -5,9 +5,12 @@ what a bucket holds). Each object under the prefix (the hidden ``.uploader/`` ex
 at with one HEAD (its size, ETag and metadata) and, when its metadata does not hold every part,
 one GET of its record sidecar (see :mod:`uploader.objectmeta`). Then:
 
-* **a record that provably describes the object** (size and ETag as the remote reports them, the
-  parts' MD5s giving that ETag, their CRC32Cs combining to the whole-file CRC32C): a ``verified``
-  segment row with its parts, node and path of origin, in one transaction with its audit event;
+* **a record that provably describes the object** (:func:`uploader.objectmeta.check`: size as
+  the remote reports it, parts contiguous, their CRC32Cs combining to the whole-file CRC32C; tied
+  to the object by its ETag, which the parts' MD5s give, or in the crc32c mode by the CRC32C the
+  remote reports; where neither can tie it, by its bytes read back part by part, see
+  :func:`read_record`): a ``verified`` segment row with its parts, node and path of origin, in
+  one transaction with its audit event;
 * **anything else** (a foreign object, metadata missing or malformed, a record that does not
   match the object): a row in state ``unknown`` (unknown origin) whose reason says why. Never
   deletable, never touched by recovery, counted by ``status``;
@@ -26,10 +29,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from uploader import objectmeta
+from uploader.digest import normalize_etag
 from uploader.errors import InvalidKeyError, StorageError
 from uploader.keys import validate_key
 from uploader.manifest.repo import Manifest
-from uploader.objectmeta import ObjectRecord, Unusable
+from uploader.objectmeta import ObjectRecord, Unproven, Unusable
+from uploader.readback import first_differing
 from uploader.records import NewCommit, SegmentRecord
 from uploader.states import SegmentState
 from uploader.storage.base import ObjectInfo, Storage
@@ -76,32 +81,78 @@ class RebuildReport:
         }
 
 
-def read_record(storage: Storage, key: str, info: ObjectInfo, md: dict[str, str]) -> ObjectRecord:
-    """The record that provably describes the object, or Unusable saying why there is none."""
+#: How a record was tied to its object by its bytes (see :func:`read_record`).
+READ_BACK = "read back"
+
+
+def read_record(
+    storage: Storage, key: str, info: ObjectInfo, md: dict[str, str]
+) -> tuple[ObjectRecord, str]:
+    """The record that provably describes the object, and how the bytes proved it (``''``: the
+    remote's ETag or CRC32C did; :data:`READ_BACK`: they were read back); or Unusable saying
+    why there is none.
+
+    Where what the remote reports cannot tie a consistent record to the object (an ETag that is
+    not the MD5 form: s3rver's multipart objects, SSE-KMS; no CRC32C reported in the crc32c
+    mode), the object is read back, one part at a time, and vouched for only if every part's
+    bytes are the record's: as the driver proves such an object before ``verified``."""
     reasons: list[str] = []
     try:
         inline = objectmeta.parse_metadata(key, md)
         if inline is not None:
-            return objectmeta.check(inline, info, md)
+            return _tied(storage, key, inline, info, md)
     except Unusable as exc:
         if not md:
             raise Unusable("the object has no uploader metadata") from None
         reasons.append(str(exc))
-    tag = info.etag
-    if md.get(objectmeta.P + "checksum") == objectmeta.CRC32C_RECORD:
-        tag = objectmeta.CRC32C_RECORD  # the crc32c mode: no ETag names its record
-    if tag is None:
-        reasons.append("the remote reports no ETag")
-        raise Unusable("; ".join(reasons))
-    body = storage.read_hidden(objectmeta.record_name(key, tag))
-    if body is None:
-        reasons.append(f"no record sidecar for {tag}")
-        raise Unusable("; ".join(reasons))
+    crc32c_mode = md.get(objectmeta.P + "checksum") == objectmeta.CRC32C_RECORD
+    tag = objectmeta.CRC32C_RECORD if crc32c_mode else normalize_etag(info.etag)
+    names = [] if tag is None else [objectmeta.record_name(key, tag)]
+    # The crc32c mode's sidecar has one name; an ETag names at most one, and where none is
+    # found, the ETag may not be the MD5 form sidecars are named by (SSE-KMS, s3rver): then
+    # every sidecar of the key is a candidate (each names the ETag one completion was to
+    # have; only the bytes tell which is this object's).
+    listed, found, i = crc32c_mode, False, 0
+    while i < len(names) or not (listed or found):
+        if i == len(names):
+            listed = True
+            names += [
+                n for n in storage.list_hidden(objectmeta.record_prefix(key)) if n not in names
+            ]
+            continue
+        body = storage.read_hidden(names[i])
+        i += 1
+        if body is None:
+            continue
+        found = True
+        try:
+            return _tied(storage, key, objectmeta.parse_record(key, body), info, md)
+        except Unusable as exc:
+            reasons.append(str(exc))
+    if not found:
+        reasons.append(
+            f"no record sidecar for {tag}" if tag is not None else "the remote reports no ETag"
+        )
+    raise Unusable("; ".join(reasons))
+
+
+def _tied(
+    storage: Storage, key: str, rec: ObjectRecord, info: ObjectInfo, md: dict[str, str]
+) -> tuple[ObjectRecord, str]:
+    """``rec`` checked against the object (:func:`objectmeta.check`), read back if only its bytes
+    can tie them."""
     try:
-        return objectmeta.check(objectmeta.parse_record(key, body), info, md)
-    except Unusable as exc:
-        reasons.append(str(exc))
-        raise Unusable("; ".join(reasons)) from None
+        return objectmeta.check(rec, info, md), ""
+    except Unproven as exc:
+        parts = [(p.start, p.end, p.md5, p.crc32c) for p in exc.record.parts]
+        i = first_differing(storage, key, parts)
+        if i is None:
+            return exc.record, READ_BACK
+        p = exc.record.parts[i]
+        raise Unusable(
+            f"{exc}, and its bytes read back differ from the record's: part {p.number} "
+            f"[{p.start}, {p.end})"
+        ) from None
 
 
 def _compare(manifest: Manifest, seg: SegmentRecord, rec: ObjectRecord | None, why: str) -> str:
@@ -143,13 +194,15 @@ def rebuild_one(
     info, md = found
     rec: ObjectRecord | None
     try:
-        rec, why = read_record(storage, key, info, md), ""
+        (rec, how), why = read_record(storage, key, info, md), ""
     except Unusable as exc:
-        rec, why = None, str(exc)
+        rec, how, why = None, "", str(exc)
     existing = manifest.segment(key)
     if existing is None:
         if rec is not None:
             proof = f"etag {rec.etag}" if rec.etag is not None else "its CRC32C"
+            if how:
+                proof += f", every part's bytes {how}"
             detail = (
                 f"rebuilt from the object's {rec.source}: {rec.size} bytes, {proof}, "
                 f"crc32c {rec.crc32c:08x}, {len(rec.parts)} parts, from {rec.node}:{rec.path}"

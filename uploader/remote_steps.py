@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from uploader import objectmeta, plan
-from uploader.digest import Payload, checksum, crc32c_b64, crc32c_of, normalize_etag
+from uploader.digest import Payload, crc32c_b64, normalize_etag
 from uploader.drive_state import Learned
 from uploader.errors import (
     NoSuchUploadError,
@@ -29,6 +29,7 @@ from uploader.errors import (
 from uploader.leases import LeaseKeeper
 from uploader.manifest.guard import check_acknowledged
 from uploader.manifest.repo import Manifest
+from uploader.readback import first_differing
 from uploader.records import CommitRecord, Lease, PutFailed, SegmentRecord
 from uploader.storage.base import PartRef, Storage, prepare_complete
 from uploader.transport import Counters, Transport, recorded_payload, wait_all
@@ -296,18 +297,12 @@ class RemoteSteps:
     def _differing_part(
         self, seg: SegmentRecord, commits: Sequence[CommitRecord]
     ) -> CommitRecord | None:
-        """Read the object back part by part: the first part whose MD5 or CRC32C is not the
-        recorded one, or None (the crc32c mode: CRC32C only, no MD5 was recorded)."""
-        for c in commits:
-            data = self.storage.read(seg.key, c.start, c.end)
-            if c.md5 is None:
-                if len(data) != c.size or crc32c_of(data) != c.crc32c:
-                    return c
-                continue
-            md5, crc = checksum(data)
-            if md5 != c.md5 or crc != c.crc32c:
-                return c
-        return None
+        """Read the object back part by part: the first part whose bytes are not the recorded
+        ones (MD5 and CRC32C; CRC32C only in the crc32c mode), or None."""
+        i = first_differing(
+            self.storage, seg.key, [(c.start, c.end, c.md5, c.crc32c) for c in commits]
+        )
+        return None if i is None else commits[i]
 
     def _deep_read(
         self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord]

@@ -221,6 +221,31 @@ def test_read_ranges(storage: Storage) -> None:
     assert storage.read("r/x", 10, 10) == b""
 
 
+def test_hidden_objects_are_written_read_and_listed_by_name_prefix(
+    storage: Storage, remote: tuple[str, dict[str, Any]]
+) -> None:
+    assert storage.read_hidden("records/ab/abc.1.json") is None
+    assert storage.list_hidden("records/ab/abc.") == []
+    for name in ("records/ab/abc.1.json", "records/ab/abc.2.json", "records/ab/abd.1.json"):
+        storage.write_hidden(name, name.encode())
+    storage.write_hidden("records/ab/abc.x/deeper.json", b"not at this level")
+    storage.write_hidden("records/ac/abc.1.json", b"another folder")
+    assert storage.read_hidden("records/ab/abc.2.json") == b"records/ab/abc.2.json"
+    assert storage.list_hidden("records/ab/abc.") == [
+        "records/ab/abc.1.json",
+        "records/ab/abc.2.json",
+    ]
+    assert storage.list_hidden("records/ab/") == [
+        "records/ab/abc.1.json",
+        "records/ab/abc.2.json",
+        "records/ab/abd.1.json",
+    ]
+    assert storage.list_hidden("records/zz/") == []
+    # Hidden objects are never objects: not listed, not visible to a reader listing the root.
+    assert storage.list_objects() == []
+    assert visible_keys(remote) == []
+
+
 def test_put_many_answers_each_put_in_order(
     storage: Storage, remote: tuple[str, dict[str, Any]]
 ) -> None:

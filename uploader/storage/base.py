@@ -197,6 +197,12 @@ class Storage(Protocol):
         """The small object ``.uploader/<name>``, or None if there is none."""
         ...
 
+    def list_hidden(self, prefix: str) -> list[str]:
+        """The names (as :meth:`read_hidden` takes them) of the small objects ``.uploader/<name>``
+        whose name starts with ``prefix``, sorted. ``prefix`` names a folder and the start of
+        a name in it (``records/ab/abcd.``): nothing beneath a deeper folder is listed."""
+        ...
+
     def list_uploads(self, prefix: str = "") -> list[UploadRef]:
         """Unfinished uploads whose key starts with ``prefix`` (relative to the root); a
         capability probe's own upload (under ``.uploader/probe/``) is never listed."""

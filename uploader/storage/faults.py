@@ -261,6 +261,10 @@ class FaultyStorage:
         out: bytes | None = self._call("read_hidden", lambda: self.inner.read_hidden(name))
         return out
 
+    def list_hidden(self, prefix: str) -> list[str]:
+        out: list[str] = self._call("list_hidden", lambda: self.inner.list_hidden(prefix))
+        return out
+
     def head(self, key: str) -> ObjectInfo | None:
         out: ObjectInfo | None = self._call("head", lambda: self.inner.head(key))
         return out

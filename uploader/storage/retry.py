@@ -219,6 +219,9 @@ class RetryingStorage:
     def read_hidden(self, name: str) -> bytes | None:
         return self._run("read_hidden", lambda: self.inner.read_hidden(name))
 
+    def list_hidden(self, prefix: str) -> list[str]:
+        return self._run("list_hidden", lambda: self.inner.list_hidden(prefix))
+
     def head(self, key: str) -> ObjectInfo | None:
         return self._run("head", lambda: self.inner.head(key))
 

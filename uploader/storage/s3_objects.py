@@ -101,6 +101,20 @@ class S3Objects(S3Requests):
         info = self.head(key)
         return None if info is None else self.read(key, 0, info.size)
 
+    def list_hidden(self, prefix: str) -> list[str]:
+        full = self._key(f"{HIDDEN_PREFIX}{prefix}")
+        hidden = self._key(HIDDEN_PREFIX)
+        names: list[str] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full, "Delimiter": "/"}
+        while True:
+            out = self._call("list_objects_v2", None, **kwargs)
+            names += [str(item["Key"])[len(hidden) :] for item in out.get("Contents", [])]
+            token = out.get("NextContinuationToken")
+            if not out.get("IsTruncated") or not token:
+                break
+            kwargs["ContinuationToken"] = token
+        return sorted(names)
+
     def read(self, key: str, start: int, end: int) -> bytes:
         if end <= start:
             return b""

@@ -255,6 +255,20 @@ class StagedFiles:
         except OSError as exc:
             raise self._fail(exc, "read_hidden", name) from exc
 
+    def list_hidden(self, prefix: str) -> list[str]:
+        folder, _, start = prefix.rpartition("/")
+        where = self._hidden(folder) if folder else self._p(HIDDEN)
+        try:
+            found = self.fs.ls(where, detail=True)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise self._fail(exc, "list_hidden", prefix) from exc
+        names = (
+            str(e["name"]).rstrip("/").rpartition("/")[2] for e in found if e["type"] == "file"
+        )
+        return sorted(f"{folder}/{n}" if folder else n for n in names if n.startswith(start))
+
     def close(self) -> None:
         """Nothing to release: fsspec filesystems hold no connections here."""
 
