@@ -45,7 +45,7 @@ def no_md5(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("an MD5 of part bytes was taken in the crc32c mode")
 
     monkeypatch.setattr("uploader.digest.checksum", refuse)
-    monkeypatch.setattr("uploader.remote_steps.checksum", refuse)
+    monkeypatch.setattr("uploader.readback.checksum", refuse)
 
 
 def _open(manifest_url: str, remote: tuple[str, dict[str, Any]], **kwargs: Any) -> uploader.Store:

@@ -8,6 +8,7 @@ import random
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.cli.conftest import Run, uploader_cmd, uploader_env
+from tests.cli.test_lifecycle import _read_until
 from tests.cli.test_watch import _wait_for
 from tests.conftest import TEST_MIN_PART_SIZE
 
@@ -202,3 +204,46 @@ def test_once_exits_1_when_a_seal_failed(run: Run, home: Path, tmp_path: Path) -
     assert ok.returncode == 0, ok.stderr
     assert must(home, "logs/" + first.name)["state"] == "verified"
     assert (home / "remote" / "logs" / first.name).read_bytes() == first.read_bytes()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_second_signal_during_seal_on_exit_exits_at_once(
+    run: Run, home: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """The seal at exit waits on a part the remote never answers: the first signal started it,
+    the second ends the process at once, with what it recorded consistent; recover finishes."""
+    d = tmp_path / "logs"
+    d.mkdir()
+    newest = d / "00000000000000000000"
+    newest.write_bytes(random.Random(3).randbytes(PART * 2 + 5))
+    # tests/cli/slow_ship.py: the two whole parts the watcher commits pass; the seal's last part
+    # is held (it says "in flight part 3") until the process gets SIGUSR1, which never comes.
+    helper = Path(__file__).with_name("slow_ship.py")
+    args = [*SIZES, "watch", str(d), "--interval", "0.1", "--seal-on-exit"]
+    proc = subprocess.Popen(
+        [sys.executable, str(helper), *args],
+        env=uploader_env(home, PYTHONPATH=str(Path(__file__).parents[2]), SLOW_SHIP_FREE="2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        key = "logs/" + newest.name
+        _wait_for(lambda: (row(home, key) or {}).get("committed") == 2 * PART)
+        proc.send_signal(sig)
+        _read_until(proc, "in flight part 3")
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + sig, err
+    assert f"{sig.name} again: exiting now" in err
+    assert must(home, key)["state"] == "sealed"  # recorded before the part was sent, and kept
+    # The same node takes the dead process's lease over at once.
+    rec = run(*SIZES, "recover")
+    assert rec.returncode == 0, rec.stdout + rec.stderr
+    assert must(home, key)["state"] == "verified"
+    assert (home / "remote" / key).read_bytes() == newest.read_bytes()

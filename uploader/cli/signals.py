@@ -38,15 +38,33 @@ def install_early_handlers() -> None:
 
 @contextmanager
 def _stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by SIGTERM/SIGINT: long commands finish the work in hand, then stop."""
+    """An event set by SIGTERM/SIGINT: long commands finish the work in hand, then stop. A second
+    signal exits at once (status 128 + its number): the work in hand may wait on a remote that
+    does not answer (a daemon's ``--seal-on-exit`` uploads, a recovery pass's parts), and every
+    manifest write is one transaction, so what is recorded is consistent and what is pending
+    stays pending for ``uploader recover`` (the leases of a process gone are taken over at once
+    on its node, elsewhere when they run out)."""
     stop = threading.Event()
+    received = [0]
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         # A plain write, not rich: the handler runs between any two bytecodes of the main thread,
         # possibly in the middle of rich importing the module its print would need (seen as
         # "cannot import name 'EMOJI' from partially initialized module").
         name = signal.Signals(signum).name
-        os.write(2, f"{name}: finishing the work in hand, then stopping\n".encode())
+        received[0] += 1
+        if received[0] >= 2:
+            os.write(
+                2,
+                f"{name} again: exiting now; the manifest records what was done, "
+                "`uploader recover` finishes what is pending\n".encode(),
+            )
+            os._exit(128 + signum)
+        os.write(
+            2,
+            f"{name}: finishing the work in hand, then stopping (send it again to exit at "
+            "once)\n".encode(),
+        )
         stop.set()
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
