@@ -2,7 +2,9 @@
 
 Per batch of new segments no bigger than a part (at most :data:`BATCH` of them, and at most
 half of ``concurrency x part_size`` bytes, one part at least, held in memory; the next batch is
-read and registered while this one's PUTs are out, so at most two are held):
+read and registered while this one's PUTs are out, and this one's outcomes are written while the
+next one's PUTs are out, needing none of its bytes: at most two batches' bytes are held, and the
+remote is not left waiting while a batch's outcomes are written):
 
 1. each file is read once and its checksums taken (off the caller's thread);
 2. ONE transaction registers, leases and seals them all, each part ``pending``: the same rows,
@@ -93,10 +95,14 @@ def submit(
 
 def _run(store: Store, entries: list[_Item]) -> None:
     # Batch k+1's files are read and its intents written while batch k's PUTs are out (on the
-    # sender thread): the manifest's work and the network's overlap. At most two batches are
-    # held, each within half the budget (one part at least).
+    # sender thread), and batch k's outcomes are written (on the settler thread) while batch
+    # k+1's PUTs are out: the manifest's work and the network's overlap, and the remote is not
+    # left idle between batches. At most two batches' bytes are held, each within half the
+    # budget (one part at least): a batch's outcomes need none of them.
     sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uploader-group")
-    sending: Future[None] | None = None
+    settler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uploader-settle")
+    sending: Future[Future[None]] | None = None
+    settling: list[Future[None]] = []
     try:
         batch: list[_Item] = []
         held = 0
@@ -113,7 +119,7 @@ def _run(store: Store, entries: list[_Item]) -> None:
                 _one_at_a_time(store, e)
                 continue
             if batch and (len(batch) >= BATCH or held + e.size > budget):
-                sending = _next_batch(store, sender, sending, batch)
+                sending = _next_batch(store, sender, settler, sending, batch, settling)
                 batch, held = [], 0
             try:
                 e.payload = read_range(e.path, 0, e.size, md5=checksum == "md5")
@@ -123,28 +129,37 @@ def _run(store: Store, entries: list[_Item]) -> None:
             batch.append(e)
             held += e.size
         if batch:
-            sending = _next_batch(store, sender, sending, batch)
+            sending = _next_batch(store, sender, settler, sending, batch, settling)
         if sending is not None:
-            sending.result()
+            settling.append(sending.result())
+        for done in settling:
+            done.result()
     except BaseException as exc:
         for e in entries:
             _fail(e, exc)
         raise
     finally:
         sender.shutdown(wait=True)
+        settler.shutdown(wait=True)
 
 
 def _next_batch(
-    store: Store, sender: ThreadPoolExecutor, previous: Future[None] | None, batch: list[_Item]
-) -> Future[None] | None:
-    """Write ``batch``'s intents, then, once the previous batch is settled, send it on
-    ``sender``; its future (None when nothing of it was recorded)."""
+    store: Store,
+    sender: ThreadPoolExecutor,
+    settler: ThreadPoolExecutor,
+    previous: Future[Future[None]] | None,
+    batch: list[_Item],
+    settling: list[Future[None]],
+) -> Future[Future[None]] | None:
+    """Write ``batch``'s intents, then, once the previous batch's PUTs are answered (its
+    outcomes go on being written on ``settler``, kept in ``settling``), send it on ``sender``;
+    its future (None when nothing of it was recorded)."""
     rows = _register(store, batch)
     if previous is not None:
-        previous.result()
+        settling.append(previous.result())
     if rows is None:
         return None
-    return sender.submit(_ship_batch, store, batch, rows)
+    return sender.submit(_ship_batch, store, settler, batch, rows)
 
 
 def _prepare(store: Store, e: _Item) -> bool:
@@ -217,7 +232,10 @@ def _register(store: Store, batch: list[_Item]) -> list[Sealed | None] | None:
     return rows
 
 
-def _ship_batch(store: Store, batch: list[_Item], rows: list[Sealed | None]) -> None:
+def _ship_batch(
+    store: Store, settler: ThreadPoolExecutor, batch: list[_Item], rows: list[Sealed | None]
+) -> Future[None]:
+    """Send the batch's PUTs; the future of its drives and outcomes, taken on ``settler``."""
     sending: list[tuple[_Item, Sealed, Future[DriveResult]]] = []
     ready: list[tuple[_Item, Sealed, Payload, dict[str, str]]] = []
     for e, row in zip(batch, rows, strict=True):
@@ -251,14 +269,29 @@ def _ship_batch(store: Store, batch: list[_Item], rows: list[Sealed | None]) -> 
         )
     except Exception as exc:  # no answer is known: each item's attempt failed with it
         answers = [PutAnswer(error=exc) for _ in ready]
-    for (e, row, payload, _md), answer in zip(ready, answers, strict=True):
+    answered: list[tuple[_Item, Sealed, PutAnswer]] = []
+    for (e, row, _payload, _md), answer in zip(ready, answers, strict=True):
         if not answer.sent:  # interrupted before its turn: sealed, its part pending
             _let_go(store, row[0])  # a recovery worker claims it at once
             _fail(e, _interrupted(e))
             continue
+        answered.append((e, row, answer))
+    del ready  # the bytes: a drive that takes its PUT's answer sends nothing again
+    return settler.submit(_finish_batch, store, sending, answered, deep)
+
+
+def _finish_batch(
+    store: Store,
+    sending: list[tuple[_Item, Sealed, Future[DriveResult]]],
+    answered: list[tuple[_Item, Sealed, PutAnswer]],
+    deep: bool,
+) -> None:
+    """Each answered PUT's drive, then the batch's outcomes in one transaction."""
+    for e, row, answer in answered:
         commit = row[2]
-        fresh = {commit.id: payload}
-        args = (store, e, row, fresh, {commit.id: answer})
+        # Fresh (recorded, never sent before this batch), its bytes not needed: the drive takes
+        # the PUT's answer as its own and sends nothing.
+        args = (store, e, row, {commit.id: None}, {commit.id: answer})
         if answer.info is not None and answer.info.proven and not deep:
             # Nothing left to ask the remote: taken here, no thread needed.
             sending.append((e, row, _now(_drive, *args)))

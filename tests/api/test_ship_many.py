@@ -151,13 +151,15 @@ def test_the_next_batch_is_registered_while_the_last_ones_puts_are_out(
 ) -> None:
     """The group commit's pipeline: batch 2's intents are written while batch 1's PUTs are held
     back (they go only once batch 2 is registered; a group that waited for batch 1 first would
-    never register batch 2 and the held PUTs would give up), and no batch is sent before the
-    one before it is settled."""
+    never register batch 2 and the held PUTs would give up), and batch 2's PUTs go out while
+    batch 1's outcomes are held back (the remote is not left waiting for them); a batch is
+    registered only once the PUTs of the one two before it are answered (at most two batches'
+    bytes held)."""
     monkeypatch.setattr(group, "BATCH", 3)
     files = _files(tmp_path / "seg", [40 + i for i in range(7)])  # batches of 3, 3, 1
     store = make_store()
     order: list[str] = []
-    second_registered = threading.Event()
+    second_registered, second_sent = threading.Event(), threading.Event()
     intents, settle, send = Manifest.seal_small_many, Manifest.settle_puts, base.put_many
 
     def registering(self: Manifest, items: Any, **kwargs: Any) -> Any:
@@ -171,9 +173,16 @@ def test_the_next_batch_is_registered_while_the_last_ones_puts_are_out(
         if not order.count("puts"):
             assert second_registered.wait(timeout=60), "batch 2 was not registered meanwhile"
         order.append("puts")
-        return send(storage, items, **kwargs)
+        try:
+            return send(storage, items, **kwargs)
+        finally:
+            order.append("answered")
+            if order.count("answered") == 2:
+                second_sent.set()
 
     def settling(self: Manifest, proven: Any, failed: Any) -> Any:
+        if not order.count("outcomes"):
+            assert second_sent.wait(timeout=60), "batch 2's PUTs waited for batch 1's outcomes"
         order.append("outcomes")
         return settle(self, proven, failed)
 
@@ -183,11 +192,13 @@ def test_the_next_batch_is_registered_while_the_last_ones_puts_are_out(
     futures = store.ship_many([(f"seg/{p.name}", p) for p, _ in files])
     assert all(f.result(timeout=60).verified for f in futures)
     assert order[:3] == ["intents 3", "intents 3", "puts"]
-    # Each batch's PUTs after the outcomes of the one before (at most two batches held).
     sends = [i for i, what in enumerate(order) if what == "puts"]
+    answered = [i for i, what in enumerate(order) if what == "answered"]
     outcomes = [i for i, what in enumerate(order) if what == "outcomes"]
-    assert len(sends) == len(outcomes) == 3
-    assert all(outcomes[k] < sends[k + 1] for k in range(2))
+    assert len(sends) == len(answered) == len(outcomes) == 3
+    assert sends[1] < outcomes[0]  # batch 2 went out while batch 1's outcomes were held
+    assert order.index("intents 1") > answered[0]  # batch 3 read once batch 1 was answered
+    assert all(answered[k] < sends[k + 1] for k in range(2))  # one batch's PUTs at a time
 
 
 def _later(store: uploader.Store) -> uploader.Store:
