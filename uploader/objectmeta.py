@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
@@ -93,6 +94,31 @@ def record_prefix(key: str) -> str:
     """What every record sidecar of ``key`` is named with first (whatever ETag names it)."""
     h = hashlib.sha256(key.encode("utf-8")).hexdigest()
     return f"records/{h[:2]}/{h}."
+
+
+def _agrees_with_metadata(rec: ObjectRecord, md: Mapping[str, str]) -> None:
+    """What the object's metadata says of its origin (written with its upload: always the part
+    size, node and mode, the path if it fitted) must be the record's: a record sidecar of the
+    same key written for another upload (another file, node or mode) never vouches for it."""
+    if P + "format" not in md:
+        return
+    mode = CRC32C_RECORD if md.get(P + "checksum") == CRC32C_RECORD else "md5"
+    for field, ours, theirs in (
+        ("checksum mode", rec.checksum, mode),
+        ("part size", str(rec.part_size), md.get(P + "part-size")),
+        ("mode", rec.mode, md.get(P + "mode")),
+        ("node", rec.node, None if P + "node" not in md else unquote(md[P + "node"])),
+        ("path", rec.path, None if P + "path" not in md else unquote(md[P + "path"])),
+    ):
+        if theirs is not None and ours != theirs:
+            raise Unusable(
+                f"record {field} {ours!r} differs from the object's metadata ({theirs!r})"
+            )
+
+
+def record_tag(name: str) -> str:
+    """What names a record sidecar (the ETag, or :data:`CRC32C_RECORD`) from its name."""
+    return name.rpartition("/")[2].partition(".")[2].removesuffix(".json")
 
 
 def _parts_text(parts: Sequence[tuple[str | None, int]]) -> str:
@@ -188,6 +214,17 @@ class Unproven(Unusable):
         self.record = record
 
 
+_MD5 = re.compile(r"[0-9a-f]{32}")
+
+
+def _md5(value: object) -> str:
+    """A part's MD5 as records hold it (32 lowercase hex digits), or ValueError."""
+    text = str(value)
+    if not _MD5.fullmatch(text):
+        raise ValueError(f"part MD5 {text!r} is not 32 hex digits")
+    return text
+
+
 def _from_metadata(key: str, md: Mapping[str, str]) -> ObjectRecord:
     try:
         size = int(md[P + "size"])
@@ -202,7 +239,7 @@ def _from_metadata(key: str, md: Mapping[str, str]) -> ObjectRecord:
                     i + 1,
                     start,
                     min(start + part_size, size),
-                    None if by_crc else md5,
+                    None if by_crc else _md5(md5),
                     int(crc, 16),
                 )
             )
@@ -241,7 +278,7 @@ def _from_record(key: str, body: bytes) -> ObjectRecord:
             node=str(doc["node"]),
             path=str(doc["path"]),
             parts=tuple(
-                PartInfo(int(n), int(s), int(e), None if by_crc else str(m), int(c))
+                PartInfo(int(n), int(s), int(e), None if by_crc else _md5(m), int(c))
                 for n, s, e, m, c in doc["parts"]
             ),
             source="record",
@@ -282,6 +319,7 @@ def check(rec: ObjectRecord, info: ObjectInfo, md: Mapping[str, str]) -> ObjectR
     for field, value in (("size", str(rec.size)), ("crc32c", f"{rec.crc32c:08x}")):
         if P + field in md and md[P + field] != value:
             raise Unusable(f"record {field} differs from the object's metadata")
+    _agrees_with_metadata(rec, md)
     parts = [(p.crc32c, p.end - p.start) for p in rec.parts]
     if info.checksum is not None and not checksum_matches(
         info.checksum, parts, multipart=rec.mode != "put"

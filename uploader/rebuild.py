@@ -105,33 +105,39 @@ def read_record(
         if not md:
             raise Unusable("the object has no uploader metadata") from None
         reasons.append(str(exc))
+    ours = objectmeta.P + "format" in md  # written by us: its sidecars may be looked for
     crc32c_mode = md.get(objectmeta.P + "checksum") == objectmeta.CRC32C_RECORD
     tag = objectmeta.CRC32C_RECORD if crc32c_mode else normalize_etag(info.etag)
     names = [] if tag is None else [objectmeta.record_name(key, tag)]
-    # The crc32c mode's sidecar has one name; an ETag names at most one, and where none is
-    # found, the ETag may not be the MD5 form sidecars are named by (SSE-KMS, s3rver): then
-    # every sidecar of the key is a candidate (each names the ETag one completion was to
-    # have; only the bytes tell which is this object's).
-    listed, found, i = crc32c_mode, False, 0
-    while i < len(names) or not (listed or found):
+    # The crc32c mode's sidecar has one name. An ETag names at most one; where that one does not
+    # tie the record, the ETag may not be the MD5 form sidecars are named by (SSE-KMS, s3rver):
+    # every sidecar of the key is then a candidate (each names the ETag one completion was to
+    # have; only the bytes tell which is this object's). Never for an object we did not write.
+    listed = crc32c_mode or not ours
+    found = 0
+    i = 0
+    while i < len(names) or not listed:
         if i == len(names):
             listed = True
-            names += [
-                n for n in storage.list_hidden(objectmeta.record_prefix(key)) if n not in names
-            ]
+            prefix = objectmeta.record_prefix(key)
+            names += [n for n in storage.list_hidden(prefix) if n not in names]
             continue
-        body = storage.read_hidden(names[i])
+        name = names[i]
         i += 1
+        body = storage.read_hidden(name)
         if body is None:
             continue
-        found = True
+        found += 1
         try:
             return _tied(storage, key, objectmeta.parse_record(key, body), info, md)
         except Unusable as exc:
-            reasons.append(str(exc))
+            reasons.append(f"record sidecar {objectmeta.record_tag(name)}: {exc}")
     if not found:
+        looked = " (none among the key's sidecars)" if listed and not crc32c_mode and ours else ""
         reasons.append(
-            f"no record sidecar for {tag}" if tag is not None else "the remote reports no ETag"
+            f"no record sidecar for {tag}{looked}"
+            if tag is not None
+            else f"the remote reports no ETag{looked}"
         )
     raise Unusable("; ".join(reasons))
 
