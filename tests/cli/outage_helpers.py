@@ -1,31 +1,24 @@
 """Helpers of the manifest-outage tests: daemons in subprocesses whose stderr is read as it comes,
-work left for recovery, locks that make a daemon's next statement wait, and a PostgreSQL cluster of
-the test's own (initdb into a temporary directory, its own port and socket directory)."""
+work left for recovery, and locks that make a daemon's next statement wait (a PostgreSQL cluster
+of the test's own: :mod:`tests.cli.private_pg`)."""
 
 from __future__ import annotations
 
 import contextlib
-import glob
-import os
 import random
-import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 
 import uploader
-from tests.conftest import PG_REQUIRED
 from uploader.manifest.repo import Manifest
 from uploader.storage import Fault, FaultyStorage, open_storage
 
@@ -248,127 +241,3 @@ class SqliteLock:
     def release(self) -> None:
         self.conn.execute("ROLLBACK")
         self.conn.close()
-
-
-# --- a PostgreSQL cluster of the test's own ----------------------------------------------------
-
-
-def _pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
-    if found:
-        return Path(found[0]).parent
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class PrivateCluster:
-    """initdb into a temporary directory; started on its own port with its socket directory in
-    there. Never the shared server. As root (PostgreSQL refuses to run as root) every server
-    binary runs as the ``postgres`` user through ``setpriv``, and the directory is given to it."""
-
-    def __init__(self, bindir: Path) -> None:
-        self.bindir = bindir
-        self.root = Path(tempfile.mkdtemp(prefix="uploader-pg-"))
-        self.data = self.root / "data"
-        self.port = _free_port()
-        self.prefix: list[str] = []
-        if os.geteuid() == 0:
-            setpriv = shutil.which("setpriv")
-            if setpriv is None:
-                raise RuntimeError("running as root and no setpriv to run PostgreSQL as postgres")
-            import pwd
-
-            pw = pwd.getpwnam("postgres")
-            os.chown(self.root, pw.pw_uid, pw.pw_gid)
-            self.prefix = [
-                setpriv,
-                f"--reuid={pw.pw_uid}",
-                f"--regid={pw.pw_gid}",
-                "--clear-groups",
-                "--",
-            ]
-
-    def _run(self, *args: str, timeout: float = 60) -> None:
-        subprocess.run(
-            [*self.prefix, *args],
-            check=True,
-            capture_output=True,
-            timeout=timeout,
-            cwd=self.root,
-        )
-
-    def init(self) -> None:
-        self._run(
-            str(self.bindir / "initdb"),
-            "-D",
-            str(self.data),
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "--no-sync",
-            "-E",
-            "UTF8",
-        )
-
-    def start(self) -> None:
-        opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run(
-            str(self.bindir / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.root / "server.log"),
-            "-o",
-            opts,
-            "-w",
-            "start",
-        )
-
-    def stop(self) -> None:
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
-
-    def url(self, db: str) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{db}"
-
-    def create_database(self, name: str) -> str:
-        with psycopg.connect(pg_conninfo(self.url("postgres")), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return self.url(name)
-
-    def destroy(self) -> None:
-        with contextlib.suppress(Exception):
-            self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def private_cluster() -> Iterator[PrivateCluster]:
-    bindir = _pg_bin()
-    if bindir is None:
-        reason = "no initdb (PostgreSQL server binaries) on this machine"
-        if PG_REQUIRED:
-            pytest.fail(f"{reason} (UPLOADER_TEST_POSTGRES=required)")
-        pytest.skip(f"{reason}: the server-restart test needs a cluster of its own")
-    cluster = PrivateCluster(bindir)
-    try:
-        cluster.init()
-        cluster.start()
-    except (subprocess.CalledProcessError, RuntimeError, KeyError) as exc:
-        cluster.destroy()
-        detail = getattr(exc, "stderr", b"") or b""
-        reason = (
-            f"cannot start a private PostgreSQL cluster: {exc} {detail.decode(errors='replace')}"
-        )
-        if PG_REQUIRED:
-            pytest.fail(f"{reason} (UPLOADER_TEST_POSTGRES=required)")
-        pytest.skip(reason)
-    try:
-        yield cluster
-    finally:
-        cluster.destroy()

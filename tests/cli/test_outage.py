@@ -15,8 +15,11 @@ connection to the database.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.cli.conftest import uploader_env
@@ -26,14 +29,14 @@ from tests.cli.outage_helpers import (
     UNAVAILABLE,
     Daemon,
     PgLock,
-    PrivateCluster,
     SqliteLock,
-    private_cluster,
+    pg_conninfo,
     sealed_work,
     states,
     verified_keys,
     wait_for,
 )
+from tests.cli.private_pg import OWNER, PrivateCluster, _pg_bin, private_cluster, reap_orphans
 from tests.conftest import migrate
 from uploader.manifest.repo import Manifest
 
@@ -231,3 +234,37 @@ def test_daemon_rides_out_a_locked_sqlite_file(kind: str, home: Path, tmp_path: 
     finally:
         daemon.stop()
     assert "Traceback" not in daemon.stderr
+
+
+# --- private clusters left by a killed run ------------------------------------------------------
+
+
+def test_a_private_cluster_whose_test_run_died_is_stopped_and_removed() -> None:
+    """A run killed before its fixture's teardown leaves its cluster running: the next run's
+    fixture stops and removes it, whether the dead run is gone or a zombie (killed, its exit
+    not collected: this machine's init collects none), and keeps any live run's own."""
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("no initdb (PostgreSQL server binaries) on this machine")
+    orphan, stopped, live = PrivateCluster(bindir), PrivateCluster(bindir), PrivateCluster(bindir)
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        orphan.init()
+        orphan.start()
+        psycopg.connect(pg_conninfo(orphan.url("postgres")), connect_timeout=5).close()
+        stat = Path(f"/proc/{zombie.pid}/stat")
+        wait_for(lambda: stat.read_text().rpartition(")")[2].split()[0] == "Z", "a zombie")
+        (orphan.root / OWNER).write_text(str(zombie.pid))  # its run killed, not collected
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        (stopped.root / OWNER).write_text(str(gone.pid))  # its run killed and gone
+        removed = reap_orphans(bindir)
+        assert {orphan.root, stopped.root} <= set(removed)
+        assert not orphan.root.exists() and not stopped.root.exists()
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(pg_conninfo(orphan.url("postgres")), connect_timeout=5)
+        assert live.root not in removed and live.root.exists()  # this run's own: kept
+    finally:
+        zombie.wait()
+        for cluster in (orphan, stopped, live):
+            cluster.destroy()
