@@ -16,7 +16,8 @@ remote is not left waiting while a batch's outcomes are written):
    answer or a HEAD, the local bytes), keeping the outcome
    (:class:`~uploader.drive_state.Deferred`) instead of writing it. (The batch's bytes are
    held already, within the budget above, so its requests take no transport slot: while other
-   segments' parts are sent, up to twice ``concurrency`` requests may be in flight.)
+   segments' parts are sent, and the previous batch's drives send the HEADs or read-backs their
+   answers call for, up to three times ``concurrency`` requests may be in flight.)
 4. ONE transaction writes every outcome: ``verified`` (the lease given back) or the failed
    attempt with its error, each guarded by its own lease.
 
@@ -32,22 +33,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from uploader import objectmeta
 from uploader.config import VerifyMode
 from uploader.digest import Payload, read_range, stat_file
-from uploader.drive_state import Deferred, DriveResult
-from uploader.errors import UploaderError, UsageError, VerificationError, WorkInterruptedError
+from uploader.drive_state import DriveResult
+from uploader.errors import UploaderError, UsageError
 from uploader.futures import CommitResult, UploadFuture
+from uploader.group_outcomes import (
+    Item,
+    drive_item,
+    drop_frames,
+    fail,
+    finish_batch,
+    interrupted,
+    let_go,
+)
 from uploader.keys import validate_key
-from uploader.records import Lease, SmallSeal
-from uploader.seal import sealed
+from uploader.records import SmallSeal
 from uploader.storage.base import PutAnswer, PutItem, put_many
-from uploader.transport import Counters
 
 if TYPE_CHECKING:
     from uploader.manifest.batches import Sealed
@@ -59,25 +66,13 @@ log = logging.getLogger("uploader")
 BATCH = 256
 
 
-@dataclass
-class _Item:
-    key: str
-    path: str
-    fut: UploadFuture[CommitResult]
-    size: int = 0
-    identity: tuple[int, int] | None = None
-    payload: Payload | None = None
-    counters: Counters = field(default_factory=Counters)
-    deferred: Deferred = field(default_factory=Deferred)
-
-
 def submit(
     store: Store, items: Iterable[tuple[str, str | os.PathLike[str]]]
 ) -> list[UploadFuture[CommitResult]]:
     """Check the keys on the caller's thread, then ship on the store's job pool; one future per
     item, in order (see :meth:`uploader.store.Store.ship_many`)."""
     store._check_open()
-    entries: list[_Item] = []
+    entries: list[Item] = []
     seen: set[str] = set()
     for key, path in items:
         validate_key(key)
@@ -86,14 +81,14 @@ def submit(
             raise UsageError(f"segment key {key!r} is given twice (nothing was recorded)")
         seen.add(key)
         apath = os.path.abspath(os.fspath(path))
-        entries.append(_Item(key, apath, UploadFuture(f"seal of segment {key!r}")))
+        entries.append(Item(key, apath, UploadFuture(f"seal of segment {key!r}")))
     futures = [e.fut for e in entries]
     if entries:
         store._submit_group(lambda: _run(store, entries), futures)
     return futures
 
 
-def _run(store: Store, entries: list[_Item]) -> None:
+def _run(store: Store, entries: list[Item]) -> None:
     # Batch k+1's files are read and its intents written while batch k's PUTs are out (on the
     # sender thread), and batch k's outcomes are written (on the settler thread) while batch
     # k+1's PUTs are out: the manifest's work and the network's overlap, and the remote is not
@@ -104,7 +99,7 @@ def _run(store: Store, entries: list[_Item]) -> None:
     sending: Future[Future[None]] | None = None
     settling: list[Future[None]] = []
     try:
-        batch: list[_Item] = []
+        batch: list[Item] = []
         held = 0
         budget = max(store.part_size, store.concurrency * store.part_size // 2)
         # One mode for the group's new segments, as segment() would record for each (the
@@ -124,7 +119,7 @@ def _run(store: Store, entries: list[_Item]) -> None:
             try:
                 e.payload = read_range(e.path, 0, e.size, md5=checksum == "md5")
             except UploaderError as exc:  # gone or shrunk since its stat: nothing recorded
-                _fail(e, exc)
+                fail(e, exc)
                 continue
             batch.append(e)
             held += e.size
@@ -132,15 +127,32 @@ def _run(store: Store, entries: list[_Item]) -> None:
             sending = _next_batch(store, sender, settler, sending, batch, settling)
         if sending is not None:
             settling.append(sending.result())
-        for done in settling:
-            done.result()
+        _settled(settling)
     except BaseException as exc:
+        # What is in hand is finished and answered first (its outcomes written, its leases
+        # given back); then every item not answered fails with the group's error.
+        sender.shutdown(wait=True)
+        settler.shutdown(wait=True)
         for e in entries:
-            _fail(e, exc)
+            fail(e, exc)
         raise
     finally:
         sender.shutdown(wait=True)
         settler.shutdown(wait=True)
+
+
+def _settled(settling: list[Future[None]]) -> None:
+    """Every batch's outcomes written; the first failure raised, any later one logged (none is
+    lost unseen)."""
+    errors: list[BaseException] = []
+    for done in settling:
+        error = done.exception()
+        if error is not None:
+            errors.append(error)
+    for extra in errors[1:]:
+        log.error("group commit: another batch's outcomes failed too: %r", extra)
+    if errors:
+        raise errors[0]
 
 
 def _next_batch(
@@ -148,50 +160,49 @@ def _next_batch(
     sender: ThreadPoolExecutor,
     settler: ThreadPoolExecutor,
     previous: Future[Future[None]] | None,
-    batch: list[_Item],
+    batch: list[Item],
     settling: list[Future[None]],
 ) -> Future[Future[None]] | None:
     """Write ``batch``'s intents, then, once the previous batch's PUTs are answered (its
-    outcomes go on being written on ``settler``, kept in ``settling``), send it on ``sender``;
-    its future (None when nothing of it was recorded)."""
+    outcomes go on being written on ``settler``, kept in ``settling``) and the outcomes of the
+    one before it are written, send it on ``sender``; its future (None when nothing of it was
+    recorded). So the outcomes lag the PUTs by one batch at most: a slow manifest slows the
+    sending instead of letting sent-but-unrecorded segments pile up, and a failure to write
+    them ends the group within a batch."""
     rows = _register(store, batch)
     if previous is not None:
         settling.append(previous.result())
+        if len(settling) >= 2:
+            settling[-2].result()
     if rows is None:
         return None
     return sender.submit(_ship_batch, store, settler, batch, rows)
 
 
-def _prepare(store: Store, e: _Item) -> bool:
+def _prepare(store: Store, e: Item) -> bool:
     """The file's size and identity, or the item's future fails (nothing recorded)."""
     try:
         st = stat_file(e.path)
     except UploaderError as exc:
-        _fail(e, exc)
+        fail(e, exc)
         return False
     e.size, e.identity = st.st_size, (st.st_dev, st.st_ino)
     return True
 
 
-def _fail(e: _Item, exc: BaseException) -> None:
-    # Answered already (by its seal's relay, racing an error of the whole group): kept.
-    with contextlib.suppress(InvalidStateError):
-        e.fut.set_exception(exc)
-
-
-def _one_at_a_time(store: Store, e: _Item) -> None:
+def _one_at_a_time(store: Store, e: Item) -> None:
     """The writer's seal for this item: a registered key or a file bigger than a part."""
     try:
         inner = store.segment(e.key, e.path).seal()
-    except UploaderError as exc:
-        _fail(e, exc)
+    except Exception as exc:  # refused (busy, conflict), or the manifest failed: this item's
+        fail(e, exc)
         return
 
     def relay(done: Future[CommitResult]) -> None:
         try:
             result = done.result()
         except BaseException as exc:  # the seal's failure is this item's
-            _fail(e, exc)
+            fail(e, exc)
         else:
             with contextlib.suppress(InvalidStateError):
                 e.fut.set_result(result)
@@ -199,7 +210,7 @@ def _one_at_a_time(store: Store, e: _Item) -> None:
     inner.add_done_callback(relay)
 
 
-def _register(store: Store, batch: list[_Item]) -> list[Sealed | None] | None:
+def _register(store: Store, batch: list[Item]) -> list[Sealed | None] | None:
     """The batch's intents in one transaction, each new segment's lease held from here; None
     when nothing of it was recorded (each item's future has failed)."""
     try:
@@ -224,7 +235,7 @@ def _register(store: Store, batch: list[_Item]) -> list[Sealed | None] | None:
         )
     except Exception as exc:  # nothing of the batch was recorded (an outage, a bad row)
         for e in batch:
-            _fail(e, exc)
+            fail(e, exc)
         return None
     for row in rows:
         if row is not None:
@@ -233,11 +244,11 @@ def _register(store: Store, batch: list[_Item]) -> list[Sealed | None] | None:
 
 
 def _ship_batch(
-    store: Store, settler: ThreadPoolExecutor, batch: list[_Item], rows: list[Sealed | None]
+    store: Store, settler: ThreadPoolExecutor, batch: list[Item], rows: list[Sealed | None]
 ) -> Future[None]:
     """Send the batch's PUTs; the future of its drives and outcomes, taken on ``settler``."""
-    sending: list[tuple[_Item, Sealed, Future[DriveResult]]] = []
-    ready: list[tuple[_Item, Sealed, Payload, dict[str, str]]] = []
+    sending: list[tuple[Item, Sealed, Future[DriveResult]]] = []
+    ready: list[tuple[Item, Sealed, Payload, dict[str, str]]] = []
     for e, row in zip(batch, rows, strict=True):
         if row is None:  # registered before: the one-at-a-time path says what it is
             e.payload = None
@@ -247,13 +258,16 @@ def _ship_batch(
         payload, e.payload = e.payload, None
         assert payload is not None  # read before its intent was written
         if store.transport.stop.is_set():
-            _let_go(store, lease)  # a recovery worker claims it at once
-            _fail(e, _interrupted(e))
+            let_go(store, lease)  # a recovery worker claims it at once
+            fail(e, interrupted(e))
             continue
         metadata, record_first = objectmeta.put_metadata(seg, commit)
-        if record_first:  # its record sidecar goes first: the driver's own PUT step writes it
-            fresh = {commit.id: payload}
-            sending.append((e, row, store._puts.submit(_drive, store, e, row, fresh)))
+        if record_first:
+            # Its record sidecar goes first: the driver's own PUT step writes it, then sends the
+            # bytes read again from the file (checked against the recorded CRC32C), so that
+            # none of this batch's bytes outlives its PUTs.
+            fresh: dict[int, Payload | None] = {commit.id: None}
+            sending.append((e, row, store._puts.submit(drive_item, store, e, row, fresh)))
             continue
         ready.append((e, row, payload, metadata))
     # The PUTs the drives would send first (their first step, as the intents left them), sent
@@ -269,132 +283,14 @@ def _ship_batch(
         )
     except Exception as exc:  # no answer is known: each item's attempt failed with it
         answers = [PutAnswer(error=exc) for _ in ready]
-    answered: list[tuple[_Item, Sealed, PutAnswer]] = []
+    for answer in answers:
+        drop_frames(answer.error)
+    answered: list[tuple[Item, Sealed, PutAnswer]] = []
     for (e, row, _payload, _md), answer in zip(ready, answers, strict=True):
         if not answer.sent:  # interrupted before its turn: sealed, its part pending
-            _let_go(store, row[0])  # a recovery worker claims it at once
-            _fail(e, _interrupted(e))
+            let_go(store, row[0])  # a recovery worker claims it at once
+            fail(e, interrupted(e))
             continue
         answered.append((e, row, answer))
     del ready  # the bytes: a drive that takes its PUT's answer sends nothing again
-    return settler.submit(_finish_batch, store, sending, answered, deep)
-
-
-def _finish_batch(
-    store: Store,
-    sending: list[tuple[_Item, Sealed, Future[DriveResult]]],
-    answered: list[tuple[_Item, Sealed, PutAnswer]],
-    deep: bool,
-) -> None:
-    """Each answered PUT's drive, then the batch's outcomes in one transaction."""
-    for e, row, answer in answered:
-        commit = row[2]
-        # Fresh (recorded, never sent before this batch), its bytes not needed: the drive takes
-        # the PUT's answer as its own and sends nothing.
-        args = (store, e, row, {commit.id: None}, {commit.id: answer})
-        if answer.info is not None and answer.info.proven and not deep:
-            # Nothing left to ask the remote: taken here, no thread needed.
-            sending.append((e, row, _now(_drive, *args)))
-        else:  # a HEAD or a read back may follow: overlapped on the pool
-            sending.append((e, row, store._puts.submit(_drive, *args)))
-    wait([d for _e, _row, d in sending])
-    _settle(store, sending)
-
-
-def _now(fn: Callable[..., DriveResult], *args: Any) -> Future[DriveResult]:
-    """``fn(*args)`` run on this thread, as a finished future (like the pool's)."""
-    done: Future[DriveResult] = Future()
-    try:
-        done.set_result(fn(*args))
-    except BaseException as exc:  # the drive's failure is the item's, as on the pool
-        done.set_exception(exc)
-    return done
-
-
-def _drive(
-    store: Store,
-    e: _Item,
-    row: Sealed,
-    fresh: Mapping[int, Payload | None],
-    answered: Mapping[int, PutAnswer] | None = None,
-) -> DriveResult:
-    if not answered and store.transport.stop.is_set():
-        raise _interrupted(e)  # interrupted while this PUT waited for a thread
-    lease, seg, commit = row
-    return store.driver.drive(
-        lease,
-        fresh=fresh,
-        counters=e.counters,
-        release=True,
-        deferred=e.deferred,
-        known=(seg, [commit]),  # as the intents' transaction wrote them
-        answered=answered,
-    )
-
-
-def _interrupted(e: _Item) -> WorkInterruptedError:
-    return WorkInterruptedError(
-        f"interrupted: segment {e.key!r} is sealed, its PUT not started; `uploader recover` "
-        "finishes it"
-    )
-
-
-def _settle(store: Store, sending: list[tuple[_Item, Sealed, Future[DriveResult]]]) -> None:
-    """Write the batch's outcomes in one transaction, then answer each item's future."""
-    proven = [e.deferred.proven for e, _r, _d in sending if e.deferred.proven is not None]
-    failed = [e.deferred.failed for e, _r, _d in sending if e.deferred.failed is not None]
-    try:
-        refused = store.manifest.settle_puts(proven, failed)
-    except Exception as exc:
-        # Nothing of the outcomes was written: each segment is sealed, its part pending, and
-        # recovery finds the objects and checks them again.
-        for e, (lease, _s, _c), _d in sending:
-            _fail(e, exc)
-            _let_go(store, lease)
-        return
-    for e, (lease, seg, _c), drive in sending:
-        why = refused.get(seg.id)
-        if why is not None:
-            store.keeper.forget(lease)
-            _fail(e, why)
-            continue
-        proof = e.deferred.proven
-        if proof is not None:
-            store.keeper.drop(seg.id)  # given back by the outcome's transaction
-            e.fut.set_result(
-                CommitResult(
-                    key=e.key,
-                    sent_bytes=e.counters.bytes_sent,
-                    sent_parts=e.counters.parts_sent,
-                    committed=e.size,
-                    carried_bytes=0,
-                    sealed=True,
-                    verified=True,
-                    object_etag=proof.object_etag,
-                )
-            )
-            continue
-        error = drive.exception()
-        if error is None:  # the drive wrote its own outcome (a path other than a proven PUT)
-            try:
-                e.fut.set_result(sealed(e.key, drive.result(), e.counters, e.size))
-            except (UploaderError, VerificationError) as err:
-                _fail(e, err)
-            if not drive.result().verified:
-                _let_go(store, lease)
-            else:
-                store.keeper.drop(seg.id)
-            continue
-        _fail(e, error)
-        _let_go(store, lease)
-
-
-def _let_go(store: Store, lease: Lease) -> None:
-    """Give back the lease of a segment this batch did not finish, so that a recovery worker
-    claims it at once (as a writer's seal does); if that fails too, the lease expires."""
-    try:
-        store.keeper.release(lease.segment_id)
-    except Exception as exc:
-        log.warning("could not release the lease on %r: %s", lease.key, exc)
-        with contextlib.suppress(Exception):
-            store.keeper.forget(lease)
+    return settler.submit(finish_batch, store, sending, answered, deep)
