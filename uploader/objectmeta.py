@@ -86,8 +86,7 @@ CRC32C_RECORD = "crc32c"
 def record_name(key: str, etag: str) -> str:
     """The record sidecar's name under the hidden prefix ``.uploader/`` (``etag``: the ETag the
     object must have, or :data:`CRC32C_RECORD` in the crc32c mode)."""
-    h = hashlib.sha256(key.encode("utf-8")).hexdigest()
-    return f"records/{h[:2]}/{h}.{etag}.json"
+    return f"{record_prefix(key)}{etag}.json"
 
 
 def record_prefix(key: str) -> str:
