@@ -16,6 +16,7 @@ import hashlib
 import logging
 import threading
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from uploader.digest import crc32c_b64, crc32c_of, normalize_etag
@@ -62,21 +63,26 @@ class S3Objects(S3Requests):
         )
         return info, {str(k).lower(): str(v) for k, v in (out.get("Metadata") or {}).items()}
 
-    def list_objects(self, prefix: str = "") -> list[str]:
-        full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
-        keys: list[str] = []
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full}
+    def _listed(self, full: str, **extra: Any) -> Iterator[str]:
+        """Every key ListObjectsV2 gives under the full prefix ``full``, page after page."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full, **extra}
         while True:
             out = self._call("list_objects_v2", None, **kwargs)
             for item in out.get("Contents", []):
-                rel = self._rel(str(item["Key"]))
-                if rel.startswith(HIDDEN_PREFIX) or (self.prefix and rel == item["Key"]):
-                    continue
-                keys.append(rel)
+                yield str(item["Key"])
             token = out.get("NextContinuationToken")
             if not out.get("IsTruncated") or not token:
-                break
+                return
             kwargs["ContinuationToken"] = token
+
+    def list_objects(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        keys: list[str] = []
+        for key in self._listed(full):
+            rel = self._rel(key)
+            if rel.startswith(HIDDEN_PREFIX) or (self.prefix and rel == key):
+                continue
+            keys.append(rel)
         return sorted(keys)
 
     def _put_small(self, key: str, body: bytes, **extra: Any) -> Any:
@@ -102,18 +108,9 @@ class S3Objects(S3Requests):
         return None if info is None else self.read(key, 0, info.size)
 
     def list_hidden(self, prefix: str) -> list[str]:
-        full = self._key(f"{HIDDEN_PREFIX}{prefix}")
         hidden = self._key(HIDDEN_PREFIX)
-        names: list[str] = []
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full, "Delimiter": "/"}
-        while True:
-            out = self._call("list_objects_v2", None, **kwargs)
-            names += [str(item["Key"])[len(hidden) :] for item in out.get("Contents", [])]
-            token = out.get("NextContinuationToken")
-            if not out.get("IsTruncated") or not token:
-                break
-            kwargs["ContinuationToken"] = token
-        return sorted(names)
+        full = self._key(f"{HIDDEN_PREFIX}{prefix}")
+        return sorted(key[len(hidden) :] for key in self._listed(full, Delimiter="/"))
 
     def read(self, key: str, start: int, end: int) -> bytes:
         if end <= start:
