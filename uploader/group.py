@@ -30,11 +30,10 @@ takes the one-at-a-time path, ``store.segment(key, path).seal()``, which refuses
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Iterable
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from uploader import objectmeta
@@ -51,6 +50,7 @@ from uploader.group_outcomes import (
     finish_batch,
     interrupted,
     let_go,
+    resolve,
 )
 from uploader.keys import validate_key
 from uploader.records import SmallSeal
@@ -98,6 +98,7 @@ def _run(store: Store, entries: list[Item]) -> None:
     settler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uploader-settle")
     sending: Future[Future[None]] | None = None
     settling: list[Future[None]] = []
+    failed: BaseException | None = None
     try:
         batch: list[Item] = []
         held = 0
@@ -129,16 +130,16 @@ def _run(store: Store, entries: list[Item]) -> None:
             settling.append(sending.result())
         _settled(settling)
     except BaseException as exc:
-        # What is in hand is finished and answered first (its outcomes written, its leases
-        # given back); then every item not answered fails with the group's error.
-        sender.shutdown(wait=True)
-        settler.shutdown(wait=True)
-        for e in entries:
-            fail(e, exc)
+        failed = exc
         raise
     finally:
+        # What is in hand is finished and answered first (its outcomes written, its leases
+        # given back); then, after an error of the group, every item not answered fails with it.
         sender.shutdown(wait=True)
         settler.shutdown(wait=True)
+        if failed is not None:
+            for e in entries:
+                fail(e, failed)
 
 
 def _settled(settling: list[Future[None]]) -> None:
@@ -204,8 +205,7 @@ def _one_at_a_time(store: Store, e: Item) -> None:
         except BaseException as exc:  # the seal's failure is this item's
             fail(e, exc)
         else:
-            with contextlib.suppress(InvalidStateError):
-                e.fut.set_result(result)
+            resolve(e, result)
 
     inner.add_done_callback(relay)
 
