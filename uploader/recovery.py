@@ -92,6 +92,30 @@ __all__ = [
 
 
 @dataclass
+class Owed:
+    """What a manifest outage kept a worker from settling, settled by :func:`recover_loop` once
+    the manifest answers: leases it could not give back, and whether a claim's answer was lost
+    (the claim may have committed, leasing segments to us that no thread of ours holds)."""
+
+    leases: list[Lease] = field(default_factory=list)
+    claim_unsure: bool = False
+
+    def settle(self, crew: Crew) -> None:
+        while self.leases:
+            # Fenced: a no-op if the lease expired and another worker took the segment.
+            crew.manifest.release(self.leases[0])
+            self.leases.pop(0)
+        if self.claim_unsure:
+            for key in crew.manifest.give_back_unheld(crew.worker, crew.keeper.get):
+                log.warning(
+                    "segment %r: leased to this worker by a claim whose answer an outage lost, "
+                    "held by no thread; given back, so it is not left idle until the lease expires",
+                    key,
+                )
+            self.claim_unsure = False
+
+
+@dataclass
 class _Totals:
     outcomes: list[SegmentOutcome] = field(default_factory=list)
     counters: Counters = field(default_factory=Counters)
@@ -105,15 +129,16 @@ def recover(
     stop: threading.Event | None = None,
     on_segment: Callable[[SegmentOutcome], None] | None = None,
     stuck_passes: int = DEFAULT_STUCK_PASSES,
-    unreleased: list[Lease] | None = None,
+    owed: Owed | None = None,
 ) -> RecoveryReport:
     """One pass over the unfinished segments this worker can act on.
 
     Claims them in batches in id order (others are claimed by other workers meanwhile), drives
     each, releases it. ``limit`` bounds the number of claims; ``stop`` ends the pass after the
-    batch in hand (graceful shutdown). A lease that could not be given back because the manifest
-    was unavailable is added to ``unreleased`` (:func:`recover_loop` gives it back once the
-    manifest answers again, instead of leaving the segment idle until the lease expires).
+    batch in hand (graceful shutdown). What the manifest's outage kept it from settling (a
+    lease it could not give back, a claim whose answer was lost) is noted in ``owed``
+    (:func:`recover_loop` settles it once the manifest answers again, instead of leaving the
+    segments idle until their leases expire).
     """
     totals = _Totals()
     after_id = 0
@@ -124,9 +149,14 @@ def recover(
         want = batch if limit is None else min(batch, limit - len(totals.outcomes))
         # One transaction claims a batch; the batch is driven in parallel (its parts share the
         # store's slots, so memory stays bounded), then every lease is released.
-        claimed = crew.manifest.claim(
-            crew.worker, node=crew.node, ttl=crew.lease_seconds, after_id=after_id, limit=want
-        )
+        try:
+            claimed = crew.manifest.claim(
+                crew.worker, node=crew.node, ttl=crew.lease_seconds, after_id=after_id, limit=want
+            )
+        except Exception as exc:
+            if owed is not None and db.is_outage(exc):
+                owed.claim_unsure = True  # it may have committed all the same
+            raise
         if not claimed:
             break
         after_id = claimed[-1][1].id
@@ -138,7 +168,7 @@ def recover(
             try:
                 return _resume(crew, lease, seg, max_reuploads, totals.counters, stuck_passes)
             finally:
-                _release(crew, lease, unreleased)
+                _release(crew, lease, owed)
 
         if len(claimed) == 1:
             outcomes = [work(claimed[0])]
@@ -164,16 +194,16 @@ def recover(
     )
 
 
-def _release(crew: Crew, lease: Lease, unreleased: list[Lease] | None) -> None:
-    """Give a claimed lease back; one the manifest's outage kept is remembered in ``unreleased``
+def _release(crew: Crew, lease: Lease, owed: Owed | None) -> None:
+    """Give a claimed lease back; one the manifest's outage kept is remembered in ``owed``
     (the outage still ends the pass: the caller sees the error)."""
     try:
         crew.keeper.release(lease.segment_id)
     except UploaderError:
         pass  # lost meanwhile: nothing of ours to give back
     except Exception as exc:
-        if unreleased is not None and db.is_outage(exc):
-            unreleased.append(lease)
+        if owed is not None and db.is_outage(exc):
+            owed.leases.append(lease)
         raise
 
 
@@ -341,26 +371,23 @@ def recover_loop(
     """Run a pass every ``interval`` seconds until ``stop`` is set; return the last report.
 
     A pass the manifest's outage cut short (:mod:`uploader.outage`) is logged and run again after
-    a bounded, jittered backoff. Claims the outage kept us from giving back are given back first
-    (a segment is not left idle until its lease expires); a later pass takes them again. Any other
-    error ends the loop.
+    a bounded, jittered backoff. What the outage kept us from settling is settled first
+    (:class:`Owed`: a segment is not left idle until its lease expires); a later pass takes it
+    again. Any other error ends the loop.
     """
     guard = OutageGuard("recover", backoff=backoff, clock=clock)
     report = RecoveryReport()
-    unreleased: list[Lease] = []  # claims an outage kept us from giving back
+    owed = Owed()
     while not stop.is_set():
         started = clock()
         try:
-            while unreleased:
-                # Fenced: a no-op if the lease expired and another worker took the segment.
-                crew.manifest.release(unreleased[0])
-                unreleased.pop(0)
+            owed.settle(crew)
             report = recover(
                 crew,
                 stop=stop,
                 max_reuploads=max_reuploads,
                 on_segment=on_segment,
-                unreleased=unreleased,
+                owed=owed,
                 stuck_passes=stuck_passes,
             )
         except Exception as exc:

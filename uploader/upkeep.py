@@ -175,13 +175,15 @@ class Upkeep:
         stop: threading.Event | None = None,
         on_segment: Callable[[recovery.SegmentOutcome], None] | None = None,
         stuck_passes: int = DEFAULT_STUCK_PASSES,
+        owed: recovery.Owed | None = None,
     ) -> recovery.RecoveryReport:
         """Finish every interrupted segment this worker can act on; see :mod:`uploader.recovery`.
 
         ``on_segment`` is called with each segment's outcome as it is known (progress).
         ``stuck_passes``: a segment whose passes end on the same error that no retry can fix
         (a call the remote does not support, a request it refuses) this many times in a row
-        becomes ``failed`` with it.
+        becomes ``failed`` with it. ``owed``: a loop's :class:`uploader.recovery.Owed`, noting what
+        a manifest outage kept this pass from settling (the loop settles it before its next pass).
         """
         self._check_open()
         if stuck_passes < 1:
@@ -193,6 +195,7 @@ class Upkeep:
             stop=stop,
             on_segment=on_segment,
             stuck_passes=stuck_passes,
+            owed=owed,
         )
 
     def finish(self, key: str) -> recovery.SegmentOutcome:

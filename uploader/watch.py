@@ -39,7 +39,7 @@ from uploader.errors import SegmentBusyError, UploaderError, UsageError
 from uploader.formats import Format, Scan, get_format
 from uploader.outage import Backoff, OutageGuard
 from uploader.records import FORMAT_PROBLEM
-from uploader.recovery import RecoveryReport
+from uploader.recovery import Owed, RecoveryReport
 from uploader.states import SegmentState
 from uploader.store import CommitResult, Segment, Store, UploadFuture
 
@@ -355,11 +355,13 @@ class Watcher:
         """
         guard = OutageGuard("watch", backoff=backoff, clock=clock)
         last_recovery = clock()
+        owed = Owed()  # what an outage kept a recovery pass from settling
         while not stop.is_set():
             try:
                 self.tick()
                 if recover_every is not None and clock() - last_recovery >= recover_every:
-                    report = self.store.recover(stop=stop)
+                    owed.settle(self.store.crew)
+                    report = self.store.recover(stop=stop, owed=owed)
                     last_recovery = clock()
                     if on_recovery is not None:
                         on_recovery(report)

@@ -4,7 +4,7 @@ lease holder as a process (same-node fast takeover of a dead holder's lease)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -381,16 +381,35 @@ class Leases(ManifestCore):
         lost = [lease for lease in leases if lease.segment_id not in renewed_until]
         return renewed, lost
 
+    def give_back_unheld(self, owner: str, held: Callable[[int], object]) -> list[str]:
+        """Give back ``owner``'s live leases on unfinished segments that ``held`` (the owner's
+        keeper, by segment id) says no thread holds: what a claim leaves behind when it committed
+        but its answer was lost. Each release is fenced: a lease taken meanwhile stays (one of
+        ours taken and not yet held loses it; its write is refused and it takes it again).
+        Returns the keys given back."""
+        q = select(SEGMENTS.c.id, SEGMENTS.c.key, SEGMENTS.c.fence).where(
+            text(UNFINISHED_SEGMENTS_SQL), SEGMENTS.c.lease_owner == owner
+        )
+        if not self.is_postgres:
+            q = q.where(RARE_UNFINISHED)
+        keys = []
+        with self._begin() as conn:
+            for row in conn.execute(q).all():
+                if not held(row.id) and self._release_row(conn, row.id, row.fence, owner):
+                    keys.append(row.key)
+        return keys
+
+    def _release_row(self, conn: Connection, seg_id: int, fence: int, owner: str) -> bool:
+        res = conn.execute(
+            update(SEGMENTS)
+            .where(
+                SEGMENTS.c.id == seg_id, SEGMENTS.c.fence == fence, SEGMENTS.c.lease_owner == owner
+            )
+            .values(lease_owner=None, lease_expires=None)
+        )
+        return res.rowcount == 1
+
     def release(self, lease: Lease) -> bool:
         """Give a lease back (no error if it was already lost). True if it was still ours."""
         with self._begin() as conn:
-            res = conn.execute(
-                update(SEGMENTS)
-                .where(
-                    SEGMENTS.c.id == lease.segment_id,
-                    SEGMENTS.c.fence == lease.fence,
-                    SEGMENTS.c.lease_owner == lease.owner,
-                )
-                .values(lease_owner=None, lease_expires=None)
-            )
-        return res.rowcount == 1
+            return self._release_row(conn, lease.segment_id, lease.fence, lease.owner)
