@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from uploader.config import DEFAULT_MAX_REUPLOADS, DEFAULT_STUCK_PASSES
 from uploader.crew import Crew
@@ -98,21 +99,21 @@ class Owed:
     (the claim may have committed, leasing segments to us that no thread of ours holds)."""
 
     leases: list[Lease] = field(default_factory=list)
-    claim_unsure: bool = False
+    claims: list[datetime] = field(default_factory=list)  # when each unanswered claim was made
 
     def settle(self, crew: Crew) -> None:
         while self.leases:
             # Fenced: a no-op if the lease expired and another worker took the segment.
             crew.manifest.release(self.leases[0])
             self.leases.pop(0)
-        if self.claim_unsure:
-            for key in crew.manifest.give_back_unheld(crew.worker, crew.keeper.get):
+        while self.claims:
+            for key in crew.manifest.give_back_unheld(crew.worker, self.claims[0], crew.keeper.get):
                 log.warning(
                     "segment %r: leased to this worker by a claim whose answer an outage lost, "
                     "held by no thread; given back, so it is not left idle until the lease expires",
                     key,
                 )
-            self.claim_unsure = False
+            self.claims.pop(0)
 
 
 @dataclass
@@ -149,13 +150,19 @@ def recover(
         want = batch if limit is None else min(batch, limit - len(totals.outcomes))
         # One transaction claims a batch; the batch is driven in parallel (its parts share the
         # store's slots, so memory stays bounded), then every lease is released.
+        at = crew.manifest.clock()
         try:
             claimed = crew.manifest.claim(
-                crew.worker, node=crew.node, ttl=crew.lease_seconds, after_id=after_id, limit=want
+                crew.worker,
+                node=crew.node,
+                ttl=crew.lease_seconds,
+                after_id=after_id,
+                limit=want,
+                at=at,
             )
         except Exception as exc:
             if owed is not None and db.is_outage(exc):
-                owed.claim_unsure = True  # it may have committed all the same
+                owed.claims.append(at)  # it may have committed all the same
             raise
         if not claimed:
             break

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -112,26 +113,24 @@ def test_a_claim_whose_answer_was_lost_does_not_idle_until_its_leases_expire(
     assert all(any(key in m for m in gave_back) for key in lost[0])
 
 
-def test_give_back_unheld_gives_back_only_our_leases_that_no_thread_holds(
+def test_give_back_unheld_gives_back_only_that_claims_leases_no_thread_holds(
     manifest_url: str, at_head: None, tmp_path: Path
 ) -> None:
     remote = f"memory://claim-lost-{uuid.uuid4().hex[:12]}"
-    _sealed_work(manifest_url, remote, tmp_path, 3)
+    _sealed_work(manifest_url, remote, tmp_path, 4)
     store = uploader.open(manifest_url, remote, part_size=PART, min_part_size=PART)
     try:
-        m, me = store.manifest, store.worker
-        held = m.acquire("k/0", me, node=store.node)
-        store.keeper.hold(held)
-        orphan = m.acquire("k/1", me, node=store.node)
-        m.acquire("k/2", "someone-else")
-        assert m.give_back_unheld(me, store.keeper.get) == ["k/1"]
+        m, me, node = store.manifest, store.worker, store.node
+        at = datetime(2030, 1, 2, 3, 4, 5, 678901)  # one claim's time, written on its rows
+        claimed = {seg.key: lease for lease, seg in m.claim(me, node=node, limit=3, at=at)}
+        assert sorted(claimed) == ["k/0", "k/1", "k/2"]
+        store.keeper.hold(claimed["k/0"])  # a thread holds this one
+        m.acquire("k/3", me, node=node)  # ours, not held, but not taken by that claim
+        taken_again = m.acquire("k/2", me, node=node)  # written since the claim: not its row
+        assert m.give_back_unheld(me, at, store.keeper.get) == ["k/1"]
         owners = {s.key: s.lease_owner for s in m.segments()}
-        assert owners == {"k/0": me, "k/1": None, "k/2": "someone-else"}
-        # Taken again and held now: kept, with its fence.
-        again = m.acquire("k/1", me, node=store.node)
-        store.keeper.hold(again)
-        assert again.fence == orphan.fence + 1
-        assert m.give_back_unheld(me, store.keeper.get) == []
-        assert m.renew(again).fence == again.fence
+        assert owners == {"k/0": me, "k/1": None, "k/2": me, "k/3": me}
+        assert m.renew(taken_again).fence == taken_again.fence  # still ours, fence unchanged
+        assert m.give_back_unheld("someone-else", at, lambda _id: False) == []
     finally:
         store.close()

@@ -176,6 +176,7 @@ class Leases(ManifestCore):
         ttl: float = DEFAULT_LEASE_SECONDS,
         after_id: int = 0,
         limit: int = 1,
+        at: datetime | None = None,
     ) -> list[tuple[Lease, SegmentRecord]]:
         """Claim up to ``limit`` unfinished segments (ids > ``after_id``, ascending), in one transaction.
 
@@ -183,7 +184,8 @@ class Leases(ManifestCore):
         segments whose parts are all uploaded (completing needs no local bytes; verifying does: the
         bytes). Open segments are claimed only when they have pending whole parts to upload.
         Rows locked by another claimer are skipped (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; on
-        SQLite the immediate transaction serialises claimers).
+        SQLite the immediate transaction serialises claimers). ``at``: the time written on the
+        rows it takes (default: now; see :meth:`give_back_unheld`).
         """
         if limit < 1:
             return []
@@ -192,7 +194,7 @@ class Leases(ManifestCore):
             "p_lim": limit,
             "p_node": node,
             "p_owner": owner,
-            "p_now": self.clock(),
+            "p_now": at or self.clock(),
             **{f"p_{k}": v for k, v in holder_values(node).items()},
         }
         if self._db_leases():
@@ -381,35 +383,38 @@ class Leases(ManifestCore):
         lost = [lease for lease in leases if lease.segment_id not in renewed_until]
         return renewed, lost
 
-    def give_back_unheld(self, owner: str, held: Callable[[int], object]) -> list[str]:
-        """Give back ``owner``'s live leases on unfinished segments that ``held`` (the owner's
-        keeper, by segment id) says no thread holds: what a claim leaves behind when it committed
-        but its answer was lost. Each release is fenced: a lease taken meanwhile stays (one of
-        ours taken and not yet held loses it; its write is refused and it takes it again).
-        Returns the keys given back."""
+    def give_back_unheld(
+        self, owner: str, claimed_at: datetime, held: Callable[[int], object]
+    ) -> list[str]:
+        """Give back (fenced) the leases a claim of ``owner`` at ``claimed_at`` took, if it
+        committed but its answer was lost: rows still ``owner``'s, last written then, that
+        ``held`` (the keeper, by segment id) says no thread holds. Returns their keys."""
         q = select(SEGMENTS.c.id, SEGMENTS.c.key, SEGMENTS.c.fence).where(
-            text(UNFINISHED_SEGMENTS_SQL), SEGMENTS.c.lease_owner == owner
+            text(UNFINISHED_SEGMENTS_SQL),
+            SEGMENTS.c.lease_owner == owner,
+            # Only that claim's rows: any later write (a writer's acquire, a transition) moves it.
+            SEGMENTS.c.updated_at == claimed_at,
         )
         if not self.is_postgres:
             q = q.where(RARE_UNFINISHED)
-        keys = []
-        with self._begin() as conn:
-            for row in conn.execute(q).all():
-                if not held(row.id) and self._release_row(conn, row.id, row.fence, owner):
-                    keys.append(row.key)
-        return keys
-
-    def _release_row(self, conn: Connection, seg_id: int, fence: int, owner: str) -> bool:
-        res = conn.execute(
-            update(SEGMENTS)
-            .where(
-                SEGMENTS.c.id == seg_id, SEGMENTS.c.fence == fence, SEGMENTS.c.lease_owner == owner
-            )
-            .values(lease_owner=None, lease_expires=None)
-        )
-        return res.rowcount == 1
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        return [
+            r.key
+            for r in rows
+            if not held(r.id) and self.release(Lease(r.id, r.key, owner, r.fence, claimed_at))
+        ]
 
     def release(self, lease: Lease) -> bool:
         """Give a lease back (no error if it was already lost). True if it was still ours."""
         with self._begin() as conn:
-            return self._release_row(conn, lease.segment_id, lease.fence, lease.owner)
+            res = conn.execute(
+                update(SEGMENTS)
+                .where(
+                    SEGMENTS.c.id == lease.segment_id,
+                    SEGMENTS.c.fence == lease.fence,
+                    SEGMENTS.c.lease_owner == lease.owner,
+                )
+                .values(lease_owner=None, lease_expires=None)
+            )
+        return res.rowcount == 1
