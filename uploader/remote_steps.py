@@ -89,29 +89,6 @@ class RemoteSteps:
         # the sweep aborts (invariant 9); recording first would need an id we do not have yet.
         return self.manifest.set_upload(lease, upload_id, "multipart")
 
-    def send_recorded(
-        self,
-        lease: Lease,
-        seg: SegmentRecord,
-        upload_id: str,
-        commit: CommitRecord,
-        payload: Payload | None,
-        counters: Counters,
-        checked: set[int] | None = None,
-    ) -> None:
-        """Send one recorded part and record what the remote acknowledged (or the failure)."""
-        ack = self._send_one(lease, seg, upload_id, commit, payload)
-        payload = None  # let the part's bytes go before the manifest round trip
-        self.manifest.parts_uploaded(
-            lease,
-            [(commit, ack.etag)],
-            proven=frozenset({commit.id}) if ack.proven else frozenset(),
-        )
-        counters.sent(commit.size)
-        self._moved(seg.key, commit.size)
-        if checked is not None:
-            checked.add(commit.part_number)
-
     def _send(
         self,
         lease: Lease,
@@ -132,7 +109,7 @@ class RemoteSteps:
                 payload = learned.fresh.pop(c.id, None)
                 futures.append(
                     self.transport.in_slot(
-                        self._send_acked, lease, seg, upload_id, c, payload, counters, acks
+                        self.send_acked, lease, seg, upload_id, c, payload, counters, acks
                     )
                 )
         finally:
@@ -151,7 +128,7 @@ class RemoteSteps:
                     c.part_number, c.md5 or "", c.size, crc32c=c.crc32c
                 )
 
-    def _send_acked(
+    def send_acked(
         self,
         lease: Lease,
         seg: SegmentRecord,
@@ -162,7 +139,9 @@ class RemoteSteps:
         acks: list[Ack],
     ) -> None:
         """Send one recorded part; keep what the remote acknowledged in ``acks`` (checked now:
-        an ETag that is not the part's MD5 fails this part alone), the failure recorded."""
+        an ETag that is not the part's MD5 fails this part alone), the failure recorded. The
+        caller writes ``acks`` (:meth:`record_acks`) once its parts are all done: one transaction,
+        and none while the part's slot is held."""
         ack = self._send_one(lease, seg, upload_id, commit, payload)
         payload = None  # the part's bytes go now, before any manifest round trip
         check_acknowledged(lease, commit, ack.etag, proven=ack.proven)
@@ -191,6 +170,11 @@ class RemoteSteps:
     def _record_acks(
         self, lease: Lease, seg: SegmentRecord, acks: Sequence[Ack], learned: Learned
     ) -> None:
+        self.record_acks(lease, acks)
+        learned.checked.update(a.commit.part_number for a in acks)
+
+    def record_acks(self, lease: Lease, acks: Sequence[Ack]) -> None:
+        """Write what the remote acknowledged for sent parts: ``uploaded``, in one transaction."""
         if not acks:
             return
         self.manifest.parts_uploaded(
@@ -198,7 +182,6 @@ class RemoteSteps:
             [(a.commit, a.etag) for a in acks],
             proven=frozenset(a.commit.id for a in acks if a.proven),
         )
-        learned.checked.update(a.commit.part_number for a in acks)
 
     def _put(
         self,

@@ -12,7 +12,6 @@ same live lease, without a manifest read (:class:`_Known`). The seal itself is
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from uploader.errors import (
 )
 from uploader.futures import CommitResult, UploadFuture
 from uploader.records import Lease, NewCommit, SegmentRecord
+from uploader.remote_steps import Ack
 from uploader.seal import new_parts, seal_multipart, seal_single
 from uploader.segment_lease import SegmentLease
 from uploader.states import SegmentState
@@ -94,7 +94,7 @@ class Segment(SegmentLease):
         """The final commit: send the rest up to ``size`` (the file size by default), complete
         the object, check every local byte again, verify the object."""
         self._check_open("seal", size)
-        self._sealing = True  # commits after this read the manifest (and are refused there)
+        self._sealing = True  # commits asked after this read the manifest (and are refused there)
         return self._submit("seal", lambda _recorded: self._do_seal(size), True)
 
     def __repr__(self) -> str:
@@ -109,7 +109,7 @@ class Segment(SegmentLease):
             raise UsageError(
                 f"segment {self.key!r}: {what} end must be a non-negative int, got {end!r}"
             )
-        known = self._known_now() if what == "commit" else None
+        known = self._known_now(asked_now=True) if what == "commit" else None
         if known is not None:
             seg, committed = known.segment, known.committed
         else:
@@ -181,11 +181,16 @@ class Segment(SegmentLease):
         self._store._submit_job(run, fut)
         return fut
 
-    def _known_now(self) -> _Known | None:
-        """What the last commit recorded, if it still holds: the same live lease, no seal
-        asked for, no failed send since."""
+    def _known_now(self, *, asked_now: bool = False) -> _Known | None:
+        """What the last commit recorded, if it still holds: the same live lease, no failed send
+        since, and for a commit being asked now (``asked_now``), no seal asked before it.
+
+        A commit job asked before the seal may still use it: the seal job starts only after
+        every earlier job is done, and forgets it first (:meth:`_do_seal`). A broker that does
+        not await its commits seals while most of them are queued; they must not each read the
+        manifest (they did: one read per append)."""
         known = self._known
-        if known is None or self._sealing:
+        if known is None or (asked_now and self._sealing):
             return None
         lease = self._store.keeper.get(self._id)
         if lease is None or lease.fence != known.fence:
@@ -265,7 +270,7 @@ class Segment(SegmentLease):
             committed = self._record_and_send(lease, seg, seg.upload_id, new, counters, recorded)
         with self._lock:
             # Only if no send failed since this job began (its re-send needs the driver); one
-            # that fails from now on clears it again (_sent).
+            # that fails from now on clears it again (_record_and_send).
             if seg.state is SegmentState.OPEN and self._failed_sends == failed_sends:
                 self._known = _Known(lease.fence, seg, committed, progress.parts + len(new))
         recorded.set()
@@ -288,46 +293,61 @@ class Segment(SegmentLease):
     ) -> int:
         """Record each new part ``pending`` with the checksums of its bytes, then send it.
 
-        Pipelined: part N+1 is read and recorded while part N is in flight, within the store's
-        slots. Returns the end of the recorded bytes.
+        Pipelined: part N+1 is read and recorded while part N is in flight; a part takes one of
+        the store's slots only to be sent (the digest pass keeps no bytes), so a slot freed goes
+        to a part already recorded. What the remote acknowledged is written in one transaction
+        once this job's parts are all done; until then they count as in flight (a concurrent
+        commit must not drive them as failed sends). Returns the end of the recorded bytes.
         """
         store = self._store
         transport = store.transport
         futures: list[Future[None]] = []
+        ids: list[int] = []
+        acks: list[Ack] = []
+        recorded_acks: set[int] = set()
         committed = parts[0][1]
         try:
             for number, start, end in parts:
+                payload = digest_range(self.path, start, end, md5=not seg.by_crc32c)
+                [commit] = store.manifest.add_commits(
+                    lease, [NewCommit(number, start, end, payload.md5, payload.crc32c)]
+                )
+                committed = end
+                ids.append(commit.id)
+                with self._lock:
+                    self._inflight.add(commit.id)
                 transport.slots.acquire()
-                try:
-                    payload = digest_range(self.path, start, end, md5=not seg.by_crc32c)
-                    [commit] = store.manifest.add_commits(
-                        lease, [NewCommit(number, start, end, payload.md5, payload.crc32c)]
+                futures.append(
+                    transport.submit_held(
+                        store.driver.send_acked,
+                        lease,
+                        seg,
+                        upload_id,
+                        commit,
+                        payload,
+                        counters,
+                        acks,
                     )
-                    committed = end
-                    with self._lock:
-                        self._inflight.add(commit.id)
-                except BaseException:
-                    transport.slots.release()
-                    raise
-                part = transport.submit_held(
-                    store.driver.send_recorded, lease, seg, upload_id, commit, payload, counters
                 )
                 del payload
-                part.add_done_callback(functools.partial(self._sent, commit.id))
-                futures.append(part)
         finally:
             recorded.set()  # the next commit may start recording while these are in flight
-            wait_all(futures)
+            wait(futures)
+            try:
+                store.driver.record_acks(lease, acks)
+                recorded_acks = {a.commit.id for a in acks}
+            finally:
+                with self._lock:
+                    self._inflight.difference_update(ids)
+                    if any(i not in recorded_acks for i in ids):
+                        self._failed_sends += 1
+                        self._known = None  # the next commit drives the re-send
+        wait_all(futures)
         return committed
 
-    def _sent(self, commit_id: int, done: Future[None]) -> None:
-        with self._lock:
-            self._inflight.discard(commit_id)
-            if done.cancelled() or done.exception() is not None:
-                self._failed_sends += 1
-                self._known = None  # the next commit drives the re-send
-
     def _do_seal(self, size: int | None) -> CommitResult:
+        with self._lock:
+            self._known = None  # from here on the manifest says where the segment stands
         try:
             return self._with_lease(lambda lease: self._seal_with(lease, size))
         finally:

@@ -92,3 +92,41 @@ def test_crash_between_the_acks_and_their_write_costs_a_recheck(
         # moto's does not; whatever was not proven is sent again (never adopted unproven).
         assert report.parts_reused + report.parts_sent == 4, report
     assert remote_bytes(remote, "acks/seg") == data
+
+
+def test_a_commits_acks_are_one_write_and_a_crash_before_it_costs_a_recheck(
+    make_store: StoreFactory,
+    remote: tuple[str, dict[str, Any]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The commit path (a broker's appends): its parts' acknowledgements are written once all
+    are answered; a crash before that write leaves them ``pending``, and recovery adopts them
+    from the listing instead of sending them again (MD5 mode: the listing proves each part)."""
+    data = random.Random(6).randbytes(3 * PART + 9)
+    path = tmp_path / "seg"
+    path.write_bytes(data)
+    written: list[int] = []
+
+    def crash(self: Manifest, lease: Any, acks: Any, *args: Any, **kwargs: Any) -> None:
+        written.append(len(acks))
+        raise Crash("the process dies after the parts were acknowledged, before they are written")
+
+    monkeypatch.setattr(Manifest, "parts_uploaded", crash)
+    store = make_store(checksum="md5")
+    with pytest.raises(Crash):
+        store.segment("acks/commit", path).commit().result(timeout=120)
+    assert written == [3]  # one write for the three parts, attempted once they were all sent
+    store.abandon()
+    monkeypatch.undo()
+    later = make_store(checksum="md5")
+    later.manifest.clock = lambda: utcnow() + timedelta(minutes=10)  # the lease has expired
+    seg = later.manifest.segment("acks/commit")
+    assert seg is not None and seg.state is uploader.SegmentState.OPEN
+    assert [c.state for c in later.manifest.commits(seg.id)] == [uploader.CommitState.PENDING] * 3
+    report = later.recover()  # the writer is gone: its open segment's pending parts
+    assert report.ok, report
+    assert (report.parts_reused, report.parts_sent) == (3, 0), report
+    writer = later.segment("acks/commit", path)
+    assert writer.seal().result(timeout=120).verified
+    assert remote_bytes(remote, "acks/commit") == data
