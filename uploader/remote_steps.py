@@ -173,14 +173,16 @@ class RemoteSteps:
         self.record_acks(lease, acks)
         learned.checked.update(a.commit.part_number for a in acks)
 
-    def record_acks(self, lease: Lease, acks: Sequence[Ack]) -> None:
-        """Write what the remote acknowledged for sent parts: ``uploaded``, in one transaction."""
+    def record_acks(self, lease: Lease, acks: Sequence[Ack], upload_id: str | None = None) -> None:
+        """Write what the remote acknowledged for sent parts: ``uploaded``, in one transaction
+        (refused if the segment's upload is no longer ``upload_id``, the one they went to)."""
         if not acks:
             return
         self.manifest.parts_uploaded(
             lease,
             [(a.commit, a.etag) for a in acks],
             proven=frozenset(a.commit.id for a in acks if a.proven),
+            upload_id=upload_id,
         )
 
     def _put(

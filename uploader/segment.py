@@ -271,7 +271,14 @@ class Segment(SegmentLease):
         with self._lock:
             # Only if no send failed since this job began (its re-send needs the driver); one
             # that fails from now on clears it again (_record_and_send).
-            if seg.state is SegmentState.OPEN and self._failed_sends == failed_sends:
+            # Never back: a job that finishes after a later one (its sends were slower) must
+            # not put back an older committed end (an end below it would then be accepted).
+            old = self._known
+            if (
+                seg.state is SegmentState.OPEN
+                and self._failed_sends == failed_sends
+                and (old is None or old.fence != lease.fence or old.committed <= committed)
+            ):
                 self._known = _Known(lease.fence, seg, committed, progress.parts + len(new))
         recorded.set()
         return CommitResult(
@@ -306,6 +313,7 @@ class Segment(SegmentLease):
         acks: list[Ack] = []
         recorded_acks: set[int] = set()
         committed = parts[0][1]
+        done = False
         try:
             for number, start, end in parts:
                 payload = digest_range(self.path, start, end, md5=not seg.by_crc32c)
@@ -316,7 +324,7 @@ class Segment(SegmentLease):
                 ids.append(commit.id)
                 with self._lock:
                     self._inflight.add(commit.id)
-                transport.slots.acquire()
+                transport.take_slot()  # none once the store is interrupted
                 futures.append(
                     transport.submit_held(
                         store.driver.send_acked,
@@ -330,18 +338,27 @@ class Segment(SegmentLease):
                     )
                 )
                 del payload
+            done = True
         finally:
             recorded.set()  # the next commit may start recording while these are in flight
-            wait(futures)
             try:
-                store.driver.record_acks(lease, acks)
+                wait(futures)
+                store.driver.record_acks(lease, acks, upload_id)
                 recorded_acks = {a.commit.id for a in acks}
+            except Exception as exc:
+                if done:
+                    raise
+                # The loop's own error is the one raised; the parts stay pending (driven later).
+                log.warning("segment %r: acknowledged parts not written: %s", self.key, exc)
             finally:
                 with self._lock:
                     self._inflight.difference_update(ids)
-                    if any(i not in recorded_acks for i in ids):
+                    # Cut short, or a part without its acknowledgement written (a part recorded
+                    # by a transaction whose answer was lost is not even in ``ids``): the next
+                    # commit reads the manifest and drives what is pending.
+                    if not done or any(i not in recorded_acks for i in ids):
                         self._failed_sends += 1
-                        self._known = None  # the next commit drives the re-send
+                        self._known = None
         wait_all(futures)
         return committed
 

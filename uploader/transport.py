@@ -157,12 +157,17 @@ class Transport:
 
         Once :attr:`stop` is set no new task starts (:class:`WorkInterruptedError`); the caller
         waits for those already running, which record what the remote said."""
+        self.take_slot()
+        return self.submit_held(task, *args)
+
+    def take_slot(self) -> None:
+        """Take a slot for a part about to be sent (:class:`WorkInterruptedError` once
+        :attr:`stop` is set); the caller hands it to :meth:`submit_held`."""
         self._check_stop()
         self.slots.acquire()
         if self.stop.is_set():
             self.slots.release()
             self._check_stop()
-        return self.submit_held(task, *args)
 
     def _check_stop(self) -> None:
         if self.stop.is_set():

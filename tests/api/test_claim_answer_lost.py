@@ -125,6 +125,8 @@ def test_give_back_unheld_gives_back_only_that_claims_leases_no_thread_holds(
         claimed = {seg.key: lease for lease, seg in m.claim(me, node=node, limit=3, at=at)}
         assert sorted(claimed) == ["k/0", "k/1", "k/2"]
         store.keeper.hold(claimed["k/0"])  # a thread holds this one
+        stale = claimed["k/1"]  # and an older lease on this one: lost already, not a holder
+        store.keeper.hold(Lease(stale.segment_id, stale.key, me, stale.fence - 1, stale.expires))
         m.acquire("k/3", me, node=node)  # ours, not held, but not taken by that claim
         taken_again = m.acquire("k/2", me, node=node)  # written since the claim: not its row
         assert m.give_back_unheld(me, at, store.keeper.get) == ["k/1"]

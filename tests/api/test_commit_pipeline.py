@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +21,11 @@ import pytest
 
 from tests.api.conftest import PART, StoreFactory
 from tests.cli.outage_helpers import wait_for
+from uploader.digest import crc32c_of
 from uploader.driver import Driver
+from uploader.errors import StaleStateError, UsageError, WorkInterruptedError
 from uploader.manifest.repo import Manifest
+from uploader.records import NewCommit
 from uploader.states import CommitState
 from uploader.storage import open_storage
 from uploader.storage.faults import Fault, FaultyStorage
@@ -149,3 +153,95 @@ def test_commits_queued_before_a_seal_do_not_each_read_the_manifest(
     # The first queued commit may read (the part in flight left nothing to answer from yet);
     # the rest answer from it. Before: every one of the ten read the manifest.
     assert len(reads) <= 2, reads
+
+
+def test_a_commit_that_finishes_late_does_not_move_the_committed_end_back(
+    make_store: StoreFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "seg"
+    path.write_bytes(b"")
+    store = make_store()
+    seg = store.segment("log/0", path)
+    gate, entered = _gated(monkeypatch, Manifest, "parts_uploaded")
+    _append(path, PART + 1)
+    first = seg.commit()  # part 1: its acknowledgement's write waits at the gate
+    assert entered.wait(60)
+    _append(path, PART)
+    assert seg.commit().result(timeout=60).committed == 2 * PART  # part 2, done first
+    gate.set()
+    assert first.result(timeout=60).committed == PART  # finished last, with its older view
+    # The committed end is 2 parts: an end below it is refused, as the manifest would.
+    with pytest.raises(UsageError, match="below"):
+        seg.commit(upto=PART + 5)
+    assert seg.commit().result(timeout=60).committed == 2 * PART
+    assert seg.seal().result(timeout=60).verified
+
+
+def test_acknowledgements_not_written_make_the_next_commit_drive_the_parts(
+    make_store: StoreFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "seg"
+    path.write_bytes(b"")
+    store = make_store()
+    seg = store.segment("log/0", path)
+    record = store.manifest.segment("log/0")
+    assert record is not None
+    original = Manifest.parts_uploaded
+    failures = [RuntimeError("the manifest refused the write")]
+
+    def flaky(self: Manifest, *a: Any, **k: Any) -> None:
+        if failures:
+            raise failures.pop()
+        original(self, *a, **k)
+
+    monkeypatch.setattr(Manifest, "parts_uploaded", flaky)
+    drives = _counted(monkeypatch, Driver, "drive")
+    _append(path, 2 * PART)
+    with pytest.raises(RuntimeError, match="refused the write"):
+        seg.commit().result(timeout=60)
+    assert [c.state for c in store.manifest.commits(record.id)] == [CommitState.PENDING] * 2
+    _append(path, 3)  # no whole part: but two pending parts no job is sending
+    res = seg.commit().result(timeout=60)
+    assert len(drives) == 1 and res.committed == 2 * PART
+    assert [c.state for c in store.manifest.commits(record.id)] == [CommitState.UPLOADED] * 2
+    assert seg.seal().result(timeout=60).verified
+
+
+def test_acknowledgements_for_an_upload_reset_meanwhile_are_refused(
+    make_store: StoreFactory, tmp_path: Path
+) -> None:
+    path = tmp_path / "seg"
+    path.write_bytes(b"x" * PART)
+    store = make_store()
+    store.segment("log/0", path)
+    record = store.manifest.segment("log/0")
+    assert record is not None
+    lease = store.keeper.get(record.id)
+    assert lease is not None
+    m = store.manifest
+    m.set_upload(lease, "upload-1", "multipart")
+    digest = hashlib.md5(b"x" * PART).hexdigest()
+    [commit] = m.add_commits(lease, [NewCommit(1, 0, PART, digest, crc32c_of(b"x" * PART))])
+    m.set_upload(lease, "upload-2", "multipart")  # a drive reset the upload meanwhile
+    with pytest.raises(StaleStateError, match="upload-1"):
+        m.parts_uploaded(lease, [(commit, digest)], upload_id="upload-1")
+    assert [c.state for c in m.commits(record.id)] == [CommitState.PENDING]
+    m.parts_uploaded(lease, [(commit, digest)], upload_id="upload-2")
+    assert [c.state for c in m.commits(record.id)] == [CommitState.UPLOADED]
+
+
+def test_an_interrupted_store_starts_no_part_of_a_commit(
+    make_store: StoreFactory, tmp_path: Path
+) -> None:
+    path = tmp_path / "seg"
+    path.write_bytes(b"")
+    store = make_store()
+    seg = store.segment("log/0", path)
+    record = store.manifest.segment("log/0")
+    assert record is not None
+    _append(path, PART)
+    store.stop_sending()
+    with pytest.raises(WorkInterruptedError):
+        seg.commit().result(timeout=60)
+    # Recorded before it would have been sent: left pending for recovery, nothing sent.
+    assert [c.state for c in store.manifest.commits(record.id)] == [CommitState.PENDING]

@@ -20,7 +20,7 @@ from uploader.config import UploadMode
 from uploader.errors import LeaseLostError, StaleStateError, UploaderError, UsageError
 from uploader.keys import validate_key
 from uploader.manifest.guard import PART_UNSENT, Audit, Tx, check_acknowledged
-from uploader.manifest.leases import holder_values
+from uploader.manifest.lease_holders import holder_values
 from uploader.manifest.outcomes import Outcomes
 from uploader.manifest.rowmap import (
     COMMITS,

@@ -18,7 +18,7 @@ from uploader.errors import (
 )
 from uploader.keys import validate_key
 from uploader.manifest.guard import Audit, Tx
-from uploader.manifest.leases import holder_values
+from uploader.manifest.lease_holders import holder_values
 from uploader.manifest.queries import Queries
 from uploader.manifest.rowmap import COMMITS, commit_record, new_commit_values, segment_record
 from uploader.records import CommitRecord, Lease, NewCommit, SegmentRecord

@@ -26,6 +26,13 @@ from sqlalchemy import (
 from uploader import holders
 from uploader.errors import SegmentBusyError, UsageError
 from uploader.manifest.core import DEFAULT_LEASE_SECONDS, ManifestCore
+from uploader.manifest.lease_holders import (
+    HOLDER_COLUMNS,
+    HOLDER_VALUE_NAMES,
+    holder_gone,
+    holder_values,
+    log_takeover,
+)
 from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL
 from uploader.manifest.rowmap import COMMITS, RARE_UNFINISHED, SEGMENTS, segment_record
 from uploader.records import Lease, SegmentRecord
@@ -33,17 +40,6 @@ from uploader.states import CommitState, SegmentState
 
 log = logging.getLogger("uploader")
 
-#: What a takeover looks at: the lease and its holder process.
-HOLDER_COLUMNS = (
-    SEGMENTS.c.id,
-    SEGMENTS.c.key,
-    SEGMENTS.c.fence,
-    SEGMENTS.c.lease_owner,
-    SEGMENTS.c.lease_node,
-    SEGMENTS.c.lease_pid,
-    SEGMENTS.c.lease_started,
-    SEGMENTS.c.lease_pid_space,
-)
 #: What :meth:`Leases.acquire` returns a lease from.
 _LEASE_COLUMNS = (
     SEGMENTS.c.id,
@@ -58,39 +54,8 @@ _LEASE_COLUMNS = (
 _STATEMENTS: dict[tuple[str, int, bool, bool], Any] = {}
 
 
-def holder_values(node: str | None) -> dict[str, Any]:
-    """The columns naming this process as a lease's holder on ``node`` (NULL when the caller
-    names no node, or the process cannot be identified: then only expiry frees the lease)."""
-    me = holders.this_process() if node is not None else None
-    return {
-        "lease_node": None if me is None else node,
-        "lease_pid": None if me is None else me.pid,
-        "lease_started": None if me is None else me.started,
-        "lease_pid_space": None if me is None else me.space,
-    }
-
-
-#: The columns :func:`holder_values` fills.
-HOLDER_VALUE_NAMES = tuple(holder_values(None))
-
-
-def holder_gone(row: Any, node: str) -> bool:
-    """Is the live lease of ``row`` held by a process on ``node`` that is certainly gone?"""
-    return row.lease_node == node and holders.gone(
-        row.lease_pid, row.lease_started, row.lease_pid_space
-    )
-
-
-def log_takeover(key: str, held: Any, owner: str) -> None:
-    log.info(
-        "segment %r: its lease holder %s (pid %s on %s) is gone; %s takes the lease over now "
-        "instead of waiting for it to expire",
-        key,
-        held.lease_owner,
-        held.lease_pid,
-        held.lease_node,
-        owner,
-    )
+def _unheld(held: Lease | None, fence: int) -> bool:
+    return held is None or held.fence != fence  # a stale lease held is lost already
 
 
 class Leases(ManifestCore):
@@ -384,7 +349,7 @@ class Leases(ManifestCore):
         return renewed, lost
 
     def give_back_unheld(
-        self, owner: str, claimed_at: datetime, held: Callable[[int], object]
+        self, owner: str, claimed_at: datetime, held: Callable[[int], Lease | None]
     ) -> list[str]:
         """Give back (fenced) the leases a claim of ``owner`` at ``claimed_at`` took, if it
         committed but its answer was lost: rows still ``owner``'s, last written then, that
@@ -402,7 +367,8 @@ class Leases(ManifestCore):
         return [
             r.key
             for r in rows
-            if not held(r.id) and self.release(Lease(r.id, r.key, owner, r.fence, claimed_at))
+            if _unheld(held(r.id), r.fence)
+            and self.release(Lease(r.id, r.key, owner, r.fence, claimed_at))
         ]
 
     def release(self, lease: Lease) -> bool:

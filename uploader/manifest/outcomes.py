@@ -244,16 +244,23 @@ class Outcomes(ManifestCore):
         detail: str | None = None,
         *,
         proven: frozenset[int] = frozenset(),
+        upload_id: str | None = None,
     ) -> None:
         """``pending -> uploaded`` for parts the remote acknowledged or lists, each with the ETag
         it gave (equal to the recorded MD5, or for the commit ids in ``proven`` another ETag
-        acknowledged with the part's own CRC32C echoed), in one transaction."""
+        acknowledged with the part's own CRC32C echoed), in one transaction. With ``upload_id``
+        (the upload they were sent to), refused if the segment's upload is another one now (a
+        drive reset it meanwhile: the parts belong to an upload that will not be completed)."""
         for commit, etag in acks:
             check_acknowledged(lease, commit, etag, proven=commit.id in proven)
         if not acks:
             return
         with self._write() as tx:
-            tx.guard(lease)
+            row = tx.guard(lease)
+            if upload_id is not None and row.upload_id != upload_id:
+                raise StaleStateError(
+                    lease.key, f"upload {upload_id}", f"upload {row.upload_id}", what="segment"
+                )
             for commit, etag in acks:
                 tx.move_commit(
                     lease,

@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import func, select, text
 
 from uploader.manifest.core import ManifestCore
-from uploader.manifest.leases import HOLDER_COLUMNS, holder_gone
+from uploader.manifest.lease_holders import HOLDER_COLUMNS, holder_gone
 from uploader.manifest.models import UNFINISHED_SEGMENTS_SQL
 from uploader.manifest.rowmap import COMMITS, RARE_UNFINISHED, SEGMENTS
 from uploader.records import Status
