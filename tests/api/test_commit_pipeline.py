@@ -23,7 +23,13 @@ from tests.api.conftest import PART, StoreFactory
 from tests.cli.outage_helpers import wait_for
 from uploader.digest import crc32c_of
 from uploader.driver import Driver
-from uploader.errors import StaleStateError, UsageError, WorkInterruptedError
+from uploader.errors import (
+    LeaseLostError,
+    SegmentSealedError,
+    StaleStateError,
+    UsageError,
+    WorkInterruptedError,
+)
 from uploader.manifest.repo import Manifest
 from uploader.records import NewCommit
 from uploader.states import CommitState
@@ -245,3 +251,27 @@ def test_an_interrupted_store_starts_no_part_of_a_commit(
         seg.commit().result(timeout=60)
     # Recorded before it would have been sent: left pending for recovery, nothing sent.
     assert [c.state for c in store.manifest.commits(record.id)] == [CommitState.PENDING]
+
+
+def test_a_commit_asked_after_the_seal_is_refused_even_while_the_seal_is_queued(
+    make_store: StoreFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "seg"
+    path.write_bytes(b"")
+    store = make_store()
+    seg = store.segment("log/0", path)
+    _append(path, PART + 1)
+    assert seg.commit().result(timeout=60).committed == PART  # the writer knows its segment now
+    gate, entered = _gated(monkeypatch, Manifest, "add_commits")
+    _append(path, PART)
+    first = seg.commit()  # part 2 waits at the gate: the seal and the commit below queue
+    assert entered.wait(60)
+    sealed = seg.seal()
+    late = seg.commit()  # asked after the seal: it runs after it, and must not answer "open"
+    gate.set()
+    assert first.result(timeout=60).committed == 2 * PART
+    assert sealed.result(timeout=60).verified
+    # Refused (the seal gave the lease back and the segment is no longer open), never answered
+    # from what the writer knew before the seal.
+    with pytest.raises((SegmentSealedError, LeaseLostError)):
+        late.result(timeout=60)
