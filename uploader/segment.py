@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from uploader.digest import digest_range, file_size, stat_file
 from uploader.errors import (
+    LeaseLostError,
     LocalFileError,
     SegmentFailedError,
     SegmentSealedError,
@@ -116,12 +117,7 @@ class Segment(SegmentLease):
             progress = self._store.manifest.progress(self._id)
             seg, committed = progress.segment, progress.committed
         if seg.state is not SegmentState.OPEN:
-            if seg.state is SegmentState.FAILED:
-                raise SegmentFailedError(f"segment {self.key!r} failed: {seg.reason}")
-            raise SegmentSealedError(
-                f"segment {self.key!r} is already {seg.state.value}; {what} after seal is refused "
-                "(append to a new segment; `uploader recover` finishes a seal that did not)"
-            )
+            raise self._not_open(seg, what)
         size = file_size(self.path)
         if size < committed:
             raise LocalFileError(
@@ -224,8 +220,23 @@ class Segment(SegmentLease):
             )
         return end
 
+    def _not_open(self, seg: SegmentRecord, what: str) -> SegmentSealedError | SegmentFailedError:
+        if seg.state is SegmentState.FAILED:
+            return SegmentFailedError(f"segment {self.key!r} failed: {seg.reason}")
+        return SegmentSealedError(
+            f"segment {self.key!r} is already {seg.state.value}; {what} after seal is refused "
+            "(append to a new segment; `uploader recover` finishes a seal that did not)"
+        )
+
     def _do_commit(self, recorded: threading.Event, upto: int | None) -> CommitResult:
-        return self._with_lease(lambda lease: self._commit_with(lease, recorded, upto))
+        try:
+            return self._with_lease(lambda lease: self._commit_with(lease, recorded, upto))
+        except LeaseLostError:
+            if self._sealing:  # asked after this writer's seal, which gave the lease back
+                seg = self._store.manifest.segment_by_id(self._id)
+                if seg.state is not SegmentState.OPEN:
+                    raise self._not_open(seg, "commit") from None
+            raise
 
     def _commit_with(
         self, lease: Lease, recorded: threading.Event, upto: int | None
