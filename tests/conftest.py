@@ -486,9 +486,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
-    # The longest tests first (stable otherwise): collected last (tests/recovery), they started
-    # when the other workers were nearly done and stretched the run's end by a minute or more.
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def md5(x: Any) -> str:
