@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import uploader
 from tests.api.conftest import PART, StoreFactory
 from tests.cli.outage_helpers import wait_for
 from uploader.digest import crc32c_of
@@ -36,6 +37,23 @@ from uploader.storage import open_storage
 from uploader.storage.faults import Fault, FaultyStorage
 
 pytestmark = pytest.mark.parametrize("remote", ["file"], indirect=True)
+
+
+def _writer(
+    make_store: StoreFactory, tmp_path: Path, **kwargs: Any
+) -> tuple[uploader.Store, uploader.Segment, Path]:
+    """A store (``kwargs`` for it) and its writer of ``log/0``, an empty local file."""
+    path = tmp_path / "seg"
+    path.write_bytes(b"")
+    store = make_store(**kwargs)
+    return store, store.segment("log/0", path), path
+
+
+def _states(store: uploader.Store) -> list[CommitState]:
+    """The states of ``log/0``'s parts, in order."""
+    record = store.manifest.segment("log/0")
+    assert record is not None
+    return [c.state for c in store.manifest.commits(record.id)]
 
 
 def _append(path: Path, n: int, byte: bytes = b"a") -> None:
@@ -80,26 +98,21 @@ def test_the_next_part_is_recorded_while_every_slot_is_sending(
     url, options = remote
     faulty = FaultyStorage(open_storage(url, dict(options), min_part_size=PART))
     faulty.add(Fault(op="upload_part", kind="hang", times=1))  # part 1 holds the only slot
-    path = tmp_path / "seg"
-    path.write_bytes(b"")
-    store = make_store(storage=faulty, concurrency=1)
-    seg = store.segment("log/0", path)
-    record = store.manifest.segment("log/0")
-    assert record is not None
+    store, seg, path = _writer(make_store, tmp_path, storage=faulty, concurrency=1)
     _append(path, 3 * PART)
     fut = seg.commit()
     try:
         # Part 2 is read and recorded while part 1 is still being sent; it waits for the slot
         # (part 3 is recorded only once part 2 has one: recording stays one part ahead).
-        wait_for(lambda: len(store.manifest.commits(record.id)) == 2, "part 2 recorded")
-        states = [c.state for c in store.manifest.commits(record.id)]
+        wait_for(lambda: len(_states(store)) == 2, "part 2 recorded")
+        states = _states(store)
         assert states == [CommitState.PENDING] * 2
         assert not fut.done()
     finally:
         faulty.release()
     res = fut.result(timeout=60)
     assert (res.committed, res.sent_parts) == (3 * PART, 3)
-    states = [c.state for c in store.manifest.commits(record.id)]
+    states = _states(store)
     assert states == [CommitState.UPLOADED] * 3
     assert seg.seal().result(timeout=60).verified
 
@@ -107,19 +120,14 @@ def test_the_next_part_is_recorded_while_every_slot_is_sending(
 def test_a_commits_parts_are_written_uploaded_at_once_and_stay_in_flight_until_then(
     make_store: StoreFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "seg"
-    path.write_bytes(b"")
-    store = make_store()
-    seg = store.segment("log/0", path)
-    record = store.manifest.segment("log/0")
-    assert record is not None
+    store, seg, path = _writer(make_store, tmp_path)
     writes = _counted(monkeypatch, Manifest, "parts_uploaded")
     gate, entered = _gated(monkeypatch, Manifest, "parts_uploaded")
     drives = _counted(monkeypatch, Driver, "drive")
     _append(path, 3 * PART + 5)
     first = seg.commit()
     assert entered.wait(60)  # all three answered; their write waits at the gate
-    states = [c.state for c in store.manifest.commits(record.id)]
+    states = _states(store)
     assert states == [CommitState.PENDING] * 3
     # A commit meanwhile sees three pending parts: in flight, not failed sends to drive.
     _append(path, 7)
@@ -130,7 +138,7 @@ def test_a_commits_parts_are_written_uploaded_at_once_and_stay_in_flight_until_t
     gate.set()
     assert first.result(timeout=60).sent_parts == 3
     assert len(writes) == 1  # one transaction for the three parts
-    states = [c.state for c in store.manifest.commits(record.id)]
+    states = _states(store)
     assert states == [CommitState.UPLOADED] * 3
     assert seg.seal().result(timeout=60).verified
 
@@ -138,10 +146,7 @@ def test_a_commits_parts_are_written_uploaded_at_once_and_stay_in_flight_until_t
 def test_commits_queued_before_a_seal_do_not_each_read_the_manifest(
     make_store: StoreFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "seg"
-    path.write_bytes(b"")
-    store = make_store()
-    seg = store.segment("log/0", path)
+    _, seg, path = _writer(make_store, tmp_path)
     gate, entered = _gated(monkeypatch, Manifest, "add_commits")
     _append(path, PART + 1)
     futures = [seg.commit()]  # records part 1 at the gate: the commits below queue behind it
@@ -163,10 +168,7 @@ def test_commits_queued_before_a_seal_do_not_each_read_the_manifest(
 def test_a_commit_that_finishes_late_does_not_move_the_committed_end_back(
     make_store: StoreFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "seg"
-    path.write_bytes(b"")
-    store = make_store()
-    seg = store.segment("log/0", path)
+    _, seg, path = _writer(make_store, tmp_path)
     gate, entered = _gated(monkeypatch, Manifest, "parts_uploaded")
     _append(path, PART + 1)
     first = seg.commit()  # part 1: its acknowledgement's write waits at the gate
@@ -185,12 +187,7 @@ def test_a_commit_that_finishes_late_does_not_move_the_committed_end_back(
 def test_acknowledgements_not_written_make_the_next_commit_drive_the_parts(
     make_store: StoreFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "seg"
-    path.write_bytes(b"")
-    store = make_store()
-    seg = store.segment("log/0", path)
-    record = store.manifest.segment("log/0")
-    assert record is not None
+    store, seg, path = _writer(make_store, tmp_path)
     original = Manifest.parts_uploaded
     failures = [RuntimeError("the manifest refused the write")]
 
@@ -204,11 +201,11 @@ def test_acknowledgements_not_written_make_the_next_commit_drive_the_parts(
     _append(path, 2 * PART)
     with pytest.raises(RuntimeError, match="refused the write"):
         seg.commit().result(timeout=60)
-    assert [c.state for c in store.manifest.commits(record.id)] == [CommitState.PENDING] * 2
+    assert _states(store) == [CommitState.PENDING] * 2
     _append(path, 3)  # no whole part: but two pending parts no job is sending
     res = seg.commit().result(timeout=60)
     assert len(drives) == 1 and res.committed == 2 * PART
-    assert [c.state for c in store.manifest.commits(record.id)] == [CommitState.UPLOADED] * 2
+    assert _states(store) == [CommitState.UPLOADED] * 2
     assert seg.seal().result(timeout=60).verified
 
 
@@ -238,27 +235,19 @@ def test_acknowledgements_for_an_upload_reset_meanwhile_are_refused(
 def test_an_interrupted_store_starts_no_part_of_a_commit(
     make_store: StoreFactory, tmp_path: Path
 ) -> None:
-    path = tmp_path / "seg"
-    path.write_bytes(b"")
-    store = make_store()
-    seg = store.segment("log/0", path)
-    record = store.manifest.segment("log/0")
-    assert record is not None
+    store, seg, path = _writer(make_store, tmp_path)
     _append(path, PART)
     store.stop_sending()
     with pytest.raises(WorkInterruptedError):
         seg.commit().result(timeout=60)
     # Recorded before it would have been sent: left pending for recovery, nothing sent.
-    assert [c.state for c in store.manifest.commits(record.id)] == [CommitState.PENDING]
+    assert _states(store) == [CommitState.PENDING]
 
 
 def test_a_commit_asked_after_the_seal_is_refused_even_while_the_seal_is_queued(
     make_store: StoreFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "seg"
-    path.write_bytes(b"")
-    store = make_store()
-    seg = store.segment("log/0", path)
+    _, seg, path = _writer(make_store, tmp_path)
     _append(path, PART + 1)
     assert seg.commit().result(timeout=60).committed == PART  # the writer knows its segment now
     gate, entered = _gated(monkeypatch, Manifest, "add_commits")
