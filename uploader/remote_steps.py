@@ -13,10 +13,10 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, wait
-from dataclasses import dataclass
 from typing import TypeVar
 
 from uploader import objectmeta, plan
+from uploader.acks import Ack, AckBook
 from uploader.digest import Payload, crc32c_b64, normalize_etag
 from uploader.drive_state import Learned
 from uploader.errors import (
@@ -37,15 +37,6 @@ from uploader.transport import Counters, Transport, recorded_payload, wait_all
 log = logging.getLogger("uploader")
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Ack:
-    """What the remote acknowledged for one part, not yet written to the manifest."""
-
-    commit: CommitRecord
-    etag: str
-    proven: bool  # the remote echoed the part's own CRC32C with another ETag (SSE-KMS)
 
 
 class RemoteSteps:
@@ -98,24 +89,26 @@ class RemoteSteps:
         learned: Learned,
         counters: Counters,
     ) -> None:
-        """Send recorded parts in parallel; what the remote acknowledged is written in one
-        transaction once they are all done (failed or not), not one per part. A crash before
-        that write leaves acknowledged parts ``pending``: the next drive lists the upload and
-        adopts them (a re-check, nothing lost, nothing sent twice)."""
+        """Send recorded parts in parallel; what the remote acknowledged is written in chunks
+        while parts are submitted and the rest once they are all done (failed or not), never one
+        transaction per part (:mod:`uploader.acks`). A crash before a write leaves acknowledged
+        parts ``pending``: the next drive lists the upload and adopts them (a re-check, nothing
+        lost, nothing sent twice where the listing proves them)."""
         futures: list[Future[None]] = []
-        acks: list[Ack] = []
+        book = AckBook(lambda acks: self._record_acks(lease, seg, acks, learned))
         try:
             for c in commits:
                 payload = learned.fresh.pop(c.id, None)
+                book.write_due()  # holding no slot: about to wait for one
                 futures.append(
                     self.transport.in_slot(
-                        self.send_acked, lease, seg, upload_id, c, payload, counters, acks
+                        self.send_acked, lease, seg, upload_id, c, payload, counters, book
                     )
                 )
         finally:
             wait(futures)
             try:
-                self._record_acks(lease, seg, acks, learned)
+                book.write_rest()
             finally:
                 try:
                     wait_all(futures)
@@ -136,16 +129,15 @@ class RemoteSteps:
         commit: CommitRecord,
         payload: Payload | None,
         counters: Counters,
-        acks: list[Ack],
+        book: AckBook,
     ) -> None:
-        """Send one recorded part; keep what the remote acknowledged in ``acks`` (checked now:
+        """Send one recorded part; keep what the remote acknowledged in ``book`` (checked now:
         an ETag that is not the part's MD5 fails this part alone), the failure recorded. The
-        caller writes ``acks`` (:meth:`record_acks`) once its parts are all done: one transaction,
-        and none while the part's slot is held."""
+        submitting thread writes the book (:meth:`record_acks`), never while a slot is held."""
         ack = self._send_one(lease, seg, upload_id, commit, payload)
         payload = None  # the part's bytes go now, before any manifest round trip
         check_acknowledged(lease, commit, ack.etag, proven=ack.proven)
-        acks.append(ack)  # list.append is atomic: parts of one drive append from their threads
+        book.add(ack)
         counters.sent(commit.size)
         self._moved(seg.key, commit.size)
 

@@ -19,6 +19,7 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from uploader.acks import AckBook
 from uploader.digest import digest_range, file_size, stat_file
 from uploader.errors import (
     LeaseLostError,
@@ -29,7 +30,6 @@ from uploader.errors import (
 )
 from uploader.futures import CommitResult, UploadFuture
 from uploader.records import Lease, NewCommit, SegmentRecord
-from uploader.remote_steps import Ack
 from uploader.seal import new_parts, seal_multipart, seal_single
 from uploader.segment_lease import SegmentLease
 from uploader.states import SegmentState
@@ -313,16 +313,16 @@ class Segment(SegmentLease):
 
         Pipelined: part N+1 is read and recorded while part N is in flight; a part takes one of
         the store's slots only to be sent (the digest pass keeps no bytes), so a slot freed goes
-        to a part already recorded. What the remote acknowledged is written in one transaction
-        once this job's parts are all done; until then they count as in flight (a concurrent
-        commit must not drive them as failed sends). Returns the end of the recorded bytes.
+        to a part already recorded. What the remote acknowledged is written in chunks between
+        submissions and the rest once this job's parts are all done (:mod:`uploader.acks`); the
+        job's parts count as in flight until then (a concurrent commit must not drive them as
+        failed sends). Returns the end of the recorded bytes.
         """
         store = self._store
         transport = store.transport
         futures: list[Future[None]] = []
         ids: list[int] = []
-        acks: list[Ack] = []
-        recorded_acks: set[int] = set()
+        book = AckBook(lambda acks: store.driver.record_acks(lease, acks, upload_id))
         committed = parts[0][1]
         done = False
         try:
@@ -335,6 +335,7 @@ class Segment(SegmentLease):
                 ids.append(commit.id)
                 with self._lock:
                     self._inflight.add(commit.id)
+                book.write_due()  # holding no slot: about to wait for one
                 transport.take_slot()  # none once the store is interrupted
                 futures.append(
                     transport.submit_held(
@@ -345,7 +346,7 @@ class Segment(SegmentLease):
                         commit,
                         payload,
                         counters,
-                        acks,
+                        book,
                     )
                 )
                 del payload
@@ -354,8 +355,7 @@ class Segment(SegmentLease):
             recorded.set()  # the next commit may start recording while these are in flight
             try:
                 wait(futures)
-                store.driver.record_acks(lease, acks, upload_id)
-                recorded_acks = {a.commit.id for a in acks}
+                book.write_rest()
             except Exception as exc:
                 if done:
                     raise
@@ -367,7 +367,8 @@ class Segment(SegmentLease):
                     # Cut short, or a part without its acknowledgement written (a part recorded
                     # by a transaction whose answer was lost is not even in ``ids``): the next
                     # commit reads the manifest and drives what is pending.
-                    if not done or any(i not in recorded_acks for i in ids):
+                    written = book.written
+                    if not done or any(i not in written for i in ids):
                         self._failed_sends += 1
                         self._known = None
         wait_all(futures)
