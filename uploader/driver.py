@@ -310,7 +310,7 @@ class Driver(RemoteSteps):
                     counters.reused(c.size)
                     self._moved(seg.key, c.size)
         elif act is Act.DEEP_READ:
-            differs = self._deep_read(lease, seg, commits)
+            differs = self._deep_read(lease, seg, commits, learned.obj)
             learned.deep_checked = differs is None
             learned.read_back_differs = differs
         elif act is Act.VERIFY:

@@ -183,6 +183,12 @@ class ObjectExistsError(StorageError):
     """A conditional write found an object already at the key."""
 
 
+class ObjectChangedError(RetryableStorageError):
+    """The object at a key changed while it was read back (another ETag, size or checksum after
+    the reads than before): the bytes read may belong to two objects, and prove neither. Nothing
+    is concluded from them; the next attempt looks at the key again."""
+
+
 class PreconditionFailedError(StorageError):
     """A conditional call (delete if the ETag matches) found another object at the key.
 

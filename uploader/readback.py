@@ -26,13 +26,14 @@ from typing import TYPE_CHECKING
 from uploader.digest import checksum, crc32c_of
 from uploader.errors import (
     CorruptObjectError,
+    ObjectChangedError,
     UnverifiedObjectError,
     UsageError,
     VerificationError,
 )
 from uploader.records import CommitRecord
 from uploader.states import SegmentState
-from uploader.storage.base import Storage
+from uploader.storage.base import ObjectInfo, Storage
 
 if TYPE_CHECKING:
     from uploader.manifest.repo import Manifest
@@ -86,25 +87,53 @@ def windows(size: int, part_size: int, commits: Sequence[CommitRecord]) -> list[
     return out
 
 
+def _same_object(seen: ObjectInfo, now: ObjectInfo | None) -> bool:
+    """Whether ``now`` describes the object ``seen`` did (a checksum only where both report
+    one: ``seen`` may be a PUT's answer, which echoes it where a HEAD may not)."""
+    if now is None or (now.size, now.etag) != (seen.size, seen.etag):
+        return False
+    return seen.checksum is None or now.checksum is None or seen.checksum == now.checksum
+
+
 #: A recorded part to compare with the object's bytes: its range, its MD5 (None in the crc32c
 #: mode: CRC32C only) and its CRC32C.
 Recorded = tuple[int, int, str | None, int]
 
 
-def first_differing(storage: Storage, key: str, parts: Sequence[Recorded]) -> int | None:
+def first_differing(
+    storage: Storage, key: str, parts: Sequence[Recorded], seen: ObjectInfo | None = None
+) -> int | None:
     """Read the object at ``key`` back one recorded part at a time (at most one part in memory):
     the index of the first part whose bytes are not the recorded ones (length, MD5 where one is
-    recorded, CRC32C), or None when every part is as recorded."""
+    recorded, CRC32C), or None when every part is as recorded.
+
+    ``seen`` is what the caller's HEAD said of the object, the one whose bytes it means to judge:
+    the key is looked at again after the reads, and if the object there is not ``seen`` any more
+    (another ETag, size or checksum) the reads may have spanned two objects and prove nothing of
+    either (:class:`ObjectChangedError`, whatever they found)."""
+    found: int | None = None
     for i, (start, end, md5, crc) in enumerate(parts):
         data = storage.read(key, start, end)
         if len(data) != end - start:
-            return i
-        if md5 is None:
+            found = i
+        elif md5 is None:
             if crc32c_of(data) != crc:
-                return i
+                found = i
         elif checksum(data) != (md5, crc):
-            return i
-    return None
+            found = i
+        del data
+        if found is not None:
+            break
+    if seen is not None:
+        now = storage.head(key)
+        if not _same_object(seen, now):
+            after = "no object" if now is None else f"{now.size} bytes, etag {now.etag}"
+            raise ObjectChangedError(
+                f"object {key!r} changed while it was read back ({seen.size} bytes, etag "
+                f"{seen.etag} before the reads; {after} after them): its bytes prove nothing, "
+                "it is looked at again on the next attempt"
+            )
+    return found
 
 
 def _check(key: str, w: Window, data: bytes) -> None:

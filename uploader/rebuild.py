@@ -151,7 +151,7 @@ def _tied(
         return objectmeta.check(rec, info, md), ""
     except Unproven as exc:
         parts = [(p.start, p.end, p.md5, p.crc32c) for p in exc.record.parts]
-        i = first_differing(storage, key, parts)
+        i = first_differing(storage, key, parts, info)
         if i is None:
             return exc.record, READ_BACK
         p = exc.record.parts[i]

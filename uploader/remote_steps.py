@@ -21,6 +21,7 @@ from uploader.digest import Payload, crc32c_b64, normalize_etag
 from uploader.drive_state import Learned
 from uploader.errors import (
     NoSuchUploadError,
+    ObjectChangedError,
     ObjectExistsError,
     PreconditionFailedError,
     StorageError,
@@ -31,12 +32,16 @@ from uploader.manifest.guard import check_acknowledged
 from uploader.manifest.repo import Manifest
 from uploader.readback import first_differing
 from uploader.records import CommitRecord, Lease, PutFailed, SegmentRecord
-from uploader.storage.base import PartRef, Storage, prepare_complete
+from uploader.storage.base import ObjectInfo, PartRef, Storage, prepare_complete
 from uploader.transport import Counters, Transport, recorded_payload, wait_all
 
 log = logging.getLogger("uploader")
 
 T = TypeVar("T")
+
+#: An object replaced while a check read it back is judged again this many times before the
+#: check gives up (ObjectChangedError): something keeps rewriting the key.
+CHANGED_RETRIES = 2
 
 
 class RemoteSteps:
@@ -272,22 +277,28 @@ class RemoteSteps:
         learned.object_known = True
 
     def _differing_part(
-        self, seg: SegmentRecord, commits: Sequence[CommitRecord]
+        self, seg: SegmentRecord, commits: Sequence[CommitRecord], seen: ObjectInfo | None
     ) -> CommitRecord | None:
         """Read the object back part by part: the first part whose bytes are not the recorded
-        ones (MD5 and CRC32C; CRC32C only in the crc32c mode), or None."""
+        ones (MD5 and CRC32C; CRC32C only in the crc32c mode), or None. ``seen``: the object
+        the reads are about (ObjectChangedError if another is at the key after them)."""
         i = first_differing(
-            self.storage, seg.key, [(c.start, c.end, c.md5, c.crc32c) for c in commits]
+            self.storage, seg.key, [(c.start, c.end, c.md5, c.crc32c) for c in commits], seen
         )
         return None if i is None else commits[i]
 
     def _deep_read(
-        self, lease: Lease, seg: SegmentRecord, commits: Sequence[CommitRecord]
+        self,
+        lease: Lease,
+        seg: SegmentRecord,
+        commits: Sequence[CommitRecord],
+        seen: ObjectInfo | None,
     ) -> str | None:
         """Read the object back: None if every part's bytes are as recorded, else what differs
-        (the plan decides what that means for the object)."""
+        (the plan decides what that means for the object ``seen``, the one it judged; another
+        at the key after the reads fails this attempt, ObjectChangedError)."""
         try:
-            c = self._differing_part(seg, commits)
+            c = self._differing_part(seg, commits, seen)
         except StorageError as exc:
             self._record_error(lease, f"deep read: {exc}")
             raise
@@ -312,7 +323,17 @@ class RemoteSteps:
         One HEAD; the parts are read from the manifest (and the object read back) only when
         ``deep`` or when the remote's ETag is not the expected one (none, a plain MD5, an SSE-KMS
         string). Changes nothing: ``uploader verify``, the scrub and the deletion gate use it.
+        An object replaced while it was read back is judged again as it is now (a few times,
+        then ObjectChangedError): bytes read from two objects say nothing of either.
         """
+        for _ in range(CHANGED_RETRIES):
+            try:
+                return self._check_object(seg, deep=deep)
+            except ObjectChangedError as exc:
+                log.warning("segment %r: %s", seg.key, exc)
+        return self._check_object(seg, deep=deep)
+
+    def _check_object(self, seg: SegmentRecord, *, deep: bool) -> str | None:
         if seg.size is None or (seg.expected_etag is None and not seg.by_crc32c):
             return f"segment {seg.key!r} is {seg.state.value}: nothing sealed to compare with"
         info = self.storage.head(seg.key)
@@ -335,7 +356,7 @@ class RemoteSteps:
         # The crc32c mode and no checksum reported: never accepted as is; read back below.
         # No ETag, or one that is not the part MD5s' (s3rver, SSE-KMS): only the bytes can
         # tell, and a correct object is never called drifted for its ETag alone.
-        c = self._differing_part(seg, self.manifest.commits(seg.id))
+        c = self._differing_part(seg, self.manifest.commits(seg.id), info)
         if c is not None:
             return f"object {seg.key!r} bytes [{c.start}, {c.end}) differ from part {c.part_number}"
         return None

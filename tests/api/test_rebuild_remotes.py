@@ -24,6 +24,7 @@ from tests.api.test_readback import _rows, _ship, _wipe
 from tests.conftest import s3_options
 from tests.limited_s3 import limited_s3
 from uploader import objectmeta
+from uploader.errors import ObjectChangedError
 from uploader.objectmeta import Unusable
 from uploader.rebuild import READ_BACK, read_record
 from uploader.storage.base import ObjectInfo
@@ -192,12 +193,15 @@ SIZE = 3 * PART + 5  # committed before its size existed: its record is in the s
 class _Counting:
     """A storage whose calls are counted (everything else passes through)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, head: ObjectInfo | None = None) -> None:
         self._inner = inner
+        self._head = head  # what HEAD reports instead, as the remote being played would
         self.calls: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
+        if name == "head" and self._head is not None:
+            attr = lambda _key: self._head  # noqa: E731
         if not callable(attr):
             return attr
 
@@ -304,7 +308,7 @@ def test_listed_sidecars_are_tried_until_the_bytes_tie_one(two_roots: Any) -> No
     # moto reports the object's CRC32C: the stale record's parts are refused by it unread. A
     # remote that reports none (s3rver) leaves the stale one to its bytes: its first part differs.
     for reported, stale_reads in ((_opaque(info), 0), (_opaque(info, checksum=None), 1)):
-        counted = _Counting(ours.store.storage)
+        counted = _Counting(ours.store.storage, head=reported)
         rec, how = read_record(counted, "k", reported, md)
         assert how == READ_BACK
         assert rec == objectmeta.parse_record("k", ours.record)
@@ -328,8 +332,8 @@ def test_a_sidecar_named_by_the_etag_is_taken_without_listing(two_roots: Any) ->
 def test_the_crc32c_mode_reads_its_one_sidecar_and_never_lists(two_roots: Any) -> None:
     ours = two_roots("b", random.Random(33).randbytes(SIZE), checksum="crc32c")
     info, md = ours.found()
-    counted = _Counting(ours.store.storage)
     unreported = _opaque(info, checksum=None)
+    counted = _Counting(ours.store.storage, head=unreported)
     rec, how = read_record(counted, "k", unreported, md)
     assert (rec, how) == (objectmeta.parse_record("k", ours.record), READ_BACK)
     assert "list_hidden" not in counted.calls
@@ -358,3 +362,40 @@ def test_a_foreign_object_with_metadata_of_its_own_costs_no_listing(two_roots: A
     with pytest.raises(Unusable, match="no uploader metadata"):
         read_record(counted, "k", _opaque(info), {"mtime": "1700000000"})
     assert "list_hidden" not in counted.calls
+
+
+def test_rebuild_concludes_nothing_from_bytes_read_across_a_replacement(
+    at_head: None,
+    manifest_url: str,
+    moto_endpoint: str,
+    moto_client: Any,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """A record proven by the bytes read back (no CRC32C reported), while another writer puts
+    an object differing only in the first part right after that part was read: every part read
+    matches, but the object at the key is not the one whose bytes were read. The record is not
+    tied to it (ObjectChangedError; the rebuild reports a remote error and a rerun looks again)."""
+    from tests.api.test_readback_changed import SwapsDuringReadBack
+
+    data = random.Random(23).randbytes(2 * PART + 77)
+    key = "c/swapped"
+    with _stores(manifest_url, s3_bucket, moto_endpoint) as open_store:
+        _ship(open_store(), tmp_path, key, data, commit_first=False)
+    other = bytes(b ^ 0x5A for b in data[:PART]) + data[PART:]
+    with (
+        limited_s3(moto_endpoint, checksums="unreported") as proxy,
+        _stores(manifest_url, s3_bucket, proxy.url) as open_store,
+    ):
+        store = open_store()
+        found = store.storage.head_metadata(key)
+        assert found is not None
+        info, md = found
+        storage = SwapsDuringReadBack(
+            store.storage,
+            lambda: moto_client.put_object(Bucket=s3_bucket, Key=f"root/{key}", Body=other),
+        )
+        storage.armed = True
+        with pytest.raises(ObjectChangedError, match="changed while it was read back"):
+            read_record(storage, key, info, md)
+        assert storage.swapped

@@ -1,0 +1,137 @@
+"""An object replaced at its key while it is read back: the bytes read may come from two objects
+and prove neither. A read-back looks at the key again after its reads (``first_differing(seen=)``)
+and concludes nothing when another object is there now (``ObjectChangedError``).
+
+The replacement here keeps the size and differs only in the first part, which was read before
+the swap: every part read still matches the record. Read without that second look, the object
+of another writer passed as ours (a seal verified, a deep check found nothing).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import uploader
+from tests.api.conftest import PART, StoreFactory, remote_bytes
+from tests.api.test_no_blind_delete import _write_foreign
+from tests.conftest import REMOTES_WITH_RGW
+from uploader.errors import ObjectChangedError
+from uploader.readback import first_differing
+from uploader.storage import open_storage
+from uploader.storage.faults import FaultyStorage
+
+KEY = "swap/0"
+SIZE = 2 * PART + 77  # three parts
+
+
+class SwapsDuringReadBack(FaultyStorage):
+    """Another writer puts its object at the key read right after the first read, once."""
+
+    def __init__(self, inner: Any, swap: Callable[[], None]) -> None:
+        super().__init__(inner)
+        self.swap = swap
+        self.armed = False
+        self.swapped = False
+
+    def read(self, key: str, start: int, end: int) -> bytes:
+        data = super().read(key, start, end)
+        if self.armed and not self.swapped:
+            self.swapped = True
+            self.swap()
+        return data
+
+
+def _setup(
+    remote: tuple[str, dict[str, Any]], tmp_path: Path
+) -> tuple[Path, bytes, SwapsDuringReadBack]:
+    data = random.Random(11).randbytes(SIZE)
+    path = tmp_path / "seg"
+    path.write_bytes(data)
+    other = bytes(b ^ 0x5A for b in data[:PART]) + data[PART:]  # part 1 differs, nothing else
+    url, options = remote
+    storage = SwapsDuringReadBack(
+        open_storage(url, dict(options), min_part_size=PART),
+        lambda: _write_foreign(remote, KEY, other),
+    )
+    return path, data, storage
+
+
+@pytest.fixture(params=REMOTES_WITH_RGW)
+def remote(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
+    from tests.conftest import make_remote
+
+    return make_remote(request, request.param, tmp_path)
+
+
+def test_a_deep_check_of_an_object_replaced_mid_read_judges_the_new_one_and_repairs(
+    make_store: StoreFactory, remote: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    path, data, storage = _setup(remote, tmp_path)
+    store = make_store(storage=storage)
+    assert store.segment(KEY, path).seal().result(timeout=120).verified
+    storage.armed = True
+    report = store.verify([KEY], deep=True)
+    assert storage.swapped
+    [check] = report.checks
+    # Judged again as the key is now: the other writer's object, whose first part differs.
+    assert not check.ok and report.drifted == (KEY,), report
+    assert "differ" in (check.problem or ""), check
+    _repaired_where_the_remote_allows(store, remote, data)
+
+
+def _repaired_where_the_remote_allows(
+    store: uploader.Store, remote: tuple[str, dict[str, Any]], data: bytes
+) -> None:
+    """Another object replaced ours at a key we completed: it is removed by its ETag and ours
+    uploaded again, where the remote honours conditional deletes; elsewhere it is left alone and
+    the segment fails saying why (no blind delete)."""
+    rec = store.manifest.segment(KEY)
+    assert rec is not None
+    if store.storage.conditional_delete():
+        assert rec.state is uploader.SegmentState.VERIFIED, rec
+        assert remote_bytes(remote, KEY) == data
+    else:
+        assert rec.state is uploader.SegmentState.FAILED, rec
+        assert "does not honour conditional deletes" in (rec.reason or ""), rec.reason
+        assert remote_bytes(remote, KEY) != data
+
+
+def test_a_seal_read_back_across_a_replacement_is_not_verified(
+    make_store: StoreFactory, remote: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    path, data, storage = _setup(remote, tmp_path)
+    storage.armed = True
+    store = make_store(storage=storage, verify="deep")  # every seal read back
+    error = store.segment(KEY, path).seal().exception(timeout=120)
+    assert storage.swapped
+    assert isinstance(error, uploader.UploaderError), error
+    assert "changed while it was read back" in str(error), error
+    rec = store.manifest.segment(KEY)
+    assert rec is not None and rec.state is not uploader.SegmentState.VERIFIED, rec
+    # Recovery looks at the key as it is now: another writer's bytes at a key we completed.
+    store.recover()
+    _repaired_where_the_remote_allows(store, remote, data)
+
+
+@pytest.mark.parametrize("manifest_url", ["sqlite"], indirect=True)
+def test_first_differing_without_a_second_look_would_vouch_for_the_mix(
+    make_store: StoreFactory, remote: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The reads alone cannot tell: without ``seen`` they find every part as recorded."""
+    path, _data, storage = _setup(remote, tmp_path)
+    store = make_store(storage=storage)
+    assert store.segment(KEY, path).seal().result(timeout=120).verified
+    rec = store.manifest.segment(KEY)
+    assert rec is not None
+    parts = [(c.start, c.end, c.md5, c.crc32c) for c in store.manifest.commits(rec.id)]
+    seen = storage.head(KEY)
+    storage.armed = True
+    assert first_differing(storage, KEY, parts) is None  # a mix of two objects, all "as recorded"
+    storage.swapped, storage.armed = False, False
+    with pytest.raises(ObjectChangedError, match="changed while it was read back"):
+        first_differing(storage, KEY, parts, seen)
