@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from uploader.records import CommitRecord
 
-#: Acknowledgements written together, at most, while parts are still being submitted.
+#: While parts are still being submitted, a write is made once this many acknowledgements wait
+#: (it takes every one waiting: up to ``CHUNK - 1`` plus the slots' worth).
 CHUNK = 8
 
 

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from uploader import verify as verify_mod
+from uploader.errors import ObjectChangedError
 from uploader.records import SegmentRecord
 
 if TYPE_CHECKING:
@@ -38,7 +39,11 @@ def deletable(crew: Crew) -> list[SegmentRecord]:
             continue
         # The object itself, at the time of the question (one HEAD): a verified object
         # that vanished or changed since is drift, recorded, and the file is not offered.
-        remote = crew.driver.check_object(rec, deep=False)
+        try:
+            remote = crew.driver.check_object(rec, deep=False)
+        except ObjectChangedError as exc:
+            log.error("segment %r is not deletable now: %s", rec.key, exc)
+            continue
         if remote is not None:
             log.error("segment %r is not deletable: %s", rec.key, remote)
             verify_mod.drift(crew, rec, remote, repair=False)

@@ -298,6 +298,12 @@ class RemoteSteps:
         (the plan decides what that means for the object ``seen``, the one it judged; another
         at the key after the reads fails this attempt, ObjectChangedError)."""
         try:
+            if seen is None or seen.proven:
+                # A write's own answer (it may lack what a HEAD reports, such as the ETag): the
+                # object the reads are about is the one a HEAD sees now.
+                seen = self.storage.head(seg.key)
+                if seen is None:
+                    raise ObjectChangedError(f"object {seg.key!r} vanished before it was read back")
             c = self._differing_part(seg, commits, seen)
         except StorageError as exc:
             self._record_error(lease, f"deep read: {exc}")

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from uploader.digest import normalize_etag
-from uploader.errors import LocalFileError, SegmentBusyError, StorageError, UploaderError
+from uploader.errors import (
+    LocalFileError,
+    ObjectChangedError,
+    SegmentBusyError,
+    StorageError,
+    UploaderError,
+)
 from uploader.outage import Backoff, OutageGuard
 from uploader.records import SegmentRecord
 from uploader.states import SegmentState
@@ -36,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("uploader.verify")
 
 NOT_VERIFIED = "not verified yet"
+#: A check that could not judge the object: it kept changing while it was read back.
+NOT_JUDGED = "not judged"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +59,7 @@ class Check:
     @property
     def drift(self) -> bool:
         """The object of a verified segment was found missing or different."""
-        return not self.ok and not (self.problem or "").startswith(NOT_VERIFIED)
+        return not self.ok and not (self.problem or "").startswith((NOT_VERIFIED, NOT_JUDGED))
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -96,7 +104,11 @@ def check_one(crew: Crew, rec: SegmentRecord, *, deep: bool, repair: bool) -> Ch
             "or `uploader recover` finishes it",
             state=rec.state.value,
         )
-    problem = crew.driver.check_object(rec, deep=deep)
+    try:
+        problem = crew.driver.check_object(rec, deep=deep)
+    except ObjectChangedError as exc:
+        # Not drift (nothing says our object is gone), and no reason to stop the other checks.
+        return Check(rec.key, False, f"{NOT_JUDGED}: {exc}", "none; the next pass looks again")
     if problem is None:
         crew.manifest.checked(rec.id)
         return Check(rec.key, True)

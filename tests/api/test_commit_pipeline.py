@@ -230,6 +230,17 @@ def test_acknowledgements_for_an_upload_reset_meanwhile_are_refused(
     assert [c.state for c in m.commits(record.id)] == [CommitState.PENDING]
     m.parts_uploaded(lease, [(commit, digest)], upload_id="upload-2")
     assert [c.state for c in m.commits(record.id)] == [CommitState.UPLOADED]
+    # Written again (a transaction whose answer was lost, tried again with later acks): the
+    # same ETag is no news; another one is refused.
+    [second] = m.add_commits(lease, [NewCommit(2, PART, 2 * PART, digest, crc32c_of(b"x" * PART))])
+    m.parts_uploaded(lease, [(commit, digest), (second, digest)], upload_id="upload-2")
+    assert [c.state for c in m.commits(record.id)] == [CommitState.UPLOADED] * 2
+    audited = [e for e in m.events(record.id) if e.commit_id == commit.id]
+    assert [(e.from_state, e.to_state) for e in audited][-1] == ("pending", "uploaded")
+    assert sum(e.to_state == "uploaded" for e in audited) == 1  # not moved twice
+    other = hashlib.md5(b"y").hexdigest()
+    with pytest.raises(StaleStateError):
+        m.parts_uploaded(lease, [(commit, other)], proven=frozenset({commit.id}))
 
 
 def test_an_interrupted_store_starts_no_part_of_a_commit(

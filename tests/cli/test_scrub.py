@@ -9,6 +9,8 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.cli.conftest import Run, metrics_port, uploader_cmd, uploader_env
 from tests.cli.test_watch import _wait_for
 
@@ -58,3 +60,24 @@ def test_scrub_loop_repairs_drift_and_counts_it(run: Run, home: Path, tmp_path: 
     assert f"DRIFT log/{files[3].name}" in out and "uploaded again" in out, out
     assert victim.read_bytes() == files[3].read_bytes()
     assert run("verify").returncode == 0
+
+
+def test_verify_output_names_each_kind_of_check(capsys: pytest.CaptureFixture[str]) -> None:
+    """What `uploader verify` prints for each outcome (the object kept changing while read
+    back: NOT JUDGED, which is no drift)."""
+    from uploader.cli.daemons import _print_verify
+    from uploader.verify import NOT_JUDGED, NOT_VERIFIED, Check, VerifyReport
+
+    report = VerifyReport(
+        (
+            Check("a", True),
+            Check("b", False, "no object at 'b'", "uploaded again", "verified"),
+            Check("c", False, f"{NOT_VERIFIED} (open): nothing to compare with yet"),
+            Check("d", False, f"{NOT_JUDGED}: object 'd' changed while it was read back", "none"),
+        )
+    )
+    _print_verify(report, json_output=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" ", 1)[0] for line in lines[:3]] == ["ok", "DRIFT", "NOT"]
+    assert lines[2].startswith("NOT VERIFIED c") and lines[3].startswith("NOT JUDGED d")
+    assert lines[4] == "checked 4, 1 problem(s)"  # only b drifted

@@ -291,6 +291,8 @@ def play(m: Manifest, model: Model, clock: Clock, op: tuple[Any, ...]) -> None:
                 expected = StaleStateError
             elif not valid:
                 expected = LeaseLostError
+            elif record.state is CommitState.UPLOADED and record.etag == etag:
+                pass  # written again (an answer lost, tried again): no news, nothing changes
             elif record.state is not CommitState.PENDING:
                 expected = StaleStateError
             call = lambda: m.commit_uploaded(lease, record, etag)  # noqa: E731
@@ -376,8 +378,11 @@ def play(m: Manifest, model: Model, clock: Clock, op: tuple[Any, ...]) -> None:
         target[1] = dst
         new_events.append((commit_id, src, dst, lease.owner, lease.fence))
     elif kind == "uploaded_etag":
-        model.commits[ix % len(model.commits)][1] = "uploaded"
-        new_events.append((record.id, "pending", "uploaded", lease.owner, lease.fence))
+        if record.state is CommitState.PENDING:
+            model.commits[ix % len(model.commits)][1] = "uploaded"
+            new_events.append((record.id, "pending", "uploaded", lease.owner, lease.fence))
+        else:
+            assert snapshot(m, model.seg_id) == before  # the same ETag again: nothing moved
     elif kind == "verify":
         model.state = "verified"
         new_events.append((None, "uploaded", "verified", lease.owner, lease.fence))

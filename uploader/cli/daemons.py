@@ -384,11 +384,18 @@ def verify(
 
 
 def _print_verify(report: verify_mod.VerifyReport, json_output: bool) -> None:
+    from uploader.verify import NOT_JUDGED
+
     if json_output:
         _emit_json(report.as_dict())
         return
     for c in report.checks:
-        line = f"{'ok' if c.ok else 'DRIFT' if c.drift else 'NOT VERIFIED'} {c.key}"
+        if c.ok or c.drift:
+            label = "ok" if c.ok else "DRIFT"
+        else:
+            judged = not (c.problem or "").startswith(NOT_JUDGED)
+            label = "NOT VERIFIED" if judged else "NOT JUDGED"
+        line = f"{label} {c.key}"
         if c.problem:
             line += f": {c.problem}"
         if c.action:

@@ -261,7 +261,20 @@ class Outcomes(ManifestCore):
                 raise StaleStateError(
                     lease.key, f"upload {upload_id}", f"upload {row.upload_id}", what="segment"
                 )
+            # Written already by a transaction whose answer was lost (the caller tries again):
+            # the same ETag is no news. Any other difference is refused by the move below.
+            done = {
+                r.id: r.etag
+                for r in tx.conn.execute(
+                    select(COMMITS.c.id, COMMITS.c.etag).where(
+                        COMMITS.c.id.in_([c.id for c, _ in acks]),
+                        COMMITS.c.state == CommitState.UPLOADED.value,
+                    )
+                )
+            }
             for commit, etag in acks:
+                if done.get(commit.id, object()) == etag:
+                    continue
                 tx.move_commit(
                     lease,
                     commit.id,
