@@ -110,7 +110,8 @@ def first_differing(
     ``seen`` is what the caller's HEAD said of the object, the one whose bytes it means to judge:
     the key is looked at again after the reads, and if the object there is not ``seen`` any more
     (another ETag, size or checksum) the reads may have spanned two objects and prove nothing of
-    either (:class:`ObjectChangedError`, whatever they found)."""
+    either (:class:`ObjectChangedError`, whatever they found). Where the remote reports neither
+    an ETag nor a checksum, only the size can tell: a replacement of the same size goes unseen."""
     found: int | None = None
     for i, (start, end, md5, crc) in enumerate(parts):
         data = storage.read(key, start, end)
