@@ -186,7 +186,8 @@ def scrub(
     stop: threading.Event | None = None,
     on_check: Callable[[Check], None] | None = None,
 ) -> VerifyReport:
-    """One scrub pass over up to ``limit`` verified segments, the longest unchecked first.
+    """One scrub pass over up to ``limit`` verified segments, the longest unchecked first; a
+    remote error ends the pass with that segment not judged (not drift).
 
     ``rate`` (bytes per second) bounds deep reads: after each segment the pass waits as long as
     reading it at that rate would take (a HEAD-only pass is not rate-bound).
@@ -196,7 +197,18 @@ def scrub(
         if stop is not None and stop.is_set():
             break
         started = time.monotonic()
-        c = check_one(crew, rec, deep=deep, repair=True)
+        try:
+            c = check_one(crew, rec, deep=deep, repair=True)
+        except StorageError as exc:
+            # The remote failed this check past its retries. Nothing is judged, and the pass ends
+            # here: the rest would meet the same remote. This segment, still the longest
+            # unchecked, comes first in the next pass (the scrub's daemon keeps going).
+            log.error("scrub: segment %r not checked: %s; the pass stops here", rec.key, exc)
+            c = Check(rec.key, False, f"{NOT_JUDGED}: remote error: {exc}", "the next pass")
+            checks.append(c)
+            if on_check is not None:
+                on_check(c)
+            break
         checks.append(c)
         if on_check is not None:
             on_check(c)

@@ -234,6 +234,38 @@ def test_scrub_loop_rides_out_an_outage(
     assert _backoff_waits(stop)[:2] == EXPECTED[:2]
 
 
+def test_scrub_loop_rides_out_a_remote_error(setup: tuple[str, str], tmp_path: Path) -> None:
+    """A remote failing a check (past its retries) ends that pass, not the scrub: the segment is
+    not judged (no drift), and the next pass checks everything."""
+    url, remote = setup
+    faulty = FaultyStorage(open_storage(remote, {}, min_part_size=PART, retry=None))
+    store = uploader.open(url, remote, storage=faulty, part_size=PART, min_part_size=PART)
+    stop = RecordingStop()
+    reports: list[VerifyReport] = []
+    try:
+        for i in range(2):
+            path = tmp_path / f"r{i}"
+            path.write_bytes(b"r" * (100 + i))
+            assert store.segment(f"r/{i}", path).seal().result(timeout=60).verified
+        faulty.add(Fault(op="head", times=1))  # the first check's HEAD fails
+        t, errors = _run(
+            lambda: scrub_loop(
+                store.crew, interval=0.01, stop=stop, limit=10, on_report=reports.append
+            )
+        )
+        wait_for(lambda: any(r.ok and len(r.checks) == 2 for r in reports) or errors, "a pass")
+        stop.set()
+        t.join(30)
+        assert {s.state for s in store.manifest.segments()} == {SegmentState.VERIFIED}
+    finally:
+        stop.set()
+        store.close()
+    assert not errors, errors
+    [failed] = reports[0].checks  # the pass stopped at the remote's error
+    assert not failed.ok and not failed.drift and reports[0].drifted == (), failed
+    assert "not judged: remote error" in (failed.problem or ""), failed
+
+
 def test_an_error_that_is_not_an_outage_ends_the_loop(
     setup: tuple[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
