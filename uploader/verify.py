@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("uploader.verify")
 
 NOT_VERIFIED = "not verified yet"
-#: A check that could not judge the object: it kept changing while it was read back.
+#: A check that could not judge the object: it kept changing while it was read back, or the
+#: remote failed the check (the scrub). Not drift.
 NOT_JUDGED = "not judged"
 
 

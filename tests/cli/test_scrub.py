@@ -81,3 +81,31 @@ def test_verify_output_names_each_kind_of_check(capsys: pytest.CaptureFixture[st
     assert [line.split(" ", 1)[0] for line in lines[:3]] == ["ok", "DRIFT", "NOT"]
     assert lines[2].startswith("NOT VERIFIED c") and lines[3].startswith("NOT JUDGED d")
     assert lines[4] == "checked 4, 1 problem(s)"  # only b drifted
+
+
+def test_metrics_count_only_judged_checks() -> None:
+    """`uploader_checked`/`uploader_drift` count objects judged again: a drifted one is drift; a
+    segment not verified yet or an object not judged (changing, the remote failing) is neither."""
+    from uploader.cli.daemons import _count_check
+    from uploader.verify import NOT_JUDGED, NOT_VERIFIED, Check
+
+    class Counts:
+        def __init__(self) -> None:
+            self.judged: list[bool] = []
+            self.lost = 0
+
+        def verified_again(self, ok: bool) -> None:
+            self.judged.append(ok)
+
+        def failed(self, why: str) -> None:
+            self.lost += why == "lost"
+
+    counts = Counts()
+    for check in (
+        Check("a", True),
+        Check("b", False, "no object at 'b'", "failed: local file gone too", "failed"),
+        Check("c", False, f"{NOT_VERIFIED} (open)"),
+        Check("d", False, f"{NOT_JUDGED}: remote error: timeout", "the next pass"),
+    ):
+        _count_check(counts, check)  # type: ignore[arg-type]
+    assert counts.judged == [True, False] and counts.lost == 1

@@ -23,6 +23,7 @@ from uploader.states import UNFINISHED_SEGMENT_STATES
 if TYPE_CHECKING:
     # The library is imported by the command that runs (each command's body), not by `--help`.
     from uploader import verify as verify_mod
+    from uploader.metrics import Metrics
     from uploader.store import Store
 
 UNFINISHED = {s.value for s in UNFINISHED_SEGMENT_STATES}
@@ -347,9 +348,7 @@ def verify(
 
         def count(check: verify_mod.Check) -> None:
             if metrics is not None:
-                metrics.verified_again(check.ok)
-                if check.state == "failed":  # remote object lost and local file gone
-                    metrics.failed("lost")
+                _count_check(metrics, check)
 
         try:
             if not loop:
@@ -381,6 +380,15 @@ def verify(
                 server.shutdown()
     if bad:
         raise typer.Exit(1)
+
+
+def _count_check(metrics: Metrics, check: verify_mod.Check) -> None:
+    """A check in the metrics: checked again and drift only if judged (a segment not verified
+    yet, or an object not judged, is neither)."""
+    if check.ok or check.drift:
+        metrics.verified_again(check.ok)
+    if check.state == "failed":  # remote object lost and local file gone
+        metrics.failed("lost")
 
 
 def _print_verify(report: verify_mod.VerifyReport, json_output: bool) -> None:
