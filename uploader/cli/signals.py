@@ -7,6 +7,7 @@ Standard library only: this module is imported before typer, SQLAlchemy and fssp
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -46,6 +47,19 @@ def _stop_on_signals() -> Iterator[threading.Event]:
     on its node, elsewhere when they run out)."""
     stop = threading.Event()
     received = [0]
+    # The handler never sets ``stop`` itself: it runs on the main thread between two bytecodes,
+    # possibly inside ``stop.wait()`` right where that holds the event's own lock (before it
+    # waits), and ``stop.set()`` takes that lock: the daemon then never stopped (seen in CI,
+    # ``recover --loop`` waiting between passes). It hands the signal to a thread of its own
+    # through a SimpleQueue, whose put() is reentrant; that thread sets the event as soon as the
+    # main thread lets go of the lock.
+    relay: queue.SimpleQueue[bool] = queue.SimpleQueue()
+
+    def relay_signal() -> None:
+        if relay.get():
+            stop.set()
+
+    threading.Thread(target=relay_signal, name="uploader-signal-relay", daemon=True).start()
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         # A plain write, not rich: the handler runs between any two bytecodes of the main thread,
@@ -65,16 +79,18 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             f"{name}: finishing the work in hand, then stopping (send it again to exit at "
             "once)\n".encode(),
         )
-        stop.set()
+        relay.put(True)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     if _EARLY_SIGNALS:  # arrived while the command was starting
         handler(_EARLY_SIGNALS[-1], None)
+        stop.set()  # not in a handler here: set at once, before the command's first step
     try:
         yield stop
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        relay.put(False)  # the relay thread ends (if no signal came)
 
 
 class _ShipSignals:
@@ -89,8 +105,6 @@ class _ShipSignals:
 
     def handler(self, signum: int, _frame: FrameType | None) -> None:
         self.count += 1
-        if self.on_first is not None:
-            self.on_first()
         if self.count >= 2:
             os.write(
                 2,
@@ -98,6 +112,11 @@ class _ShipSignals:
                 b"`uploader recover` finishes what is pending\n",
             )
             os._exit(130)
+        # The first signal only: after it the main thread sets the same event itself
+        # (``Store.interrupt``), and a handler landing inside that set() would wait for the
+        # lock its own thread holds.
+        if self.on_first is not None:
+            self.on_first()
         os.write(
             2,
             b"interrupt: no new work is started; parts in flight finish and are recorded "

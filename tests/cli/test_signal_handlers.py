@@ -1,0 +1,71 @@
+"""The CLI's signal handlers run on the main thread between any two bytecodes, so they must not
+take a lock that thread may hold at that moment. A SIGTERM landing in ``recover --loop`` right as
+its wait between passes entered ``stop.wait()`` (which holds the event's lock until it starts
+waiting) used to call ``stop.set()`` there, wait for that very lock, and never stop (seen in CI:
+the daemon's stack ended in ``signals.handler`` -> ``Event.set`` inside ``Event.wait``).
+
+Each test calls the installed handler on a thread that holds the lock in question, as the main
+thread would: the handler must return (no deadlock), and the event must be set once the lock is
+let go."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from uploader.cli.signals import _ShipSignals, _stop_on_signals
+
+
+def _returns_while_holding(lock: Any, call: Callable[[], None]) -> bool:
+    """Whether ``call`` returns on a thread holding ``lock`` (False: it deadlocked there)."""
+    done = threading.Event()
+
+    def run() -> None:
+        with lock:
+            call()
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()  # a deadlocked one is left behind
+    return done.wait(10)
+
+
+def test_sigterm_inside_the_stop_events_own_wait_stops_the_loop() -> None:
+    with _stop_on_signals() as stop:
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        # What Event.wait holds between its start and the moment it waits: the event's lock.
+        lock = stop._cond  # type: ignore[attr-defined]
+        assert _returns_while_holding(lock, lambda: handler(signal.SIGTERM, None))
+        assert stop.wait(10), "the signal did not stop the loop"
+
+
+def test_the_second_interrupt_of_ship_exits_without_touching_the_stop_event(
+    monkeypatch: Any,
+) -> None:
+    exits: list[int] = []
+
+    class Exited(BaseException):
+        pass
+
+    def _exit(code: int) -> None:  # like os._exit, it does not return
+        exits.append(code)
+        raise Exited
+
+    def second() -> None:
+        with contextlib.suppress(Exited):
+            signals.handler(signal.SIGINT, None)
+
+    monkeypatch.setattr("os._exit", _exit)
+    sending = threading.Event()  # stands for the store's transport.stop
+    signals = _ShipSignals()
+    signals.on_first = sending.set
+    signals.handler(signal.SIGINT, None)
+    assert sending.is_set() and exits == []
+    # The main thread now interrupts the store, setting that event itself; a second signal
+    # landing inside that set() must not set it again (its lock is held by the same thread).
+    lock = sending._cond  # type: ignore[attr-defined]
+    assert _returns_while_holding(lock, second)
+    assert exits == [130]
