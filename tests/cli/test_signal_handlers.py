@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from uploader.cli import signals as signals_mod
 from uploader.cli.signals import _ShipSignals, _stop_on_signals
 
 
@@ -32,7 +33,12 @@ def _returns_while_holding(lock: Any, call: Callable[[], None]) -> bool:
     return done.wait(10)
 
 
-def test_sigterm_inside_the_stop_events_own_wait_stops_the_loop() -> None:
+def _relays() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "uploader-signal-relay"]
+
+
+def test_sigterm_inside_the_stop_events_own_wait_stops_the_loop(monkeypatch: Any) -> None:
+    monkeypatch.setattr(signals_mod, "_EARLY_SIGNALS", [])  # no signal "before" this one
     with _stop_on_signals() as stop:
         handler = signal.getsignal(signal.SIGTERM)
         assert callable(handler)
@@ -40,6 +46,19 @@ def test_sigterm_inside_the_stop_events_own_wait_stops_the_loop() -> None:
         lock = stop._cond  # type: ignore[attr-defined]
         assert _returns_while_holding(lock, lambda: handler(signal.SIGTERM, None))
         assert stop.wait(10), "the signal did not stop the loop"
+    for t in _relays():
+        t.join(10)
+    assert _relays() == []  # the relay thread ended with the context
+
+
+def test_the_relay_thread_ends_with_the_context_when_no_signal_came(monkeypatch: Any) -> None:
+    monkeypatch.setattr(signals_mod, "_EARLY_SIGNALS", [])
+    for _ in range(3):
+        with _stop_on_signals() as stop:
+            assert len(_relays()) == 1
+        for t in _relays():
+            t.join(10)
+        assert _relays() == [] and not stop.is_set()
 
 
 def test_the_second_interrupt_of_ship_exits_without_touching_the_stop_event(

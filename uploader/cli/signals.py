@@ -6,6 +6,7 @@ Standard library only: this module is imported before typer, SQLAlchemy and fssp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -59,8 +60,6 @@ def _stop_on_signals() -> Iterator[threading.Event]:
         if relay.get():
             stop.set()
 
-    threading.Thread(target=relay_signal, name="uploader-signal-relay", daemon=True).start()
-
     def handler(signum: int, _frame: FrameType | None) -> None:
         # A plain write, not rich: the handler runs between any two bytecodes of the main thread,
         # possibly in the middle of rich importing the module its print would need (seen as
@@ -68,24 +67,29 @@ def _stop_on_signals() -> Iterator[threading.Event]:
         name = signal.Signals(signum).name
         received[0] += 1
         if received[0] >= 2:
+            with contextlib.suppress(OSError):  # (stderr gone: exit all the same)
+                os.write(
+                    2,
+                    f"{name} again: exiting now; the manifest records what was done, "
+                    "`uploader recover` finishes what is pending\n".encode(),
+                )
+            os._exit(128 + signum)
+        relay.put(True)  # first: a stderr that is gone must not lose the stop
+        with contextlib.suppress(OSError):
             os.write(
                 2,
-                f"{name} again: exiting now; the manifest records what was done, "
-                "`uploader recover` finishes what is pending\n".encode(),
+                f"{name}: finishing the work in hand, then stopping (send it again to exit at "
+                "once)\n".encode(),
             )
-            os._exit(128 + signum)
-        os.write(
-            2,
-            f"{name}: finishing the work in hand, then stopping (send it again to exit at "
-            "once)\n".encode(),
-        )
-        relay.put(True)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    if _EARLY_SIGNALS:  # arrived while the command was starting
-        handler(_EARLY_SIGNALS[-1], None)
-        stop.set()  # not in a handler here: set at once, before the command's first step
     try:
+        # Started here, so that the finally below always ends it (a signal before it starts
+        # waits in the queue).
+        threading.Thread(target=relay_signal, name="uploader-signal-relay", daemon=True).start()
+        if _EARLY_SIGNALS:  # arrived while the command was starting
+            handler(_EARLY_SIGNALS[-1], None)
+            stop.set()  # not in a handler here: set at once, before the command's first step
         yield stop
     finally:
         for s, h in previous.items():
