@@ -58,9 +58,15 @@ class Check:
     state: str = SegmentState.VERIFIED.value  # the segment's state afterwards
 
     @property
+    def not_judged(self) -> bool:
+        """The check could not judge the object (see :data:`NOT_JUDGED`)."""
+        return (self.problem or "").startswith(NOT_JUDGED)
+
+    @property
     def drift(self) -> bool:
         """The object of a verified segment was found missing or different."""
-        return not self.ok and not (self.problem or "").startswith((NOT_VERIFIED, NOT_JUDGED))
+        not_verified = (self.problem or "").startswith(NOT_VERIFIED)
+        return not self.ok and not not_verified and not self.not_judged
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -198,6 +204,7 @@ def scrub(
         if stop is not None and stop.is_set():
             break
         started = time.monotonic()
+        remote_failed = False
         try:
             c = check_one(crew, rec, deep=deep, repair=True)
         except StorageError as exc:
@@ -206,13 +213,12 @@ def scrub(
             # unchecked, comes first in the next pass (the scrub's daemon keeps going).
             log.error("scrub: segment %r not checked: %s; the pass stops here", rec.key, exc)
             c = Check(rec.key, False, f"{NOT_JUDGED}: remote error: {exc}", "the next pass")
-            checks.append(c)
-            if on_check is not None:
-                on_check(c)
-            break
+            remote_failed = True
         checks.append(c)
         if on_check is not None:
             on_check(c)
+        if remote_failed:
+            break
         if deep and rate and rec.size:
             pause = rec.size / rate - (time.monotonic() - started)
             if pause > 0:

@@ -392,8 +392,6 @@ def _count_check(metrics: Metrics, check: verify_mod.Check) -> None:
 
 
 def _print_verify(report: verify_mod.VerifyReport, json_output: bool) -> None:
-    from uploader.verify import NOT_JUDGED
-
     if json_output:
         _emit_json(report.as_dict())
         return
@@ -401,8 +399,7 @@ def _print_verify(report: verify_mod.VerifyReport, json_output: bool) -> None:
         if c.ok or c.drift:
             label = "ok" if c.ok else "DRIFT"
         else:
-            judged = not (c.problem or "").startswith(NOT_JUDGED)
-            label = "NOT VERIFIED" if judged else "NOT JUDGED"
+            label = "NOT JUDGED" if c.not_judged else "NOT VERIFIED"
         line = f"{label} {c.key}"
         if c.problem:
             line += f": {c.problem}"
