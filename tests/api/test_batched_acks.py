@@ -36,18 +36,27 @@ def _segment(tmp_path: Path) -> tuple[Path, bytes]:
     return path, data
 
 
-def test_a_seal_writes_its_parts_acks_at_once(
-    make_store: StoreFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path, _data = _segment(tmp_path)
+def _count_writes(monkeypatch: pytest.MonkeyPatch, crash_after: int | None = None) -> list[int]:
+    """The size of each ``parts_uploaded`` write; with ``crash_after``, the process dies at the
+    write after that many."""
     calls: list[int] = []
     original = Manifest.parts_uploaded
 
     def counted(self: Manifest, lease: Any, acks: Any, *args: Any, **kwargs: Any) -> None:
         calls.append(len(acks))
+        if crash_after is not None and len(calls) > crash_after:
+            raise Crash("the process dies after parts were acknowledged, before their write")
         original(self, lease, acks, *args, **kwargs)
 
     monkeypatch.setattr(Manifest, "parts_uploaded", counted)
+    return calls
+
+
+def test_a_seal_writes_its_parts_acks_at_once(
+    make_store: StoreFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _data = _segment(tmp_path)
+    calls = _count_writes(monkeypatch)
     store = make_store()
     result = store.segment("acks/seg", path).seal().result(timeout=120)
     assert result.verified and result.sent_parts == 4
@@ -64,10 +73,7 @@ def test_crash_between_the_acks_and_their_write_costs_a_recheck(
 ) -> None:
     path, data = _segment(tmp_path)
 
-    def crash(*args: Any, **kwargs: Any) -> None:
-        raise Crash("the process dies after the parts were acknowledged, before they are written")
-
-    monkeypatch.setattr(Manifest, "parts_uploaded", crash)
+    _count_writes(monkeypatch, crash_after=0)
     store = make_store(checksum=checksum)
     with pytest.raises(Crash):
         store.segment("acks/seg", path).seal().result(timeout=120)
@@ -109,13 +115,7 @@ def test_a_commits_acks_are_one_write_and_a_crash_before_it_costs_a_recheck(
     data = random.Random(6).randbytes(3 * PART + 9)
     path = tmp_path / "seg"
     path.write_bytes(data)
-    written: list[int] = []
-
-    def crash(self: Manifest, lease: Any, acks: Any, *args: Any, **kwargs: Any) -> None:
-        written.append(len(acks))
-        raise Crash("the process dies after the parts were acknowledged, before they are written")
-
-    monkeypatch.setattr(Manifest, "parts_uploaded", crash)
+    written = _count_writes(monkeypatch, crash_after=0)
     store = make_store(checksum="md5")
     with pytest.raises(Crash):
         store.segment("acks/commit", path).commit().result(timeout=120)
@@ -136,22 +136,6 @@ def test_a_commits_acks_are_one_write_and_a_crash_before_it_costs_a_recheck(
 
 
 LONG = 20  # parts: more than CHUNK plus the slots, so a chunk is written before the last is sent
-
-
-def _count_writes(monkeypatch: pytest.MonkeyPatch, crash_after: int | None = None) -> list[int]:
-    """The size of each ``parts_uploaded`` write; with ``crash_after``, the process dies at the
-    write after that many."""
-    calls: list[int] = []
-    original = Manifest.parts_uploaded
-
-    def counted(self: Manifest, lease: Any, acks: Any, *args: Any, **kwargs: Any) -> None:
-        calls.append(len(acks))
-        if crash_after is not None and len(calls) > crash_after:
-            raise Crash("the process dies between two chunks of acknowledgements")
-        original(self, lease, acks, *args, **kwargs)
-
-    monkeypatch.setattr(Manifest, "parts_uploaded", counted)
-    return calls
 
 
 @pytest.mark.parametrize("remote", ["file"], indirect=True)

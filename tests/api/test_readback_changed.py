@@ -47,13 +47,18 @@ class SwapsDuringReadBack(FaultyStorage):
         return data
 
 
+def other_writers_bytes(data: bytes) -> bytes:
+    """Another writer's object of the same size: only its first part differs from ``data``."""
+    return bytes(b ^ 0x5A for b in data[:PART]) + data[PART:]
+
+
 def _setup(
     remote: tuple[str, dict[str, Any]], tmp_path: Path
 ) -> tuple[Path, bytes, SwapsDuringReadBack]:
     data = random.Random(11).randbytes(SIZE)
     path = tmp_path / "seg"
     path.write_bytes(data)
-    other = bytes(b ^ 0x5A for b in data[:PART]) + data[PART:]  # part 1 differs, nothing else
+    other = other_writers_bytes(data)
     url, options = remote
     storage = SwapsDuringReadBack(
         open_storage(url, dict(options), min_part_size=PART),
@@ -145,7 +150,7 @@ def test_a_key_rewritten_during_every_read_back_is_not_judged_and_stops_nothing(
     up after a few looks without calling it drift (the segment stays verified), the checks
     after it still run, and the deletion gate does not offer the file."""
     path, data, _storage = _setup(remote, tmp_path)
-    other = bytes(b ^ 0x5A for b in data[:PART]) + data[PART:]
+    other = other_writers_bytes(data)
     flip = [data, other]
     url, options = remote
 

@@ -376,13 +376,13 @@ def test_rebuild_concludes_nothing_from_bytes_read_across_a_replacement(
     an object differing only in the first part right after that part was read: every part read
     matches, but the object at the key is not the one whose bytes were read. The record is not
     tied to it (ObjectChangedError; the rebuild reports a remote error and a rerun looks again)."""
-    from tests.api.test_readback_changed import SwapsDuringReadBack
+    from tests.api.test_readback_changed import SwapsDuringReadBack, other_writers_bytes
 
     data = random.Random(23).randbytes(2 * PART + 77)
     key = "c/swapped"
     with _stores(manifest_url, s3_bucket, moto_endpoint) as open_store:
         _ship(open_store(), tmp_path, key, data, commit_first=False)
-    other = bytes(b ^ 0x5A for b in data[:PART]) + data[PART:]
+    other = other_writers_bytes(data)
     with (
         limited_s3(moto_endpoint, checksums="unreported") as proxy,
         _stores(manifest_url, s3_bucket, proxy.url) as open_store,
