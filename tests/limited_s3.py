@@ -90,6 +90,8 @@ class LimitedS3:
         self.checksums = checksums
         self.calls: list[str] = []
         self.paths: list[str] = []
+        #: Each request's User-Agent header, in order.
+        self.agents: list[str] = []
         self._lock = threading.Lock()
         self._real_part_etags: dict[str, str] = {}  # opaque part ETag -> upstream's (KMS mode)
         proxy = self
@@ -167,6 +169,7 @@ class LimitedS3:
         with self._lock:
             self.calls.append(op)
             self.paths.append(split.path)
+            self.agents.append(h.headers.get("User-Agent", ""))
         body = _read_body(h)
         status = self.refuse.get(op)
         if status is not None:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import botocore
+import pytest
+
+import uploader
+from tests.conftest import s3_options
+from tests.limited_s3 import limited_s3
+from tests.storage.conftest import payload
 from uploader.storage.s3 import S3Storage
+from uploader.storage.s3_requests import user_agent
 
 
 def test_defaults_skip_body_hashes_that_content_md5_already_covers() -> None:
@@ -26,3 +34,55 @@ def test_a_users_s3_settings_are_merged_not_replaced() -> None:
         {"key": "k", "secret": "s", "config_kwargs": {"s3": {"payload_signing_enabled": True}}},
     )
     assert signed.fs.config_kwargs["s3"] == {"payload_signing_enabled": True}
+
+
+def test_requests_name_us_and_a_users_agent_settings_win() -> None:
+    ours = S3Storage("s3://bucket/prefix", {"key": "k", "secret": "s"})
+    assert ours.fs.config_kwargs["user_agent"] == user_agent()
+    assert user_agent().startswith(f"segment-uploader/{uploader.__version__} aiobotocore/")
+    theirs = S3Storage(
+        "s3://bucket/prefix",
+        {"key": "k", "secret": "s", "config_kwargs": {"user_agent": "broker/7"}},
+    )
+    assert theirs.fs.config_kwargs["user_agent"] == "broker/7"
+    # An app id lives only in botocore's default string: asking for one keeps that string.
+    app = S3Storage(
+        "s3://bucket/prefix",
+        {"key": "k", "secret": "s", "config_kwargs": {"user_agent_appid": "broker"}},
+    )
+    assert "user_agent" not in app.fs.config_kwargs
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({}, f"{user_agent()} botocore/{botocore.__version__}"),
+        ({"user_agent_extra": "node-7"}, f"{user_agent()} botocore/{botocore.__version__} node-7"),
+        ({"user_agent": "broker/7"}, f"broker/7 botocore/{botocore.__version__}"),
+    ],
+)
+def test_the_user_agent_reaches_the_server(
+    moto_endpoint: str, s3_bucket: str, config: dict[str, str], expected: str
+) -> None:
+    with limited_s3(moto_endpoint) as proxy:
+        options = s3_options(proxy.url)
+        options["config_kwargs"] = config
+        st = S3Storage(f"s3://{s3_bucket}/root", options)
+        st.put("k1", payload(b"x" * 10))
+        assert st.head("k1") is not None
+        agents = set(proxy.agents)
+    assert agents == {expected}, agents
+
+
+def test_an_app_id_reaches_the_server_in_botocores_string(
+    moto_endpoint: str, s3_bucket: str
+) -> None:
+    with limited_s3(moto_endpoint) as proxy:
+        options = s3_options(proxy.url)
+        options["config_kwargs"] = {"user_agent_appid": "broker-7"}
+        S3Storage(f"s3://{s3_bucket}/root", options).put("k2", payload(b"y"))
+        agents = set(proxy.agents)
+    assert agents
+    for agent in agents:  # botocore's string names the features each request used
+        assert agent.startswith("aiobotocore/") and "app/broker-7" in agent, agent
+        assert "segment-uploader" not in agent

@@ -90,6 +90,21 @@ def _session() -> Any:
         return _shared_session
 
 
+def user_agent() -> str:
+    """The User-Agent our S3 requests carry: us, then the stack that sends them (aiobotocore's
+    session adds ``botocore/<version>`` after it, and a ``user_agent_extra`` after that)."""
+    import platform
+
+    import aiobotocore
+
+    from uploader import __version__
+
+    return (
+        f"segment-uploader/{__version__} aiobotocore/{aiobotocore.__version__} "
+        f"Python/{platform.python_version()}"
+    )
+
+
 def _client_error(exc: BaseException) -> BaseException:
     """s3fs turns botocore's ClientError into OSError subclasses; the code is on the cause."""
     if getattr(exc, "response", None) is None and getattr(exc.__cause__, "response", None):
@@ -174,6 +189,11 @@ class S3Requests:
         retries = {k: v for k, v in dict(config.get("retries") or {}).items() if k == "mode"}
         retries["total_max_attempts"] = 1
         config["retries"] = retries
+        # Our own User-Agent, built once: it names us in the server's logs, and botocore's default
+        # string is built twice per request (measured: about 6% of a small PUT's client CPU). A
+        # user's user_agent wins, and so does a user_agent_appid (only the default string has it).
+        if "user_agent" not in config and "user_agent_appid" not in config:
+            config["user_agent"] = user_agent()
         options["config_kwargs"] = config
         if "session" not in options and "profile" not in options:
             # A named profile is a session of its own (s3fs makes it); anything else shares one.
