@@ -88,3 +88,18 @@ def test_the_second_interrupt_of_ship_exits_without_touching_the_stop_event(
     lock = sending._cond  # type: ignore[attr-defined]
     assert _returns_while_holding(lock, second)
     assert exits == [130]
+
+
+def test_a_signal_is_seen_by_is_set_before_the_relay_thread_runs(monkeypatch: Any) -> None:
+    """``watch --once --seal-on-exit`` asks ``stop.is_set()`` right after its pass: a SIGTERM
+    handled just before that must be seen then, not once the relay thread gets to run."""
+    monkeypatch.setattr(signals_mod, "_EARLY_SIGNALS", [])
+    with _stop_on_signals() as stop:
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        # The relay thread cannot set the event while this lock is held (set() takes it).
+        with stop._cond:  # type: ignore[attr-defined]
+            assert not stop.is_set()
+            handler(signal.SIGTERM, None)
+            assert stop.is_set(), "the signal was not seen until the relay thread ran"
+        assert stop.wait(10)

@@ -38,6 +38,21 @@ def install_early_handlers() -> None:
             return
 
 
+class _SignalledStop(threading.Event):
+    """The long commands' stop event: set by the relay thread, and *seen* at once. A signal
+    handled by the main thread right before it asks ``is_set()`` (``watch --once
+    --seal-on-exit``, the check after its one pass) must not be missed because the relay thread
+    has not run yet: ``signalled`` is written by the handler itself (a plain store, no lock) and
+    ``is_set()`` answers from it too. ``wait()`` still wakes through the relay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signalled = False
+
+    def is_set(self) -> bool:
+        return self.signalled or super().is_set()
+
+
 @contextmanager
 def _stop_on_signals() -> Iterator[threading.Event]:
     """An event set by SIGTERM/SIGINT: long commands finish the work in hand, then stop. A second
@@ -46,7 +61,7 @@ def _stop_on_signals() -> Iterator[threading.Event]:
     manifest write is one transaction, so what is recorded is consistent and what is pending
     stays pending for ``uploader recover`` (the leases of a process gone are taken over at once
     on its node, elsewhere when they run out)."""
-    stop = threading.Event()
+    stop = _SignalledStop()
     received = [0]
     # The handler never sets ``stop`` itself: it runs on the main thread between two bytecodes,
     # possibly inside ``stop.wait()`` right where that holds the event's own lock (before it
@@ -74,6 +89,7 @@ def _stop_on_signals() -> Iterator[threading.Event]:
                     "`uploader recover` finishes what is pending\n".encode(),
                 )
             os._exit(128 + signum)
+        stop.signalled = True  # seen by is_set() at once
         relay.put(True)  # first: a stderr that is gone must not lose the stop
         with contextlib.suppress(OSError):
             os.write(
