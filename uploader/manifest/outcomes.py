@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from uploader.errors import StaleStateError
+from uploader.errors import LeaseLostError, StaleStateError
 from uploader.manifest.core import ManifestCore
 from uploader.manifest.guard import Audit, Tx, check_acknowledged, clip
 from uploader.manifest.rowmap import COMMITS, EVENTS, SEGMENTS
@@ -256,13 +256,9 @@ class Outcomes(ManifestCore):
         if not acks:
             return
         with self._write() as tx:
-            row = tx.guard(lease)
-            if upload_id is not None and row.upload_id != upload_id:
-                raise StaleStateError(
-                    lease.key, f"upload {upload_id}", f"upload {row.upload_id}", what="segment"
-                )
             # Written already by a transaction whose answer was lost (the caller tries again):
-            # the same ETag is no news. Any other difference is refused by the move below.
+            # the same ETag is no news. Any other difference is refused by the move below (a
+            # compare-and-set from pending).
             done = {
                 r.id: r.etag
                 for r in tx.conn.execute(
@@ -272,9 +268,22 @@ class Outcomes(ManifestCore):
                     )
                 )
             }
-            for commit, etag in acks:
-                if done.get(commit.id, object()) == etag:
-                    continue
+            news = [(c, etag) for c, etag in acks if done.get(c.id, object()) != etag]
+            if news:
+                current = tx.guard(lease).upload_id
+            else:
+                # Nothing to write, not even the row's updated_at; what would be refused still is.
+                row = tx.conn.execute(
+                    select(SEGMENTS.c.upload_id).where(tx.guard_clause(lease))
+                ).first()
+                if row is None:
+                    raise tx.lease_error(lease) or LeaseLostError(lease.key, lease.fence, None)
+                current = row.upload_id
+            if upload_id is not None and current != upload_id:
+                raise StaleStateError(
+                    lease.key, f"upload {upload_id}", f"upload {current}", what="segment"
+                )
+            for commit, etag in news:
                 tx.move_commit(
                     lease,
                     commit.id,
