@@ -397,6 +397,23 @@ def test_crc32c_mode_reuses_a_listed_part_only_with_its_crc32c_and_size() -> Non
     assert next_step(Position(s, cs, True, other)).act is Act.UNSEND_PARTS
 
 
+def test_crc32c_mode_reuses_a_pending_part_listed_without_a_checksum_only_md5_proven() -> None:
+    """Where the listing shows no part checksum (moto), a pending crc32c-mode part is adopted
+    only where the driver proved the listed ETag to be the MD5 of the local bytes."""
+    s, cs = crc_seg(SegmentState.SEALED), crc_commits(U, P, P)
+    bare = {1: PartRef(1, "e" * 32, 10), 2: PartRef(2, "d" * 32, 10)}
+    proven = next_step(Position(s, cs, True, bare, md5_proven={2: "d" * 32}))
+    assert proven.act is Act.ADOPT_PARTS and [c.part_number for c in proven.commits] == [2]
+    # Proven for another ETag than the one listed now, for another part, or nothing proven.
+    for md5s in ({2: "c" * 32}, {3: "d" * 32}, {}, None):
+        step = next_step(Position(s, cs, True, bare, md5_proven=md5s))
+        assert step.act is Act.SEND and [c.part_number for c in step.commits] == [2, 3], md5s
+    # A listed CRC32C decides where there is one: another one is not overruled by an MD5.
+    crc = {**bare, 2: PartRef(2, "d" * 32, 10, crc32c=7)}
+    step = next_step(Position(s, cs, True, crc, md5_proven={2: "d" * 32}))
+    assert step.act is Act.SEND and [c.part_number for c in step.commits] == [2, 3]
+
+
 def test_crc32c_mode_object_is_proven_by_its_checksum_never_by_its_etag_alone() -> None:
     from uploader.digest import composite_crc32c
 

@@ -41,6 +41,9 @@ class Learned:
 
     parts_known: bool = False
     parts: dict[int, PartRef] | None = None
+    #: Part number -> listed ETag: crc32c-mode parts listed without a CRC32C whose local bytes
+    #: have that MD5 (:mod:`uploader.listed_proof`); learned with the listing.
+    md5_proven: dict[int, str] = field(default_factory=dict)
     object_known: bool = False
     obj: ObjectInfo | None = None
     checked: set[int] = field(default_factory=set)  # part numbers read and found equal

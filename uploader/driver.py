@@ -42,6 +42,7 @@ from uploader.errors import (
     UploaderError,
 )
 from uploader.leases import LeaseKeeper
+from uploader.listed_proof import md5_proven
 from uploader.manifest.repo import Manifest
 from uploader.plan import Act, Position, Step
 from uploader.records import CommitRecord, Lease, PutProven, SegmentRecord
@@ -154,6 +155,7 @@ class Driver(RemoteSteps):
                 commits=commits,
                 parts_known=learned.parts_known,
                 parts=learned.parts,
+                md5_proven=learned.md5_proven,
                 object_known=learned.object_known,
                 obj=learned.obj,
                 local_checked=learned.local_checked,
@@ -249,6 +251,9 @@ class Driver(RemoteSteps):
                 raise
             else:
                 learned.parts = {p.number: p for p in listed}
+                # Our local bytes can prove what is listed without a checksum.
+                here = seg.node == self.node
+                learned.md5_proven = md5_proven(seg, commits, learned.parts) if here else {}
             learned.parts_known = True
         elif act is Act.HEAD:
             try:

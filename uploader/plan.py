@@ -205,7 +205,7 @@ def _parts(p: Position, pending: tuple[CommitRecord, ...]) -> Step:
             )
         return Step(Act.RESET_UPLOAD, reason=f"upload {seg.upload_id} is unknown to the remote")
     if p.parts_known and p.parts is not None:
-        held = tuple(c for c in pending if _held(p.parts, c))
+        held = tuple(c for c in pending if _held(p.parts, c, p.md5_proven))
         if held:
             return Step(Act.ADOPT_PARTS, held, reason=f"held by the remote with the {_proof(seg)}")
         lost = tuple(
@@ -233,12 +233,15 @@ def _proof(seg: SegmentRecord) -> str:
     return "recorded CRC32C and size" if seg.by_crc32c else "recorded MD5"
 
 
-def _held(parts: Mapping[int, PartRef], c: CommitRecord) -> bool:
+def _held(
+    parts: Mapping[int, PartRef], c: CommitRecord, md5_proven: Mapping[int, str] | None = None
+) -> bool:
     """The remote lists the part with its MD5, or (an uploaded part) with the very ETag it
     acknowledged for our bytes (SSE-KMS ETags are no MD5s; that acknowledgement was proven by
     the part's CRC32C). A crc32c-mode part (no MD5): listed with its size and its CRC32C; or, an
     uploaded part (its CRC32C was echoed when it was acknowledged) where the remote lists no part
-    checksums (moto), with the very ETag it acknowledged. A pending one is never reused then."""
+    checksums (moto), with the very ETag it acknowledged; a pending one there only where the
+    listed ETag is the MD5 of its local bytes (``md5_proven``, :mod:`uploader.listed_proof`)."""
     part = parts.get(c.part_number)
     if part is None:
         return False
@@ -247,7 +250,10 @@ def _held(parts: Mapping[int, PartRef], c: CommitRecord) -> bool:
             return False
         if part.crc32c is not None:
             return part.crc32c == c.crc32c
-        return c.state is CommitState.UPLOADED and bool(c.etag) and part.etag == c.etag
+        if c.state is CommitState.UPLOADED:
+            return bool(c.etag) and part.etag == c.etag
+        proven = (md5_proven or {}).get(c.part_number)
+        return proven is not None and proven == normalize_etag(part.etag)
     etag = normalize_etag(part.etag)
     return etag == c.md5 or (c.state is CommitState.UPLOADED and etag == c.etag)
 

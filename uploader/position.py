@@ -68,3 +68,5 @@ class Position:
     conditional_delete: bool | None = None  # None: not learned yet
     reuploads: int = 0
     max_reuploads: int = 3
+    #: Part number -> listed ETag, the MD5 of our local bytes (uploader.listed_proof).
+    md5_proven: Mapping[int, str] | None = None

@@ -245,34 +245,73 @@ def test_recovery_in_the_other_mode_reuses_parts_by_the_segments_proof(
         assert _remote_bytes(worker, key, SIZE) == data
 
 
-def test_a_crc32c_part_that_arrived_unrecorded_is_sent_again_where_the_listing_cannot_prove_it(
+def _die_after_the_first_part(
+    manifest_url: str, remote: tuple[str, dict[str, Any]], path: Path, key: str
+) -> None:
+    """The writer dies right after the remote took part 2, before recording it."""
+    url, options = remote
+    faulty = FaultyStorage(open_storage(url, dict(options), min_part_size=PART))
+    faulty.add(Fault(op="upload_part", when="after", after_calls=1, error=lambda: Crash("dies")))
+    store = _open(manifest_url, remote, concurrency=1, storage=faulty)
+    try:
+        with contextlib.suppress(Crash):
+            store.segment(key, path).seal().result(timeout=60)
+    finally:
+        store.abandon()
+
+
+def test_a_crc32c_part_that_arrived_unrecorded_is_proven_by_the_md5_of_the_local_bytes(
     manifest_url: str, moto: tuple[str, dict[str, Any]], tmp_path: Path
 ) -> None:
-    """The writer dies right after the remote took part 2, before recording it: recovery lists
-    the upload, and since moto lists no part CRC32C (nothing proves the listed part is ours),
-    sends the part again instead of reusing it; the object ends verified and byte-identical."""
+    """moto lists no part CRC32C: recovery reads the listed parts' local bytes (their CRC32C the
+    recorded one) and adopts each part whose listed ETag is their MD5 instead of sending it
+    again; the object ends verified and byte-identical."""
     migrate(manifest_url)
     path = tmp_path / "seg"
     data = _data(path, SIZE, 6)
-    url, options = moto
-    faulty = FaultyStorage(open_storage(url, dict(options), min_part_size=PART))
-    faulty.add(Fault(op="upload_part", when="after", after_calls=1, error=lambda: Crash("dies")))
-    store = _open(manifest_url, moto, concurrency=1, storage=faulty)
-    try:
-        with contextlib.suppress(Crash):
-            store.segment("arrived/a", path).seal().result(timeout=60)
-    finally:
-        store.abandon()
+    _die_after_the_first_part(manifest_url, moto, path, "arrived/a")
     with _open(manifest_url, moto) as worker:
         worker.manifest.clock = lambda: utcnow() + timedelta(minutes=10)
         rec = worker.manifest.segment("arrived/a")
         assert rec is not None and rec.checksum == "crc32c"
+        pending = [c for c in worker.manifest.commits(rec.id) if c.state is CommitState.PENDING]
+        assert pending, "the crash left no part pending: nothing to prove"
+        listed = worker.storage.list_parts("arrived/a", rec.upload_id or "")
+        assert listed and all(p.crc32c is None for p in listed)  # moto: no part checksums
         report = worker.recover()
         assert report.verified == ("arrived/a",), report
-        # Part 1 was recorded uploaded (kept); part 2 arrived unrecorded: sent again, with 3 and 4.
-        assert (report.parts_reused, report.parts_sent) == (1, 3), report
-        assert report.bytes_sent == SIZE - PART, report
+        held = {p.number for p in listed}
+        # Every part the upload held is kept (uploaded ones by their acknowledgement, pending
+        # ones by their MD5); only what it did not hold is sent.
+        assert report.parts_reused == len(held), (held, report)
+        assert report.parts_sent == 4 - len(held), (held, report)
         assert _remote_bytes(worker, "arrived/a", SIZE) == data
+
+
+def test_a_crc32c_part_whose_listed_etag_is_no_md5_is_sent_again(
+    manifest_url: str, moto_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Under SSE-KMS a part's ETag is no MD5 of its bytes (the proxy makes them opaque): nothing
+    proves the listed pending parts, so they are sent again, never adopted unproven."""
+    migrate(manifest_url)
+    path = tmp_path / "seg"
+    data = _data(path, SIZE, 7)
+    with limited_s3(moto_endpoint, etags="opaque") as proxy:
+        remote = (f"s3://{s3_bucket}/root", s3_options(proxy.url))
+        _die_after_the_first_part(manifest_url, remote, path, "kms/a")
+        with _open(manifest_url, remote) as worker:
+            worker.manifest.clock = lambda: utcnow() + timedelta(minutes=10)
+            rec = worker.manifest.segment("kms/a")
+            assert rec is not None and rec.checksum == "crc32c"
+            commits = worker.manifest.commits(rec.id)
+            uploaded = sum(c.state is CommitState.UPLOADED for c in commits)
+            assert uploaded < 4, "the crash left no part pending: nothing to prove"
+            report = worker.recover()
+            assert report.verified == ("kms/a",), report
+            # The uploaded parts are kept by the ETag they were acknowledged with; every pending
+            # one is sent again, though the upload held some of them.
+            assert (report.parts_reused, report.parts_sent) == (uploaded, 4 - uploaded), report
+            assert _remote_bytes(worker, "kms/a", SIZE) == data
 
 
 def test_a_lost_completion_is_adopted_by_its_crc32c_without_reading_it_back(
