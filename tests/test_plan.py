@@ -404,6 +404,7 @@ def test_crc32c_mode_reuses_a_pending_part_listed_without_a_checksum_only_md5_pr
     bare = {1: PartRef(1, "e" * 32, 10), 2: PartRef(2, "d" * 32, 10)}
     proven = next_step(Position(s, cs, True, bare, md5_proven={2: "d" * 32}))
     assert proven.act is Act.ADOPT_PARTS and [c.part_number for c in proven.commits] == [2]
+    assert "MD5 of the local bytes" in proven.reason  # the audit trail names the proof
     # Proven for another ETag than the one listed now, for another part, or nothing proven.
     for md5s in ({2: "c" * 32}, {3: "d" * 32}, {}, None):
         step = next_step(Position(s, cs, True, bare, md5_proven=md5s))

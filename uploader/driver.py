@@ -254,6 +254,7 @@ class Driver(RemoteSteps):
                 # Our local bytes can prove what is listed without a checksum.
                 here = seg.node == self.node
                 learned.md5_proven = md5_proven(seg, commits, learned.parts) if here else {}
+                learned.checked.update(learned.md5_proven)  # read, their CRC32C the recorded one
             learned.parts_known = True
         elif act is Act.HEAD:
             try:

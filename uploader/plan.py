@@ -207,7 +207,11 @@ def _parts(p: Position, pending: tuple[CommitRecord, ...]) -> Step:
     if p.parts_known and p.parts is not None:
         held = tuple(c for c in pending if _held(p.parts, c, p.md5_proven))
         if held:
-            return Step(Act.ADOPT_PARTS, held, reason=f"held by the remote with the {_proof(seg)}")
+            md5 = any(c.part_number in (p.md5_proven or {}) for c in held)
+            also = "; listed without one: the MD5 of the local bytes" if md5 else ""
+            return Step(
+                Act.ADOPT_PARTS, held, reason=f"held by the remote with the {_proof(seg)}{also}"
+            )
         lost = tuple(
             c for c in p.commits if c.state is CommitState.UPLOADED and not _held(p.parts, c)
         )

@@ -278,9 +278,11 @@ def test_a_crc32c_part_that_arrived_unrecorded_is_proven_by_the_md5_of_the_local
         assert pending, "the crash left no part pending: nothing to prove"
         listed = worker.storage.list_parts("arrived/a", rec.upload_id or "")
         assert listed and all(p.crc32c is None for p in listed)  # moto: no part checksums
+        held = {p.number for p in listed}
+        # A part the upload holds is pending in the manifest: what this test is about.
+        assert held & {c.part_number for c in pending}, (held, pending)
         report = worker.recover()
         assert report.verified == ("arrived/a",), report
-        held = {p.number for p in listed}
         # Every part the upload held is kept (uploaded ones by their acknowledgement, pending
         # ones by their MD5); only what it did not hold is sent.
         assert report.parts_reused == len(held), (held, report)

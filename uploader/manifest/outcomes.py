@@ -256,9 +256,21 @@ class Outcomes(ManifestCore):
         if not acks:
             return
         with self._write() as tx:
+            # The row is ours and locked (PostgreSQL; SQLite's write transaction is exclusive)
+            # before the parts are read, without writing it yet: a first write of the same
+            # acknowledgements still committing is waited for, then seen below.
+            row = tx.conn.execute(
+                select(SEGMENTS.c.upload_id).where(tx.guard_clause(lease)).with_for_update()
+            ).first()
+            if row is None:
+                raise tx.lease_error(lease) or LeaseLostError(lease.key, lease.fence, None)
+            if upload_id is not None and row.upload_id != upload_id:
+                raise StaleStateError(
+                    lease.key, f"upload {upload_id}", f"upload {row.upload_id}", what="segment"
+                )
             # Written already by a transaction whose answer was lost (the caller tries again):
-            # the same ETag is no news. Any other difference is refused by the move below (a
-            # compare-and-set from pending).
+            # the same ETag is no news, and nothing is written for it, not even the row's
+            # updated_at. Any other difference is refused by the move below.
             done = {
                 r.id: r.etag
                 for r in tx.conn.execute(
@@ -270,19 +282,7 @@ class Outcomes(ManifestCore):
             }
             news = [(c, etag) for c, etag in acks if done.get(c.id, object()) != etag]
             if news:
-                current = tx.guard(lease).upload_id
-            else:
-                # Nothing to write, not even the row's updated_at; what would be refused still is.
-                row = tx.conn.execute(
-                    select(SEGMENTS.c.upload_id).where(tx.guard_clause(lease))
-                ).first()
-                if row is None:
-                    raise tx.lease_error(lease) or LeaseLostError(lease.key, lease.fence, None)
-                current = row.upload_id
-            if upload_id is not None and current != upload_id:
-                raise StaleStateError(
-                    lease.key, f"upload {upload_id}", f"upload {current}", what="segment"
-                )
+                tx.guard(lease)
             for commit, etag in news:
                 tx.move_commit(
                     lease,
