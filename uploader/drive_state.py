@@ -42,7 +42,9 @@ class Learned:
     parts_known: bool = False
     parts: dict[int, PartRef] | None = None
     #: Part number -> listed ETag: crc32c-mode parts listed without a CRC32C whose local bytes
-    #: have that MD5 (:mod:`uploader.listed_proof`); learned with the listing.
+    #: have that MD5 (:mod:`uploader.listed_proof`); learned with the listing. Each entry is a
+    #: fact about an ETag, not about that listing (the plan uses it only where a part is listed
+    #: with that very ETag), so it stays true when the parts are learned again or reset.
     md5_proven: dict[int, str] = field(default_factory=dict)
     object_known: bool = False
     obj: ObjectInfo | None = None
