@@ -198,6 +198,14 @@ def test_watcher_run_rides_out_an_outage_then_finishes(
     assert _backoff_waits(stop)[:4] == EXPECTED
 
 
+def _two_verified(store: uploader.Store, tmp_path: Path, name: str) -> None:
+    """Two small segments ``<name>/0`` and ``<name>/1``, sealed and verified."""
+    for i in range(2):
+        path = tmp_path / f"{name}{i}"
+        path.write_bytes(name.encode() * (100 + i))
+        assert store.segment(f"{name}/{i}", path).seal().result(timeout=60).verified
+
+
 def test_scrub_loop_rides_out_an_outage(
     setup: tuple[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -207,10 +215,7 @@ def test_scrub_loop_rides_out_an_outage(
     stop = RecordingStop()
     reports: list[VerifyReport] = []
     try:
-        for i in range(2):
-            path = tmp_path / f"v{i}"
-            path.write_bytes(b"v" * (100 + i))
-            assert store.segment(f"v/{i}", path).seal().result(timeout=60).verified
+        _two_verified(store, tmp_path, "v")
         # PostgreSQL: the scrub's first statement reads the segments (the events are not read).
         with _outage(url, "segments"):
             t, errors = _run(
@@ -243,10 +248,7 @@ def test_scrub_loop_rides_out_a_remote_error(setup: tuple[str, str], tmp_path: P
     stop = RecordingStop()
     reports: list[VerifyReport] = []
     try:
-        for i in range(2):
-            path = tmp_path / f"r{i}"
-            path.write_bytes(b"r" * (100 + i))
-            assert store.segment(f"r/{i}", path).seal().result(timeout=60).verified
+        _two_verified(store, tmp_path, "r")
         faulty.add(Fault(op="head", times=1))  # the first check's HEAD fails
         t, errors = _run(
             lambda: scrub_loop(
