@@ -1,7 +1,7 @@
 """The guarded-transaction unit every write of the manifest goes through (:class:`Tx`): the
 fence guard, one compare-and-set with a typed error naming the key, the expected and the actual
 state, set-based moves of a segment's parts, and the audit rows (:class:`Audit`) collected and
-written in one multi-row ``INSERT``; writes return the row as written (``RETURNING``).
+written in one ``INSERT``; writes return the row as written (``RETURNING``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from sqlalchemy import (
     Row,
     Table,
     and_,
-    insert,
     select,
     update,
 )
@@ -24,6 +23,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from uploader.errors import InvalidStateError, LeaseLostError, StaleStateError
+from uploader.manifest.bulk import insert_many
 from uploader.manifest.rowmap import COMMITS, EVENTS, SEGMENTS, segment_record
 from uploader.records import CommitRecord, Lease, SegmentRecord
 from uploader.states import CommitState, SegmentState
@@ -304,14 +304,15 @@ class Tx:
             )
 
     def write_audit(self, at: datetime) -> None:
-        """The collected audit rows, one multi-row ``INSERT`` for all of them."""
+        """The collected audit rows, in one ``INSERT`` (:func:`~uploader.manifest.bulk.insert_many`)."""
         if not self.audit:
             return
-        self.conn.execute(
-            insert(EVENTS),
+        insert_many(
+            self.conn,
+            EVENTS,
+            {"at": at},  # converted once, not per row
             [
                 {
-                    "at": at,
                     "segment_id": a.segment_id,
                     "commit_id": a.commit_id,
                     "from_state": a.from_state,

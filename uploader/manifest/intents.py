@@ -171,10 +171,12 @@ class Intents(Queries):
         if not new:
             return end, before, []
         rows = tx.conn.execute(
-            insert(COMMITS).returning(*COMMITS.c, sort_by_parameter_order=True),
+            # Put in part order afterwards (part numbers are unique within a segment): on
+            # SQLite, RETURNING in parameter order makes SQLAlchemy send one INSERT per row.
+            insert(COMMITS).returning(*COMMITS.c),
             [new_commit_values(lease.segment_id, c, CommitState.PENDING, tx.now) for c in new],
         ).all()
-        records = [commit_record(r) for r in rows]
+        records = sorted((commit_record(r) for r in rows), key=lambda c: c.part_number)
         tx.audit.extend(
             Audit.by(
                 lease,

@@ -1,0 +1,148 @@
+"""``insert_many``: many rows in one INSERT, the same on SQLite (executemany) and PostgreSQL
+(arrays unpacked by ``unnest``): every value as given, whatever its characters; the rows in the
+order given (their ids, and so the audit trail, follow it); shared values, Python or SQL, on
+every row; a taken key skipped, the others inserted and returned."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+from sqlalchemy import func, literal, select
+
+from uploader.manifest.bulk import insert_many
+from uploader.manifest.repo import Manifest
+from uploader.manifest.rowmap import EVENTS, SEGMENTS
+
+#: Text an array literal or a query parser could mangle: quotes, braces, commas, backslashes,
+#: NULL spelled out, whitespace at the ends, non-ASCII, percent signs and placeholders.
+AWKWARD = [
+    'a "quoted" word',
+    "{braces},{and,commas}",
+    "back\\slash \\\\ and \\N",
+    "NULL",
+    "  spaces at both ends  ",
+    "line\nbreak\ttab",
+    "ünïcödé ✓ 段",
+    "100% %(name)s %s $1 ?",
+    "",
+    "'single'",
+]
+
+
+def _segment(m: Manifest, key: str) -> int:
+    with m._write() as tx:
+        row = insert_many(
+            tx.conn,
+            SEGMENTS,
+            {"node": "n", "state": "open", "part_size": 1, "fence": 0, "attempts": 0},
+            [
+                {
+                    "key": key,
+                    "path": "/p",
+                    "created_at": datetime(2026, 1, 1),
+                    "updated_at": datetime(2026, 1, 1),
+                }
+            ],
+            returning=[SEGMENTS.c.id],
+        ).one()
+    return int(row.id)
+
+
+def test_values_and_order_as_given(manifest: Manifest) -> None:
+    sid = _segment(manifest, "bulk/one")
+    at = datetime(2026, 11, 28, 12, 0, 0, 123456)
+    details: list[str | None] = [*AWKWARD, None, *reversed(AWKWARD)]
+    with manifest._write() as tx:
+        ids = [
+            r.id
+            for r in insert_many(
+                tx.conn,
+                EVENTS,
+                {"at": at},
+                [
+                    {
+                        "segment_id": sid,
+                        "commit_id": None,
+                        "from_state": None if i % 3 == 0 else "open",
+                        "to_state": f"s{i}",
+                        "worker": AWKWARD[i % len(AWKWARD)],
+                        "fence": i,
+                        "detail": d,
+                    }
+                    for i, d in enumerate(details)
+                ],
+                returning=[EVENTS.c.id],
+            )
+        ]
+    assert len(ids) == len(details)
+    events = manifest.events(sid)
+    assert [e.id for e in events] == sorted(ids)
+    # In the order given: the ids follow it.
+    assert [e.to_state for e in events] == [f"s{i}" for i in range(len(details))]
+    assert [e.detail for e in events] == details
+    assert [e.worker for e in events] == [AWKWARD[i % len(AWKWARD)] for i in range(len(details))]
+    assert [e.from_state for e in events] == [
+        None if i % 3 == 0 else "open" for i in range(len(details))
+    ]
+    assert [e.fence for e in events] == list(range(len(details)))
+    assert {e.at for e in events} == {at}
+
+
+def test_a_shared_sql_expression_is_on_every_row(manifest: Manifest) -> None:
+    with manifest._write() as tx:
+        rows = insert_many(
+            tx.conn,
+            SEGMENTS,
+            {
+                "node": "n",
+                "state": "open",
+                "part_size": literal(7) * 3,  # evaluated by the database
+                "fence": 0,
+                "attempts": 0,
+                "created_at": datetime(2026, 1, 1),
+                "updated_at": datetime(2026, 1, 2),
+            },
+            [{"key": f"bulk/expr/{i}", "path": f"/p/{i}"} for i in range(5)],
+            returning=[SEGMENTS.c.key, SEGMENTS.c.part_size, SEGMENTS.c.updated_at],
+        ).all()
+    assert sorted((r.key, r.part_size, r.updated_at) for r in rows) == [
+        (f"bulk/expr/{i}", 21, datetime(2026, 1, 2)) for i in range(5)
+    ]
+
+
+def test_taken_keys_are_skipped_the_others_inserted(manifest: Manifest) -> None:
+    _segment(manifest, "bulk/taken")
+    shared = {
+        "node": "n",
+        "state": "open",
+        "part_size": 1,
+        "fence": 0,
+        "attempts": 0,
+        "created_at": datetime(2026, 1, 1),
+        "updated_at": datetime(2026, 1, 1),
+    }
+    keys = ["bulk/new/1", "bulk/taken", "bulk/new/2"]
+    with manifest._write() as tx:
+        returned = insert_many(
+            tx.conn,
+            SEGMENTS,
+            shared,
+            [{"key": k, "path": f"/p/{i}"} for i, k in enumerate(keys)],
+            returning=[SEGMENTS.c.key, SEGMENTS.c.path],
+            skip_conflicts_on="key",
+        ).all()
+    assert sorted((r.key, r.path) for r in returned) == [
+        ("bulk/new/1", "/p/0"),
+        ("bulk/new/2", "/p/2"),
+    ]
+    with manifest.engine.connect() as conn:
+        taken = conn.execute(select(SEGMENTS.c.path).where(SEGMENTS.c.key == "bulk/taken")).one()
+        count = conn.execute(select(func.count()).select_from(SEGMENTS)).scalar()
+    assert taken.path == "/p"  # left alone
+    assert count == 3
+
+
+def test_no_rows_is_a_caller_error(manifest: Manifest) -> None:
+    with pytest.raises(ValueError, match="no rows"), manifest._write() as tx:
+        insert_many(tx.conn, EVENTS, {"at": datetime(2026, 1, 1)}, [])
