@@ -13,8 +13,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from bench.common import MiB, Result, drop_buckets, moto_server, rgw_server, save
+from bench import common
+from bench.common import MiB, Result, drop_buckets, drop_pg_databases, moto_server, rgw_server, save
 
 NAMES = (
     "seal",
@@ -50,7 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         default="both",
         help="S3 server(s) for the comparisons that talk to S3 (default: both)",
     )
+    parser.add_argument(
+        "--manifest",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="our stores' manifest in the seal, small, appends and readback comparisons: an "
+        "SQLite file (default) or a new database on the local PostgreSQL server",
+    )
     args = parser.parse_args(argv)
+    common.MANIFEST = args.manifest
     names = args.names or list(NAMES)
     quick = args.quick
     # Imported after the environment is set: moto reads it at import.
@@ -91,11 +101,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             r = bench_kill(kills=20 if quick else args.kills)
         if name in REMOTE:
-            r.name = f"{r.name} [{server}]"
+            manifest = ", PostgreSQL manifest" if common.MANIFEST == "postgresql" else ""
+            r.name = f"{r.name} [{server}{manifest}]"
         r.show()
         sys.stdout.flush()
         results.append(r)
 
+    try:
+        _run_all(args, names, run)
+    finally:
+        drop_pg_databases()
+    save(results, args.out)
+    print(f"\nresults written to {args.out}")
+    return 0
+
+
+def _run_all(args: argparse.Namespace, names: list[str], run: Any) -> None:
     servers = ["moto", "rgw"] if args.server == "both" else [args.server]
     remote = [n for n in names if n in REMOTE]
     local = [n for n in names if n not in REMOTE]
@@ -116,9 +137,6 @@ def main(argv: list[str] | None = None) -> int:
         with moto_server() as endpoint:
             for name in local:
                 run(name, endpoint, "moto")
-    save(results, args.out)
-    print(f"\nresults written to {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

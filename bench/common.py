@@ -340,6 +340,45 @@ def write_file(path: Path, size: int, seed: int = 0) -> None:
             left -= n
 
 
+#: The manifest of the stores the throughput benchmarks open (``--manifest``): "sqlite", a file
+#: in the run's directory, or "postgresql", a new database on the local server for each store.
+MANIFEST = "sqlite"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+_PG_DATABASES: list[str] = []
+
+
+def manifest_url(tmp: Path, name: str) -> str:
+    """A new, empty manifest at its schema's head, of the kind ``MANIFEST`` names."""
+    if MANIFEST == "sqlite":
+        return f"sqlite:///{tmp / f'manifest-{name}.db'}"
+    import psycopg
+
+    from uploader.manifest import db
+
+    database = f"uploader_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{database}"')
+    _PG_DATABASES.append(database)
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
+    engine = db.create_manifest_engine(url)
+    try:
+        db.upgrade(engine)
+    finally:
+        engine.dispose()
+    return url
+
+
+def drop_pg_databases() -> None:
+    """Drop the databases :func:`manifest_url` made (at the end of the run)."""
+    if not _PG_DATABASES:
+        return
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        while _PG_DATABASES:
+            conn.execute(f'DROP DATABASE IF EXISTS "{_PG_DATABASES.pop()}" WITH (FORCE)')
+
+
 @contextmanager
 def workdir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="uploader-bench-") as d:

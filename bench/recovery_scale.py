@@ -14,10 +14,8 @@ import uuid
 
 from sqlalchemy import text
 
-from bench.common import Result, workdir
+from bench.common import PG_ADMIN, Result, workdir
 from uploader.config import DEFAULT_CONCURRENCY
-
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 COLUMNS = (
     "key, path, node, state, part_size, size, crc32c, expected_etag, upload_mode, fence, "

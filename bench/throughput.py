@@ -37,6 +37,7 @@ from bench.common import (
     alternate,
     boto3_client,
     empty_bucket,
+    manifest_url,
     new_bucket,
     s3_options,
     timed_both,
@@ -46,11 +47,12 @@ from bench.common import (
 
 
 def _store(tmp: Path, endpoint: str, bucket: str, part: int, concurrency: int):  # type: ignore[no-untyped-def]
-    """Our store, opened and warmed by one request (like the other clients before their clock)."""
+    """Our store (its manifest as ``--manifest`` says), opened and warmed by one request (like
+    the other clients before their clock)."""
     import uploader
 
     store = uploader.open(
-        f"sqlite:///{tmp / f'manifest-{bucket}.db'}",
+        manifest_url(tmp, bucket),
         f"s3://{bucket}/ours",
         storage_options=s3_options(endpoint),
         part_size=part,
