@@ -9,6 +9,7 @@ from datetime import datetime
 
 import pytest
 from sqlalchemy import func, literal, select
+from sqlalchemy.exc import DataError
 
 from uploader.manifest.bulk import insert_many
 from uploader.manifest.repo import Manifest
@@ -146,3 +147,33 @@ def test_taken_keys_are_skipped_the_others_inserted(manifest: Manifest) -> None:
 def test_no_rows_is_a_caller_error(manifest: Manifest) -> None:
     with pytest.raises(ValueError, match="no rows"), manifest._write() as tx:
         insert_many(tx.conn, EVENTS, {"at": datetime(2026, 1, 1)}, [])
+
+
+def test_a_value_too_long_for_its_column_is_refused_not_cut(manifest: Manifest) -> None:
+    if not manifest.is_postgres:
+        pytest.skip("SQLite keeps strings whole whatever the declared length")
+    sid = _segment(manifest, "bulk/long")
+    worker = "w" * 300  # events.worker is VARCHAR(255)
+    row = {
+        "segment_id": sid,
+        "commit_id": None,
+        "from_state": None,
+        "to_state": "open",
+        "worker": worker,
+        "fence": 0,
+        "detail": None,
+    }
+    with pytest.raises(DataError, match="too long"), manifest._write() as tx:
+        insert_many(tx.conn, EVENTS, {"at": datetime(2026, 1, 1)}, [row])
+    assert manifest.events(sid) == []  # nothing written, not a shortened copy
+
+
+def test_a_shared_value_that_reads_a_table_is_refused(manifest: Manifest) -> None:
+    _segment(manifest, "bulk/there")
+    with pytest.raises(ValueError, match="'part_size' reads a table"), manifest._write() as tx:
+        insert_many(
+            tx.conn,
+            SEGMENTS,
+            {"node": "n", "state": "open", "part_size": SEGMENTS.c.part_size + 1},
+            [{"key": "bulk/x", "path": "/p", "fence": 0, "attempts": 0}],
+        )

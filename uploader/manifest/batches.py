@@ -62,26 +62,33 @@ class Batches(Outcomes):
         None for a key already registered (``ON CONFLICT DO NOTHING``: that row is left alone,
         its caller takes the one-at-a-time path, which says whether it is busy, sealed or
         another file's)."""
+        seen: set[str] = set()
         for it in items:
             validate_key(it.key)
             if not 0 <= it.size <= part_size:
                 raise UsageError(
                     f"segment {it.key!r}: {it.size} bytes do not fit one part of {part_size}"
                 )
+            if it.key in seen:
+                raise UsageError(f"segment key {it.key!r} is given twice (nothing was recorded)")
+            seen.add(it.key)
         if not items:
             return []
         mode = UploadMode.PUT
         with self._write() as tx:
             # One statement for the batch (see uploader.manifest.bulk): the values every row
             # shares (the lease clock, which may be an SQL expression, the holder, the times)
-            # are the statement's. A key registered before, or twice in the batch, inserts
-            # nothing (rows are matched by key).
+            # are the statement's. A key registered before inserts nothing (rows are matched
+            # by key). The rows go in key order: two batches that share keys (two processes
+            # shipping the same files) then wait for each other's keys in the same order, where
+            # in opposite orders each could hold a key the other waits for (a deadlock on
+            # PostgreSQL, the whole batch failed).
             shared = self._born_sealed_shared(node, part_size, worker, lease_ttl, tx.now)
             rows = insert_many(
                 tx.conn,
                 SEGMENTS,
                 shared,
-                [self._born_sealed(it) for it in items],
+                [self._born_sealed(it) for it in sorted(items, key=lambda it: it.key)],
                 returning=list(SEGMENTS.c),
                 skip_conflicts_on="key",
             ).all()
@@ -101,11 +108,15 @@ class Batches(Outcomes):
                     )
                     for it, seg in new
                 ]
-                own = ("segment_id", "end_offset", "md5", "crc32c")  # the rest is the same
+                own = ("segment_id", "end_offset", "md5", "crc32c")
+                same = {k: v for k, v in values[0].items() if k not in own}
+                if any(v[k] != same[k] for v in values for k in same):
+                    # new_commit_values has grown a column of its own: add it to `own`.
+                    raise AssertionError(f"parts of a batch differ beyond {own}")
                 inserted = insert_many(
                     tx.conn,
                     COMMITS,
-                    {k: v for k, v in values[0].items() if k not in own},
+                    same,
                     [{k: v[k] for k in own} for v in values],
                     returning=list(COMMITS.c),
                 )

@@ -7,8 +7,13 @@ SQLAlchemy has otherwise both cost the client several times the CPU per row ther
 ``VALUES`` statement (what it sends for an executemany with ``RETURNING``) has thousands of
 placeholders, which psycopg parses again on every execution (it caches no statement of more than
 50 parameters), and an executemany without ``RETURNING`` goes through psycopg's pipeline one row
-at a time. Elsewhere (SQLite, whose executemany runs in C) the rows are executemany parameters
-of one cached statement.
+at a time. Elsewhere (SQLite) the rows are executemany parameters of one cached statement
+(sqlite3's executemany runs in C; with ``RETURNING``, SQLAlchemy sends them as multi-row
+``VALUES``, which SQLite parses cheaply).
+
+The arrays are typed by their columns' types without a length (``VARCHAR[]``, not
+``VARCHAR(255)[]``): PostgreSQL's explicit cast to ``varchar(n)`` cuts a longer string short
+without a word, where the insert must refuse it, as a plain ``INSERT`` does.
 
 Either way the values every row shares (a transaction's time, the lease clock, which may be an
 SQL expression) are the statement's, and the rows are inserted in the order given
@@ -20,11 +25,22 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, CursorResult, Table, bindparam, func, insert, literal, select
+from sqlalchemy import (
+    Connection,
+    CursorResult,
+    String,
+    Table,
+    bindparam,
+    func,
+    insert,
+    literal,
+    select,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import TypeEngine
 
 
 def insert_many(
@@ -39,9 +55,14 @@ def insert_many(
     """Insert ``rows`` (each the same columns) into ``table``, every one with ``shared``'s values
     too (Python values or SQL expressions); ``returning`` the given columns of the rows
     inserted. ``skip_conflicts_on``: a row whose value in that (unique) column is taken already
-    inserts nothing (``ON CONFLICT DO NOTHING``) and returns nothing."""
+    inserts nothing (``ON CONFLICT DO NOTHING``) and returns nothing. A shared SQL expression may
+    not read a table (``ValueError``)."""
     if not rows:
         raise ValueError("insert_many: no rows")
+    for column, value in shared.items():
+        if isinstance(value, ColumnElement) and select(value).get_final_froms():
+            # On PostgreSQL it would join the table it reads: one row inserted per row there.
+            raise ValueError(f"insert_many: the shared value of {column!r} reads a table")
     columns = list(rows[0])
     statement: Any  # an Insert, with ON CONFLICT and RETURNING as asked
     if conn.dialect.name != "postgresql":
@@ -58,7 +79,7 @@ def insert_many(
         result: CursorResult[Any] = conn.execute(statement, list(rows))
         return result
     arrays = (
-        func.unnest(*(bindparam(f"u_{c}", type_=ARRAY(table.c[c].type)) for c in columns))
+        func.unnest(*(bindparam(f"u_{c}", type_=ARRAY(_unbounded(table, c))) for c in columns))
         .table_valued(*columns, with_ordinality="ord")
         .render_derived()
     )
@@ -74,9 +95,17 @@ def insert_many(
     return result
 
 
+def _unbounded(table: Table, column: str) -> TypeEngine[Any]:
+    """The column's type for an array of its values: a string type without its length."""
+    kind = table.c[column].type
+    if isinstance(kind, String) and kind.length is not None:
+        return String()
+    return kind
+
+
 def _value(value: Any, table: Table, column: str) -> Any:
     """A shared value as a column of the ``SELECT``: an SQL expression as it is, a Python value
     bound with its column's type (so the statement, whatever the values, is compiled once)."""
-    if isinstance(value, ClauseElement):
+    if isinstance(value, ColumnElement):
         return value
     return literal(value, table.c[column].type)
