@@ -150,12 +150,29 @@ class Tx:
     def guard(self, lease: Lease, **values: Any) -> Row[Any]:
         """Check (and lock, on PostgreSQL) the segment row for ``lease``, writing ``values``;
         returns the row as written. Not ours: :class:`LeaseLostError`."""
-        row = self.conn.execute(
-            update(SEGMENTS)
-            .where(self.guard_clause(lease))
-            .values(updated_at=self.now, **values)
-            .returning(*SEGMENTS.c)
-        ).first()
+        return self._ours(
+            lease,
+            self.conn.execute(
+                update(SEGMENTS)
+                .where(self.guard_clause(lease))
+                .values(updated_at=self.now, **values)
+                .returning(*SEGMENTS.c)
+            ).first(),
+        )
+
+    def lock(self, lease: Lease) -> Row[Any]:
+        """:meth:`guard` without the write: the segment row for ``lease``, checked and locked
+        (``FOR UPDATE`` on PostgreSQL; SQLite's write transaction is exclusive already), for a
+        transaction that may find it has nothing to write. Not ours: :class:`LeaseLostError`."""
+        return self._ours(
+            lease,
+            self.conn.execute(
+                select(*SEGMENTS.c).where(self.guard_clause(lease)).with_for_update()
+            ).first(),
+        )
+
+    def _ours(self, lease: Lease, row: Row[Any] | None) -> Row[Any]:
+        """The guarded row, or why the guard found none."""
         if row is None:
             raise self.lease_error(lease) or LeaseLostError(lease.key, lease.fence, None)
         return row

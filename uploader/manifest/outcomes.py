@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from uploader.errors import LeaseLostError, StaleStateError
+from uploader.errors import StaleStateError
 from uploader.manifest.core import ManifestCore
 from uploader.manifest.guard import Audit, Tx, check_acknowledged, clip
 from uploader.manifest.rowmap import COMMITS, EVENTS, SEGMENTS
@@ -256,14 +256,10 @@ class Outcomes(ManifestCore):
         if not acks:
             return
         with self._write() as tx:
-            # The row is ours and locked (PostgreSQL; SQLite's write transaction is exclusive)
-            # before the parts are read, without writing it yet: a first write of the same
-            # acknowledgements still committing is waited for, then seen below.
-            row = tx.conn.execute(
-                select(SEGMENTS.c.upload_id).where(tx.guard_clause(lease)).with_for_update()
-            ).first()
-            if row is None:
-                raise tx.lease_error(lease) or LeaseLostError(lease.key, lease.fence, None)
+            # The row is ours and locked before the parts are read, without writing it yet: a
+            # first write of the same acknowledgements still committing is waited for, then
+            # seen below.
+            row = tx.lock(lease)
             if upload_id is not None and row.upload_id != upload_id:
                 raise StaleStateError(
                     lease.key, f"upload {upload_id}", f"upload {row.upload_id}", what="segment"
