@@ -347,36 +347,49 @@ PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 _PG_DATABASES: list[str] = []
 
 
-def manifest_url(tmp: Path, name: str) -> str:
-    """A new, empty manifest at its schema's head, of the kind ``MANIFEST`` names."""
-    if MANIFEST == "sqlite":
-        return f"sqlite:///{tmp / f'manifest-{name}.db'}"
+def new_pg_database() -> str:
+    """The URL of a new, empty database on the local PostgreSQL server (psycopg's
+    ``OperationalError`` if the server is not there); drop it with :func:`drop_pg_database`."""
     import psycopg
 
+    name = f"uploader_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+
+def drop_pg_database(url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+
+
+def upgrade_schema(url: str) -> None:
+    """The manifest at ``url`` migrated to its schema's head (as an operator would)."""
     from uploader.manifest import db
 
-    database = f"uploader_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
-    _PG_DATABASES.append(database)
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
     engine = db.create_manifest_engine(url)
     try:
         db.upgrade(engine)
     finally:
         engine.dispose()
+
+
+def manifest_url(tmp: Path, name: str) -> str:
+    """A new, empty manifest at its schema's head, of the kind ``MANIFEST`` names."""
+    if MANIFEST == "sqlite":
+        return f"sqlite:///{tmp / f'manifest-{name}.db'}"
+    url = new_pg_database()
+    _PG_DATABASES.append(url)
+    upgrade_schema(url)
     return url
 
 
 def drop_pg_databases() -> None:
     """Drop the databases :func:`manifest_url` made (at the end of the run)."""
-    if not _PG_DATABASES:
-        return
-    import psycopg
-
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        while _PG_DATABASES:
-            conn.execute(f'DROP DATABASE IF EXISTS "{_PG_DATABASES.pop()}" WITH (FORCE)')
+    while _PG_DATABASES:
+        drop_pg_database(_PG_DATABASES.pop())
 
 
 @contextmanager

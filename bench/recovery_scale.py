@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import resource
 import time
-import uuid
 
 from sqlalchemy import text
 
-from bench.common import PG_ADMIN, Result, workdir
+from bench.common import Result, drop_pg_database, new_pg_database, upgrade_schema, workdir
 from uploader.config import DEFAULT_CONCURRENCY
 
 COLUMNS = (
@@ -82,12 +81,9 @@ def _claim_all(manifest, batch: int) -> tuple[float, int]:  # type: ignore[no-un
 
 
 def _one(url: str, label: str, verified: int, unfinished: int, res: Result) -> None:
-    from uploader.manifest import db
     from uploader.manifest.repo import Manifest
 
-    engine = db.create_manifest_engine(url)
-    db.upgrade(engine)
-    engine.dispose()
+    upgrade_schema(url)
     m = Manifest.open(url)
     try:
         t0 = time.perf_counter()
@@ -119,22 +115,13 @@ def bench_recovery_scale(*, verified: int = 1_000_000, unfinished: int = 100) ->
         _one(f"sqlite:///{tmp / 'scale.db'}", "SQLite", verified, unfinished, res)
     import psycopg
 
-    name = f"uploader_bench_{uuid.uuid4().hex[:8]}"
     try:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+        url = new_pg_database()
     except psycopg.OperationalError as exc:
         res.notes.append(f"PostgreSQL skipped: {exc}")
         return res
     try:
-        _one(
-            f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
-            "PostgreSQL",
-            verified,
-            unfinished,
-            res,
-        )
+        _one(url, "PostgreSQL", verified, unfinished, res)
     finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_pg_database(url)
     return res
