@@ -12,28 +12,12 @@ import time
 from typing import Any
 
 import pytest
-from sqlalchemy import text
 
+from tests.manifest.conftest import waiting_on_a_lock
 from uploader.digest import checksum
 from uploader.manifest.repo import Manifest
 from uploader.records import NewCommit
 from uploader.states import CommitState
-
-
-def _waiting_on_a_lock(manifest: Manifest, deadline: float) -> bool:
-    """Whether another session of this database is blocked on a row lock (polled until then)."""
-    with manifest.engine.connect() as conn:
-        while time.monotonic() < deadline:
-            n = conn.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
-                )
-            ).scalar_one()
-            conn.rollback()  # a fresh snapshot of the activity view next time
-            if n:
-                return True
-    return False
 
 
 def test_a_retry_during_the_first_writes_commit_writes_nothing_and_succeeds(
@@ -63,7 +47,7 @@ def test_a_retry_during_the_first_writes_commit_writes_nothing_and_succeeds(
     t = threading.Thread(target=retry)
     t.start()
     try:
-        assert _waiting_on_a_lock(manifest, time.monotonic() + 30), "the retry never waited"
+        assert waiting_on_a_lock(manifest, time.monotonic() + 30), "the retry never waited"
     finally:
         first.__exit__(None, None, None)  # the first write commits
         t.join(30)

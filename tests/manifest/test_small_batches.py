@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from tests.manifest.test_ack_retry_race import _waiting_on_a_lock
+from tests.manifest.conftest import waiting_on_a_lock
 from uploader.errors import UsageError
 from uploader.manifest.bulk import insert_many
 from uploader.manifest.repo import Manifest
@@ -55,7 +55,7 @@ def test_batches_sharing_keys_in_opposite_orders_wait_not_deadlock(manifest: Man
         rows_a = _in(tx, manifest, _items("k/a"))
         t = threading.Thread(target=batch_b)
         t.start()
-        assert _waiting_on_a_lock(manifest, time.monotonic() + 30), "batch B never waited"
+        assert waiting_on_a_lock(manifest, time.monotonic() + 30), "batch B never waited"
         # Batch A goes on to "k/b": B holds nothing, so A does not wait (no deadlock).
         rows_a += _in(tx, manifest, _items("k/b"))
     finally:
