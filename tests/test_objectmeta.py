@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from uploader import objectmeta
 from uploader.digest import checksum, combine_crcs, crc32c_b64, multipart_etag
 from uploader.objectmeta import ObjectRecord, PartInfo, Unproven, Unusable
+from uploader.records import CommitRecord, SegmentRecord
+from uploader.states import CommitState, SegmentState
 from uploader.storage.base import ObjectInfo
 
 PART = 1000
@@ -104,3 +109,154 @@ def test_what_contradicts_the_record_refuses_it_and_is_never_left_to_the_bytes(
     with pytest.raises(Unusable) as caught:
         objectmeta.check(rec, ObjectInfo("k", len(DATA), "whatever"), digest)
     assert not isinstance(caught.value, Unproven)
+
+
+# -- the object metadata's formats -------------------------------------------------------------
+
+_T0 = datetime(2026, 11, 28, tzinfo=UTC)
+
+
+def _sealed(
+    data: bytes,
+    *,
+    part_size: int = PART,
+    node: str = "n",
+    path: str = "/p",
+    crc32c_mode: bool = False,
+) -> tuple[SegmentRecord, list[CommitRecord]]:
+    """A sealed segment's row and its part rows, as the manifest holds them."""
+    rec = _record(data, crc32c_mode=crc32c_mode) if part_size == PART else None
+    parts = list(rec.parts) if rec is not None else []
+    if rec is None:
+        for i, start in enumerate(range(0, len(data), part_size)):
+            md5, crc = checksum(data[start : start + part_size])
+            end = min(start + part_size, len(data))
+            parts.append(PartInfo(i + 1, start, end, None if crc32c_mode else md5, crc))
+    commits = [
+        CommitRecord(
+            p.number,
+            1,
+            p.number,
+            p.start,
+            p.end,
+            p.md5,
+            p.crc32c,
+            None,
+            CommitState.PENDING,
+            0,
+            None,
+            None,
+        )
+        for p in parts
+    ]
+    etag = None
+    if not crc32c_mode:
+        md5s = [p.md5 or "" for p in parts]
+        etag = md5s[0] if len(parts) == 1 else multipart_etag(md5s)
+    seg = SegmentRecord(
+        id=1,
+        key="k",
+        path=path,
+        node=node,
+        state=SegmentState.SEALED,
+        part_size=part_size,
+        size=len(data),
+        crc32c=combine_crcs([(p.crc32c, p.end - p.start) for p in parts]),
+        expected_etag=etag,
+        upload_mode="put" if len(parts) == 1 else "multipart",
+        upload_id=None,
+        object_etag=None,
+        fence=1,
+        lease_owner="w",
+        lease_expires=None,
+        attempts=0,
+        last_error=None,
+        reason=None,
+        created_at=_T0,
+        updated_at=_T0,
+        sealed_at=_T0,
+        verified_at=None,
+        checksum="crc32c" if crc32c_mode else "md5",
+    )
+    return seg, commits
+
+
+def _format_1(md: dict[str, str]) -> dict[str, str]:
+    """What format 1 wrote for the same segment: one entry per field."""
+    flat = objectmeta.fields(md)
+    flat[objectmeta.P + "format"] = "1"
+    return flat
+
+
+@pytest.mark.parametrize("crc32c_mode", [False, True])
+@pytest.mark.parametrize("size", [17, 3 * PART + 5])
+def test_format_2_holds_every_field_in_two_entries_and_reads_as_format_1(
+    size: int, crc32c_mode: bool
+) -> None:
+    seg, commits = _sealed(DATA[:size], crc32c_mode=crc32c_mode)
+    md = objectmeta.object_metadata(seg, commits)
+    assert sorted(md) == [objectmeta.P + "format", objectmeta.RECORD]
+    assert md[objectmeta.P + "format"] == "2"
+    rec = objectmeta.parse_metadata("k", objectmeta.fields(md))
+    assert rec is not None
+    # Format 1's entries for the same segment give the same record, and so do old objects.
+    assert objectmeta.parse_metadata("k", _format_1(md)) == rec
+    assert (rec.size, rec.crc32c, rec.etag, rec.mode) == (
+        seg.size,
+        seg.crc32c,
+        seg.expected_etag,
+        seg.upload_mode,
+    )
+    assert [(p.start, p.end, p.md5, p.crc32c) for p in rec.parts] == [
+        (c.start, c.end, c.md5, c.crc32c) for c in commits
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(node=st.text(min_size=1, max_size=40), path=st.text(min_size=1, max_size=200))
+def test_any_node_and_path_come_back_as_written(node: str, path: str) -> None:
+    """``&``, ``=``, ``%``, ``+``, ``;`` and any Unicode in a node or path cannot break the record
+    entry apart or change what it says."""
+    seg, commits = _sealed(DATA[:100], node=node, path=path)
+    md = objectmeta.object_metadata(seg, commits)
+    assert md[objectmeta.RECORD].isascii()
+    rec = objectmeta.parse_metadata("k", objectmeta.fields(md))
+    assert rec is not None and (rec.node, rec.path) == (node, path)
+
+
+def test_what_does_not_fit_2_kb_goes_to_the_record_sidecar_and_the_rest_stays() -> None:
+    many = random.Random(4).randbytes(60 * 100)
+    seg, commits = _sealed(many, part_size=100)
+    md = objectmeta.object_metadata(seg, commits)
+    assert sum(len(k) + len(v) for k, v in md.items()) <= objectmeta.METADATA_LIMIT
+    flat = objectmeta.fields(md)
+    assert objectmeta.P + "parts" not in flat and objectmeta.P + "parts-sha256" in flat
+    assert objectmeta.parse_metadata("k", flat) is None  # the sidecar holds the parts
+    seg, commits = _sealed(DATA[:100], path="/" + "d" * 3000)
+    md, record_first = objectmeta.put_metadata(seg, commits[0])
+    assert sum(len(k) + len(v) for k, v in md.items()) <= objectmeta.METADATA_LIMIT
+    assert objectmeta.P + "path" not in objectmeta.fields(md) and record_first
+
+
+@pytest.mark.parametrize(
+    ("record", "says"),
+    [
+        (None, "has no"),
+        ("size", "malformed"),
+        ("size=1&size=2", "twice"),
+        ("format=1", "twice"),
+    ],
+)
+def test_a_record_entry_that_cannot_be_read_vouches_for_nothing(
+    record: str | None, says: str
+) -> None:
+    md = {objectmeta.P + "format": "2"}
+    if record is not None:
+        md[objectmeta.RECORD] = record
+    with pytest.raises(Unusable, match=says):
+        objectmeta.fields(md)
+
+
+def test_a_format_this_code_does_not_read_is_named() -> None:
+    with pytest.raises(Unusable, match="'3', this code reads 1 and 2"):
+        objectmeta.parse_metadata("k", objectmeta.fields({objectmeta.P + "format": "3"}))

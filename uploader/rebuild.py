@@ -98,13 +98,21 @@ def read_record(
     bytes are the record's: as the driver proves such an object before ``verified``."""
     reasons: list[str] = []
     try:
-        inline = objectmeta.parse_metadata(key, md)
-        if inline is not None:
-            return _tied(storage, key, inline, info, md)
+        md = objectmeta.fields(md)  # one entry per field, whichever format wrote it
     except Unusable as exc:
-        if not md:
-            raise Unusable("the object has no uploader metadata") from None
+        # Unreadable, it vouches for nothing: as for an object without metadata, only the
+        # record sidecar its ETag names may, tied to it as always.
         reasons.append(str(exc))
+        md = {}
+    else:
+        try:
+            inline = objectmeta.parse_metadata(key, md)
+            if inline is not None:
+                return _tied(storage, key, inline, info, md)
+        except Unusable as exc:
+            if not md:
+                raise Unusable("the object has no uploader metadata") from None
+            reasons.append(str(exc))
     ours = objectmeta.P + "format" in md  # written by us: its sidecars may be looked for
     crc32c_mode = md.get(objectmeta.P + "checksum") == objectmeta.CRC32C_RECORD
     tag = objectmeta.CRC32C_RECORD if crc32c_mode else normalize_etag(info.etag)

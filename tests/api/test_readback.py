@@ -14,6 +14,7 @@ from sqlalchemy import text
 import uploader
 from tests.api.conftest import PART, StoreFactory, remote_bytes
 from tests.conftest import remote_fs
+from uploader import objectmeta
 from uploader.manifest import db
 
 Remote = tuple[str, dict[str, Any]]
@@ -276,7 +277,7 @@ def test_rebuild_refuses_metadata_that_does_not_match_the_bytes(
     found = store.storage.head_metadata("forged/0")
     assert found is not None
     _info, md = found
-    assert md["uploader-format"] == "1" and "uploader-parts" in md
+    assert md["uploader-format"] == "2" and "uploader-parts" in objectmeta.fields(md)
     store.close()
     url, options = remote
     fs, root = remote_fs(url, options)
@@ -288,3 +289,57 @@ def test_rebuild_refuses_metadata_that_does_not_match_the_bytes(
     # the object (crc32c mode: the forger's PUT declared none).
     assert obj.outcome == "unknown", obj
     assert "ETag" in obj.detail or "reports no CRC32C" in obj.detail, obj
+
+
+@pytest.mark.parametrize("checksum", ["auto", "md5"])
+def test_rebuild_reads_objects_written_with_format_1_metadata(
+    make_store: StoreFactory, remote: Remote, manifest_url: str, tmp_path: Path, checksum: str
+) -> None:
+    """Objects shipped before the metadata's format 2 (one ``uploader-<field>`` entry per field)
+    are rebuilt from their metadata as before."""
+    if not remote[0].startswith("s3://"):
+        pytest.skip("writing format-1 metadata by hand needs S3 user metadata")
+    store = make_store(checksum=checksum)
+    rng = random.Random(12)
+    shipped = {"old/put": rng.randbytes(100), "old/one-part": rng.randbytes(PART)}
+    for key, data in shipped.items():
+        _ship(store, tmp_path, key, data)
+    before = _rows(store)
+    url, options = remote
+    fs, root = remote_fs(url, options)
+    for key, data in shipped.items():
+        found = store.storage.head_metadata(key)
+        assert found is not None
+        md = objectmeta.fields(found[1])
+        assert md.pop(objectmeta.P + "format") == "2"
+        old = {objectmeta.P + "format": "1", **md}  # as format 1 wrote it, the same bytes
+        fs.pipe_file(f"{root.rstrip('/')}/{key}", data, Metadata=old)
+        again = store.storage.head_metadata(key)
+        assert again is not None and again[1] == old
+    store.close()
+    _wipe(manifest_url)
+    store = make_store(checksum=checksum)
+    report = store.rebuild(prefix="old/")
+    assert report.as_dict()["created"] == len(shipped), report.as_dict()
+    assert all("object's metadata" in o.detail for o in report.objects), report.as_dict()
+    assert _rows(store) == before
+
+
+def test_rebuild_names_metadata_it_cannot_read_and_vouches_for_nothing(
+    make_store: StoreFactory, remote: Remote, manifest_url: str, tmp_path: Path
+) -> None:
+    if not remote[0].startswith("s3://"):
+        pytest.skip("writing metadata by hand needs S3 user metadata")
+    store = make_store()
+    data = random.Random(13).randbytes(100)
+    _ship(store, tmp_path, "bad/0", data)
+    store.close()
+    url, options = remote
+    fs, root = remote_fs(url, options)
+    broken = {objectmeta.P + "format": "2", objectmeta.RECORD: "size"}
+    fs.pipe_file(f"{root.rstrip('/')}/bad/0", data, Metadata=broken)
+    _wipe(manifest_url)
+    store = make_store()
+    [obj] = store.rebuild(prefix="bad/").objects
+    assert obj.outcome == "unknown", obj
+    assert "'uploader-record' is malformed" in obj.detail, obj
