@@ -92,6 +92,8 @@ class LimitedS3:
         self.paths: list[str] = []
         #: Each request's User-Agent header, in order.
         self.agents: list[str] = []
+        #: Each request's Expect header ('' if none), in order.
+        self.expects: list[str] = []
         self._lock = threading.Lock()
         self._real_part_etags: dict[str, str] = {}  # opaque part ETag -> upstream's (KMS mode)
         proxy = self
@@ -170,6 +172,7 @@ class LimitedS3:
             self.calls.append(op)
             self.paths.append(split.path)
             self.agents.append(h.headers.get("User-Agent", ""))
+            self.expects.append(h.headers.get("Expect", ""))
         body = _read_body(h)
         status = self.refuse.get(op)
         if status is not None:

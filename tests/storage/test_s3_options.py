@@ -10,7 +10,7 @@ from tests.conftest import s3_options
 from tests.limited_s3 import limited_s3
 from tests.storage.conftest import payload
 from uploader.storage.s3 import S3Storage
-from uploader.storage.s3_requests import user_agent
+from uploader.storage.s3_requests import CONTINUE_THRESHOLD, user_agent
 
 
 def test_defaults_skip_body_hashes_that_content_md5_already_covers() -> None:
@@ -86,3 +86,41 @@ def test_an_app_id_reaches_the_server_in_botocores_string(
     for agent in agents:  # botocore's string names the features each request used
         assert agent.startswith("aiobotocore/") and "app/broker-7" in agent, agent
         assert "segment-uploader" not in agent
+
+
+def test_only_bodies_of_2_mib_and_more_ask_the_server_to_continue(
+    moto_endpoint: str, s3_bucket: str
+) -> None:
+    """``Expect: 100-continue`` (botocore's on every body) costs a small PUT a round trip: our
+    session's clients send it only for bodies of :data:`CONTINUE_THRESHOLD` bytes and more."""
+    big = b"p" * CONTINUE_THRESHOLD
+    with limited_s3(moto_endpoint) as proxy:
+        st = S3Storage(f"s3://{s3_bucket}/root", s3_options(proxy.url))
+        st.put("small", payload(b"s" * (CONTINUE_THRESHOLD - 1)))
+        upload = st.start_upload("large")
+        part = st.upload_part("large", upload, 1, payload(big))
+        st.complete("large", upload, [part])
+        sent = list(zip(proxy.calls, proxy.expects, strict=True))
+        parts = [
+            e
+            for op, path, e in zip(proxy.calls, proxy.paths, proxy.expects, strict=True)
+            if op == "UploadPart" and path.endswith("/large")
+        ]
+        info = st.head("large")
+    assert info is not None and info.size == len(big)
+    puts = [e for op, e in sent if op == "PutObject"]  # the write probe's too
+    assert len(puts) >= 2 and set(puts) == {""}, sent
+    assert parts == ["100-continue"]  # (the Complete probe's small part goes without)
+
+
+def test_a_users_own_session_keeps_botocores_expect_header(
+    moto_endpoint: str, s3_bucket: str
+) -> None:
+    from aiobotocore.session import get_session
+
+    with limited_s3(moto_endpoint) as proxy:
+        options = {**s3_options(proxy.url), "session": get_session()}
+        S3Storage(f"s3://{s3_bucket}/root", options).put("k3", payload(b"z" * 10))
+        sent = list(zip(proxy.calls, proxy.expects, strict=True))
+    puts = [e for op, e in sent if op == "PutObject"]
+    assert len(puts) >= 1 and set(puts) == {"100-continue"}, sent

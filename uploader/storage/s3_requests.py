@@ -75,18 +75,43 @@ UNKNOWN_UPLOAD_CODES = frozenset({"NoSuchUpload", "NoSuchKey"})
 _session_lock = threading.Lock()
 _shared_session: Any = None
 
+#: Bodies smaller than this are sent without ``Expect: 100-continue``, which botocore adds to
+#: every file-like body. The handshake costs a round trip, a server write and a wake-up of the
+#: event loop per request, and saves only the sending of a body the server refuses (a failed
+#: ``If-None-Match``, a lost upload): for a small segment's PUT, 6% of the wall time on Ceph RGW
+#: (measured). The AWS SDKs for Go v2 and Kotlin draw the same line
+#: (``ContinueHeaderThresholdBytes``, 2 MB); bigger bodies (parts) keep the header.
+CONTINUE_THRESHOLD = 2 * 1024 * 1024
+
+
+def _continue_only_for_large_bodies(params: dict[str, Any], **_: Any) -> None:
+    """botocore's ``before-call`` handler: drop the ``Expect`` botocore set on a small body."""
+    headers = params.get("headers")
+    if not headers or headers.get("Expect") != "100-continue":
+        return
+    from botocore.utils import determine_content_length
+
+    size = determine_content_length(params.get("body"))
+    if size is not None and size < CONTINUE_THRESHOLD:
+        del headers["Expect"]
+
 
 def _session() -> Any:
     """One aiobotocore session for the process's S3 storages: a session parses botocore's S3
     model and endpoint data (~0.25 s of CPU, ~10 MiB) once, for every client it makes. Clients
     stay one per storage, each with its own credentials and options; only that data is shared.
-    s3fs makes its clients on fsspec's one event-loop thread, where the session is used."""
+    s3fs makes its clients on fsspec's one event-loop thread, where the session is used. Its
+    clients send small bodies without ``Expect: 100-continue`` (:data:`CONTINUE_THRESHOLD`); a
+    user's own session or profile is left as botocore makes it."""
     global _shared_session
     with _session_lock:
         if _shared_session is None:
             from aiobotocore.session import get_session
 
-            _shared_session = get_session()
+            session = get_session()
+            # After botocore's own handler (registered with the session), in every client made.
+            session.register("before-call.s3", _continue_only_for_large_bodies)
+            _shared_session = session
         return _shared_session
 
 
