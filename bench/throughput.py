@@ -7,7 +7,8 @@
   time (``store.segment(...).seal()`` each). The same run also measures the server's ceiling:
   the same PUTs (and PUT + HEAD) sent 8 at a time with nothing recorded and nothing verified,
   which no client of this server can beat, and boto3 doing the same bare PUTs from 8 threads
-  (the issue's second yardstick: >= 1.0x).
+  (the issue's second yardstick: >= 1.0x), and once more with the headers our PUT carries
+  (If-None-Match, the proof of the bytes, our metadata): what those cost the server.
 
 Each comparison runs ``rounds`` times, the clients' order rotated from round to round; ratios are
 the median of the rounds' ratios, shown with their [min..max].
@@ -22,6 +23,7 @@ manifest created and migrated) is reported on its own line.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import random
 import time
@@ -234,6 +236,28 @@ def bench_small(
 
             list(boto_pool.map(one, files))
 
+        # What our PUT of a small segment carries beyond boto3's bare one, for boto3 to send too:
+        # If-None-Match (never over another's object), the proof of the bytes (Content-MD5, or
+        # the CRC32C where the remote keeps it) and our metadata (objectmeta, format 2).
+        by_crc32c = store.new_segment_checksum() == "crc32c"
+
+        def boto_like_ours(r: int) -> None:
+            """boto3, 8 threads, each PUT with the headers ours carries (nothing recorded): the
+            server's cost of what our PUT must say, apart from our client's."""
+
+            def one(p: Path) -> None:
+                body = p.read_bytes()
+                client.put_object(
+                    Bucket=bucket,
+                    Key=f"like{r}/{p.name}",
+                    Body=body,
+                    IfNoneMatch="*",
+                    Metadata=_metadata_like_ours(p, body, by_crc32c),
+                    **_proof_like_ours(body, by_crc32c),
+                )
+
+            list(boto_pool.map(one, files))
+
         def ours(r: int) -> None:
             # The group commit: intents and outcomes of up to 256 segments per transaction.
             futures = store.ship_many([(f"small{r}/{p.name}", p) for p in files])
@@ -252,6 +276,7 @@ def bench_small(
                     "put": bare(head=False),
                     "put+head": bare(head=True),
                     "boto3 threads": boto_threads,
+                    "boto3 like ours": boto_like_ours,
                     "ours": ours,
                 },
                 rounds,
@@ -272,6 +297,14 @@ def bench_small(
         "client CPU per segment, boto3 bare PUTs (ms)": 1000
         * m.median("boto3 threads", "client")
         / count,
+        "boto3 PUTs with our headers, 8 threads (s)": m.median("boto3 like ours"),
+        "server CPU per segment, boto3 bare PUTs (ms)": 1000
+        * m.median("boto3 threads", "server")
+        / count,
+        "server CPU per segment, boto3 with our headers (ms)": 1000
+        * m.median("boto3 like ours", "server")
+        / count,
+        "server CPU per segment, uploader (ms)": 1000 * m.median("ours", "server") / count,
         "bare PUT + HEAD, 8 at a time (s)": m.median("put+head"),
         "uploader ship_many, concurrency 8 (s)": m.median("ours"),
         "uploader segments/s": count / m.median("ours"),
@@ -281,6 +314,13 @@ def bench_small(
     m.ratio(res, "vs sequential s3fs", "s3fs", "ours")
     m.ratio(res, "vs bare PUTs 8 at a time", "put", "ours")
     m.ratio(res, "vs boto3 bare PUTs, 8 threads", "boto3 threads", "ours")
+    m.ratio(res, "vs boto3 PUTs with our headers, 8 threads", "boto3 like ours", "ours")
+    m.ratio(
+        res,
+        "server's cost of our headers: boto3 bare vs with them",
+        "boto3 like ours",
+        "boto3 threads",
+    )
     m.ratio(res, "server ceiling, bare PUTs vs sequential s3fs", "s3fs", "put")
     m.ratio(res, "server ceiling, bare PUT + HEAD vs sequential s3fs", "s3fs", "put+head")
     res.ratios["one at a time vs sequential s3fs"] = m.median("s3fs") / t_single
@@ -289,6 +329,44 @@ def bench_small(
         "vs boto3 bare PUTs, 8 threads": "target >= 1.0",
     }
     return res
+
+
+def _proof_like_ours(body: bytes, by_crc32c: bool) -> dict[str, str]:
+    """The proof of the bytes our PUT sends: the CRC32C where the remote keeps it, else
+    Content-MD5."""
+    from uploader.digest import checksum, crc32c_b64
+
+    md5, crc = checksum(body)
+    if by_crc32c:
+        return {"ChecksumCRC32C": crc32c_b64(crc)}
+    return {"ContentMD5": base64.b64encode(bytes.fromhex(md5)).decode()}
+
+
+def _metadata_like_ours(p: Path, body: bytes, by_crc32c: bool) -> dict[str, str]:
+    """Metadata of the size and shape ours writes for a one-part segment (objectmeta format 2)."""
+    import hashlib
+    from urllib.parse import quote
+
+    from uploader import objectmeta
+    from uploader.digest import checksum
+
+    md5, crc = checksum(body)
+    P = objectmeta.P
+    parts = f"{'-' if by_crc32c else md5}:{crc:08x}"
+    fields = {
+        P + "part-size": str(8 * MiB),
+        P + "node": "bench",
+        P + "path": quote(str(p), safe="/"),
+        **({P + "checksum": "crc32c"} if by_crc32c else {}),
+        P + "size": str(len(body)),
+        P + "crc32c": f"{crc:08x}",
+        **({} if by_crc32c else {P + "etag": md5}),
+        P + "mode": "put",
+        P + "parts-sha256": hashlib.sha256(parts.encode()).hexdigest(),
+        P + "parts": parts,
+    }
+    # S3 metadata names go without their x-amz-meta- prefix here, as boto3 takes them.
+    return objectmeta.encode(fields)
 
 
 def bench_appends(
