@@ -8,7 +8,7 @@ import random
 from datetime import UTC, datetime
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from uploader import objectmeta
@@ -212,8 +212,15 @@ def test_format_2_holds_every_field_in_two_entries_and_reads_as_format_1(
     ]
 
 
+_AWKWARD = st.text(alphabet=st.sampled_from("%&=+;:/ aé中4"), min_size=1, max_size=40)
+
+
 @settings(max_examples=200, deadline=None)
-@given(node=st.text(min_size=1, max_size=40), path=st.text(min_size=1, max_size=200))
+@given(
+    node=st.one_of(st.text(min_size=1, max_size=40), _AWKWARD),
+    path=st.one_of(st.text(min_size=1, max_size=200), _AWKWARD),
+)
+@example(node="%41", path="/p/%7e&a=1+2;b:c")
 def test_any_node_and_path_come_back_as_written(node: str, path: str) -> None:
     """``&``, ``=``, ``%``, ``+``, ``;`` and any Unicode in a node or path cannot break the record
     entry apart or change what it says."""
@@ -260,3 +267,14 @@ def test_a_record_entry_that_cannot_be_read_vouches_for_nothing(
 def test_a_format_this_code_does_not_read_is_named() -> None:
     with pytest.raises(Unusable, match="'3', this code reads 1 and 2"):
         objectmeta.parse_metadata("k", objectmeta.fields({objectmeta.P + "format": "3"}))
+
+
+def test_a_non_ascii_path_takes_what_format_1_took_of_the_2_kb() -> None:
+    """Each byte of a non-ASCII path is percent-encoded once (3 bytes), as format 1 did."""
+    seg, commits = _sealed(DATA[:100], path="/" + "中" * 150)
+    md, record_first = objectmeta.put_metadata(seg, commits[0])
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in md.items())
+    assert size <= objectmeta.METADATA_LIMIT
+    flat = objectmeta.fields(md)
+    assert objectmeta.P + "path" in flat and objectmeta.P + "parts" in flat and not record_first
+    assert md[objectmeta.RECORD].count("%E4%B8%AD") == 150  # once, not %25E4...

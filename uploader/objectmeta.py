@@ -159,14 +159,20 @@ def object_metadata(seg: SegmentRecord, commits: Sequence[CommitRecord]) -> dict
     return encode(_fields(seg, commits))
 
 
+#: Fields format 1 holds percent-encoded (``quote``), with the characters each keeps. Format 2
+#: holds them as they are: the record entry's own encoding is their only one (encoded twice, each
+#: non-ASCII byte would take 5 bytes of S3's 2 KB instead of 3).
+_QUOTED = {P + "node": "", P + "path": "/"}
+
+
 def encode(md: Mapping[str, str]) -> dict[str, str]:
     """Format 1's entries (``uploader-<field>``, :func:`fields`) as the format-2 metadata written."""
-    return {
-        P + "format": str(METADATA_FORMAT),
-        RECORD: urlencode(
-            [(k.removeprefix(P), v) for k, v in md.items() if k != P + "format"], safe=_KEPT
-        ),
-    }
+    pairs = [
+        (k.removeprefix(P), unquote(v) if k in _QUOTED else v)
+        for k, v in md.items()
+        if k != P + "format"
+    ]
+    return {P + "format": str(METADATA_FORMAT), RECORD: urlencode(pairs, safe=_KEPT)}
 
 
 def fields(md: Mapping[str, str]) -> dict[str, str]:
@@ -186,7 +192,8 @@ def fields(md: Mapping[str, str]) -> dict[str, str]:
     for name, value in pairs:
         if P + name in out:
             raise Unusable(f"object metadata {RECORD!r} gives {name!r} twice")
-        out[P + name] = value
+        safe = _QUOTED.get(P + name)
+        out[P + name] = value if safe is None else quote(value, safe=safe)
     return out
 
 

@@ -88,7 +88,7 @@ def test_an_app_id_reaches_the_server_in_botocores_string(
         assert "segment-uploader" not in agent
 
 
-def test_only_bodies_of_2_mib_and_more_ask_the_server_to_continue(
+def test_only_bodies_of_512_kib_and_more_ask_the_server_to_continue(
     moto_endpoint: str, s3_bucket: str
 ) -> None:
     """``Expect: 100-continue`` (botocore's on every body) costs a small PUT a round trip: our
