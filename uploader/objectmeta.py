@@ -7,11 +7,10 @@ carries what the manifest knows of it, written with the upload itself:
   object file's identity, published with the bytes), set where the upload starts:
   ``create_multipart_upload`` or the single PUT. Format 2 (:data:`METADATA_FORMAT`) writes two
   entries, ``uploader-format: 2`` and ``uploader-record``, the fields URL-encoded in one value
-  (``part-size=...&node=...``): every metadata header is stored and signed per request, and ten
-  of them cost Ceph RGW and our client about 5% of a small segment's PUT (measured). Format 1,
-  which wrote one ``uploader-<field>`` entry per field, is still read: :func:`fields` gives either
-  as format 1's entries. It always holds the part size and the node and path of origin. The
-  size, whole-file CRC32C, expected ETag and the per-part list (``md5:crc32c`` per part, with its
+  (``part-size=...&node=...``): each header costs the server and the signature (ten cost a small
+  PUT about 5% on RGW). Format 1, one ``uploader-<field>`` entry per field, is still read
+  (:func:`fields`). It always holds the part size and the node and path of origin. The size,
+  whole-file CRC32C, expected ETag and the per-part list (``md5:crc32c`` per part, with its
   SHA-256) are added when they are known at that moment: always for a PUT, and for a multipart
   upload started after the seal was recorded. The parts of a multipart upload started by an
   earlier ``commit()`` are sent before the file's final size exists, so its metadata cannot hold
@@ -54,7 +53,7 @@ from uploader.storage.base import ObjectInfo
 
 #: The record sidecar's format.
 FORMAT = 1
-#: The object metadata's format written (every field in :data:`RECORD`); :data:`READ_FORMATS` read.
+#: The object metadata's format written (every field in :data:`RECORD`), and those read.
 METADATA_FORMAT = 2
 READ_FORMATS = ("1", "2")
 #: S3 limits user-defined metadata (names and values, UTF-8) to 2 KB per object.
@@ -65,6 +64,9 @@ RECORD = P + "record"
 #: Characters the fields' values keep as they are in :data:`RECORD` (the part list's ``:``/``;``,
 #: a path's ``/``): fewer bytes of S3's 2 KB. ``&``, ``=``, ``%`` and ``+`` are always encoded.
 _KEPT = "/:;"
+#: Fields format 1 holds ``quote``d (with the characters each keeps); format 2 as they are, encoded
+#: once by the record entry (twice, a non-ASCII byte would take 5 bytes of S3's 2 KB, not 3).
+_QUOTED = {P + "node": "", P + "path": "/"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,13 +158,7 @@ def sealed_parts(seg: SegmentRecord, commits: Sequence[CommitRecord]) -> bool:
 
 def object_metadata(seg: SegmentRecord, commits: Sequence[CommitRecord]) -> dict[str, str]:
     """The metadata to write where the upload starts: what is known of the segment now."""
-    return encode(_fields(seg, commits))
-
-
-#: Fields format 1 holds percent-encoded (``quote``), with the characters each keeps. Format 2
-#: holds them as they are: the record entry's own encoding is their only one (encoded twice, each
-#: non-ASCII byte would take 5 bytes of S3's 2 KB instead of 3).
-_QUOTED = {P + "node": "", P + "path": "/"}
+    return _fields(seg, commits)[1]
 
 
 def encode(md: Mapping[str, str]) -> dict[str, str]:
@@ -176,9 +172,8 @@ def encode(md: Mapping[str, str]) -> dict[str, str]:
 
 
 def fields(md: Mapping[str, str]) -> dict[str, str]:
-    """An object's metadata with one ``uploader-<field>`` entry per field (format 1's entries and
-    values, which every reader here takes), whichever format wrote it; :class:`Unusable` if a
-    format-2 record entry cannot be read (it then vouches for nothing)."""
+    """An object's metadata as format 1's entries (one ``uploader-<field>`` each, as every reader
+    here takes it), whichever format wrote it; :class:`Unusable` if a record entry is unreadable."""
     if md.get(P + "format") != "2":
         return dict(md)
     text = md.get(RECORD)
@@ -197,9 +192,11 @@ def fields(md: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def _fields(seg: SegmentRecord, commits: Sequence[CommitRecord]) -> dict[str, str]:
-    """What the metadata says of the segment now, as format 1's entries (see :func:`fields`),
-    within S3's 2 KB once encoded."""
+def _fields(
+    seg: SegmentRecord, commits: Sequence[CommitRecord]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """What the metadata says of the segment now, as format 1's entries (:func:`fields`) and
+    encoded, within S3's 2 KB (encoded again only if an entry must go: this runs per PUT)."""
     md = {
         P + "format": str(METADATA_FORMAT),
         P + "part-size": str(seg.part_size),
@@ -218,11 +215,14 @@ def _fields(seg: SegmentRecord, commits: Sequence[CommitRecord]) -> dict[str, st
         md[P + "mode"] = seg.upload_mode or "multipart"
         md[P + "parts-sha256"] = hashlib.sha256(text.encode()).hexdigest()
         md[P + "parts"] = text
-        if _size(encode(md)) > METADATA_LIMIT:
-            del md[P + "parts"]  # the record sidecar holds them
-    if _size(encode(md)) > METADATA_LIMIT:
+    encoded = encode(md)
+    if P + "parts" in md and _size(encoded) > METADATA_LIMIT:
+        del md[P + "parts"]  # the record sidecar holds them
+        encoded = encode(md)
+    if _size(encoded) > METADATA_LIMIT:
         del md[P + "path"]  # a very long path: the record sidecar holds it
-    return md
+        encoded = encode(md)
+    return md, encoded
 
 
 def metadata_complete(md: Mapping[str, str]) -> bool:
@@ -233,8 +233,8 @@ def metadata_complete(md: Mapping[str, str]) -> bool:
 def put_metadata(seg: SegmentRecord, commit: CommitRecord) -> tuple[dict[str, str], bool]:
     """A single PUT's object metadata, and whether the record sidecar must be written before
     the PUT (the seal's record did not fit S3's 2 KB of metadata)."""
-    md = _fields(seg, [commit])
-    return encode(md), not metadata_complete(md) and sealed_parts(seg, [commit])
+    md, encoded = _fields(seg, [commit])
+    return encoded, not metadata_complete(md) and sealed_parts(seg, [commit])
 
 
 def record_json(seg: SegmentRecord, commits: Sequence[CommitRecord]) -> bytes:
