@@ -6,16 +6,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
-from datetime import datetime
 from pathlib import Path
 
+from tests.records import segment_record
 from uploader.digest import crc32c_of
 from uploader.listed_proof import md5_proven
 from uploader.records import CommitRecord, SegmentRecord
-from uploader.states import CommitState, SegmentState
+from uploader.states import CommitState
 from uploader.storage.base import PartRef
 
-NOW = datetime(2026, 1, 1)
 PART = 100
 
 
@@ -27,13 +26,14 @@ def _setup(tmp_path: Path) -> tuple[SegmentRecord, list[CommitRecord], bytes]:
     data = random.Random(3).randbytes(3 * PART)
     path = tmp_path / "seg"
     path.write_bytes(data)
-    seg = SegmentRecord(
-        id=1, key="k", path=str(path), node="n", state=SegmentState.SEALED, part_size=PART,
-        size=3 * PART, crc32c=crc32c_of(data), expected_etag=None, upload_mode="multipart",
-        upload_id="u", object_etag=None, fence=1, lease_owner="w", lease_expires=NOW,
-        attempts=0, last_error=None, reason=None, created_at=NOW, updated_at=NOW,
-        sealed_at=NOW, verified_at=None, checksum="crc32c",
-    )  # fmt: skip
+    seg = segment_record(
+        path=str(path),
+        part_size=PART,
+        size=3 * PART,
+        crc32c=crc32c_of(data),
+        upload_id="u",
+        checksum="crc32c",
+    )
     commits = [
         CommitRecord(
             id=i + 1,

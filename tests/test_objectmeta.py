@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from datetime import UTC, datetime
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from tests.records import segment_record
 from uploader import objectmeta
 from uploader.digest import checksum, combine_crcs, crc32c_b64, multipart_etag
 from uploader.objectmeta import ObjectRecord, PartInfo, Unproven, Unusable
 from uploader.records import CommitRecord, SegmentRecord
-from uploader.states import CommitState, SegmentState
+from uploader.states import CommitState
 from uploader.storage.base import ObjectInfo
 
 PART = 1000
@@ -113,8 +113,6 @@ def test_what_contradicts_the_record_refuses_it_and_is_never_left_to_the_bytes(
 
 # -- the object metadata's formats -------------------------------------------------------------
 
-_T0 = datetime(2026, 11, 28, tzinfo=UTC)
-
 
 def _sealed(
     data: bytes,
@@ -153,29 +151,14 @@ def _sealed(
     if not crc32c_mode:
         md5s = [p.md5 or "" for p in parts]
         etag = md5s[0] if len(parts) == 1 else multipart_etag(md5s)
-    seg = SegmentRecord(
-        id=1,
-        key="k",
+    seg = segment_record(
         path=path,
         node=node,
-        state=SegmentState.SEALED,
         part_size=part_size,
         size=len(data),
         crc32c=combine_crcs([(p.crc32c, p.end - p.start) for p in parts]),
         expected_etag=etag,
         upload_mode="put" if len(parts) == 1 else "multipart",
-        upload_id=None,
-        object_etag=None,
-        fence=1,
-        lease_owner="w",
-        lease_expires=None,
-        attempts=0,
-        last_error=None,
-        reason=None,
-        created_at=_T0,
-        updated_at=_T0,
-        sealed_at=_T0,
-        verified_at=None,
         checksum="crc32c" if crc32c_mode else "md5",
     )
     return seg, commits

@@ -4,10 +4,10 @@ is checked here without a database or a remote."""
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime
 
 import pytest
 
+from tests.records import segment_record
 from uploader.digest import multipart_etag
 from uploader.plan import Act, Position, next_step
 from uploader.records import CommitRecord, SegmentRecord
@@ -15,18 +15,12 @@ from uploader.states import CommitState, SegmentState
 from uploader.storage.base import ObjectInfo, PartRef
 
 MD5S = ["a" * 32, "b" * 32, "c" * 32]
-NOW = datetime(2026, 1, 1)
 EXPECTED = multipart_etag(MD5S)
 
 
 def seg(state: SegmentState, **kw: object) -> SegmentRecord:
-    base = SegmentRecord(
-        id=1, key="k", path="/p", node="n", state=state, part_size=10, size=30, crc32c=1,
-        expected_etag=EXPECTED, upload_mode="multipart", upload_id="u", object_etag=None,
-        fence=1, lease_owner="w", lease_expires=NOW, attempts=0, last_error=None, reason=None,
-        created_at=NOW, updated_at=NOW, sealed_at=NOW, verified_at=None,
-    )  # fmt: skip
-    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+    base = {"size": 30, "crc32c": 1, "expected_etag": EXPECTED, "upload_id": "u"}
+    return segment_record(state=state, **{**base, **kw})
 
 
 def commits(*states: CommitState) -> list[CommitRecord]:
