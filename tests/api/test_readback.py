@@ -20,11 +20,14 @@ from uploader.manifest import db
 Remote = tuple[str, dict[str, Any]]
 
 
-def _put_remote(remote: Remote, key: str, data: bytes) -> None:
-    """Write bytes at ``key`` behind the uploader's back (a foreign writer, a damaged server)."""
+def _put_remote(
+    remote: Remote, key: str, data: bytes, metadata: dict[str, str] | None = None
+) -> None:
+    """Write bytes at ``key`` behind the uploader's back (a foreign writer, a damaged server),
+    with S3 user ``metadata`` if given."""
     url, options = remote
     fs, root = remote_fs(url, options)
-    fs.pipe_file(f"{root.rstrip('/')}/{key}", data)
+    fs.pipe_file(f"{root.rstrip('/')}/{key}", data, **({"Metadata": metadata} if metadata else {}))
     fs.invalidate_cache()
 
 
@@ -279,9 +282,7 @@ def test_rebuild_refuses_metadata_that_does_not_match_the_bytes(
     _info, md = found
     assert md["uploader-format"] == "2" and "uploader-parts" in objectmeta.fields(md)
     store.close()
-    url, options = remote
-    fs, root = remote_fs(url, options)
-    fs.pipe_file(f"{root.rstrip('/')}/forged/0", bytes(1000), Metadata=md)
+    _put_remote(remote, "forged/0", bytes(1000), md)
     _wipe(manifest_url)
     store = make_store()
     [obj] = store.rebuild().objects
@@ -305,15 +306,13 @@ def test_rebuild_reads_objects_written_with_format_1_metadata(
     for key, data in shipped.items():
         _ship(store, tmp_path, key, data)
     before = _rows(store)
-    url, options = remote
-    fs, root = remote_fs(url, options)
     for key, data in shipped.items():
         found = store.storage.head_metadata(key)
         assert found is not None
         md = objectmeta.fields(found[1])
         assert md.pop(objectmeta.P + "format") == "2"
         old = {objectmeta.P + "format": "1", **md}  # as format 1 wrote it, the same bytes
-        fs.pipe_file(f"{root.rstrip('/')}/{key}", data, Metadata=old)
+        _put_remote(remote, key, data, old)
         again = store.storage.head_metadata(key)
         assert again is not None and again[1] == old
     store.close()
@@ -334,10 +333,7 @@ def test_rebuild_names_metadata_it_cannot_read_and_vouches_for_nothing(
     data = random.Random(13).randbytes(100)
     _ship(store, tmp_path, "bad/0", data)
     store.close()
-    url, options = remote
-    fs, root = remote_fs(url, options)
-    broken = {objectmeta.P + "format": "2", objectmeta.RECORD: "size"}
-    fs.pipe_file(f"{root.rstrip('/')}/bad/0", data, Metadata=broken)
+    _put_remote(remote, "bad/0", data, {objectmeta.P + "format": "2", objectmeta.RECORD: "size"})
     _wipe(manifest_url)
     store = make_store()
     [obj] = store.rebuild(prefix="bad/").objects
