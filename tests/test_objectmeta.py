@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from urllib.parse import quote
 
 import pytest
 from hypothesis import example, given, settings
@@ -12,7 +13,9 @@ from hypothesis import strategies as st
 
 from tests.records import segment_record
 from uploader import objectmeta
+from uploader.config import StoreConfig
 from uploader.digest import checksum, combine_crcs, crc32c_b64, multipart_etag
+from uploader.errors import UsageError
 from uploader.objectmeta import ObjectRecord, PartInfo, Unproven, Unusable
 from uploader.records import CommitRecord, SegmentRecord
 from uploader.states import CommitState
@@ -261,3 +264,43 @@ def test_a_non_ascii_path_takes_what_format_1_took_of_the_2_kb() -> None:
     flat = objectmeta.fields(md)
     assert objectmeta.P + "path" in flat and objectmeta.P + "parts" in flat and not record_first
     assert md[objectmeta.RECORD].count("%E4%B8%AD") == 150  # once, not %25E4...
+
+
+_NODE_CHARS = st.sampled_from("%&=+ aé中😀\x7f")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    node=st.one_of(st.text(max_size=255), st.text(_NODE_CHARS, max_size=255)),
+    long_path=st.booleans(),
+)
+@example(node="😀" * 85, long_path=False)  # 1,020 bytes percent-encoded: the most a store takes
+@example(node="中" * 113, long_path=True)
+@example(node="中" * 255, long_path=True)  # 2,295 bytes: refused
+def test_every_node_name_a_store_takes_fits_the_2_kb_with_what_a_rebuild_needs(
+    node: str, long_path: bool
+) -> None:
+    """A store refuses a node name that could crowd out the fields a rebuild needs (size, ETag,
+    checksums: a path too long to fit goes to the record sidecar, and the parts with it); any
+    other is written with them, the longest values of each included."""
+    try:
+        StoreConfig(node=node).check()
+    except UsageError:
+        return
+    path = "/" + "中" * 1000 if long_path else "/data/commitlog/00000000001073741824"
+    seg, commits = _sealed(DATA[:100], node=node, path=path)
+    huge = 5 * 1024**4  # the longest size S3 takes, as if it were one part
+    seg = dataclasses.replace(
+        seg, size=huge, part_size=5 * 1024**3, expected_etag=f'"{"f" * 32}-10000"'
+    )
+    md, record_first = objectmeta.put_metadata(seg, dataclasses.replace(commits[0], end=huge))
+    assert (
+        sum(len(k.encode()) + len(v.encode()) for k, v in md.items()) <= objectmeta.METADATA_LIMIT
+    )
+    flat = objectmeta.fields(md)
+    assert flat[objectmeta.P + "node"] == quote(node, safe="")
+    for field in ("size", "crc32c", "etag", "parts-sha256", "part-size", "mode"):
+        assert objectmeta.P + field in flat
+    # A path of a usual length, and the part list, fit beside any node a store takes.
+    assert record_first is long_path
+    assert objectmeta.metadata_complete(flat) is not long_path

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
+from urllib.parse import quote
 
 from uploader.errors import UsageError
 from uploader.storage.retry import RetryPolicy
@@ -26,6 +27,14 @@ DEFAULT_PART_SIZE = 8 * MiB
 DEFAULT_LEASE_SECONDS = 30.0
 #: Default number of parts in flight (and of part-sized memory slots).
 DEFAULT_CONCURRENCY = 4
+#: The manifest's columns for a node's and a worker's name (``VARCHAR(255)``: PostgreSQL refuses
+#: a longer one mid-transaction, so a store refuses it when it opens).
+MAX_NAME_CHARS = 255
+#: A node's name goes into every object's metadata (``uploader.objectmeta``), percent-encoded;
+#: S3 allows 2 KB of it in all. At most this much of it is the node's, so the fields a rebuild
+#: needs always fit beside it (what else goes there is about 250 bytes, a path aside, and a path
+#: that does not fit goes to the record sidecar instead).
+MAX_NODE_METADATA_BYTES = 1024
 #: An upload is started before its id is recorded (the id comes from the remote): the sweep leaves
 #: orphans younger than this alone so it cannot abort an upload whose id is about to be recorded.
 #: (Here, not in ``uploader.sweep``: the CLI's option default, read without loading the manifest.)
@@ -135,6 +144,9 @@ class StoreConfig:
             raise UsageError(f"min_part_size must be positive, got {self.min_part_size}")
         if self.retry.attempts < 1:
             raise UsageError(f"retry attempts must be at least 1, got {self.retry.attempts}")
+        for name, value in (("node", self.node), ("worker", self.worker)):
+            if value is not None:
+                _check_name(name, value)
         return self
 
     def with_(self, **changes: Any) -> StoreConfig:
@@ -142,6 +154,23 @@ class StoreConfig:
         so callers can pass their optional keyword arguments straight through."""
         given = {k: v for k, v in changes.items() if v is not None}
         return replace(self, **given) if given else self
+
+
+def _check_name(setting: str, value: str) -> None:
+    """A node's or worker's name that the manifest (and, for a node, every object's metadata)
+    can hold; else a :class:`~uploader.errors.UsageError` naming it and what to do."""
+    where = "node= or UPLOADER_NODE" if setting == "node" else "worker="
+    if len(value) > MAX_NAME_CHARS:
+        raise UsageError(
+            f"{setting} name {value[:40]!r}... is {len(value)} characters; the manifest holds "
+            f"at most {MAX_NAME_CHARS}: give a shorter one ({where})"
+        )
+    if setting == "node" and len(quote(value, safe="")) > MAX_NODE_METADATA_BYTES:
+        raise UsageError(
+            f"node name {value[:40]!r}... takes {len(quote(value, safe=''))} bytes "
+            f"percent-encoded in every object's metadata; at most {MAX_NODE_METADATA_BYTES} fit "
+            f"beside the fields a rebuild needs (S3 allows 2 KB): give a shorter one ({where})"
+        )
 
 
 def resolve(config: StoreConfig | None = None, **overrides: Any) -> StoreConfig:

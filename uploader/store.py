@@ -89,10 +89,7 @@ class Store(Upkeep):
                 f"part_size {cfg.part_size} is outside [{storage.min_part_size}, {MAX_PART_SIZE}] "
                 f"for {storage.url}"
             )
-        # Names resolved once: the config a store reports is the one it runs with.
-        self.config = cfg.with_(
-            node=cfg.node or default_node(), worker=cfg.worker or default_worker()
-        )
+        self.config = _named(cfg)
         self.manifest = manifest
         self.storage = storage
         self.transport = Transport(storage, concurrency=cfg.concurrency)
@@ -338,6 +335,13 @@ class Store(Upkeep):
             fut.cancel()
 
 
+def _named(cfg: StoreConfig) -> StoreConfig:
+    """``cfg`` with its node and worker names resolved once (the config a store reports is the
+    one it runs with), and checked again: a default name (the host's, ``UPLOADER_NODE``) must
+    fit as a given one must."""
+    return cfg.with_(node=cfg.node or default_node(), worker=cfg.worker or default_worker()).check()
+
+
 def open(
     manifest: str,
     remote: str,
@@ -373,6 +377,7 @@ def open(
         min_part_size=min_part_size,
         checksum=checksum,
     )
+    cfg = _named(cfg)  # a bad default name is refused before the manifest is opened too
     m = Manifest.open(manifest)
     try:
         st = (

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,3 +127,51 @@ def test_checksum_reaches_the_store_and_crc32c_needs_a_remote_that_keeps_it(
         with pytest.raises(UsageError, match="did not prove that it keeps"):
             store.segment("k", path)
         assert store.manifest.segment("k") is None
+
+
+@pytest.mark.parametrize(
+    ("setting", "name", "says"),
+    [
+        ("node", "n" * 256, "node name 'n+'... is 256 characters; the manifest holds at most 255"),
+        ("worker", "w" * 256, "worker name 'w+'... is 256 characters"),
+        # 200 characters, but 1,200 bytes percent-encoded in every object's metadata.
+        ("node", "é" * 200, "takes 1200 bytes percent-encoded in every object's metadata"),
+    ],
+)
+def test_a_name_the_manifest_or_the_metadata_cannot_hold_is_refused_before_anything(
+    tmp_path: Path, setting: str, name: str, says: str
+) -> None:
+    db = tmp_path / "m.db"
+    names: dict[str, Any] = {setting: name}
+    with pytest.raises(UsageError, match=says):
+        uploader.open(f"sqlite:///{db}", f"file://{tmp_path}", **names)
+    assert not db.exists()
+    # Just within: 255 characters; 1,020 bytes percent-encoded.
+    fits: dict[str, Any] = {setting: name[:-1] if setting == "worker" else "é" * 170}
+    assert StoreConfig(**fits).check()
+
+
+def test_a_default_node_name_too_long_is_refused_and_the_default_worker_fits(
+    tmp_path: Path, manifest_url: str, at_head: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    monkeypatch.setenv("UPLOADER_NODE", "h" * 300)
+    with pytest.raises(UsageError, match="node= or UPLOADER_NODE"):
+        uploader.open(f"sqlite:///{tmp_path / 'm.db'}", f"file://{remote}")
+    assert not (tmp_path / "m.db").exists()
+    # A node name as long as the manifest allows: the default worker name (node:pid:random)
+    # keeps the pid and the random part and fits too, on PostgreSQL's VARCHAR(255) as well.
+    monkeypatch.setenv("UPLOADER_NODE", "h" * 255)
+    path = tmp_path / "seg"
+    path.write_bytes(b"x" * (PART + 5))
+    with uploader.open(
+        manifest_url, f"file://{remote}", part_size=PART, min_part_size=PART
+    ) as store:
+        assert store.node == "h" * 255
+        assert len(store.worker) == 255 and store.worker.startswith("h" * 200)
+        assert store.worker.split(":")[1] == str(os.getpid())
+        assert store.segment("k", path).seal().result().verified
+        seg = store.manifest.segment("k")
+        assert seg is not None and seg.node == "h" * 255
+        assert {e.worker for e in store.manifest.events(seg.id)} == {store.worker}
