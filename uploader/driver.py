@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Mapping, Sequence
 
 from uploader import plan
@@ -88,6 +89,7 @@ class Driver(RemoteSteps):
         self.verify_mode = VerifyMode(verify)
         self.max_reuploads = max_reuploads
         self._conditional_delete: bool | None = None
+        self.pause = time.sleep
         #: Progress: called with (key, bytes) each time the remote acknowledged a part or an
         #: object (sent), or parts already there were adopted (reused), as it happens.
         self.on_bytes = None

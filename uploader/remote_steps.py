@@ -39,9 +39,10 @@ log = logging.getLogger("uploader")
 
 T = TypeVar("T")
 
-#: An object replaced while a check read it back is judged again this many times before the
-#: check gives up (ObjectChangedError): something keeps rewriting the key.
-CHANGED_RETRIES = 2
+#: An object replaced while a check read it back is judged again after each of these pauses
+#: (seconds) before the check gives up (ObjectChangedError): something keeps rewriting the key,
+#: and a look at once would most likely land in the middle of the next rewrite again.
+CHANGED_PAUSES = (0.2, 1.0)
 
 
 class RemoteSteps:
@@ -52,6 +53,8 @@ class RemoteSteps:
     transport: Transport
     keeper: LeaseKeeper
     on_bytes: Callable[[str, int], None] | None
+    #: How a check waits before it looks again at a key rewritten under it (tests record it).
+    pause: Callable[[float], None]
 
     def _moved(self, key: str, nbytes: int) -> None:
         hook = self.on_bytes
@@ -329,14 +332,16 @@ class RemoteSteps:
         One HEAD; the parts are read from the manifest (and the object read back) only when
         ``deep`` or when the remote's ETag is not the expected one (none, a plain MD5, an SSE-KMS
         string). Changes nothing: ``uploader verify``, the scrub and the deletion gate use it.
-        An object replaced while it was read back is judged again as it is now (a few times,
-        then ObjectChangedError): bytes read from two objects say nothing of either.
+        An object replaced while it was read back is judged again as it is now, after a pause
+        (:data:`CHANGED_PAUSES`, then ObjectChangedError): bytes read from two objects say
+        nothing of either.
         """
-        for _ in range(CHANGED_RETRIES):
+        for pause in CHANGED_PAUSES:
             try:
                 return self._check_object(seg, deep=deep)
             except ObjectChangedError as exc:
-                log.warning("segment %r: %s", seg.key, exc)
+                log.warning("segment %r: %s (looked at again in %.1f s)", seg.key, exc, pause)
+            self.pause(pause)
         return self._check_object(seg, deep=deep)
 
     def _check_object(self, seg: SegmentRecord, *, deep: bool) -> str | None:

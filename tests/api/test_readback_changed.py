@@ -22,6 +22,7 @@ from tests.api.test_no_blind_delete import _write_foreign
 from tests.conftest import REMOTES_WITH_RGW
 from uploader.errors import ObjectChangedError
 from uploader.readback import first_differing
+from uploader.remote_steps import CHANGED_PAUSES
 from uploader.storage import open_storage
 from uploader.storage.faults import FaultyStorage
 
@@ -81,8 +82,10 @@ def test_a_deep_check_of_an_object_replaced_mid_read_judges_the_new_one_and_repa
     store = make_store(storage=storage)
     assert store.segment(KEY, path).seal().result(timeout=120).verified
     storage.armed = True
+    pauses: list[float] = []
+    store.driver.pause = pauses.append
     report = store.verify([KEY], deep=True)
-    assert storage.swapped
+    assert storage.swapped and pauses == [CHANGED_PAUSES[0]]  # one look again, after a pause
     [check] = report.checks
     # Judged again as the key is now: the other writer's object, whose first part differs.
     assert not check.ok and report.drifted == (KEY,), report
@@ -174,7 +177,11 @@ def test_a_key_rewritten_during_every_read_back_is_not_judged_and_stops_nothing(
     if info.etag != rec.expected_etag:
         assert KEY not in {r.key for r in store.deletable()}
     # (The memory backend ties identical bytes to our ETag: its gate has nothing to read.)
+    pauses: list[float] = []
+    store.driver.pause = pauses.append
     report = store.verify([KEY, "calm/0"], deep=True)
+    # Looked at again after each pause, longer each time; the calm key at once.
+    assert pauses == list(CHANGED_PAUSES) and pauses == sorted(pauses) and pauses[0] > 0
     flapping, calm_check = report.checks
     assert not flapping.ok and not flapping.drift, flapping
     assert "not judged" in (flapping.problem or "") and "changed" in (flapping.problem or "")
