@@ -15,6 +15,7 @@ import uploader
 from tests.api.conftest import PART, StoreFactory, remote_bytes
 from tests.conftest import remote_fs
 from uploader import objectmeta
+from uploader.digest import crc32c_b64, crc32c_of
 from uploader.manifest import db
 
 Remote = tuple[str, dict[str, Any]]
@@ -28,6 +29,44 @@ def _put_remote(
     url, options = remote
     fs, root = remote_fs(url, options)
     fs.pipe_file(f"{root.rstrip('/')}/{key}", data, **({"Metadata": metadata} if metadata else {}))
+    fs.invalidate_cache()
+
+
+def _multipart_remote(
+    remote: Remote, key: str, data: bytes, metadata: dict[str, str], *, crc32c: bool
+) -> None:
+    """A multipart upload of ``data`` in parts of ``PART`` behind the uploader's back, with S3
+    user ``metadata`` (and each part's CRC32C, declared, where ``crc32c``), as an older version
+    of ours wrote it."""
+    url, options = remote
+    fs, root = remote_fs(url, options)
+    bucket, _, prefix = f"{root.rstrip('/')}/{key}".partition("/")
+    extra: dict[str, Any] = {"ChecksumAlgorithm": "CRC32C"} if crc32c else {}
+    up = fs.call_s3(
+        "create_multipart_upload", Bucket=bucket, Key=prefix, Metadata=metadata, **extra
+    )
+    parts = []
+    for number, start in enumerate(range(0, len(data), PART), 1):
+        body = data[start : start + PART]
+        sums = {"ChecksumCRC32C": crc32c_b64(crc32c_of(body))} if crc32c else {}
+        out = fs.call_s3(
+            "upload_part",
+            Bucket=bucket,
+            Key=prefix,
+            UploadId=up["UploadId"],
+            PartNumber=number,
+            Body=body,
+            **extra,
+            **sums,
+        )
+        parts.append({"PartNumber": number, "ETag": out["ETag"], **sums})
+    fs.call_s3(
+        "complete_multipart_upload",
+        Bucket=bucket,
+        Key=prefix,
+        UploadId=up["UploadId"],
+        MultipartUpload={"Parts": parts},
+    )
     fs.invalidate_cache()
 
 
@@ -302,7 +341,11 @@ def test_rebuild_reads_objects_written_with_format_1_metadata(
         pytest.skip("writing format-1 metadata by hand needs S3 user metadata")
     store = make_store(checksum=checksum)
     rng = random.Random(12)
-    shipped = {"old/put": rng.randbytes(100), "old/one-part": rng.randbytes(PART)}
+    shipped = {
+        "old/put": rng.randbytes(100),
+        "old/one-part": rng.randbytes(PART),
+        "old/multipart": rng.randbytes(3 * PART + 5),
+    }
     for key, data in shipped.items():
         _ship(store, tmp_path, key, data)
     before = _rows(store)
@@ -312,9 +355,16 @@ def test_rebuild_reads_objects_written_with_format_1_metadata(
         md = objectmeta.fields(found[1])
         assert md.pop(objectmeta.P + "format") == "2"
         old = {objectmeta.P + "format": "1", **md}  # as format 1 wrote it, the same bytes
-        _put_remote(remote, key, data, old)
+        if len(data) <= PART:
+            _put_remote(remote, key, data, old)
+        else:
+            # The same parts again (the same ETag, or CRC32C), under format-1 metadata.
+            rec = store.manifest.segment(key)
+            assert rec is not None
+            _multipart_remote(remote, key, data, old, crc32c=rec.by_crc32c)
         again = store.storage.head_metadata(key)
         assert again is not None and again[1] == old
+        assert (again[0].size, again[0].etag) == (found[0].size, found[0].etag)  # the same bytes
     store.close()
     _wipe(manifest_url)
     store = make_store(checksum=checksum)
