@@ -15,7 +15,7 @@ from rich.table import Table
 from uploader import settings
 from uploader.cli.app import _ctx, _sqlite_file, ctx_store, require_manifest
 from uploader.cli.output import JsonOption, _emit_json, err, out
-from uploader.config import DEFAULT_SWEEP_AGE
+from uploader.config import DEFAULT_SWEEP_AGE, MAX_NAME_CHARS
 from uploader.errors import UploaderError, UsageError
 from uploader.records import Status
 
@@ -28,7 +28,9 @@ def _who() -> str:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = "unknown"
-    return f"{user}@{socket.gethostname()} (pid {os.getpid()})"
+    # Cut to the manifest's column (a long login or host name): the audit row keeps the pid.
+    tail = f" (pid {os.getpid()})"
+    return f"{user}@{socket.gethostname()}"[: MAX_NAME_CHARS - len(tail)] + tail
 
 
 def retry(

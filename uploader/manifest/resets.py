@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from uploader.config import MAX_NAME_CHARS
 from uploader.errors import InvalidStateError, SegmentBusyError, UsageError
 from uploader.keys import validate_key
 from uploader.manifest.guard import Audit, Tx, clip
@@ -149,6 +150,11 @@ class Resets(Queries):
         validate_key(key)
         if not why.strip():
             raise UsageError("a retry needs a reason (who fixed what)")
+        if len(who) > MAX_NAME_CHARS:  # the audit row's worker column
+            raise UsageError(
+                f"who retried {key!r} ({who[:40]!r}...) is {len(who)} characters; the manifest "
+                f"holds at most {MAX_NAME_CHARS} (nothing was recorded)"
+            )
         with self._write() as tx:
             row = tx.conn.execute(select(SEGMENTS).where(SEGMENTS.c.key == key)).first()
             if row is None:
