@@ -156,6 +156,13 @@ class StoreConfig:
         return replace(self, **given) if given else self
 
 
+def fit_name(head: str, tail: str) -> str:
+    """``head + tail`` within :data:`MAX_NAME_CHARS`, ``head`` cut where it must be: a name made
+    up here (a default worker, the CLI's ``user@host (pid N)``) keeps the ``tail`` that makes it
+    unique."""
+    return head[: MAX_NAME_CHARS - len(tail)] + tail
+
+
 def _check_name(setting: str, value: str) -> None:
     """A node's or worker's name that the manifest (and, for a node, every object's metadata)
     can hold; else a :class:`~uploader.errors.UsageError` naming it and what to do."""

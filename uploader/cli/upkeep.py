@@ -15,7 +15,7 @@ from rich.table import Table
 from uploader import settings
 from uploader.cli.app import _ctx, _sqlite_file, ctx_store, require_manifest
 from uploader.cli.output import JsonOption, _emit_json, err, out
-from uploader.config import DEFAULT_SWEEP_AGE, MAX_NAME_CHARS
+from uploader.config import DEFAULT_SWEEP_AGE, fit_name
 from uploader.errors import UploaderError, UsageError
 from uploader.records import Status
 
@@ -29,8 +29,7 @@ def _who() -> str:
     except (KeyError, OSError):
         user = "unknown"
     # Cut to the manifest's column (a long login or host name): the audit row keeps the pid.
-    tail = f" (pid {os.getpid()})"
-    return f"{user}@{socket.gethostname()}"[: MAX_NAME_CHARS - len(tail)] + tail
+    return fit_name(f"{user}@{socket.gethostname()}", f" (pid {os.getpid()})")
 
 
 def retry(

@@ -20,7 +20,7 @@ from sqlalchemy import (
     literal_column,
 )
 
-from uploader.config import DEFAULT_LEASE_SECONDS, MAX_NAME_CHARS
+from uploader.config import DEFAULT_LEASE_SECONDS, fit_name
 from uploader.manifest import db
 from uploader.manifest.guard import Tx
 
@@ -39,8 +39,7 @@ def default_node() -> str:
 def default_worker() -> str:
     """``node:pid:random``, the node's name cut so that it fits the manifest's column (the pid
     and the random part make it unique, not the node's name)."""
-    tail = f":{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    return default_node()[: MAX_NAME_CHARS - len(tail)] + tail
+    return fit_name(default_node(), f":{os.getpid()}:{uuid.uuid4().hex[:8]}")
 
 
 _SQLITE_LOCKS: dict[str, threading.Lock] = {}
