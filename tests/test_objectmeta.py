@@ -274,8 +274,10 @@ _NODE_CHARS = st.sampled_from("%&=+ aé中😀\x7f")
     node=st.one_of(st.text(max_size=255), st.text(_NODE_CHARS, max_size=255)),
     long_path=st.booleans(),
 )
-@example(node="😀" * 85, long_path=False)  # 1,020 bytes percent-encoded: the most a store takes
-@example(node="中" * 113, long_path=True)
+@example(node="😀" * 128, long_path=False)  # 1,536 bytes percent-encoded: the most a store takes
+@example(node="é" * 255, long_path=False)  # every 255-character name in a two-byte script fits
+@example(node="中" * 170, long_path=False)
+@example(node="中" * 170, long_path=True)
 @example(node="中" * 255, long_path=True)  # 2,295 bytes: refused
 def test_every_node_name_a_store_takes_fits_the_2_kb_with_what_a_rebuild_needs(
     node: str, long_path: bool

@@ -34,7 +34,7 @@ MAX_NAME_CHARS = 255
 #: S3 allows 2 KB of it in all. At most this much of it is the node's, so the fields a rebuild
 #: needs always fit beside it (what else goes there is about 250 bytes, a path aside, and a path
 #: that does not fit goes to the record sidecar instead).
-MAX_NODE_METADATA_BYTES = 1024
+MAX_NODE_METADATA_BYTES = 1536
 #: An upload is started before its id is recorded (the id comes from the remote): the sweep leaves
 #: orphans younger than this alone so it cannot abort an upload whose id is about to be recorded.
 #: (Here, not in ``uploader.sweep``: the CLI's option default, read without loading the manifest.)
@@ -146,7 +146,7 @@ class StoreConfig:
             raise UsageError(f"retry attempts must be at least 1, got {self.retry.attempts}")
         for name, value in (("node", self.node), ("worker", self.worker)):
             if value is not None:
-                _check_name(name, value)
+                check_name(name, value)
         return self
 
     def with_(self, **changes: Any) -> StoreConfig:
@@ -163,10 +163,19 @@ def fit_name(head: str, tail: str) -> str:
     return head[: MAX_NAME_CHARS - len(tail)] + tail
 
 
-def _check_name(setting: str, value: str) -> None:
+def check_name(setting: str, value: str, *, where: str | None = None) -> None:
     """A node's or worker's name that the manifest (and, for a node, every object's metadata)
-    can hold; else a :class:`~uploader.errors.UsageError` naming it and what to do."""
-    where = "node= or UPLOADER_NODE" if setting == "node" else "worker="
+    can hold; else a :class:`~uploader.errors.UsageError` naming it and what to do (``where``:
+    what gave the name, when not a store's setting)."""
+    if where is None:
+        where = "node= or UPLOADER_NODE" if setting == "node" else "worker="
+        if setting == "node":
+            # An earlier version did not refuse it, and SQLite does not enforce VARCHAR(255):
+            # its segments may be recorded under this name, which no store can open any more.
+            where += (
+                "; segments an earlier version recorded under this name move to the new one "
+                "with `uploader db rename-node OLD NEW`"
+            )
     if len(value) > MAX_NAME_CHARS:
         raise UsageError(
             f"{setting} name {value[:40]!r}... is {len(value)} characters; the manifest holds "

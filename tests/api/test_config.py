@@ -134,8 +134,8 @@ def test_checksum_reaches_the_store_and_crc32c_needs_a_remote_that_keeps_it(
     [
         ("node", "n" * 256, "node name 'n+'... is 256 characters; the manifest holds at most 255"),
         ("worker", "w" * 256, "worker name 'w+'... is 256 characters"),
-        # 200 characters, but 1,200 bytes percent-encoded in every object's metadata.
-        ("node", "é" * 200, "takes 1200 bytes percent-encoded in every object's metadata"),
+        # 200 characters, but 1,800 bytes percent-encoded in every object's metadata.
+        ("node", "中" * 200, "takes 1800 bytes percent-encoded in every object's metadata"),
     ],
 )
 def test_a_name_the_manifest_or_the_metadata_cannot_hold_is_refused_before_anything(
@@ -146,9 +146,14 @@ def test_a_name_the_manifest_or_the_metadata_cannot_hold_is_refused_before_anyth
     with pytest.raises(UsageError, match=says):
         uploader.open(f"sqlite:///{db}", f"file://{tmp_path}", **names)
     assert not db.exists()
-    # Just within: 255 characters; 1,020 bytes percent-encoded.
-    fits: dict[str, Any] = {setting: name[:-1] if setting == "worker" else "é" * 170}
-    assert StoreConfig(**fits).check()
+    if setting == "node":  # where an earlier version's segments under that name go
+        with pytest.raises(UsageError, match=r"`uploader db rename-node OLD NEW`\)$"):
+            uploader.open(f"sqlite:///{db}", f"file://{tmp_path}", **names)
+    # Just within: 255 characters; 1,530 bytes percent-encoded (every 255-character name in a
+    # two-byte script, 170 characters of CJK).
+    for fits in ("é" * 255, "中" * 170) if setting == "node" else (name[:-1],):
+        given: dict[str, Any] = {setting: fits}
+        assert StoreConfig(**given).check()
 
 
 def test_a_default_node_name_too_long_is_refused_and_the_default_worker_fits(

@@ -119,7 +119,7 @@ def test_retry_refuses_a_name_the_audit_cannot_hold_and_the_cli_name_fits(
     """The audit row's worker column holds 255 characters: a longer ``who`` is refused before
     anything is written (PostgreSQL would refuse it mid-transaction), and the CLI's own name
     (``user@host (pid N)``) is cut to fit, keeping the pid."""
-    from uploader.cli.upkeep import _who
+    from uploader.cli.app import caller_name
 
     seg_id = _sealed_then_failed(manifest, "log/5")
     with pytest.raises(UsageError, match="256 characters; the manifest holds at most 255"):
@@ -127,7 +127,7 @@ def test_retry_refuses_a_name_the_audit_cannot_hold_and_the_cli_name_fits(
     assert manifest.segment_by_id(seg_id).state is SegmentState.FAILED
     monkeypatch.setenv("LOGNAME", "u" * 300)
     monkeypatch.setenv("USER", "u" * 300)
-    who = _who()
+    who = caller_name()
     assert len(who) == 255 and who.endswith(f" (pid {os.getpid()})"), who
     manifest.retry_failed("log/5", who=who, why="fixed")
     assert manifest.segment_by_id(seg_id).state is not SegmentState.FAILED

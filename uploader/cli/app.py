@@ -19,7 +19,13 @@ import typer
 
 from uploader import settings
 from uploader.cli.output import err
-from uploader.config import DEFAULT_LEASE_SECONDS, DEFAULT_PART_SIZE, StoreConfig, parse_checksum
+from uploader.config import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_PART_SIZE,
+    StoreConfig,
+    fit_name,
+    parse_checksum,
+)
 from uploader.errors import UploaderError, UsageError
 
 if TYPE_CHECKING:
@@ -135,6 +141,20 @@ def require_manifest(s: settings.Settings) -> None:
         f"manifest {db.redact(s.manifest)}: no such SQLite file ({path}); check the path, or "
         f"create it with {db.upgrade_command(s.manifest)}"
     )
+
+
+def caller_name() -> str:
+    """``user@host (pid N)``: who ran a command that the audit trail names (a retry, a rename)."""
+    import getpass
+    import os
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    # Cut to the manifest's column (a long login or host name): the audit row keeps the pid.
+    return fit_name(f"{user}@{socket.gethostname()}", f" (pid {os.getpid()})")
 
 
 def _ctx(ctx: typer.Context) -> Context:

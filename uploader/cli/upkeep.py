@@ -4,7 +4,6 @@ orphaned multipart uploads.
 
 from __future__ import annotations
 
-import os
 import shlex
 from typing import Annotated
 
@@ -13,23 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from uploader import settings
-from uploader.cli.app import _ctx, _sqlite_file, ctx_store, require_manifest
+from uploader.cli.app import _ctx, _sqlite_file, caller_name, ctx_store, require_manifest
 from uploader.cli.output import JsonOption, _emit_json, err, out
-from uploader.config import DEFAULT_SWEEP_AGE, fit_name
+from uploader.config import DEFAULT_SWEEP_AGE
 from uploader.errors import UploaderError, UsageError
 from uploader.records import Status
-
-
-def _who() -> str:
-    import getpass
-    import socket
-
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    # Cut to the manifest's column (a long login or host name): the audit row keeps the pid.
-    return fit_name(f"{user}@{socket.gethostname()}", f" (pid {os.getpid()})")
 
 
 def retry(
@@ -54,7 +41,7 @@ def retry(
         raise UsageError("give the keys of failed segments, or --all-failed (not both)")
     if not reason.strip():
         raise UsageError("--reason must say what was fixed")
-    who = _who()
+    who = caller_name()
     results: list[dict[str, object]] = []
     bad = 0
     refused = 0  # the highest exit code of a refusal

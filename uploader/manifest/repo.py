@@ -13,6 +13,7 @@ of transaction, all going through one guarded-transaction unit:
 * :mod:`~uploader.manifest.batches` -- a group commit's intents and outcomes, a batch per
   transaction;
 * :mod:`~uploader.manifest.resets` -- rows moved backwards, ``failed``, a human's retry;
+* :mod:`~uploader.manifest.renames` -- a node's segments moved to its new name;
 * :mod:`~uploader.manifest.transitions` -- single transitions checked against the state machine;
 * :mod:`~uploader.manifest.rebuilds` -- rows recreated from the objects by a rebuild;
 * :mod:`~uploader.manifest.queries`, :mod:`~uploader.manifest.status` -- reads;
@@ -46,6 +47,7 @@ from uploader.manifest.intents import Intents
 from uploader.manifest.leases import Leases
 from uploader.manifest.outcomes import STUCK_PREFIX
 from uploader.manifest.rebuilds import Rebuilds
+from uploader.manifest.renames import Renames
 from uploader.manifest.resets import Resets
 from uploader.manifest.status import Overview
 from uploader.manifest.transitions import Transitions
@@ -60,7 +62,7 @@ __all__ = [
 ]
 
 
-class Manifest(Leases, Intents, Transitions, Batches, Resets, Rebuilds, Overview):
+class Manifest(Leases, Intents, Transitions, Batches, Resets, Renames, Rebuilds, Overview):
     """The SQL manifest behind a store and the recovery job. Thread-safe (one engine, a pool)."""
 
     @classmethod
