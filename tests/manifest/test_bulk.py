@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import pytest
-from sqlalchemy import func, literal, select
+from sqlalchemy import func, insert, literal, select
 from sqlalchemy.exc import DataError
 
 from uploader.manifest.bulk import insert_many
@@ -50,35 +50,36 @@ def _segment(m: Manifest, key: str) -> int:
     return int(row.id)
 
 
-def test_values_and_order_as_given(manifest: Manifest) -> None:
+@pytest.mark.parametrize("returning", [True, False])
+def test_values_and_order_as_given(manifest: Manifest, returning: bool) -> None:
+    """With ``RETURNING`` and without it (on SQLite, rows straight to sqlite3's executemany)."""
     sid = _segment(manifest, "bulk/one")
     at = datetime(2026, 11, 28, 12, 0, 0, 123456)
     details: list[str | None] = [*AWKWARD, None, *reversed(AWKWARD)]
     with manifest._write() as tx:
-        ids = [
-            r.id
-            for r in insert_many(
-                tx.conn,
-                EVENTS,
-                {"at": at},
-                [
-                    {
-                        "segment_id": sid,
-                        "commit_id": None,
-                        "from_state": None if i % 3 == 0 else "open",
-                        "to_state": f"s{i}",
-                        "worker": AWKWARD[i % len(AWKWARD)],
-                        "fence": i,
-                        "detail": d,
-                    }
-                    for i, d in enumerate(details)
-                ],
-                returning=[EVENTS.c.id],
-            )
-        ]
-    assert len(ids) == len(details)
+        result = insert_many(
+            tx.conn,
+            EVENTS,
+            {"at": at},
+            [
+                {
+                    "segment_id": sid,
+                    "commit_id": None,
+                    "from_state": None if i % 3 == 0 else "open",
+                    "to_state": f"s{i}",
+                    "worker": AWKWARD[i % len(AWKWARD)],
+                    "fence": i,
+                    "detail": d,
+                }
+                for i, d in enumerate(details)
+            ],
+            returning=[EVENTS.c.id] if returning else (),
+        )
+        ids = [r.id for r in result] if returning else None
     events = manifest.events(sid)
-    assert [e.id for e in events] == sorted(ids)
+    assert len(events) == len(details)
+    if ids is not None:
+        assert [e.id for e in events] == sorted(ids)
     # In the order given: the ids follow it.
     assert [e.to_state for e in events] == [f"s{i}" for i in range(len(details))]
     assert [e.detail for e in events] == details
@@ -177,3 +178,30 @@ def test_a_shared_value_that_reads_a_table_is_refused(manifest: Manifest) -> Non
             {"node": "n", "state": "open", "part_size": SEGMENTS.c.part_size + 1},
             [{"key": "bulk/x", "path": "/p", "fence": 0, "attempts": 0}],
         )
+
+
+def test_rows_are_stored_as_sqlalchemy_stores_them(manifest: Manifest) -> None:
+    """Shared and own values of every type (datetimes, integers, NULLs, text), inserted
+    without ``RETURNING``, are stored exactly as SQLAlchemy's own ``INSERT`` stores them (on
+    SQLite the text of a datetime is what every comparison of leases and times reads)."""
+    own = datetime(2026, 3, 4, 5, 6, 7, 890)
+    shared = {"node": "n", "state": "open", "part_size": 9, "fence": 0, "attempts": 0}
+    rows = [
+        {
+            "key": f"bulk/store/{how}",
+            "path": AWKWARD[2],
+            "created_at": own,
+            "updated_at": datetime(2026, 1, 1),
+            "lease_expires": None,
+            "file_inode": 2**40,
+        }
+        for how in ("ours", "theirs")
+    ]
+    with manifest._write() as tx:
+        insert_many(tx.conn, SEGMENTS, shared, rows[:1])
+        tx.conn.execute(insert(SEGMENTS), [{**shared, **rows[1]}])
+    cols = ", ".join(c for c in [*shared, *rows[0]] if c != "key")
+    with manifest.engine.connect() as conn:
+        stored = conn.exec_driver_sql(f"SELECT {cols} FROM segments ORDER BY key").all()
+    assert len(stored) == 2 and stored[0] == stored[1]
+    assert manifest.segment("bulk/store/ours") is not None

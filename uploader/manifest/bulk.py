@@ -7,9 +7,11 @@ SQLAlchemy has otherwise both cost the client several times the CPU per row ther
 ``VALUES`` statement (what it sends for an executemany with ``RETURNING``) has thousands of
 placeholders, which psycopg parses again on every execution (it caches no statement of more than
 50 parameters), and an executemany without ``RETURNING`` goes through psycopg's pipeline one row
-at a time. Elsewhere (SQLite) the rows are executemany parameters of one cached statement
-(sqlite3's executemany runs in C; with ``RETURNING``, SQLAlchemy sends them as multi-row
-``VALUES``, which SQLite parses cheaply).
+at a time. On SQLite the rows are executemany parameters of one statement (sqlite3's
+executemany runs in C; with ``RETURNING``, SQLAlchemy sends them as multi-row ``VALUES``, which
+SQLite parses cheaply); without ``RETURNING`` they go to sqlite3 as tuples, SQLAlchemy's work
+for each row (a parameter dictionary, every value through its type's processor) done once per
+column (:func:`_sqlite_executemany`).
 
 The arrays are typed by their columns' types without a length (``VARCHAR[]``, not
 ``VARCHAR(255)[]``): PostgreSQL's explicit cast to ``varchar(n)`` cuts a longer string short
@@ -65,6 +67,13 @@ def insert_many(
             raise ValueError(f"insert_many: the shared value of {column!r} reads a table")
     columns = list(rows[0])
     statement: Any  # an Insert, with ON CONFLICT and RETURNING as asked
+    if (
+        conn.dialect.name == "sqlite"
+        and not returning
+        and skip_conflicts_on is None
+        and not any(isinstance(v, ColumnElement) for v in shared.values())
+    ):
+        return _sqlite_executemany(conn, table, shared, columns, rows)
     if conn.dialect.name != "postgresql":
         if skip_conflicts_on is None:
             statement = insert(table).values(**shared)
@@ -93,6 +102,50 @@ def insert_many(
         statement = statement.returning(*returning)
     result = conn.execute(statement, {f"u_{c}": [r[c] for r in rows] for c in columns})
     return result
+
+
+#: The SQL of :func:`_sqlite_executemany`, by table and column names.
+_SQLITE_INSERTS: dict[tuple[str, tuple[str, ...]], str] = {}
+
+
+def _sqlite_executemany(
+    conn: Connection,
+    table: Table,
+    shared: Mapping[str, Any],
+    columns: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+) -> CursorResult[Any]:
+    """SQLite without ``RETURNING``: the rows as tuples straight to sqlite3's executemany.
+
+    Through SQLAlchemy, an executemany builds a parameter dictionary for every row and passes
+    each value, the shared ones too, through its type's bind processor (a datetime becomes
+    text): most of the client's work for a transaction's audit rows. Here each column's
+    processor is looked up once, a shared value converted once, and a row's own values only
+    where their type has a processor."""
+    names = (*shared, *columns)
+    sql = _SQLITE_INSERTS.get((table.name, names))
+    if sql is None:
+        quote = conn.dialect.identifier_preparer.quote
+        sql = (
+            f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) "
+            f"VALUES ({', '.join('?' * len(names))})"
+        )
+        _SQLITE_INSERTS[(table.name, names)] = sql
+
+    def processor(column: str) -> Any:
+        return table.c[column].type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+
+    head = tuple(v if (p := processor(k)) is None else p(v) for k, v in shared.items())
+    procs = [processor(c) for c in columns]
+    if not any(procs):
+        params = [head + tuple(r[c] for c in columns) for r in rows]
+    else:
+        params = [
+            head
+            + tuple(r[c] if p is None else p(r[c]) for c, p in zip(columns, procs, strict=True))
+            for r in rows
+        ]
+    return conn.exec_driver_sql(sql, params)
 
 
 def _unbounded(table: Table, column: str) -> TypeEngine[Any]:
