@@ -12,7 +12,7 @@ one GET of its record sidecar (see :mod:`uploader.objectmeta`). Then:
   :func:`read_record`): a ``verified`` segment row with its parts, node and path of origin, in
   one transaction with its audit event;
 * **anything else** (a foreign object, metadata missing or malformed, a record that does not
-  match the object): a row in state ``unknown`` (unknown origin) whose reason says why. Never
+  match the object, a record naming a node longer than the manifest holds): a row in state ``unknown`` (unknown origin) whose reason says why. Never
   deletable, never touched by recovery, counted by ``status``;
 * **a key the manifest already has**: compared, never overwritten. A difference is reported and
   audited on that row (an event from its state to the same state); a match writes nothing, so a
@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from uploader import objectmeta
+from uploader.config import MAX_NAME_CHARS
 from uploader.digest import normalize_etag
 from uploader.errors import InvalidKeyError, StorageError
 from uploader.keys import validate_key
@@ -211,6 +212,15 @@ def rebuild_one(
         (rec, how), why = read_record(storage, key, info, md), ""
     except Unusable as exc:
         rec, how, why = None, "", str(exc)
+    if rec is not None and len(rec.node) > MAX_NAME_CHARS:
+        # An earlier version took such a name (SQLite does not enforce VARCHAR(255)); the
+        # manifest cannot hold it (PostgreSQL refuses it mid-transaction), and a row under a
+        # cut name would be another node's. Kept, never deletable, reported.
+        why = (
+            f"its {rec.source} vouches for it, but names node {rec.node[:40]!r}... "
+            f"({len(rec.node)} characters), longer than the {MAX_NAME_CHARS} the manifest holds"
+        )
+        rec, how = None, ""
     existing = manifest.segment(key)
     if existing is None:
         if rec is not None:

@@ -3,10 +3,14 @@ guarded and audited (SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
+from tests.manifest.conftest import waiting_on_a_lock
 from uploader.digest import checksum
 from uploader.errors import SegmentBusyError, UsageError
 from uploader.manifest.repo import Manifest
@@ -103,6 +107,7 @@ def test_a_rename_onto_a_node_that_has_segments_needs_merge(manifest: Manifest) 
         (OLD, "n" * 256, "ops", "x", "node name 'n+'... is 256 characters"),
         (OLD, "中" * 171, "ops", "x", r"takes 1539 bytes percent-encoded.*\(the new name\)$"),
         (NEW, NEW, "ops", "x", "already called that"),
+        ("", NEW, "ops", "x", "give the old node's name"),
         ("nobody", NEW, "ops", "x", "no segment is recorded under node 'nobody'"),
         (OLD, NEW, "ops", "  ", "a rename needs a reason"),
         (OLD, NEW, "o" * 256, "x", "256 characters; the manifest holds at most 255"),
@@ -120,3 +125,43 @@ def test_bad_renames_are_refused_and_change_nothing(
         manifest.rename_node(old, new, who=who, why=why)
     assert manifest.segment_by_id(seg).node == OLD
     assert len(manifest.events(seg)) == events
+
+
+def test_a_segment_registered_under_the_old_name_meanwhile_waits_and_is_renamed_too(
+    manifest: Manifest,
+) -> None:
+    """PostgreSQL (READ COMMITTED): a row registered under the old name while the rename runs
+    could be missed by its UPDATE and then seen by the check after it. The rename locks the
+    table against writers first: the register's transaction, open before it, is waited for."""
+    if not manifest.is_postgres:
+        pytest.skip("SQLite write transactions are exclusive from BEGIN: no such interleaving")
+    now = manifest.clock()
+    manifest.clock = lambda: now
+    first = _with_pending_parts(manifest, "log/1", OLD)
+    _later(manifest, 60)
+    late = manifest._write()
+    tx = late.__enter__()
+    result: dict[str, Any] = {}
+    try:
+        # An earlier version's register, not yet committed: a row with no lease.
+        tx.insert_segment(
+            key="log/late", path="/data/log/late", node=OLD, state="open", part_size=4,
+            fence=0, attempts=0, created_at=tx.now, updated_at=tx.now,
+        )  # fmt: skip
+
+        def rename() -> None:
+            try:
+                result["moved"] = manifest.rename_node(OLD, NEW, who="ops", why="renamed")
+            except Exception as exc:  # reported by the assertion below
+                result["error"] = exc
+
+        t = threading.Thread(target=rename)
+        t.start()
+        assert waiting_on_a_lock(manifest, time.monotonic() + 30), "the rename never waited"
+    finally:
+        late.__exit__(None, None, None)  # the register commits
+    t.join(30)
+    assert not t.is_alive()
+    assert sorted(r.key for r in result["moved"]) == ["log/1", "log/late"], result
+    assert manifest.segment_by_id(first).node == NEW
+    assert manifest.segments() and {s.node for s in manifest.segments()} == {NEW}

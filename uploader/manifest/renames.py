@@ -9,7 +9,7 @@ a human's step, audited like a retry: who, why, from which name to which.
 
 from __future__ import annotations
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select, text, update
 
 from uploader.config import MAX_NAME_CHARS, check_name
 from uploader.errors import SegmentBusyError, UsageError
@@ -18,6 +18,7 @@ from uploader.manifest.lease_holders import holder_values
 from uploader.manifest.queries import Queries
 from uploader.manifest.rowmap import SEGMENTS, segment_record
 from uploader.records import SegmentRecord
+from uploader.states import CommitState, SegmentState
 
 
 class Renames(Queries):
@@ -37,7 +38,14 @@ class Renames(Queries):
 
         Each moved row's fence moves on and its lease is cleared, so nothing a process under
         the old name still holds can be written; one audit row each names ``who`` and ``why``.
+        A multipart upload under way (an open or sealed segment with an upload id) is started
+        again: it was created with the old name in the object's metadata, and the record
+        sidecar written before Complete would carry the new one, which a rebuild refuses to
+        match. Its parts go back to ``pending`` and are sent again; the old upload is left to
+        the sweep.
         """
+        if not old:
+            raise UsageError("give the old node's name (rows of unknown origin have none)")
         check_name("node", new, where="the new name")
         if old == new:
             raise UsageError(f"node {old!r} is already called that: nothing to rename")
@@ -49,6 +57,12 @@ class Renames(Queries):
                 f"the manifest holds at most {MAX_NAME_CHARS} (nothing was recorded)"
             )
         with self._write() as tx:
+            if self.is_postgres:
+                # Every write to the segments waits until the rename is committed: a row
+                # registered or claimed under the old name meanwhile (READ COMMITTED lets each
+                # statement see it) cannot slip between the UPDATE and the check after it.
+                # SQLite's BEGIN IMMEDIATE has done as much already.
+                tx.conn.execute(text("LOCK TABLE segments IN SHARE ROW EXCLUSIVE MODE"))
 
             def count(node: str) -> int:
                 q = select(func.count()).select_from(SEGMENTS).where(SEGMENTS.c.node == node)
@@ -67,7 +81,7 @@ class Renames(Queries):
                     )
             # One UPDATE for the rows no live lease holds; a leased row is left under the old
             # name, and then the whole rename is undone below.
-            rows = tx.conn.execute(
+            moved = tx.conn.execute(
                 update(SEGMENTS)
                 .where(
                     SEGMENTS.c.node == old,
@@ -90,13 +104,36 @@ class Renames(Queries):
                 .limit(1)
             ).first()
             if busy is not None:
+                until = busy.lease_expires
                 raise SegmentBusyError(
-                    f"segment {busy.key!r} of node {old[:40]!r} is leased by {busy.lease_owner} "
-                    f"until {busy.lease_expires:%Y-%m-%d %H:%M:%S} UTC: stop the uploaders "
-                    "still running under the old name (or wait for the lease to end), then "
-                    "rename; nothing was renamed"
+                    f"segment {busy.key!r} of node {old[:40]!r} is leased by {busy.lease_owner}"
+                    f"{'' if until is None else f' until {until:%Y-%m-%d %H:%M:%S} UTC'}: stop "
+                    "the uploaders still running under the old name (or wait for the lease to "
+                    "end), then rename; nothing was renamed"
                 )
             detail = f"node renamed by {who}: {why} (from {old!r} to {new!r})"
-            for r in rows:
+            rows = {r.id: r for r in moved}
+            for r in moved:
                 tx.audit.append(Audit(r.id, r.state, who, r.fence, r.state, detail=detail))
-        return [segment_record(r) for r in sorted(rows, key=lambda r: r.id)]
+                if r.upload_id is not None and r.state in _UPLOADING:
+                    rows[r.id] = tx.conn.execute(
+                        update(SEGMENTS)
+                        .where(SEGMENTS.c.id == r.id)
+                        .values(upload_id=None)
+                        .returning(*SEGMENTS.c)
+                    ).one()
+                    tx.move_parts(
+                        r.id,
+                        [CommitState.UPLOADED],
+                        CommitState.PENDING,
+                        {"etag": None},
+                        worker=who,
+                        fence=r.fence,
+                        detail=f"upload {r.upload_id} started under node {old!r}: sent again "
+                        f"under {new!r}",
+                    )
+        return [segment_record(rows[i]) for i in sorted(rows)]
+
+
+#: A segment whose multipart upload may be under way (created, not completed).
+_UPLOADING = (SegmentState.OPEN.value, SegmentState.SEALED.value)
