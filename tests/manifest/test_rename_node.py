@@ -9,11 +9,13 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from tests.manifest.conftest import waiting_on_a_lock
 from uploader.digest import checksum
 from uploader.errors import SegmentBusyError, UsageError
 from uploader.manifest.repo import Manifest
+from uploader.manifest.rowmap import SEGMENTS
 from uploader.records import NewCommit
 from uploader.states import CommitState
 
@@ -165,3 +167,20 @@ def test_a_segment_registered_under_the_old_name_meanwhile_waits_and_is_renamed_
     assert sorted(r.key for r in result["moved"]) == ["log/1", "log/late"], result
     assert manifest.segment_by_id(first).node == NEW
     assert manifest.segments() and {s.node for s in manifest.segments()} == {NEW}
+
+
+def test_leases_are_judged_by_the_manifests_lease_clock(manifest: Manifest) -> None:
+    """No clock injected: the database's clock on PostgreSQL, the client's on SQLite. A lease
+    taken now is live; once its expiry is in the past (moved back in the row), the rename goes."""
+    _with_pending_parts(manifest, "log/1", OLD)
+    with pytest.raises(SegmentBusyError, match="'log/1'"):
+        manifest.rename_node(OLD, NEW, who="ops", why="renamed")
+    seg = manifest.segment("log/1")
+    assert seg is not None and seg.lease_expires is not None
+    with manifest.engine.begin() as conn:
+        conn.execute(
+            update(SEGMENTS)
+            .where(SEGMENTS.c.id == seg.id)
+            .values(lease_expires=seg.lease_expires - timedelta(hours=1))
+        )
+    assert [r.key for r in manifest.rename_node(OLD, NEW, who="ops", why="renamed")] == ["log/1"]
