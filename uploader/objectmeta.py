@@ -113,8 +113,12 @@ def record_prefix(key: str) -> str:
 
 def _agrees_with_metadata(rec: ObjectRecord, md: Mapping[str, str]) -> None:
     """What the object's metadata says of its origin (written with its upload: always the part
-    size, node and mode, the path if it fitted) must be the record's: a record sidecar of the
-    same key written for another upload (another file, node or mode) never vouches for it."""
+    size and mode, the path if it fitted) must be the record's: a record sidecar of the same key
+    written for another upload (another file or mode) never vouches for it. Not the node: it
+    names the machine, not the bytes, and a node renamed while an upload was under way
+    (``uploader db rename-node``) leaves the old name in the metadata, written when the upload
+    started, and the new one in the record, written before it completed. A rebuild takes the
+    record's."""
     if P + "format" not in md:
         return
     mode = CRC32C_RECORD if md.get(P + "checksum") == CRC32C_RECORD else "md5"
@@ -122,7 +126,6 @@ def _agrees_with_metadata(rec: ObjectRecord, md: Mapping[str, str]) -> None:
         ("checksum mode", rec.checksum, mode),
         ("part size", str(rec.part_size), md.get(P + "part-size")),
         ("mode", rec.mode, md.get(P + "mode")),
-        ("node", rec.node, None if P + "node" not in md else unquote(md[P + "node"])),
         ("path", rec.path, None if P + "path" not in md else unquote(md[P + "path"])),
     ):
         if theirs is not None and ours != theirs:

@@ -34,6 +34,7 @@ from uploader.digest import normalize_etag
 from uploader.errors import InvalidKeyError, StorageError
 from uploader.keys import validate_key
 from uploader.manifest.repo import Manifest
+from uploader.manifest.rowmap import SEGMENTS
 from uploader.objectmeta import ObjectRecord, Unproven, Unusable
 from uploader.readback import first_differing
 from uploader.records import NewCommit, SegmentRecord
@@ -196,6 +197,17 @@ def _compare(manifest: Manifest, seg: SegmentRecord, rec: ObjectRecord | None, w
     return "; ".join(diffs)
 
 
+#: The manifest's ETag columns (``VARCHAR(64)``).
+ETAG_CHARS: int = getattr(SEGMENTS.c.object_etag.type, "length", None) or 64
+
+
+def _fits(etag: str | None) -> str | None:
+    """The remote's ETag if the manifest's column holds it (64 characters), else None: an
+    opaque ETag longer than that is named in the row's detail, not stored (PostgreSQL would
+    refuse it mid-transaction and stop the rebuild)."""
+    return etag if etag is None or len(etag) <= ETAG_CHARS else None
+
+
 def rebuild_one(
     manifest: Manifest, storage: Storage, key: str, *, worker: str, part_size: int
 ) -> RebuiltObject:
@@ -240,7 +252,7 @@ def rebuild_one(
                 size=rec.size,
                 crc32c=rec.crc32c,
                 etag=rec.etag,
-                object_etag=info.etag,
+                object_etag=_fits(info.etag),
                 checksum=rec.checksum,
                 upload_mode=rec.mode,
                 parts=[NewCommit(p.number, p.start, p.end, p.md5, p.crc32c) for p in rec.parts],
@@ -260,7 +272,7 @@ def rebuild_one(
                 part_size=part_size,
                 size=info.size,
                 crc32c=None,
-                etag=info.etag,
+                etag=_fits(info.etag),
                 upload_mode=None,
                 parts=[],
                 worker=worker,

@@ -205,3 +205,27 @@ def test_rows_are_stored_as_sqlalchemy_stores_them(manifest: Manifest) -> None:
         stored = conn.exec_driver_sql(f"SELECT {cols} FROM segments ORDER BY key").all()
     assert len(stored) == 2 and stored[0] == stored[1]
     assert manifest.segment("bulk/store/ours") is not None
+
+
+def test_a_table_sqlalchemy_would_fill_in_is_inserted_by_sqlalchemy(manifest: Manifest) -> None:
+    """Without ``RETURNING`` on SQLite the rows go straight to sqlite3 only where SQLAlchemy's
+    own ``INSERT`` would bind them and nothing more: a column left out with a default of its
+    own, or whose key is not its name, keeps SQLAlchemy's way (the default is filled in)."""
+    from sqlalchemy import Column, Integer, MetaData, String, Table
+
+    extra = Table(
+        "bulk_extra",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("label", String(20), key="label_key"),
+        Column("kind", String(20), default="filled"),
+    )
+    extra.create(manifest.engine)
+    try:
+        with manifest._write() as tx:
+            insert_many(tx.conn, extra, {}, [{"label_key": "a"}, {"label_key": "b"}])
+        with manifest.engine.connect() as conn:
+            rows = conn.execute(select(extra.c.label_key, extra.c.kind)).all()
+        assert sorted(rows) == [("a", "filled"), ("b", "filled")]
+    finally:
+        extra.drop(manifest.engine)

@@ -72,6 +72,7 @@ def insert_many(
         and not returning
         and skip_conflicts_on is None
         and not any(isinstance(v, ColumnElement) for v in shared.values())
+        and _plain(conn, table, (*shared, *columns))
     ):
         return _sqlite_executemany(conn, table, shared, columns, rows)
     if conn.dialect.name != "postgresql":
@@ -105,7 +106,37 @@ def insert_many(
 
 
 #: The SQL of :func:`_sqlite_executemany`, by table and column names.
-_SQLITE_INSERTS: dict[tuple[str, tuple[str, ...]], str] = {}
+_SQLITE_INSERTS: dict[tuple[Table, tuple[str, ...]], str] = {}
+
+
+def _plain(conn: Connection, table: Table, names: tuple[str, ...]) -> bool:
+    """Whether SQLAlchemy's ``INSERT`` of these columns would bind their values and nothing
+    more, so that :func:`_sqlite_executemany` stores the same: a table in the default schema,
+    every column's key its name, no type with an SQL expression around its bind, no column left
+    out that has a default of its own (which SQLAlchemy would fill in)."""
+    known = _PLAIN.get((table, names))
+    if known is None:
+        known = _PLAIN[(table, names)] = _plain_columns(conn, table, names)
+    return known
+
+
+#: :func:`_plain`'s answers, by table and column names.
+_PLAIN: dict[tuple[Table, tuple[str, ...]], bool] = {}
+
+
+def _plain_columns(conn: Connection, table: Table, names: tuple[str, ...]) -> bool:
+    if table.schema is not None:
+        return False
+    given = set(names)
+    for column in table.columns:
+        if column.key not in given:
+            if column.default is not None and not column.primary_key:
+                return False
+            continue
+        impl = column.type.dialect_impl(conn.dialect)
+        if column.key != column.name or impl._has_bind_expression:
+            return False
+    return True
 
 
 def _sqlite_executemany(
@@ -123,14 +154,14 @@ def _sqlite_executemany(
     processor is looked up once, a shared value converted once, and a row's own values only
     where their type has a processor."""
     names = (*shared, *columns)
-    sql = _SQLITE_INSERTS.get((table.name, names))
+    sql = _SQLITE_INSERTS.get((table, names))
     if sql is None:
         quote = conn.dialect.identifier_preparer.quote
         sql = (
-            f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) "
+            f"INSERT INTO {conn.dialect.identifier_preparer.format_table(table)} ({', '.join(quote(n) for n in names)}) "
             f"VALUES ({', '.join('?' * len(names))})"
         )
-        _SQLITE_INSERTS[(table.name, names)] = sql
+        _SQLITE_INSERTS[(table, names)] = sql
 
     def processor(column: str) -> Any:
         return table.c[column].type.dialect_impl(conn.dialect).bind_processor(conn.dialect)

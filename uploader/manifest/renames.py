@@ -18,7 +18,6 @@ from uploader.manifest.lease_holders import holder_values
 from uploader.manifest.queries import Queries
 from uploader.manifest.rowmap import SEGMENTS, segment_record
 from uploader.records import SegmentRecord
-from uploader.states import CommitState, SegmentState
 
 
 class Renames(Queries):
@@ -38,11 +37,9 @@ class Renames(Queries):
 
         Each moved row's fence moves on and its lease is cleared, so nothing a process under
         the old name still holds can be written; one audit row each names ``who`` and ``why``.
-        A multipart upload under way (an open or sealed segment with an upload id) is started
-        again: it was created with the old name in the object's metadata, and the record
-        sidecar written before Complete would carry the new one, which a rebuild refuses to
-        match. Its parts go back to ``pending`` and are sent again; the old upload is left to
-        the sweep.
+        A multipart upload under way goes on: the object's metadata, written when it started,
+        keeps the old name, and the record sidecar written before Complete the new one (a
+        rebuild takes the record's; see :func:`uploader.objectmeta.check`).
         """
         if not old:
             raise UsageError("give the old node's name (rows of unknown origin have none)")
@@ -58,11 +55,13 @@ class Renames(Queries):
             )
         with self._write() as tx:
             if self.is_postgres:
-                # Every write to the segments waits until the rename is committed: a row
-                # registered or claimed under the old name meanwhile (READ COMMITTED lets each
-                # statement see it) cannot slip between the UPDATE and the check after it.
+                # Every write to the segments, and every row lock (a claim's FOR UPDATE, a
+                # writer's lock before its guarded write), waits until the rename is committed:
+                # a row registered or claimed under the old name meanwhile (READ COMMITTED lets
+                # each statement see it) cannot slip between the UPDATE and the check after it,
+                # and no writer holds a row the rename then waits for (a deadlock).
                 # SQLite's BEGIN IMMEDIATE has done as much already.
-                tx.conn.execute(text("LOCK TABLE segments IN SHARE ROW EXCLUSIVE MODE"))
+                tx.conn.execute(text(f"LOCK TABLE {SEGMENTS.name} IN EXCLUSIVE MODE"))
 
             def count(node: str) -> int:
                 q = select(func.count()).select_from(SEGMENTS).where(SEGMENTS.c.node == node)
@@ -112,28 +111,6 @@ class Renames(Queries):
                     "end), then rename; nothing was renamed"
                 )
             detail = f"node renamed by {who}: {why} (from {old!r} to {new!r})"
-            rows = {r.id: r for r in moved}
             for r in moved:
                 tx.audit.append(Audit(r.id, r.state, who, r.fence, r.state, detail=detail))
-                if r.upload_id is not None and r.state in _UPLOADING:
-                    rows[r.id] = tx.conn.execute(
-                        update(SEGMENTS)
-                        .where(SEGMENTS.c.id == r.id)
-                        .values(upload_id=None)
-                        .returning(*SEGMENTS.c)
-                    ).one()
-                    tx.move_parts(
-                        r.id,
-                        [CommitState.UPLOADED],
-                        CommitState.PENDING,
-                        {"etag": None},
-                        worker=who,
-                        fence=r.fence,
-                        detail=f"upload {r.upload_id} started under node {old!r}: sent again "
-                        f"under {new!r}",
-                    )
-        return [segment_record(rows[i]) for i in sorted(rows)]
-
-
-#: A segment whose multipart upload may be under way (created, not completed).
-_UPLOADING = (SegmentState.OPEN.value, SegmentState.SEALED.value)
+        return [segment_record(r) for r in sorted(moved, key=lambda r: r.id)]
