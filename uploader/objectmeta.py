@@ -112,13 +112,10 @@ def record_prefix(key: str) -> str:
 
 
 def _agrees_with_metadata(rec: ObjectRecord, md: Mapping[str, str]) -> None:
-    """What the object's metadata says of its origin (written with its upload: always the part
-    size and mode, the path if it fitted) must be the record's: a record sidecar of the same key
-    written for another upload (another file or mode) never vouches for it. Not the node: it
-    names the machine, not the bytes, and a node renamed while an upload was under way
-    (``uploader db rename-node``) leaves the old name in the metadata, written when the upload
-    started, and the new one in the record, written before it completed. A rebuild takes the
-    record's."""
+    """The origin the object's metadata states (part size, mode; the path if it fitted) must be
+    the record's: a sidecar written for another upload never vouches for it. Not the node (a
+    machine, not the bytes): one renamed mid-upload is the old in the metadata, the new in the
+    record (``uploader db rename-node``); a rebuild takes the record's."""
     if P + "format" not in md:
         return
     mode = CRC32C_RECORD if md.get(P + "checksum") == CRC32C_RECORD else "md5"
