@@ -22,7 +22,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from uploader.errors import InvalidStateError, LeaseLostError, StaleStateError
+from uploader.config import MAX_NAME_CHARS
+from uploader.errors import InvalidStateError, LeaseLostError, StaleStateError, UsageError
 from uploader.manifest.bulk import insert_many
 from uploader.manifest.rowmap import COMMITS, EVENTS, SEGMENTS, segment_record
 from uploader.records import CommitRecord, Lease, SegmentRecord
@@ -56,6 +57,17 @@ def check_acknowledged(
 
 def clip(message: str, limit: int = 2000) -> str:
     return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
+def check_who(who: str, doing: str) -> None:
+    """A human's name for the audit rows of what they are ``doing`` (a retry, a rename) that
+    the worker column holds; else a :class:`UsageError` before anything is written (PostgreSQL
+    would refuse it mid-transaction)."""
+    if len(who) > MAX_NAME_CHARS:
+        raise UsageError(
+            f"who {doing} ({who[:40]!r}...) is {len(who)} characters; the manifest holds at "
+            f"most {MAX_NAME_CHARS} (nothing was recorded)"
+        )
 
 
 @dataclass(frozen=True, slots=True)

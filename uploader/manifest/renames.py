@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from sqlalchemy import func, or_, select, text, update
 
-from uploader.config import MAX_NAME_CHARS, check_name
+from uploader.config import check_name
 from uploader.errors import SegmentBusyError, UsageError
-from uploader.manifest.guard import Audit
+from uploader.manifest.guard import Audit, check_who
 from uploader.manifest.lease_holders import holder_values
 from uploader.manifest.queries import Queries
 from uploader.manifest.rowmap import SEGMENTS, segment_record
@@ -48,11 +48,7 @@ class Renames(Queries):
             raise UsageError(f"node {old!r} is already called that: nothing to rename")
         if not why.strip():
             raise UsageError("a rename needs a reason (why the node's name changed)")
-        if len(who) > MAX_NAME_CHARS:  # the audit row's worker column
-            raise UsageError(
-                f"who renamed node {old[:40]!r} ({who[:40]!r}...) is {len(who)} characters; "
-                f"the manifest holds at most {MAX_NAME_CHARS} (nothing was recorded)"
-            )
+        check_who(who, f"renamed node {old[:40]!r}")
         with self._write() as tx:
             if self.is_postgres:
                 # Every write to the segments, and every row lock (a claim's FOR UPDATE, a

@@ -9,10 +9,9 @@ from typing import Any
 
 from sqlalchemy import select
 
-from uploader.config import MAX_NAME_CHARS
 from uploader.errors import InvalidStateError, SegmentBusyError, UsageError
 from uploader.keys import validate_key
-from uploader.manifest.guard import Audit, Tx, clip
+from uploader.manifest.guard import Audit, Tx, check_who, clip
 from uploader.manifest.queries import Queries
 from uploader.manifest.rowmap import SEGMENTS, segment_record
 from uploader.records import CommitRecord, Lease, SegmentRecord
@@ -150,11 +149,7 @@ class Resets(Queries):
         validate_key(key)
         if not why.strip():
             raise UsageError("a retry needs a reason (who fixed what)")
-        if len(who) > MAX_NAME_CHARS:  # the audit row's worker column
-            raise UsageError(
-                f"who retried {key!r} ({who[:40]!r}...) is {len(who)} characters; the manifest "
-                f"holds at most {MAX_NAME_CHARS} (nothing was recorded)"
-            )
+        check_who(who, f"retried {key!r}")
         with self._write() as tx:
             row = tx.conn.execute(select(SEGMENTS).where(SEGMENTS.c.key == key)).first()
             if row is None:
