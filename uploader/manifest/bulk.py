@@ -72,9 +72,9 @@ def insert_many(
         and not returning
         and skip_conflicts_on is None
         and not any(isinstance(v, ColumnElement) for v in shared.values())
-        and _plain(conn, table, (*shared, *columns))
+        and (sql := _sqlite_insert(conn, table, (*shared, *columns))) is not None
     ):
-        return _sqlite_executemany(conn, table, shared, columns, rows)
+        return _sqlite_executemany(conn, table, sql, shared, columns, rows)
     if conn.dialect.name != "postgresql":
         if skip_conflicts_on is None:
             statement = insert(table).values(**shared)
@@ -105,63 +105,57 @@ def insert_many(
     return result
 
 
-#: The SQL of :func:`_sqlite_executemany`, by table and column names.
-_SQLITE_INSERTS: dict[tuple[Table, tuple[str, ...]], str] = {}
+def _sqlite_insert(conn: Connection, table: Table, names: tuple[str, ...]) -> str | None:
+    """The ``INSERT`` of these columns for :func:`_sqlite_executemany`, or None where
+    SQLAlchemy's own would do more than bind their values (so the rows would be stored
+    otherwise): a table outside the default schema, a column whose key is not its name, a type
+    with an SQL expression around its bind, a column left out that has a default of its own
+    (which SQLAlchemy would fill in). Looked up once per table and columns."""
+    key = (table, names)
+    if key not in _SQLITE_INSERTS:
+        _SQLITE_INSERTS[key] = _plain_insert(conn, table, names)
+    return _SQLITE_INSERTS[key]
 
 
-def _plain(conn: Connection, table: Table, names: tuple[str, ...]) -> bool:
-    """Whether SQLAlchemy's ``INSERT`` of these columns would bind their values and nothing
-    more, so that :func:`_sqlite_executemany` stores the same: a table in the default schema,
-    every column's key its name, no type with an SQL expression around its bind, no column left
-    out that has a default of its own (which SQLAlchemy would fill in)."""
-    known = _PLAIN.get((table, names))
-    if known is None:
-        known = _PLAIN[(table, names)] = _plain_columns(conn, table, names)
-    return known
+#: :func:`_sqlite_insert`'s answers, by table and column names.
+_SQLITE_INSERTS: dict[tuple[Table, tuple[str, ...]], str | None] = {}
 
 
-#: :func:`_plain`'s answers, by table and column names.
-_PLAIN: dict[tuple[Table, tuple[str, ...]], bool] = {}
-
-
-def _plain_columns(conn: Connection, table: Table, names: tuple[str, ...]) -> bool:
+def _plain_insert(conn: Connection, table: Table, names: tuple[str, ...]) -> str | None:
     if table.schema is not None:
-        return False
+        return None
     given = set(names)
     for column in table.columns:
         if column.key not in given:
             if column.default is not None and not column.primary_key:
-                return False
+                return None
             continue
         impl = column.type.dialect_impl(conn.dialect)
         if column.key != column.name or impl._has_bind_expression:
-            return False
-    return True
+            return None
+    preparer = conn.dialect.identifier_preparer
+    return (
+        f"INSERT INTO {preparer.format_table(table)} "
+        f"({', '.join(preparer.quote(n) for n in names)}) VALUES ({', '.join('?' * len(names))})"
+    )
 
 
 def _sqlite_executemany(
     conn: Connection,
     table: Table,
+    sql: str,
     shared: Mapping[str, Any],
     columns: Sequence[str],
     rows: Sequence[Mapping[str, Any]],
 ) -> CursorResult[Any]:
-    """SQLite without ``RETURNING``: the rows as tuples straight to sqlite3's executemany.
+    """SQLite without ``RETURNING``: the rows as tuples straight to sqlite3's executemany
+    (``sql``: :func:`_sqlite_insert`'s, for the shared names then ``columns``).
 
     Through SQLAlchemy, an executemany builds a parameter dictionary for every row and passes
     each value, the shared ones too, through its type's bind processor (a datetime becomes
     text): most of the client's work for a transaction's audit rows. Here each column's
     processor is looked up once, a shared value converted once, and a row's own values only
     where their type has a processor."""
-    names = (*shared, *columns)
-    sql = _SQLITE_INSERTS.get((table, names))
-    if sql is None:
-        quote = conn.dialect.identifier_preparer.quote
-        sql = (
-            f"INSERT INTO {conn.dialect.identifier_preparer.format_table(table)} ({', '.join(quote(n) for n in names)}) "
-            f"VALUES ({', '.join('?' * len(names))})"
-        )
-        _SQLITE_INSERTS[(table, names)] = sql
 
     def processor(column: str) -> Any:
         return table.c[column].type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
