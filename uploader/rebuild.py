@@ -12,8 +12,9 @@ one GET of its record sidecar (see :mod:`uploader.objectmeta`). Then:
   :func:`read_record`): a ``verified`` segment row with its parts, node and path of origin, in
   one transaction with its audit event;
 * **anything else** (a foreign object, metadata missing or malformed, a record that does not
-  match the object, a record naming a node longer than the manifest holds): a row in state ``unknown`` (unknown origin) whose reason says why. Never
-  deletable, never touched by recovery, counted by ``status``;
+  match the object, a record naming a node longer than the manifest holds): a row in state
+  ``unknown`` (unknown origin) whose reason says why. Never deletable, never touched by
+  recovery, counted by ``status``;
 * **a key the manifest already has**: compared, never overwritten. A difference is reported and
   audited on that row (an event from its state to the same state); a match writes nothing, so a
   second rebuild changes nothing.
